@@ -1,0 +1,122 @@
+-- The queue of record. Producers INSERT here from any language; wfq workers
+-- claim due rows with per-run leases and write every fact back.
+CREATE SCHEMA IF NOT EXISTS wfq;
+
+CREATE TABLE wfq.runs (
+    -- request: written by the producer
+    id                        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    provider                  text        NOT NULL DEFAULT 'chenyu',
+    workflow_id               text        NOT NULL,
+    revision_id               text,
+    inputs                    jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    idempotency_key           text        NOT NULL DEFAULT gen_random_uuid()::text,
+    accept_external_cost_risk boolean     NOT NULL DEFAULT false,
+    priority                  integer     NOT NULL DEFAULT 0,
+    not_before                timestamptz,
+    metadata                  jsonb,
+    retry_of                  bigint      REFERENCES wfq.runs (id) ON DELETE SET NULL,
+
+    -- lifecycle: written by wfq
+    state                     text        NOT NULL DEFAULT 'queued',
+    attempts                  integer     NOT NULL DEFAULT 0,
+    polls                     integer     NOT NULL DEFAULT 0,
+    due_at                    timestamptz NOT NULL DEFAULT now(),
+    lease_owner               text,
+    lease_expires_at          timestamptz,
+    version                   bigint      NOT NULL DEFAULT 0,
+    created_at                timestamptz NOT NULL DEFAULT now(),
+    submitted_at              timestamptz,
+    finished_at               timestamptz,
+    settled_at                timestamptz,
+    updated_at                timestamptz NOT NULL DEFAULT now(),
+    -- the inputs as actually sent: the producer's plus the manifest's defaults
+    sent_inputs               jsonb,
+
+    -- provider facts, verbatim
+    provider_run_id           text,
+    task_id                   text,
+    prompt_id                 text,
+    billing_run_id            text,
+    run_status                text,
+    freeze_status             text,
+    submission_status         text,
+    settlement_status         text,
+    outputs                   jsonb,
+
+    -- money: exact decimals, never float
+    currency                  text,
+    quote_amount              numeric,
+    frozen_amount             numeric,
+    final_amount              numeric,
+    released_amount           numeric,
+    compute_cost              numeric,
+    external_model_cost       numeric,
+    total_cost                numeric,
+
+    -- errors
+    error_code                text,
+    error_message             text,
+    error_detail              jsonb,
+
+    -- Refuse what can never run, at INSERT time, with a message naming the column.
+    CONSTRAINT runs_provider_not_empty CHECK (length(btrim(provider)) > 0),
+    CONSTRAINT runs_workflow_id_not_empty CHECK (length(btrim(workflow_id)) > 0),
+    CONSTRAINT runs_workflow_id_length CHECK (length(workflow_id) <= 200),
+    CONSTRAINT runs_inputs_is_object CHECK (jsonb_typeof(inputs) = 'object'),
+    CONSTRAINT runs_idempotency_key_length CHECK (length(idempotency_key) BETWEEN 1 AND 255),
+    CONSTRAINT runs_priority_range CHECK (priority BETWEEN -1000 AND 1000),
+    CONSTRAINT runs_state_known CHECK (state IN ('queued', 'submitting', 'running', 'succeeded', 'failed', 'canceled')),
+    CONSTRAINT runs_idempotency_key_unique UNIQUE (provider, idempotency_key)
+);
+
+COMMENT ON TABLE wfq.runs IS 'wfq run requests and their lifecycle; INSERT to enqueue, SELECT to read results';
+COMMENT ON COLUMN wfq.runs.idempotency_key IS 'sent unchanged on every submit of this run; never changes';
+COMMENT ON COLUMN wfq.runs.version IS 'bumped on every wfq write; workers compare-and-set on it';
+
+-- The claim query walks only active rows in due order.
+CREATE INDEX runs_due_idx ON wfq.runs (due_at) WHERE state IN ('queued', 'submitting', 'running');
+CREATE INDEX runs_state_idx ON wfq.runs (state, id);
+CREATE INDEX runs_retry_of_idx ON wfq.runs (retry_of) WHERE retry_of IS NOT NULL;
+
+-- Append-only audit trail: every transition and every provider answer.
+CREATE TABLE wfq.run_events (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id     bigint      NOT NULL REFERENCES wfq.runs (id) ON DELETE CASCADE,
+    at         timestamptz NOT NULL DEFAULT now(),
+    kind       text        NOT NULL,
+    from_state text,
+    to_state   text,
+    worker     text,
+    detail     jsonb
+);
+CREATE INDEX run_events_run_idx ON wfq.run_events (run_id, id);
+
+-- One notification per INSERT statement, not per row: a per-row notify
+-- serialises bulk enqueues on the notification queue.
+CREATE FUNCTION wfq.notify_runs_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('wfq_runs_due', '');
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER runs_inserted_notify
+    AFTER INSERT ON wfq.runs
+    FOR EACH STATEMENT EXECUTE FUNCTION wfq.notify_runs_inserted();
+
+-- Producers LISTEN wfq_run_finished instead of polling the table. Only final
+-- transitions fire, so the per-row cost is paid once per run.
+CREATE FUNCTION wfq.notify_run_finished() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('wfq_run_finished', NEW.id::text);
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER runs_finished_notify
+    AFTER UPDATE OF state ON wfq.runs
+    FOR EACH ROW
+    WHEN (NEW.state IN ('succeeded', 'failed', 'canceled') AND OLD.state IS DISTINCT FROM NEW.state)
+    EXECUTE FUNCTION wfq.notify_run_finished();

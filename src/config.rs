@@ -1,0 +1,626 @@
+//! `worker.toml` plus the environment, turned into a typed, validated [`Config`].
+//!
+//! Everything is checked here, at the edge, so the rest of wfq never sees a
+//! duration it has to parse or a provider profile that might be half filled.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::backoff::{PollPolicy, RetryPolicy};
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path that was tried.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped keys.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The path of the file.
+        path: String,
+        /// What the TOML parser said, with line and column.
+        message: String,
+    },
+    /// A value parsed but makes no sense.
+    #[error("{path}: `{key}`: {message}")]
+    Invalid {
+        /// The path of the file.
+        path: String,
+        /// The dotted key that is wrong, e.g. `poll.multiplier`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A secret named by the file is missing from the environment.
+    #[error(
+        "provider profile `{profile}`: environment variable {variable} is not set (it holds the API key; secrets never live in worker.toml)"
+    )]
+    MissingSecret {
+        /// The provider profile.
+        profile: String,
+        /// The environment variable that was read.
+        variable: String,
+    },
+}
+
+/// The whole, validated configuration of a wfq process.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the queue lives.
+    pub database: DatabaseConfig,
+    /// How one worker process claims and runs work.
+    pub worker: WorkerConfig,
+    /// How submits are retried when the answer is unclear.
+    pub submit: RetryPolicy,
+    /// The durable poll schedule.
+    pub poll: PollPolicy,
+    /// HTTP client limits shared by every provider call.
+    pub http: HttpConfig,
+    /// Provider profiles by name (the value of `wfq.runs.provider`).
+    pub providers: BTreeMap<String, ProviderProfile>,
+}
+
+/// Database settings.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// Connection URL (never logged: it may carry a password).
+    pub url: DatabaseUrl,
+    /// Pool size of one process.
+    pub max_connections: u32,
+}
+
+/// A database URL that prints without its password.
+#[derive(Clone)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL itself, for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url_password(&self.0))
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url_password(&self.0))
+    }
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
+fn redact_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.find('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].find(':') {
+        Some(colon) => format!(
+            "{}://{}:***{}",
+            &url[..scheme_end],
+            &rest[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+/// Settings of the claim loop and the apalis worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Runs handled at once by one process.
+    pub concurrency: usize,
+    /// Most runs claimed by one statement.
+    pub claim_batch: usize,
+    /// How long a claim is valid; another worker takes the run after that.
+    pub lease: Duration,
+    /// Longest sleep between claims when no notification arrives.
+    pub fallback_poll: Duration,
+    /// How long in-flight steps may run after SIGTERM before their leases are released.
+    pub shutdown_grace: Duration,
+    /// Subscribe to `LISTEN wfq_runs_due` (turn off behind PgBouncer in transaction mode).
+    pub listen: bool,
+    /// The name written to `lease_owner`; unique per process.
+    pub id: String,
+}
+
+/// HTTP client limits.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Whole-request timeout of every provider call.
+    pub timeout: Duration,
+    /// TCP/TLS connect timeout.
+    pub connect_timeout: Duration,
+}
+
+/// Which API a provider profile speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// chenyu open API v2.
+    Chenyu,
+}
+
+/// One `[providers.NAME]` table, with its secret read from the environment.
+#[derive(Debug, Clone)]
+pub struct ProviderProfile {
+    /// The API it speaks.
+    pub kind: ProviderKind,
+    /// Base URL, without a trailing slash.
+    pub base_url: String,
+    /// The API key (redacted in Debug output).
+    pub api_key: ApiKey,
+    /// How long a workflow's parameter manifest is cached.
+    pub manifest_ttl: Duration,
+}
+
+/// A provider API key. It has no `Display`, and `Debug` prints `***`, so it
+/// cannot end up in a log line or an error by accident.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a secret.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    /// The secret itself, for the `Authorization` header only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(***)")
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    database: RawDatabase,
+    #[serde(default)]
+    worker: RawWorker,
+    #[serde(default)]
+    submit: RawSubmit,
+    #[serde(default)]
+    poll: RawPoll,
+    #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
+    providers: BTreeMap<String, RawProvider>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<String>,
+    max_connections: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    concurrency: Option<usize>,
+    claim_batch: Option<usize>,
+    lease: Option<String>,
+    fallback_poll: Option<String>,
+    shutdown_grace: Option<String>,
+    listen: Option<bool>,
+    id: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSubmit {
+    max_attempts: Option<u32>,
+    initial: Option<String>,
+    max: Option<String>,
+    multiplier: Option<f64>,
+    jitter: Option<f64>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPoll {
+    initial: Option<String>,
+    max: Option<String>,
+    multiplier: Option<f64>,
+    jitter: Option<f64>,
+    deadline: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    timeout: Option<String>,
+    connect_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    kind: String,
+    base_url: String,
+    api_key_env: String,
+    manifest_ttl: Option<String>,
+}
+
+/// The default database when neither the file nor the environment names one.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/wfq";
+
+/// Reads environment variables; a seam so tests need not touch the real environment.
+pub trait Environment {
+    /// The variable's value, when set and valid UTF-8.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnvironment;
+
+impl Environment for ProcessEnvironment {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+impl Config {
+    /// Loads `path` and the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string(), &ProcessEnvironment)
+    }
+
+    /// Parses a TOML document; `origin` names it in error messages.
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: &dyn Environment,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: origin.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let duration = |key: &str, value: &Option<String>, default: Duration| match value {
+            None => Ok(default),
+            Some(text) => parse_duration(text).map_err(|m| invalid(key, m)),
+        };
+
+        let url = env
+            .var("WFQ_DATABASE_URL")
+            .or_else(|| env.var("DATABASE_URL"))
+            .or(raw.database.url)
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+        let database = DatabaseConfig {
+            url: DatabaseUrl::new(url),
+            max_connections: raw.database.max_connections.unwrap_or(10),
+        };
+        if database.max_connections < 2 {
+            return Err(invalid(
+                "database.max_connections",
+                "must be at least 2 (one for LISTEN, one for claims)".into(),
+            ));
+        }
+
+        let concurrency = raw.worker.concurrency.unwrap_or(64);
+        if concurrency == 0 {
+            return Err(invalid("worker.concurrency", "must be at least 1".into()));
+        }
+        let http = HttpConfig {
+            timeout: duration("http.timeout", &raw.http.timeout, Duration::from_secs(30))?,
+            connect_timeout: duration(
+                "http.connect_timeout",
+                &raw.http.connect_timeout,
+                Duration::from_secs(5),
+            )?,
+        };
+        let worker = WorkerConfig {
+            concurrency,
+            claim_batch: raw.worker.claim_batch.unwrap_or(concurrency.min(100)).max(1),
+            lease: duration("worker.lease", &raw.worker.lease, Duration::from_secs(120))?,
+            fallback_poll: duration(
+                "worker.fallback_poll",
+                &raw.worker.fallback_poll,
+                Duration::from_secs(5),
+            )?,
+            shutdown_grace: duration(
+                "worker.shutdown_grace",
+                &raw.worker.shutdown_grace,
+                Duration::from_secs(30),
+            )?,
+            listen: raw.worker.listen.unwrap_or(true),
+            id: raw.worker.id.unwrap_or_else(default_worker_id),
+        };
+        // One step is at most a manifest read, a write and a submit; the lease
+        // must outlive that or a slow provider hands the run to a second worker.
+        if worker.lease < http.timeout * 3 {
+            return Err(invalid(
+                "worker.lease",
+                format!(
+                    "must be at least 3 x http.timeout ({:?}) so a step cannot outlive its lease",
+                    http.timeout * 3
+                ),
+            ));
+        }
+
+        let submit = RetryPolicy {
+            max_attempts: raw.submit.max_attempts.unwrap_or(8),
+            initial: duration("submit.initial", &raw.submit.initial, Duration::from_secs(2))?,
+            max: duration("submit.max", &raw.submit.max, Duration::from_secs(300))?,
+            multiplier: raw.submit.multiplier.unwrap_or(2.0),
+            jitter: raw.submit.jitter.unwrap_or(0.2),
+        };
+        check_schedule("submit", submit.multiplier, submit.jitter, origin)?;
+        if submit.max_attempts == 0 {
+            return Err(invalid("submit.max_attempts", "must be at least 1".into()));
+        }
+
+        let poll = PollPolicy {
+            initial: duration("poll.initial", &raw.poll.initial, Duration::from_secs(1))?,
+            max: duration("poll.max", &raw.poll.max, Duration::from_secs(60))?,
+            multiplier: raw.poll.multiplier.unwrap_or(2.0),
+            jitter: raw.poll.jitter.unwrap_or(0.2),
+            deadline: duration(
+                "poll.deadline",
+                &raw.poll.deadline,
+                Duration::from_secs(24 * 3600),
+            )?,
+        };
+        check_schedule("poll", poll.multiplier, poll.jitter, origin)?;
+        if poll.max < poll.initial {
+            return Err(invalid(
+                "poll.max",
+                "must not be smaller than poll.initial".into(),
+            ));
+        }
+
+        let mut providers = BTreeMap::new();
+        for (name, raw) in raw.providers {
+            let key = |k: &str| format!("providers.{name}.{k}");
+            let kind = match raw.kind.as_str() {
+                "chenyu" => ProviderKind::Chenyu,
+                "dify" | "gptbots" => {
+                    return Err(invalid(
+                        &key("kind"),
+                        format!("`{}` is not supported by this version yet", raw.kind),
+                    ));
+                }
+                other => {
+                    return Err(invalid(
+                        &key("kind"),
+                        format!("unknown provider kind `{other}` (expected chenyu, dify or gptbots)"),
+                    ));
+                }
+            };
+            if !(raw.base_url.starts_with("http://") || raw.base_url.starts_with("https://")) {
+                return Err(invalid(
+                    &key("base_url"),
+                    format!("`{}` is not an http(s) URL", raw.base_url),
+                ));
+            }
+            let api_key = env
+                .var(&raw.api_key_env)
+                .ok_or_else(|| ConfigError::MissingSecret {
+                    profile: name.clone(),
+                    variable: raw.api_key_env.clone(),
+                })?;
+            let profile = ProviderProfile {
+                kind,
+                base_url: raw.base_url.trim_end_matches('/').to_owned(),
+                api_key: ApiKey::new(api_key),
+                manifest_ttl: duration(
+                    &key("manifest_ttl"),
+                    &raw.manifest_ttl,
+                    Duration::from_secs(300),
+                )?,
+            };
+            providers.insert(name, profile);
+        }
+
+        Ok(Config {
+            database,
+            worker,
+            submit,
+            poll,
+            http,
+            providers,
+        })
+    }
+}
+
+fn check_schedule(
+    section: &str,
+    multiplier: f64,
+    jitter: f64,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    let invalid = |key: &str, message: &str| ConfigError::Invalid {
+        path: origin.to_owned(),
+        key: format!("{section}.{key}"),
+        message: message.to_owned(),
+    };
+    if !(multiplier.is_finite() && multiplier >= 1.0) {
+        return Err(invalid("multiplier", "must be a number >= 1.0"));
+    }
+    if !(0.0..1.0).contains(&jitter) {
+        return Err(invalid("jitter", "must be in [0.0, 1.0)"));
+    }
+    Ok(())
+}
+
+/// A worker id that is unique per process and readable in `lease_owner`.
+fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "wfq".to_owned());
+    format!(
+        "{host}-{}-{:04x}",
+        std::process::id(),
+        fastrand::u16(..)
+    )
+}
+
+/// Parses `250ms`, `1s`, `1.5s`, `5m`, `2h`, `1d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (try \"500ms\", \"30s\", \"5m\")"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86400.0,
+        other => {
+            return Err(format!(
+                "`{text}`: unknown unit `{other}` (use ms, s, m, h or d)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}` is out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct FakeEnv(Vec<(&'static str, &'static str)>);
+
+    impl Environment for FakeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    const SAMPLE: &str = r#"
+        [database]
+        url = "postgres://app:hunter2@db:5432/wfq"
+        [worker]
+        concurrency = 8
+        [poll]
+        initial = "500ms"
+        max = "30s"
+        [providers.chenyu]
+        kind = "chenyu"
+        base_url = "https://www.chenyu.cn/api/open/v2/"
+        api_key_env = "CHENYU_API_KEY"
+    "#;
+
+    #[test]
+    fn parses_a_full_file_and_reads_the_secret_from_the_environment() {
+        let env = FakeEnv(vec![("CHENYU_API_KEY", "sk-secret")]);
+        let config = Config::from_toml(SAMPLE, "worker.toml", &env).unwrap();
+        assert_eq!(config.worker.concurrency, 8);
+        assert_eq!(config.worker.claim_batch, 8);
+        assert_eq!(config.poll.initial, Duration::from_millis(500));
+        let chenyu = &config.providers["chenyu"];
+        assert_eq!(chenyu.base_url, "https://www.chenyu.cn/api/open/v2");
+        assert_eq!(chenyu.api_key.expose(), "sk-secret");
+        assert!(!format!("{config:?}").contains("sk-secret"));
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn environment_overrides_the_configured_database() {
+        let env = FakeEnv(vec![
+            ("CHENYU_API_KEY", "k"),
+            ("DATABASE_URL", "postgres://a/b"),
+            ("WFQ_DATABASE_URL", "postgres://c/d"),
+        ]);
+        let config = Config::from_toml(SAMPLE, "worker.toml", &env).unwrap();
+        assert_eq!(config.database.url.expose(), "postgres://c/d");
+    }
+
+    #[test]
+    fn a_missing_secret_names_the_variable() {
+        let err = Config::from_toml(SAMPLE, "worker.toml", &FakeEnv(vec![])).unwrap_err();
+        assert!(err.to_string().contains("CHENYU_API_KEY"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let env = FakeEnv(vec![("CHENYU_API_KEY", "k")]);
+        let cases = [
+            ("[poll]\ninitial = \"fast\"", "poll.initial"),
+            ("[poll]\nmultiplier = 0.5", "poll.multiplier"),
+            ("[poll]\njitter = 1.5", "poll.jitter"),
+            ("[worker]\nconcurrency = 0", "worker.concurrency"),
+            ("[worker]\nlease = \"10s\"", "worker.lease"),
+            (
+                "[providers.x]\nkind = \"foo\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"",
+                "providers.x.kind",
+            ),
+            ("[worker]\nconcurency = 3", "concurency"),
+        ];
+        for (text, key) in cases {
+            let err = Config::from_toml(text, "worker.toml", &env).unwrap_err();
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("3 weeks").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn redacts_database_passwords() {
+        assert_eq!(
+            redact_url_password("postgres://u:p@h:5432/d"),
+            "postgres://u:***@h:5432/d"
+        );
+        assert_eq!(redact_url_password("postgres://u@h/d"), "postgres://u@h/d");
+    }
+}
