@@ -1,0 +1,11 @@
+//! wfq: a durable PostgreSQL queue and long-lived worker for paid
+//! workflow-run APIs.
+//!
+//! Producers `INSERT INTO wfq.runs`; `wfq worker` submits each run once with a
+//! stable idempotency key, polls it on a schedule stored in the database and
+//! writes outputs and money back. See README.md and DESIGN.md.
+
+pub mod backoff;
+pub mod config;
+pub mod money;
+pub mod sim;

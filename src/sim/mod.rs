@@ -1,0 +1,1 @@
+//! The chenyu simulator (being written).
