@@ -9,3 +9,8 @@ pub mod backoff;
 pub mod config;
 pub mod money;
 pub mod sim;
+pub mod inputs;
+pub mod lifecycle;
+pub mod providers;
+pub mod store;
+pub mod runtime;

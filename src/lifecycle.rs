@@ -1,0 +1,785 @@
+//! The run state machine as pure functions: (run, provider answer, now) ->
+//! [`Transition`]. No I/O here; the store applies a transition in one
+//! statement and the runtime does the HTTP.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+
+use crate::backoff::{PollPolicy, RetryPolicy};
+use crate::inputs::InputError;
+use crate::providers::{
+    Accepted, ManifestError, PollOutcome, ProviderError, RunReport, RunStatus, SubmitOutcome,
+    Unclear,
+};
+
+/// Where a run is. The strings are the values of `wfq.runs.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RunState {
+    /// Waiting to be submitted.
+    Queued,
+    /// A submit has been (or is being) sent; its outcome is not recorded yet.
+    Submitting,
+    /// Accepted by the provider; being polled.
+    Running,
+    /// Final: the provider's run succeeded and its money is settled.
+    Succeeded,
+    /// Final: rejected, failed at the provider, or given up on.
+    Failed,
+    /// Final: withdrawn before submission.
+    Canceled,
+}
+
+impl RunState {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Queued => "queued",
+            RunState::Submitting => "submitting",
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Canceled => "canceled",
+        }
+    }
+
+    /// Reads the database spelling.
+    pub fn parse(text: &str) -> Option<RunState> {
+        Some(match text {
+            "queued" => RunState::Queued,
+            "submitting" => RunState::Submitting,
+            "running" => RunState::Running,
+            "succeeded" => RunState::Succeeded,
+            "failed" => RunState::Failed,
+            "canceled" => RunState::Canceled,
+            _ => return None,
+        })
+    }
+
+    /// Whether nothing more will happen to the run.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RunState::Succeeded | RunState::Failed | RunState::Canceled
+        )
+    }
+}
+
+impl fmt::Display for RunState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the decisions need to know about the run being handled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunProgress {
+    /// Its state when claimed.
+    pub state: RunState,
+    /// Submit attempts so far (including the one being decided on).
+    pub attempts: u32,
+    /// Status checks so far (excluding the one being decided on).
+    pub polls: u32,
+    /// When the provider accepted it.
+    pub submitted_at: Option<DateTime<Utc>>,
+}
+
+/// Provider facts to record; `None` keeps what the row has.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ProviderFacts {
+    /// Provider run id.
+    pub provider_run_id: Option<String>,
+    /// Revision that runs.
+    pub revision_id: Option<String>,
+    /// Engine task id.
+    pub task_id: Option<String>,
+    /// Engine prompt id.
+    pub prompt_id: Option<String>,
+    /// Billing record id.
+    pub billing_run_id: Option<String>,
+    /// Verbatim run status.
+    pub run_status: Option<String>,
+    /// Verbatim freeze status.
+    pub freeze_status: Option<String>,
+    /// Verbatim submission status.
+    pub submission_status: Option<String>,
+    /// Verbatim settlement status.
+    pub settlement_status: Option<String>,
+    /// Outputs.
+    pub outputs: Option<Value>,
+    /// Currency.
+    pub currency: Option<String>,
+    /// Quote.
+    pub quote_amount: Option<Decimal>,
+    /// Frozen at submit.
+    pub frozen_amount: Option<Decimal>,
+    /// Charged.
+    pub final_amount: Option<Decimal>,
+    /// Given back.
+    pub released_amount: Option<Decimal>,
+    /// Compute cost.
+    pub compute_cost: Option<Decimal>,
+    /// External model cost.
+    pub external_model_cost: Option<Decimal>,
+    /// Total cost.
+    pub total_cost: Option<Decimal>,
+}
+
+impl ProviderFacts {
+    fn from_accepted(a: &Accepted) -> Self {
+        ProviderFacts {
+            provider_run_id: Some(a.provider_run_id.clone()),
+            revision_id: a.revision_id.clone(),
+            task_id: a.task_id.clone(),
+            prompt_id: a.prompt_id.clone(),
+            billing_run_id: a.billing_run_id.clone(),
+            run_status: a.run_status.clone(),
+            freeze_status: a.freeze_status.clone(),
+            currency: a.currency.clone(),
+            quote_amount: a.quote_amount,
+            frozen_amount: a.frozen_amount,
+            ..Default::default()
+        }
+    }
+
+    fn from_report(r: &RunReport) -> Self {
+        ProviderFacts {
+            task_id: r.task_id.clone(),
+            prompt_id: r.prompt_id.clone(),
+            run_status: r.run_status.clone(),
+            freeze_status: r.freeze_status.clone(),
+            submission_status: r.submission_status.clone(),
+            settlement_status: r.settlement_status.clone(),
+            outputs: r.outputs.clone(),
+            currency: r.currency.clone(),
+            quote_amount: r.quote_amount,
+            final_amount: r.final_amount,
+            released_amount: r.released_amount,
+            compute_cost: r.compute_cost,
+            external_model_cost: r.external_model_cost,
+            total_cost: r.total_cost,
+            ..Default::default()
+        }
+    }
+}
+
+/// Why a run failed, as written to `error_code`, `error_message`, `error_detail`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunError {
+    /// A stable, documented code.
+    pub code: String,
+    /// What happened, naming the field when there is one.
+    pub message: String,
+    /// Structured detail (the provider's error object, ...).
+    pub detail: Option<Value>,
+}
+
+/// One entry for `wfq.run_events`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// What happened, e.g. `submit_accepted`.
+    pub kind: &'static str,
+    /// The provider's answer or the reason.
+    pub detail: Value,
+}
+
+/// Everything one step changes on a run, applied atomically by the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    /// The new state.
+    pub to: RunState,
+    /// When the next step is due (active states only).
+    pub due_at: Option<DateTime<Utc>>,
+    /// Added to `attempts`.
+    pub attempts_delta: i32,
+    /// Whether this step was a status check.
+    pub counts_poll: bool,
+    /// Keep the lease: the same worker goes on with the run right away.
+    pub keep_lease: bool,
+    /// Stamp `submitted_at` (first acceptance only).
+    pub submitted: bool,
+    /// Stamp `settled_at`: the money is final.
+    pub settled: bool,
+    /// Pin this revision when the row has none.
+    pub pin_revision: Option<String>,
+    /// The inputs as actually sent.
+    pub sent_inputs: Option<Value>,
+    /// Facts from the provider.
+    pub facts: ProviderFacts,
+    /// Set on failure.
+    pub error: Option<RunError>,
+    /// The audit entry.
+    pub event: Event,
+}
+
+impl Transition {
+    fn new(to: RunState, event: Event) -> Self {
+        Transition {
+            to,
+            due_at: None,
+            attempts_delta: 0,
+            counts_poll: false,
+            keep_lease: false,
+            submitted: false,
+            settled: false,
+            pin_revision: None,
+            sent_inputs: None,
+            facts: ProviderFacts::default(),
+            error: None,
+            event,
+        }
+    }
+
+    /// A failure before anything was frozen: the money is final (none).
+    fn failed(code: &str, message: String, detail: Option<Value>, event: Event) -> Self {
+        Transition {
+            settled: true,
+            error: Some(RunError {
+                code: code.to_owned(),
+                message,
+                detail,
+            }),
+            ..Transition::new(RunState::Failed, event)
+        }
+    }
+}
+
+/// How long to wait after credentials were refused: retrying every second
+/// against a provider that rejects the key only fills the log.
+const UNAUTHORIZED_PAUSE: Duration = Duration::from_secs(60);
+
+fn later(now: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX)
+}
+
+fn unclear_detail(u: &Unclear) -> Value {
+    json!({
+        "reason": u.reason,
+        "http_status": u.http_status,
+        "retry_after_secs": u.retry_after.map(|d| d.as_secs()),
+        "unauthorized": u.unauthorized,
+    })
+}
+
+fn provider_error_detail(e: &ProviderError) -> Value {
+    json!({ "code": e.code, "message": e.message, "http_status": e.http_status, "error": e.detail })
+}
+
+/// The inputs passed the manifest: record what will be sent and count the
+/// attempt *before* sending, so a crash mid-submit is visible and bounded.
+pub fn begin_submit(revision_id: &str, sent_inputs: Value) -> Transition {
+    Transition {
+        attempts_delta: 1,
+        keep_lease: true,
+        pin_revision: Some(revision_id.to_owned()),
+        sent_inputs: Some(sent_inputs),
+        ..Transition::new(
+            RunState::Submitting,
+            Event {
+                kind: "submit_started",
+                detail: json!({ "revision_id": revision_id }),
+            },
+        )
+    }
+}
+
+/// The inputs do not fit the manifest: fail without submitting.
+pub fn reject_inputs(error: &InputError) -> Transition {
+    Transition::failed(
+        "INVALID_INPUT",
+        error.to_string(),
+        Some(json!({ "error": error.to_string() })),
+        Event {
+            kind: "inputs_rejected",
+            detail: json!({ "error": error.to_string() }),
+        },
+    )
+}
+
+/// The workflow may bill an external model and the producer did not accept that.
+pub fn external_cost_not_accepted(workflow_id: &str) -> Transition {
+    let message = format!(
+        "accept_external_cost_risk: workflow `{workflow_id}` may incur external model costs; set accept_external_cost_risk = true on the run to allow them"
+    );
+    Transition::failed(
+        "EXTERNAL_COST_NOT_ACCEPTED",
+        message.clone(),
+        None,
+        Event {
+            kind: "inputs_rejected",
+            detail: json!({ "error": message }),
+        },
+    )
+}
+
+/// The row names a provider profile this worker does not have.
+pub fn unknown_provider(profile: &str, known: &[String]) -> Transition {
+    let message = format!(
+        "provider: no provider profile `{profile}` in the worker's configuration (configured: {})",
+        if known.is_empty() {
+            "none".to_owned()
+        } else {
+            known.join(", ")
+        }
+    );
+    Transition::failed(
+        "UNKNOWN_PROVIDER",
+        message.clone(),
+        None,
+        Event {
+            kind: "unknown_provider",
+            detail: json!({ "error": message }),
+        },
+    )
+}
+
+/// The manifest could not be read before the first submit.
+pub fn manifest_failed(
+    run: &RunProgress,
+    workflow_id: &str,
+    error: &ManifestError,
+    retry: &RetryPolicy,
+    now: DateTime<Utc>,
+    unit: f64,
+) -> Transition {
+    match error {
+        ManifestError::Rejected(e) => {
+            let code = if e.code.contains("NOT_FOUND") || e.http_status == 404 {
+                "UNKNOWN_WORKFLOW"
+            } else {
+                "WORKFLOW_UNAVAILABLE"
+            };
+            Transition::failed(
+                code,
+                format!("workflow_id: `{workflow_id}`: {} ({})", e.message, e.code),
+                Some(e.detail.clone()),
+                Event {
+                    kind: "manifest_rejected",
+                    detail: provider_error_detail(e),
+                },
+            )
+        }
+        // Nothing was sent, so nothing counts against the run's attempts;
+        // the wait still grows with the attempts made so far.
+        ManifestError::Unclear(u) => Transition {
+            due_at: Some(later(now, wait_after_unclear(u, retry.delay(run.attempts + 1, unit)))),
+            ..Transition::new(
+                run.state,
+                Event {
+                    kind: "manifest_unclear",
+                    detail: unclear_detail(u),
+                },
+            )
+        },
+    }
+}
+
+fn wait_after_unclear(u: &Unclear, scheduled: Duration) -> Duration {
+    let floor = if u.unauthorized {
+        UNAUTHORIZED_PAUSE
+    } else {
+        Duration::ZERO
+    };
+    scheduled.max(u.retry_after.unwrap_or_default()).max(floor)
+}
+
+/// Decides what a submit's answer means for the run.
+pub fn after_submit(
+    run: &RunProgress,
+    outcome: &SubmitOutcome,
+    retry: &RetryPolicy,
+    poll: &crate::backoff::PollPolicy,
+    now: DateTime<Utc>,
+    unit: f64,
+) -> Transition {
+    match outcome {
+        SubmitOutcome::Accepted(a) => Transition {
+            due_at: Some(later(now, poll.delay(0, unit))),
+            submitted: true,
+            facts: ProviderFacts::from_accepted(a),
+            ..Transition::new(
+                RunState::Running,
+                Event {
+                    kind: "submit_accepted",
+                    detail: a.raw.clone(),
+                },
+            )
+        },
+        // Nothing was frozen for a refused submit, so the money is final too.
+        SubmitOutcome::Rejected(e) => Transition {
+            settled: true,
+            ..Transition::failed(
+                &e.code,
+                e.message.clone(),
+                Some(e.detail.clone()),
+                Event {
+                    kind: "submit_rejected",
+                    detail: provider_error_detail(e),
+                },
+            )
+        },
+        SubmitOutcome::Unclear(u) if u.unauthorized => Transition {
+            // A refused key is not the run's fault: give the attempt back.
+            attempts_delta: -1,
+            due_at: Some(later(now, wait_after_unclear(u, retry.delay(run.attempts, unit)))),
+            ..Transition::new(
+                RunState::Submitting,
+                Event {
+                    kind: "submit_unauthorized",
+                    detail: unclear_detail(u),
+                },
+            )
+        },
+        SubmitOutcome::Unclear(u) if retry.may_retry(run.attempts) => Transition {
+            due_at: Some(later(now, wait_after_unclear(u, retry.delay(run.attempts, unit)))),
+            ..Transition::new(
+                RunState::Submitting,
+                Event {
+                    kind: "submit_unclear",
+                    detail: unclear_detail(u),
+                },
+            )
+        },
+        // Whether money was frozen is unknown, so it is not marked settled.
+        SubmitOutcome::Unclear(u) => Transition {
+            settled: false,
+            ..Transition::failed(
+            "SUBMIT_RETRIES_EXHAUSTED",
+            format!(
+                "no clear answer after {} submit attempts (last: {}); the provider may still have accepted the run under this row's idempotency_key, which a later submit with the same key would replay",
+                run.attempts, u.reason
+            ),
+            Some(unclear_detail(u)),
+            Event {
+                kind: "submit_unclear",
+                detail: unclear_detail(u),
+            },
+        )
+        },
+    }
+}
+
+/// Decides what a status check means for the run.
+pub fn after_poll(
+    run: &RunProgress,
+    outcome: &PollOutcome,
+    poll: &PollPolicy,
+    now: DateTime<Utc>,
+    unit: f64,
+) -> Transition {
+    let next = Some(later(now, poll.delay(run.polls + 1, unit)));
+    let past_deadline = run
+        .submitted_at
+        .is_some_and(|at| now >= later(at, poll.deadline));
+    let mut transition = match outcome {
+        PollOutcome::Report(report) => {
+            let facts = ProviderFacts::from_report(report);
+            if report.status.is_final() && report.settled {
+                let event = Event {
+                    kind: "run_finished",
+                    detail: report.raw.clone(),
+                };
+                let mut t = if report.status == RunStatus::Succeeded {
+                    Transition::new(RunState::Succeeded, event)
+                } else {
+                    let code = report
+                        .error_code
+                        .clone()
+                        .unwrap_or_else(|| "PROVIDER_RUN_FAILED".to_owned());
+                    let message = report.error_message.clone().unwrap_or_else(|| {
+                        format!(
+                            "the provider's run ended with status `{}`",
+                            report.run_status.as_deref().unwrap_or("failed")
+                        )
+                    });
+                    Transition::failed(&code, message, Some(report.raw.clone()), event)
+                };
+                t.settled = true;
+                t.facts = facts;
+                t.counts_poll = true;
+                return t;
+            }
+            Transition {
+                due_at: next,
+                facts,
+                ..Transition::new(
+                    RunState::Running,
+                    Event {
+                        kind: "polled",
+                        detail: report.raw.clone(),
+                    },
+                )
+            }
+        }
+        // The provider accepted this run earlier, so "not found" now is as
+        // likely a glitch as the truth: keep asking until the deadline.
+        PollOutcome::Rejected(e) => Transition {
+            due_at: next,
+            ..Transition::new(
+                RunState::Running,
+                Event {
+                    kind: "poll_rejected",
+                    detail: provider_error_detail(e),
+                },
+            )
+        },
+        PollOutcome::Unclear(u) => {
+            let wait = wait_after_unclear(u, poll.delay(run.polls + 1, unit));
+            Transition {
+                due_at: Some(later(now, wait)),
+                ..Transition::new(
+                    RunState::Running,
+                    Event {
+                        kind: "poll_unclear",
+                        detail: unclear_detail(u),
+                    },
+                )
+            }
+        }
+    };
+    transition.counts_poll = true;
+    if past_deadline {
+        let message = format!(
+            "not final and settled {} after submit (poll.deadline); last provider status: {}",
+            humantime(poll.deadline),
+            match outcome {
+                PollOutcome::Report(r) => format!(
+                    "run_status={}, settlement_status={}",
+                    r.run_status.as_deref().unwrap_or("?"),
+                    r.settlement_status.as_deref().unwrap_or("?")
+                ),
+                PollOutcome::Rejected(e) => e.message.clone(),
+                PollOutcome::Unclear(u) => u.reason.clone(),
+            }
+        );
+        transition.to = RunState::Failed;
+        transition.due_at = None;
+        transition.settled = false;
+        transition.error = Some(RunError {
+            code: "POLL_DEADLINE".to_owned(),
+            message,
+            detail: Some(transition.event.detail.clone()),
+        });
+    }
+    transition
+}
+
+/// `90s` -> `1m30s`, for messages.
+pub fn humantime(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, 0) => format!("{h}h"),
+        (h, m, _) => format!("{h}h{m}m"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn retry() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 3,
+            initial: Duration::from_secs(2),
+            max: Duration::from_secs(300),
+            multiplier: 2.0,
+            jitter: 0.0,
+        }
+    }
+
+    fn poll() -> PollPolicy {
+        PollPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            multiplier: 2.0,
+            jitter: 0.0,
+            deadline: Duration::from_secs(3600),
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-24T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn run(state: RunState, attempts: u32, polls: u32) -> RunProgress {
+        RunProgress {
+            state,
+            attempts,
+            polls,
+            submitted_at: Some(now() - chrono::Duration::seconds(10)),
+        }
+    }
+
+    fn unclear(retry_after: Option<u64>, unauthorized: bool) -> Unclear {
+        Unclear {
+            reason: "HTTP 503".into(),
+            http_status: Some(503),
+            retry_after: retry_after.map(Duration::from_secs),
+            unauthorized,
+        }
+    }
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn secs(t: &Transition) -> i64 {
+        (t.due_at.unwrap() - now()).num_seconds()
+    }
+
+    #[test]
+    fn state_names_round_trip() {
+        for s in [
+            RunState::Queued,
+            RunState::Submitting,
+            RunState::Running,
+            RunState::Succeeded,
+            RunState::Failed,
+            RunState::Canceled,
+        ] {
+            assert_eq!(RunState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(RunState::parse("done"), None);
+    }
+
+    #[test]
+    fn submit_answers_table() {
+        let accepted = SubmitOutcome::Accepted(Accepted {
+            provider_run_id: "wfrun_1".into(),
+            quote_amount: Some(d("0.03")),
+            frozen_amount: Some(d("0.03")),
+            ..Default::default()
+        });
+        let rejected = SubmitOutcome::Rejected(ProviderError {
+            code: "INVALID_WORKFLOW_INPUT".into(),
+            message: "bad".into(),
+            detail: json!({}),
+            http_status: 400,
+        });
+        // (attempts so far, outcome, state, error code, seconds until due, attempts delta)
+        let table: Vec<(u32, SubmitOutcome, RunState, Option<&str>, Option<i64>, i32)> = vec![
+            (1, accepted, RunState::Running, None, Some(1), 0),
+            (1, rejected, RunState::Failed, Some("INVALID_WORKFLOW_INPUT"), None, 0),
+            (1, SubmitOutcome::Unclear(unclear(None, false)), RunState::Submitting, None, Some(2), 0),
+            (2, SubmitOutcome::Unclear(unclear(None, false)), RunState::Submitting, None, Some(4), 0),
+            (2, SubmitOutcome::Unclear(unclear(Some(30), false)), RunState::Submitting, None, Some(30), 0),
+            (3, SubmitOutcome::Unclear(unclear(None, false)), RunState::Failed, Some("SUBMIT_RETRIES_EXHAUSTED"), None, 0),
+            (3, SubmitOutcome::Unclear(unclear(None, true)), RunState::Submitting, None, Some(60), -1),
+        ];
+        for (attempts, outcome, state, code, due, delta) in table {
+            let t = after_submit(&run(RunState::Submitting, attempts, 0), &outcome, &retry(), &poll(), now(), 0.5);
+            assert_eq!(t.to, state, "{outcome:?}");
+            assert_eq!(t.error.as_ref().map(|e| e.code.as_str()), code, "{outcome:?}");
+            assert_eq!(t.due_at.map(|_| secs(&t)), due, "{outcome:?}");
+            assert_eq!(t.attempts_delta, delta, "{outcome:?}");
+            assert!(!t.keep_lease);
+        }
+    }
+
+    #[test]
+    fn an_accepted_submit_records_the_frozen_quote() {
+        let t = after_submit(
+            &run(RunState::Submitting, 1, 0),
+            &SubmitOutcome::Accepted(Accepted {
+                provider_run_id: "wfrun_1".into(),
+                frozen_amount: Some(d("0.03")),
+                idempotent_replay: true,
+                ..Default::default()
+            }),
+            &retry(),
+            &poll(),
+            now(),
+            0.5,
+        );
+        assert!(t.submitted);
+        assert_eq!(t.facts.provider_run_id.as_deref(), Some("wfrun_1"));
+        assert_eq!(t.facts.frozen_amount, Some(d("0.03")));
+    }
+
+    fn report(status: RunStatus, settled: bool) -> PollOutcome {
+        PollOutcome::Report(RunReport {
+            status,
+            settled,
+            final_amount: settled.then(|| d("0.01")),
+            released_amount: settled.then(|| d("0.02")),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn poll_answers_table() {
+        let table: Vec<(PollOutcome, RunState, Option<&str>, Option<i64>)> = vec![
+            (report(RunStatus::Active, false), RunState::Running, None, Some(4)),
+            (report(RunStatus::Succeeded, false), RunState::Running, None, Some(4)),
+            (report(RunStatus::Succeeded, true), RunState::Succeeded, None, None),
+            (report(RunStatus::Failed, true), RunState::Failed, Some("PROVIDER_RUN_FAILED"), None),
+            (report(RunStatus::Failed, false), RunState::Running, None, Some(4)),
+            (report(RunStatus::Unknown("paused".into()), true), RunState::Running, None, Some(4)),
+            (PollOutcome::Unclear(unclear(None, false)), RunState::Running, None, Some(4)),
+            (PollOutcome::Unclear(unclear(Some(9), false)), RunState::Running, None, Some(9)),
+        ];
+        for (outcome, state, code, due) in table {
+            let t = after_poll(&run(RunState::Running, 1, 1), &outcome, &poll(), now(), 0.5);
+            assert_eq!(t.to, state, "{outcome:?}");
+            assert_eq!(t.error.as_ref().map(|e| e.code.as_str()), code, "{outcome:?}");
+            assert_eq!(t.due_at.map(|_| secs(&t)), due, "{outcome:?}");
+            assert!(t.counts_poll);
+            assert_eq!(t.settled, state.is_final());
+        }
+    }
+
+    #[test]
+    fn a_run_past_its_deadline_fails_with_what_was_last_known() {
+        let mut r = run(RunState::Running, 1, 40);
+        r.submitted_at = Some(now() - chrono::Duration::hours(2));
+        let t = after_poll(&r, &report(RunStatus::Active, false), &poll(), now(), 0.5);
+        assert_eq!(t.to, RunState::Failed);
+        assert_eq!(t.error.unwrap().code, "POLL_DEADLINE");
+        // A settled answer arriving at the deadline still wins.
+        let t = after_poll(&r, &report(RunStatus::Succeeded, true), &poll(), now(), 0.5);
+        assert_eq!(t.to, RunState::Succeeded);
+    }
+
+    #[test]
+    fn manifest_problems_fail_or_wait_without_counting_an_attempt() {
+        let r = run(RunState::Queued, 0, 0);
+        let not_found = ManifestError::Rejected(ProviderError {
+            code: "WORKFLOW_NOT_FOUND".into(),
+            message: "workflow not found".into(),
+            detail: json!({}),
+            http_status: 404,
+        });
+        let t = manifest_failed(&r, "wf_x", &not_found, &retry(), now(), 0.5);
+        assert_eq!(t.to, RunState::Failed);
+        assert_eq!(t.error.unwrap().code, "UNKNOWN_WORKFLOW");
+        let t = manifest_failed(&r, "wf_x", &ManifestError::Unclear(unclear(None, false)), &retry(), now(), 0.5);
+        assert_eq!(t.to, RunState::Queued);
+        assert_eq!(t.attempts_delta, 0);
+        assert_eq!(secs(&t), 2);
+    }
+
+    #[test]
+    fn begin_submit_counts_the_attempt_and_keeps_the_lease() {
+        let t = begin_submit("wfr_1", json!({"a": 1}));
+        assert_eq!(t.to, RunState::Submitting);
+        assert_eq!(t.attempts_delta, 1);
+        assert!(t.keep_lease);
+        assert_eq!(t.pin_revision.as_deref(), Some("wfr_1"));
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(humantime(Duration::from_secs(90)), "1m30s");
+        assert_eq!(humantime(Duration::from_secs(86400)), "24h");
+        assert_eq!(humantime(Duration::from_secs(5)), "5s");
+    }
+}

@@ -1,0 +1,600 @@
+//! chenyu open API v2: `market/info`, `run/submit`, `run/info`.
+//!
+//! Every body is `{code, msg, data}` and the body decides, not the status
+//! line: a non-zero `code` can arrive with HTTP 200. What cannot be read with
+//! certainty is `Unclear`, because repeating a submit with the same
+//! idempotency key is safe while guessing "rejected" would lose a run the
+//! provider may have accepted and charged.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    Accepted, Manifest, ManifestError, ParamKind, Parameter, PollOutcome, ProviderError,
+    RunReport, RunStatus, SubmitOutcome, SubmitRequest, Unclear,
+};
+use crate::config::{ApiKey, HttpConfig};
+use crate::money::{WireAmount, parse_amount};
+
+/// A client for one chenyu provider profile.
+#[derive(Debug, Clone)]
+pub struct ChenyuClient {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: ApiKey,
+}
+
+impl ChenyuClient {
+    /// A client with its own connection pool; `base_url` has no trailing slash.
+    pub fn new(base_url: &str, api_key: ApiKey, http: &HttpConfig) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .timeout(http.timeout)
+            .connect_timeout(http.connect_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("wfq/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http: client,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key,
+        })
+    }
+
+    /// `GET /workflow/market/info`.
+    pub async fn manifest(&self, workflow_id: &str) -> Result<Manifest, ManifestError> {
+        let request = self
+            .http
+            .get(format!("{}/workflow/market/info", self.base_url))
+            .query(&[("workflow_id", workflow_id)]);
+        match classify(self.send(request).await) {
+            Answer::Data(data) => parse_manifest(data).map_err(ManifestError::Unclear),
+            Answer::Rejected(e) => Err(ManifestError::Rejected(e)),
+            Answer::Unclear(u) => Err(ManifestError::Unclear(u)),
+        }
+    }
+
+    /// `POST /workflow/run/submit`.
+    pub async fn submit(&self, run: &SubmitRequest<'_>) -> SubmitOutcome {
+        let body = json!({
+            "workflow_id": run.workflow_id,
+            "revision_id": run.revision_id,
+            "inputs": run.inputs,
+            "idempotency_key": run.idempotency_key,
+            "accept_external_cost_risk": run.accept_external_cost_risk,
+        });
+        let request = self
+            .http
+            .post(format!("{}/workflow/run/submit", self.base_url))
+            .json(&body);
+        match classify(self.send(request).await) {
+            Answer::Data(data) => match parse_accepted(data) {
+                Ok(accepted) => SubmitOutcome::Accepted(accepted),
+                Err(unclear) => SubmitOutcome::Unclear(unclear),
+            },
+            Answer::Rejected(e) => SubmitOutcome::Rejected(e),
+            Answer::Unclear(u) => SubmitOutcome::Unclear(u),
+        }
+    }
+
+    /// `GET /workflow/run/info`.
+    pub async fn poll(&self, run_order_id: &str) -> PollOutcome {
+        let request = self
+            .http
+            .get(format!("{}/workflow/run/info", self.base_url))
+            .query(&[("run_order_id", run_order_id)]);
+        match classify(self.send(request).await) {
+            Answer::Data(data) => match parse_report(data) {
+                Ok(report) => PollOutcome::Report(report),
+                Err(unclear) => PollOutcome::Unclear(unclear),
+            },
+            Answer::Rejected(e) => PollOutcome::Rejected(e),
+            Answer::Unclear(u) => PollOutcome::Unclear(u),
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<RawAnswer, Unclear> {
+        let response = request
+            .bearer_auth(self.api_key.expose())
+            .send()
+            .await
+            .map_err(transport_error)?;
+        let status = response.status();
+        let retry_after = retry_after(response.headers());
+        // A body that breaks off is as unclear as no answer at all: the
+        // provider may have done the work (that is the lost-answer case).
+        let body = response.bytes().await.map_err(|e| Unclear {
+            http_status: Some(status.as_u16()),
+            ..transport_error(e)
+        })?;
+        Ok(RawAnswer {
+            status,
+            retry_after,
+            body: body.to_vec(),
+        })
+    }
+}
+
+/// The bytes of an answer, before interpretation.
+#[derive(Debug)]
+struct RawAnswer {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: Vec<u8>,
+}
+
+/// An answer, interpreted by the rules every chenyu endpoint shares.
+#[derive(Debug, PartialEq)]
+enum Answer {
+    Data(Value),
+    Rejected(ProviderError),
+    Unclear(Unclear),
+}
+
+#[derive(Debug, Deserialize)]
+struct Envelope {
+    code: i64,
+    #[serde(default)]
+    msg: Option<String>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ErrorObject {
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    detail: Option<String>,
+    #[serde(default)]
+    engine_code: Option<String>,
+}
+
+fn transport_error(e: reqwest::Error) -> Unclear {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_body() || e.is_decode() {
+        "the answer broke off"
+    } else {
+        "request failed"
+    };
+    Unclear {
+        reason: format!("{what}: {}", e.without_url()),
+        http_status: None,
+        retry_after: None,
+        unauthorized: false,
+    }
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is rare for APIs and is ignored).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let text = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    text.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+fn classify(answer: Result<RawAnswer, Unclear>) -> Answer {
+    match answer {
+        Ok(raw) => classify_raw(raw.status, raw.retry_after, &raw.body),
+        Err(unclear) => Answer::Unclear(unclear),
+    }
+}
+
+/// The shared rules, as a pure function of status, `Retry-After` and body.
+fn classify_raw(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Answer {
+    let unclear = |reason: String| {
+        Answer::Unclear(Unclear {
+            reason,
+            http_status: Some(status.as_u16()),
+            retry_after,
+            unauthorized: false,
+        })
+    };
+    if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        return Answer::Unclear(Unclear {
+            reason: format!("HTTP {status}: the provider refused the API key"),
+            http_status: Some(status.as_u16()),
+            retry_after,
+            unauthorized: true,
+        });
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        return unclear(format!("HTTP {status}: rate limited"));
+    }
+    if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+        return unclear(format!("HTTP {status}: {}", snippet(body)));
+    }
+    let envelope: Envelope = match serde_json::from_slice(body) {
+        Ok(envelope) => envelope,
+        Err(e) => {
+            return unclear(format!(
+                "HTTP {status}: not a chenyu answer ({e}): {}",
+                snippet(body)
+            ));
+        }
+    };
+    if envelope.code == 0 {
+        return if status.is_success() {
+            Answer::Data(envelope.data.unwrap_or(Value::Null))
+        } else {
+            unclear(format!("HTTP {status} with code 0"))
+        };
+    }
+    let detail = envelope
+        .data
+        .as_ref()
+        .and_then(|d| d.get("error"))
+        .cloned()
+        .unwrap_or_else(|| json!({ "code": envelope.code, "msg": envelope.msg }));
+    let error: ErrorObject = serde_json::from_value(detail.clone()).unwrap_or_default();
+    let code = non_empty(error.engine_code).unwrap_or_else(|| format!("PROVIDER_CODE_{}", envelope.code));
+    let reason = non_empty(error.reason)
+        .or_else(|| non_empty(envelope.msg.clone()))
+        .unwrap_or_else(|| format!("provider error code {}", envelope.code));
+    let message = match non_empty(error.detail) {
+        Some(detail) if detail != reason => format!("{reason}: {detail}"),
+        _ => reason,
+    };
+    Answer::Rejected(ProviderError {
+        code,
+        message,
+        detail,
+        http_status: status.as_u16(),
+    })
+}
+
+/// The start of a body, for a log line about an unreadable answer.
+fn snippet(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut cut: String = text.chars().take(160).collect();
+    if cut.len() < text.len() {
+        cut.push('…');
+    }
+    cut.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn non_empty(value: Option<String>) -> Option<String> {
+    value.filter(|v| !v.trim().is_empty())
+}
+
+fn unreadable(what: &str, e: impl std::fmt::Display) -> Unclear {
+    Unclear {
+        reason: format!("unreadable {what}: {e}"),
+        http_status: Some(200),
+        retry_after: None,
+        unauthorized: false,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct MarketInfo {
+    workflow_id: String,
+    revision_id: String,
+    #[serde(default)]
+    quote_currency: Option<String>,
+    #[serde(default)]
+    quote_amount: Option<WireAmount>,
+    #[serde(default)]
+    may_incur_external_model_cost: bool,
+    #[serde(default)]
+    editable_parameter_manifest: Vec<ManifestEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ManifestEntry {
+    key: String,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    required: bool,
+    #[serde(default)]
+    default_value: Option<Value>,
+}
+
+fn parse_manifest(data: Value) -> Result<Manifest, Unclear> {
+    let info: MarketInfo =
+        serde_json::from_value(data).map_err(|e| unreadable("workflow manifest", e))?;
+    let quote = parse_amount("quote_amount", info.quote_amount.as_ref())
+        .map_err(|e| unreadable("workflow manifest", e))?;
+    Ok(Manifest {
+        workflow_id: info.workflow_id,
+        revision_id: info.revision_id,
+        currency: non_empty(info.quote_currency),
+        quote_amount: quote,
+        may_incur_external_cost: info.may_incur_external_model_cost,
+        parameters: info
+            .editable_parameter_manifest
+            .into_iter()
+            .map(|p| Parameter {
+                kind: ParamKind::parse(p.kind.as_deref().unwrap_or("string")),
+                key: p.key,
+                required: p.required,
+                default_value: p.default_value.filter(|v| !v.is_null()),
+            })
+            .collect(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct SubmitData {
+    #[serde(default)]
+    run_order_id: Option<String>,
+    #[serde(default)]
+    revision_id: Option<String>,
+    #[serde(default)]
+    quote_currency: Option<String>,
+    #[serde(default)]
+    quote_amount: Option<WireAmount>,
+    #[serde(default)]
+    freeze_status: Option<String>,
+    #[serde(default)]
+    run_status: Option<String>,
+    #[serde(default)]
+    task_id: Option<String>,
+    #[serde(default)]
+    prompt_id: Option<String>,
+    #[serde(default)]
+    billing_run_id: Option<String>,
+    #[serde(default)]
+    idempotent_replay: bool,
+}
+
+fn parse_accepted(data: Value) -> Result<Accepted, Unclear> {
+    let submit: SubmitData =
+        serde_json::from_value(data.clone()).map_err(|e| unreadable("submit answer", e))?;
+    // Accepted but without a run id: we cannot follow it, but the same key
+    // will fetch it again, so this is worth a retry, not a failure.
+    let provider_run_id = non_empty(submit.run_order_id)
+        .ok_or_else(|| unreadable("submit answer", "no run_order_id"))?;
+    let quote = parse_amount("quote_amount", submit.quote_amount.as_ref())
+        .map_err(|e| unreadable("submit answer", e))?;
+    let freeze_status = non_empty(submit.freeze_status);
+    let frozen_amount = match freeze_status.as_deref() {
+        Some("frozen") => quote,
+        _ => None,
+    };
+    Ok(Accepted {
+        provider_run_id,
+        revision_id: non_empty(submit.revision_id),
+        task_id: non_empty(submit.task_id),
+        prompt_id: non_empty(submit.prompt_id),
+        billing_run_id: non_empty(submit.billing_run_id),
+        currency: non_empty(submit.quote_currency),
+        quote_amount: quote,
+        frozen_amount,
+        freeze_status,
+        run_status: non_empty(submit.run_status),
+        idempotent_replay: submit.idempotent_replay,
+        raw: data,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct RunInfo {
+    #[serde(default)]
+    run_status: Option<String>,
+    #[serde(default)]
+    freeze_status: Option<String>,
+    #[serde(default)]
+    submission_status: Option<String>,
+    #[serde(default)]
+    settlement_status: Option<String>,
+    #[serde(default)]
+    task_id: Option<String>,
+    #[serde(default)]
+    prompt_id: Option<String>,
+    #[serde(default)]
+    outputs: Option<Value>,
+    #[serde(default)]
+    quote_currency: Option<String>,
+    #[serde(default)]
+    quote_amount: Option<WireAmount>,
+    #[serde(default)]
+    compute_cost: Option<WireAmount>,
+    #[serde(default)]
+    external_model_cost: Option<WireAmount>,
+    #[serde(default)]
+    total_cost: Option<WireAmount>,
+    #[serde(default)]
+    final_amount: Option<WireAmount>,
+    #[serde(default)]
+    released_amount: Option<WireAmount>,
+    #[serde(default)]
+    error_code: Option<String>,
+    #[serde(default)]
+    error_message: Option<String>,
+}
+
+/// Maps chenyu's `run_status`. Only `queued` and `running` are documented as
+/// non-final; words that plainly mean "ended badly" are final failures, and
+/// anything else is kept polling (until the deadline) rather than guessed.
+fn run_status(value: Option<&str>) -> RunStatus {
+    match value.unwrap_or("") {
+        "" | "queued" | "pending" | "running" | "submitted" => RunStatus::Active,
+        "succeeded" | "success" => RunStatus::Succeeded,
+        "failed" | "canceled" | "cancelled" | "timeout" | "error" => RunStatus::Failed,
+        other => RunStatus::Unknown(other.to_owned()),
+    }
+}
+
+fn parse_report(data: Value) -> Result<RunReport, Unclear> {
+    let info: RunInfo =
+        serde_json::from_value(data.clone()).map_err(|e| unreadable("run info", e))?;
+    let amount = |field: &'static str, raw: &Option<WireAmount>| {
+        parse_amount(field, raw.as_ref()).map_err(|e| unreadable("run info", e))
+    };
+    let final_amount = amount("final_amount", &info.final_amount)?;
+    let released_amount = amount("released_amount", &info.released_amount)?;
+    let settlement_status = non_empty(info.settlement_status);
+    let freeze_status = non_empty(info.freeze_status);
+    // Settled means both amounts are known and the provider says so; either
+    // signal alone has been seen before the money was final.
+    let settled = final_amount.is_some()
+        && released_amount.is_some()
+        && (matches!(settlement_status.as_deref(), Some("settled" | "released"))
+            || freeze_status.as_deref() == Some("released"));
+    let run_status_text = non_empty(info.run_status);
+    Ok(RunReport {
+        status: run_status(run_status_text.as_deref()),
+        run_status: run_status_text,
+        freeze_status,
+        submission_status: non_empty(info.submission_status),
+        settlement_status,
+        task_id: non_empty(info.task_id),
+        prompt_id: non_empty(info.prompt_id),
+        outputs: info
+            .outputs
+            .filter(|o| o.as_object().is_some_and(|m| !m.is_empty())),
+        currency: non_empty(info.quote_currency),
+        quote_amount: amount("quote_amount", &info.quote_amount)?,
+        compute_cost: amount("compute_cost", &info.compute_cost)?,
+        external_model_cost: amount("external_model_cost", &info.external_model_cost)?,
+        total_cost: amount("total_cost", &info.total_cost)?,
+        final_amount,
+        released_amount,
+        error_code: non_empty(info.error_code),
+        error_message: non_empty(info.error_message),
+        settled,
+        raw: data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal::Decimal;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn a_non_zero_code_on_http_200_is_a_rejection_with_the_engine_code() {
+        let body = br#"{"code":1,"msg":"Workflow input content is invalid.","data":{"error":{"reason":"Workflow input content is invalid.","detail":"input n4_video must be an uploaded file URL or file id","engine_code":"INVALID_WORKFLOW_INPUT","status_code":400}}}"#;
+        let Answer::Rejected(e) = classify_raw(StatusCode::OK, None, body) else {
+            panic!("expected a rejection");
+        };
+        assert_eq!(e.code, "INVALID_WORKFLOW_INPUT");
+        assert_eq!(
+            e.message,
+            "Workflow input content is invalid.: input n4_video must be an uploaded file URL or file id"
+        );
+        assert_eq!(e.detail["status_code"], 400);
+    }
+
+    #[test]
+    fn server_errors_rate_limits_and_html_are_unclear() {
+        let cases: &[(u16, &[u8])] = &[
+            (500, br#"{"code":500,"msg":"boom"}"#),
+            (502, b"<html><body>502 Bad Gateway</body></html>"),
+            (429, br#"{"code":429,"msg":"slow down"}"#),
+            (200, b"<html>maintenance</html>"),
+            (200, b""),
+            (404, b"<html>not found</html>"),
+        ];
+        for (status, body) in cases {
+            let status = StatusCode::from_u16(*status).unwrap();
+            assert!(
+                matches!(classify_raw(status, Some(Duration::from_secs(3)), body), Answer::Unclear(ref u) if u.retry_after == Some(Duration::from_secs(3)) && !u.unauthorized),
+                "{status} {:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn bad_credentials_are_unclear_and_flagged() {
+        let Answer::Unclear(u) = classify_raw(StatusCode::UNAUTHORIZED, None, b"{}") else {
+            panic!("expected unclear");
+        };
+        assert!(u.unauthorized);
+    }
+
+    #[test]
+    fn the_documented_submit_answer_is_accepted_with_the_quote_frozen() {
+        let data = json!({
+            "run_order_id": "wfrun_314ff7d8b7a5beff1388", "workflow_id": "wf_861ef31e94dcfb10e6e7",
+            "revision_id": "wfr_f9f2a2dcb99d73b0c3aa", "quote_currency": "CNY", "quote_amount": "0.03000000",
+            "freeze_status": "frozen", "run_status": "queued", "task_id": "task_1", "prompt_id": "prompt_1",
+            "billing_run_id": "wfbill_1", "idempotent_replay": false
+        });
+        let a = parse_accepted(data).unwrap();
+        assert_eq!(a.provider_run_id, "wfrun_314ff7d8b7a5beff1388");
+        assert_eq!(a.frozen_amount, Some(d("0.03")));
+        assert_eq!(a.billing_run_id.as_deref(), Some("wfbill_1"));
+        assert!(!a.idempotent_replay);
+    }
+
+    #[test]
+    fn an_accepted_answer_without_a_run_id_is_unclear() {
+        assert!(parse_accepted(json!({"run_order_id": ""})).is_err());
+        assert!(parse_accepted(json!(null)).is_err());
+    }
+
+    #[test]
+    fn the_documented_run_info_is_final_and_settled() {
+        let data = json!({
+            "run_order_id": "wfrun_1", "quote_amount": "0.03000000", "quote_currency": "CNY",
+            "freeze_status": "released", "submission_status": "submitted", "run_status": "succeeded",
+            "settlement_status": "settled", "outputs": {"n9_images": "https://x/y"},
+            "compute_cost": "0.00028780", "external_model_cost": "0.00000000", "total_cost": "0.00028780",
+            "final_amount": "0.00028780", "released_amount": "0.02971220", "error_code": "", "error_message": ""
+        });
+        let r = parse_report(data).unwrap();
+        assert_eq!(r.status, RunStatus::Succeeded);
+        assert!(r.settled);
+        assert_eq!(r.final_amount, Some(d("0.00028780")));
+        assert_eq!(r.released_amount, Some(d("0.02971220")));
+        assert_eq!(r.error_code, None);
+    }
+
+    #[test]
+    fn a_finished_run_without_amounts_is_not_settled() {
+        let r = parse_report(json!({"run_status": "succeeded", "settlement_status": "unsettled",
+            "final_amount": "", "released_amount": ""}))
+        .unwrap();
+        assert!(r.status.is_final());
+        assert!(!r.settled);
+        let r = parse_report(json!({"run_status": "succeeded", "settlement_status": "pending",
+            "final_amount": "0.1", "released_amount": "0.2"}))
+        .unwrap();
+        assert!(!r.settled, "amounts alone are not a settlement");
+    }
+
+    #[test]
+    fn unknown_statuses_and_bad_amounts_are_handled_without_guessing() {
+        let r = parse_report(json!({"run_status": "paused_for_review"})).unwrap();
+        assert_eq!(r.status, RunStatus::Unknown("paused_for_review".into()));
+        assert!(parse_report(json!({"final_amount": "12,5"})).is_err());
+        let r = parse_report(json!({"final_amount": 0.0003, "released_amount": 0.0297,
+            "settlement_status": "settled", "run_status": "failed"}))
+        .unwrap();
+        assert_eq!(r.final_amount, Some(d("0.0003")));
+        assert!(r.settled);
+    }
+
+    #[test]
+    fn manifest_types_and_defaults_are_read() {
+        let m = parse_manifest(json!({
+            "workflow_id": "wf", "revision_id": "wfr", "quote_amount": "0.03000000",
+            "editable_parameter_manifest": [
+                {"key": "n6_text", "type": "string", "required": true, "default_value": "x"},
+                {"key": "n3_seed", "type": "int", "required": true, "default_value": 156680208700286u64},
+                {"key": "img", "type": "image"},
+                {"key": "odd", "type": "matrix", "default_value": null}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(m.quote_amount, Some(d("0.03")));
+        assert_eq!(m.parameters[1].kind, ParamKind::Int);
+        assert_eq!(m.parameters[2].kind, ParamKind::Media("image".into()));
+        assert!(!m.parameters[2].required);
+        assert_eq!(m.parameters[3].kind, ParamKind::Other("matrix".into()));
+        assert_eq!(m.parameters[3].default_value, None);
+    }
+}

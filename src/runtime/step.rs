@@ -1,0 +1,234 @@
+//! One step of one run: the I/O around the pure lifecycle decisions.
+//!
+//! queued -> read the manifest, check the inputs, record `submitting`, submit.
+//! submitting -> submit again with the recorded inputs and the same key.
+//! running -> check the status.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde_json::{Map, Value};
+use tracing::Instrument;
+
+use super::Engine;
+use crate::inputs::complete_inputs;
+use crate::lifecycle::{self, RunProgress, RunState, Transition};
+use crate::providers::{ProviderClient, SubmitOutcome, SubmitRequest};
+use crate::store::{self, ClaimedRun};
+
+/// A step could not record its outcome. The run's lease then runs out and
+/// another worker repeats the step, which is safe: submits carry the run's
+/// idempotency key and polls change nothing at the provider.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The database refused or was unreachable.
+    #[error("run {run_id}: could not record `{event}`: {source}")]
+    Database {
+        /// The run.
+        run_id: i64,
+        /// The event that was being recorded.
+        event: &'static str,
+        /// The database error.
+        source: sqlx::Error,
+    },
+}
+
+/// Handles one claimed run. Returns once its outcome is recorded.
+pub async fn run_step(engine: Arc<Engine>, run: ClaimedRun) -> Result<(), StepError> {
+    let span = tracing::info_span!("run", run_id = run.id, provider = %run.provider, workflow_id = %run.workflow_id);
+    async move {
+        if let Some(previous) = &run.rescued_from {
+            tracing::info!(previous_owner = %previous, state = %run.state, "took over a run whose lease expired");
+        }
+        match run.state {
+            RunState::Queued | RunState::Submitting => submit_step(&engine, run).await,
+            RunState::Running => poll_step(&engine, run).await,
+            // Claims only return active runs.
+            RunState::Succeeded | RunState::Failed | RunState::Canceled => Ok(()),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn progress(run: &ClaimedRun) -> RunProgress {
+    RunProgress {
+        state: run.state,
+        attempts: run.attempts,
+        polls: run.polls,
+        submitted_at: run.submitted_at,
+    }
+}
+
+/// Writes a transition; `None` when the run moved on without us.
+async fn record(
+    engine: &Engine,
+    run: &ClaimedRun,
+    from: RunState,
+    version: i64,
+    t: &Transition,
+) -> Result<Option<i64>, StepError> {
+    let applied = store::apply_transition(
+        &engine.pool,
+        run.id,
+        version,
+        from,
+        &engine.worker_id,
+        engine.lease,
+        t,
+    )
+    .await
+    .map_err(|source| StepError::Database {
+        run_id: run.id,
+        event: t.event.kind,
+        source,
+    })?;
+    match applied {
+        Some(_) => {
+            log_transition(from, t);
+            if let Some(due) = t.due_at {
+                engine.wake.due_at(due);
+            }
+        }
+        None => tracing::info!(
+            event = t.event.kind,
+            "run changed under us (canceled, or taken over after the lease expired); leaving it"
+        ),
+    }
+    Ok(applied)
+}
+
+fn log_transition(from: RunState, t: &Transition) {
+    match &t.error {
+        Some(e) => tracing::warn!(from = %from, to = %t.to, event = t.event.kind, error_code = %e.code, error = %e.message, "run failed"),
+        None if t.to.is_final() => tracing::info!(from = %from, to = %t.to, event = t.event.kind, "run finished"),
+        None if from != t.to => tracing::info!(from = %from, to = %t.to, event = t.event.kind, "run moved"),
+        None => tracing::debug!(state = %t.to, event = t.event.kind, due_at = ?t.due_at, "run rescheduled"),
+    }
+}
+
+fn unit() -> f64 {
+    fastrand::f64()
+}
+
+async fn submit_step(engine: &Engine, run: ClaimedRun) -> Result<(), StepError> {
+    let Some((client, ttl)) = engine.provider(&run.provider) else {
+        let t = lifecycle::unknown_provider(&run.provider, &engine.provider_names());
+        record(engine, &run, run.state, run.version, &t).await?;
+        return Ok(());
+    };
+
+    // A repeated submit must send exactly what the first one sent, so it
+    // reuses the recorded inputs instead of re-reading a manifest that may
+    // have changed since.
+    let recorded = match (&run.state, &run.revision_id, &run.sent_inputs) {
+        (RunState::Submitting, Some(revision), Some(Value::Object(sent))) => {
+            Some((revision.clone(), sent.clone()))
+        }
+        _ => None,
+    };
+    let (revision_id, sent_inputs) = match recorded {
+        Some(recorded) => recorded,
+        None => match prepare(engine, &run, client, ttl).await {
+            Ok(prepared) => prepared,
+            Err(t) => {
+                record(engine, &run, run.state, run.version, &t).await?;
+                return Ok(());
+            }
+        },
+    };
+
+    let begin = lifecycle::begin_submit(&revision_id, Value::Object(sent_inputs.clone()));
+    let Some(version) = record(engine, &run, run.state, run.version, &begin).await? else {
+        return Ok(());
+    };
+
+    let outcome = client
+        .submit(&SubmitRequest {
+            workflow_id: &run.workflow_id,
+            revision_id: &revision_id,
+            inputs: &sent_inputs,
+            idempotency_key: &run.idempotency_key,
+            accept_external_cost_risk: run.accept_external_cost_risk,
+        })
+        .await;
+    if let SubmitOutcome::Accepted(a) = &outcome {
+        tracing::info!(provider_run_id = %a.provider_run_id, replay = a.idempotent_replay, "submit accepted");
+    }
+    let progress = RunProgress {
+        state: RunState::Submitting,
+        attempts: run.attempts + 1,
+        ..progress(&run)
+    };
+    let t = lifecycle::after_submit(
+        &progress,
+        &outcome,
+        &engine.submit,
+        &engine.poll,
+        Utc::now(),
+        unit(),
+    );
+    record(engine, &run, RunState::Submitting, version, &t).await?;
+    Ok(())
+}
+
+/// Reads the manifest and checks the inputs. `Err` is the transition that
+/// ends this step without a submit.
+async fn prepare(
+    engine: &Engine,
+    run: &ClaimedRun,
+    client: &ProviderClient,
+    ttl: std::time::Duration,
+) -> Result<(String, Map<String, Value>), Transition> {
+    let manifest = engine
+        .manifests
+        .get(&run.provider, client, &run.workflow_id, ttl)
+        .await
+        .map_err(|e| {
+            lifecycle::manifest_failed(
+                &progress(run),
+                &run.workflow_id,
+                &e,
+                &engine.submit,
+                Utc::now(),
+                unit(),
+            )
+        })?;
+    if manifest.may_incur_external_cost && !run.accept_external_cost_risk {
+        return Err(lifecycle::external_cost_not_accepted(&run.workflow_id));
+    }
+    let inputs = match &run.inputs {
+        Value::Object(inputs) => inputs,
+        // The CHECK constraint rules this out; fail the row, not the worker.
+        other => {
+            return Err(lifecycle::reject_inputs(&crate::inputs::InputError::WrongType {
+                key: "(inputs)".into(),
+                expected: "a JSON object".into(),
+                got: other.to_string(),
+            }));
+        }
+    };
+    let sent = complete_inputs(&manifest, inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
+    let revision = run
+        .revision_id
+        .clone()
+        .unwrap_or_else(|| manifest.revision_id.clone());
+    Ok((revision, sent))
+}
+
+async fn poll_step(engine: &Engine, run: ClaimedRun) -> Result<(), StepError> {
+    let Some((client, _)) = engine.provider(&run.provider) else {
+        let t = lifecycle::unknown_provider(&run.provider, &engine.provider_names());
+        record(engine, &run, run.state, run.version, &t).await?;
+        return Ok(());
+    };
+    let Some(provider_run_id) = run.provider_run_id.as_deref() else {
+        // `running` is only ever written together with the provider run id.
+        tracing::error!("running run without a provider run id; leaving it for an operator");
+        return Ok(());
+    };
+    let outcome = client.poll(provider_run_id).await;
+    let t = lifecycle::after_poll(&progress(&run), &outcome, &engine.poll, Utc::now(), unit());
+    record(engine, &run, RunState::Running, run.version, &t).await?;
+    Ok(())
+}

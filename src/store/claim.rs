@@ -1,0 +1,165 @@
+//! Claiming due runs with per-run leases, and giving leases back.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::lifecycle::RunState;
+
+/// A run this worker holds a lease on, with what a step needs to know.
+#[derive(Debug, Clone)]
+pub struct ClaimedRun {
+    /// `wfq.runs.id`.
+    pub id: i64,
+    /// Provider profile name.
+    pub provider: String,
+    /// Workflow to run.
+    pub workflow_id: String,
+    /// Pinned revision, if any.
+    pub revision_id: Option<String>,
+    /// The producer's inputs.
+    pub inputs: Value,
+    /// The inputs as sent by an earlier attempt.
+    pub sent_inputs: Option<Value>,
+    /// The run's idempotency key.
+    pub idempotency_key: String,
+    /// The producer's consent to external-model costs.
+    pub accept_external_cost_risk: bool,
+    /// State at claim time.
+    pub state: RunState,
+    /// Submit attempts so far.
+    pub attempts: u32,
+    /// Status checks so far.
+    pub polls: u32,
+    /// The row version after the claim: every later write compares against it.
+    pub version: i64,
+    /// Provider run id, once submitted.
+    pub provider_run_id: Option<String>,
+    /// When the provider accepted it.
+    pub submitted_at: Option<DateTime<Utc>>,
+    /// The worker whose expired lease this claim took over, if any.
+    pub rescued_from: Option<String>,
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    id: i64,
+    provider: String,
+    workflow_id: String,
+    revision_id: Option<String>,
+    inputs: Value,
+    sent_inputs: Option<Value>,
+    idempotency_key: String,
+    accept_external_cost_risk: bool,
+    state: String,
+    attempts: i32,
+    polls: i32,
+    version: i64,
+    provider_run_id: Option<String>,
+    submitted_at: Option<DateTime<Utc>>,
+    previous_owner: Option<String>,
+}
+
+/// Leases up to `limit` due runs for `worker`, highest priority first, then
+/// oldest due. `SKIP LOCKED` lets many workers claim at once without waiting
+/// on each other; the lease is what keeps a run theirs after the commit.
+#[tracing::instrument(name = "claim_due_runs", skip(pool), err)]
+pub async fn claim_due_runs(
+    pool: &PgPool,
+    worker: &str,
+    limit: usize,
+    lease: Duration,
+) -> Result<Vec<ClaimedRun>, sqlx::Error> {
+    let rows: Vec<ClaimRow> = sqlx::query_as(
+        r#"
+        WITH due AS (
+            SELECT id, lease_owner AS previous_owner
+            FROM wfq.runs
+            WHERE state IN ('queued', 'submitting', 'running')
+              AND due_at <= now()
+              AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+            ORDER BY priority DESC, due_at, id
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE wfq.runs r
+        SET lease_owner = $1,
+            lease_expires_at = now() + make_interval(secs => $3),
+            version = r.version + 1
+        FROM due
+        WHERE r.id = due.id
+        RETURNING r.id, r.provider, r.workflow_id, r.revision_id, r.inputs, r.sent_inputs,
+                  r.idempotency_key, r.accept_external_cost_risk, r.state, r.attempts, r.polls,
+                  r.version, r.provider_run_id, r.submitted_at, due.previous_owner
+        "#,
+    )
+    .bind(worker)
+    .bind(limit as i64)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            // The CHECK constraint makes an unknown state impossible; a row
+            // that has one anyway is skipped rather than crashing the batch.
+            let state = RunState::parse(&row.state)?;
+            Some(ClaimedRun {
+                id: row.id,
+                provider: row.provider,
+                workflow_id: row.workflow_id,
+                revision_id: row.revision_id,
+                inputs: row.inputs,
+                sent_inputs: row.sent_inputs,
+                idempotency_key: row.idempotency_key,
+                accept_external_cost_risk: row.accept_external_cost_risk,
+                state,
+                attempts: row.attempts.max(0) as u32,
+                polls: row.polls.max(0) as u32,
+                version: row.version,
+                provider_run_id: row.provider_run_id,
+                submitted_at: row.submitted_at,
+                rescued_from: row.previous_owner,
+            })
+        })
+        .collect())
+}
+
+/// When the next unleased active run becomes due (`None`: nothing waiting).
+/// Leased runs are left out: their due time has passed by definition, and a
+/// lease that runs out is found by the fallback poll.
+#[tracing::instrument(name = "next_due_at", skip(pool), err, level = "debug")]
+pub async fn next_due_at(pool: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"
+        SELECT min(due_at) FROM wfq.runs
+        WHERE state IN ('queued', 'submitting', 'running') AND lease_owner IS NULL
+        "#,
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Gives back every lease `worker` still holds, so another worker can go on
+/// at once instead of waiting for the leases to expire. Used at shutdown.
+#[tracing::instrument(name = "release_leases", skip(pool), err)]
+pub async fn release_leases(pool: &PgPool, worker: &str) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query(
+        r#"
+        WITH released AS (
+            UPDATE wfq.runs
+            SET lease_owner = NULL, lease_expires_at = NULL, version = version + 1, updated_at = now()
+            WHERE lease_owner = $1 AND state IN ('queued', 'submitting', 'running')
+            RETURNING id, state
+        )
+        INSERT INTO wfq.run_events (run_id, kind, from_state, to_state, worker)
+        SELECT id, 'lease_released', state, state, $1 FROM released
+        "#,
+    )
+    .bind(worker)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,36 @@
+//! Every SQL statement wfq runs. The store never speaks HTTP.
+//!
+//! Queries are built at runtime (`sqlx::query`), so a build never needs a live
+//! database; the integration tests run each of them against PostgreSQL.
+
+mod claim;
+mod read;
+mod requests;
+mod transition;
+
+pub use claim::{ClaimedRun, claim_due_runs, next_due_at, release_leases};
+pub use read::{EventRow, RunRow, list_runs, run_events, show_run};
+pub use requests::{NewRun, RequestError, cancel_run, enqueue_run, retry_run};
+pub use transition::apply_transition;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::config::DatabaseConfig;
+
+/// The states in which a run still needs a worker.
+pub const ACTIVE_STATES: [&str; 3] = ["queued", "submitting", "running"];
+
+/// Opens a pool to the configured database.
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(config.url.expose())
+        .await
+}
+
+/// Applies the migrations in `migrations/` (idempotent).
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    sqlx::migrate!("./migrations").run(pool).await
+}

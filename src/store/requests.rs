@@ -1,0 +1,154 @@
+//! What producers and operators ask for: enqueue, cancel, retry.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::PgPool;
+
+/// A run request, as `wfq enqueue` sends it. `INSERT INTO wfq.runs` from any
+/// language does the same.
+#[derive(Debug, Clone, Default)]
+pub struct NewRun {
+    /// Provider profile name (`chenyu` when `None`).
+    pub provider: Option<String>,
+    /// Workflow to run.
+    pub workflow_id: String,
+    /// Revision to pin; `None` pins the published one at submit.
+    pub revision_id: Option<String>,
+    /// The inputs (an object).
+    pub inputs: Value,
+    /// A caller-chosen key (a fresh UUID when `None`).
+    pub idempotency_key: Option<String>,
+    /// Consent to external-model costs.
+    pub accept_external_cost_risk: bool,
+    /// Higher runs first.
+    pub priority: i32,
+    /// Not before this time.
+    pub not_before: Option<DateTime<Utc>>,
+    /// The producer's own data, never sent.
+    pub metadata: Option<Value>,
+}
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// No run has this id.
+    #[error("run {0} does not exist")]
+    NotFound(i64),
+    /// The run is in a state that does not allow the operation.
+    #[error("run {id} is {state}: {why}")]
+    WrongState {
+        /// The run.
+        id: i64,
+        /// Its state.
+        state: String,
+        /// What would be needed.
+        why: &'static str,
+    },
+    /// The database refused the row (a CHECK constraint names the column).
+    #[error("{0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Inserts a run and returns its id.
+#[tracing::instrument(name = "enqueue_run", skip(pool, run), fields(workflow_id = %run.workflow_id), err)]
+pub async fn enqueue_run(pool: &PgPool, run: &NewRun) -> Result<i64, RequestError> {
+    let id = sqlx::query_scalar(
+        r#"
+        INSERT INTO wfq.runs (provider, workflow_id, revision_id, inputs, idempotency_key,
+                              accept_external_cost_risk, priority, not_before, metadata)
+        VALUES (COALESCE($1, 'chenyu'), $2, $3, $4, COALESCE($5, gen_random_uuid()::text),
+                $6, $7, $8, $9)
+        RETURNING id
+        "#,
+    )
+    .bind(&run.provider)
+    .bind(&run.workflow_id)
+    .bind(&run.revision_id)
+    .bind(&run.inputs)
+    .bind(&run.idempotency_key)
+    .bind(run.accept_external_cost_risk)
+    .bind(run.priority)
+    .bind(run.not_before)
+    .bind(&run.metadata)
+    .fetch_one(pool)
+    .await?;
+    Ok(id)
+}
+
+async fn state_of(pool: &PgPool, id: i64) -> Result<String, RequestError> {
+    sqlx::query_scalar("SELECT state FROM wfq.runs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        .ok_or(RequestError::NotFound(id))
+}
+
+/// Cancels a run that has not been submitted. Bumping the version makes a
+/// worker that is validating it right now lose its compare-and-set, so it
+/// never sends the submit.
+#[tracing::instrument(name = "cancel_run", skip(pool), err)]
+pub async fn cancel_run(pool: &PgPool, id: i64, reason: Option<&str>) -> Result<(), RequestError> {
+    let canceled: Option<i64> = sqlx::query_scalar(
+        r#"
+        WITH canceled AS (
+            UPDATE wfq.runs
+            SET state = 'canceled', version = version + 1, updated_at = now(), finished_at = now(),
+                settled_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+                error_code = 'CANCELED', error_message = COALESCE($2, 'canceled before submission')
+            WHERE id = $1 AND state = 'queued'
+            RETURNING id
+        ),
+        event AS (
+            INSERT INTO wfq.run_events (run_id, kind, from_state, to_state, detail)
+            SELECT id, 'canceled', 'queued', 'canceled', jsonb_build_object('reason', $2) FROM canceled
+        )
+        SELECT id FROM canceled
+        "#,
+    )
+    .bind(id)
+    .bind(reason)
+    .fetch_optional(pool)
+    .await?;
+    if canceled.is_some() {
+        return Ok(());
+    }
+    Err(RequestError::WrongState {
+        id,
+        state: state_of(pool, id).await?,
+        why: "only a queued run can be canceled (a submit may already be on its way to the provider)",
+    })
+}
+
+/// Creates a new run that repeats a failed or canceled run's request with a
+/// fresh idempotency key (it is a new charge), pointing back at the original.
+#[tracing::instrument(name = "retry_run", skip(pool), err)]
+pub async fn retry_run(pool: &PgPool, id: i64) -> Result<i64, RequestError> {
+    let new_id: Option<i64> = sqlx::query_scalar(
+        r#"
+        WITH copy AS (
+            INSERT INTO wfq.runs (provider, workflow_id, revision_id, inputs,
+                                  accept_external_cost_risk, priority, metadata, retry_of)
+            SELECT provider, workflow_id, revision_id, inputs,
+                   accept_external_cost_risk, priority, metadata, id
+            FROM wfq.runs WHERE id = $1 AND state IN ('failed', 'canceled')
+            RETURNING id, retry_of
+        ),
+        event AS (
+            INSERT INTO wfq.run_events (run_id, kind, detail)
+            SELECT retry_of, 'retried', jsonb_build_object('new_run_id', id) FROM copy
+        )
+        SELECT id FROM copy
+        "#,
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    match new_id {
+        Some(new_id) => Ok(new_id),
+        None => Err(RequestError::WrongState {
+            id,
+            state: state_of(pool, id).await?,
+            why: "only a failed or canceled run can be retried",
+        }),
+    }
+}
