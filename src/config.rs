@@ -288,6 +288,34 @@ impl Environment for ProcessEnvironment {
     }
 }
 
+impl DatabaseConfig {
+    /// Only the `[database]` part of a document, for commands that need no
+    /// provider (and so no provider secrets): migrate, enqueue, list, ...
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: &dyn Environment,
+    ) -> Result<DatabaseConfig, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        Ok(database_config(raw.database, env))
+    }
+}
+
+fn database_config(raw: RawDatabase, env: &dyn Environment) -> DatabaseConfig {
+    let url = env
+        .var("WFQ_DATABASE_URL")
+        .or_else(|| env.var("DATABASE_URL"))
+        .or(raw.url)
+        .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
+    DatabaseConfig {
+        url: DatabaseUrl::new(url),
+        max_connections: raw.max_connections.unwrap_or(10),
+    }
+}
+
 impl Config {
     /// Loads `path` and the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -318,15 +346,7 @@ impl Config {
             Some(text) => parse_duration(text).map_err(|m| invalid(key, m)),
         };
 
-        let url = env
-            .var("WFQ_DATABASE_URL")
-            .or_else(|| env.var("DATABASE_URL"))
-            .or(raw.database.url)
-            .unwrap_or_else(|| DEFAULT_DATABASE_URL.to_owned());
-        let database = DatabaseConfig {
-            url: DatabaseUrl::new(url),
-            max_connections: raw.database.max_connections.unwrap_or(10),
-        };
+        let database = database_config(raw.database, env);
         if database.max_connections < 2 {
             return Err(invalid(
                 "database.max_connections",

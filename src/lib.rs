@@ -14,3 +14,7 @@ pub mod lifecycle;
 pub mod providers;
 pub mod store;
 pub mod runtime;
+pub mod scratch_postgres;
+pub mod table;
+pub mod telemetry;
+pub mod demo;

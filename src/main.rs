@@ -1,1 +1,333 @@
-fn main() {}
+//! The `wfq` command line: thin wrappers around the library.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde_json::Value;
+
+use wfq::config::{Config, DatabaseConfig, ProcessEnvironment, parse_duration};
+use wfq::store::{self, NewRun};
+use wfq::{demo, sim, table, telemetry};
+
+/// A durable PostgreSQL queue and worker for paid workflow-run APIs.
+#[derive(Debug, Parser)]
+#[command(name = "wfq", version, about)]
+struct Cli {
+    /// worker.toml to read (default ./worker.toml; built-in defaults when that file does not exist).
+    #[arg(long, global = true, env = "WFQ_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log one JSON object per line instead of human-readable lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or upgrade the wfq schema.
+    Migrate,
+    /// Run the worker daemon until SIGINT or SIGTERM.
+    Worker,
+    /// Enqueue a run and print its id.
+    Enqueue(EnqueueArgs),
+    /// Show one run with its events, as JSON.
+    Show {
+        /// Run id.
+        id: i64,
+    },
+    /// List the newest runs.
+    List {
+        /// Only runs in this state.
+        #[arg(long)]
+        state: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued run (before it is submitted).
+    Cancel {
+        /// Run id.
+        id: i64,
+        /// Why, recorded in error_message.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Enqueue a failed or canceled run again (new row, new idempotency key).
+    Retry {
+        /// Run id.
+        id: i64,
+    },
+    /// Run the chenyu simulator.
+    Sim(SimArgs),
+    /// Run the whole thing against the built-in simulator and print the results.
+    Demo,
+}
+
+#[derive(Debug, clap::Args)]
+struct EnqueueArgs {
+    /// Workflow id, e.g. wf_861ef31e94dcfb10e6e7.
+    #[arg(long)]
+    workflow: String,
+    /// Provider profile name from worker.toml.
+    #[arg(long, default_value = "chenyu")]
+    provider: String,
+    /// Inputs as a JSON object.
+    #[arg(long, default_value = "{}")]
+    inputs: String,
+    /// Revision to pin (default: the published one at submit).
+    #[arg(long)]
+    revision: Option<String>,
+    /// Idempotency key (default: a fresh UUID).
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Higher runs first (-1000..1000).
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    priority: i32,
+    /// Accept the workflow's external model costs.
+    #[arg(long)]
+    accept_external_cost_risk: bool,
+    /// Do not submit before this time (RFC 3339) or this long from now (e.g. 10m).
+    #[arg(long)]
+    not_before: Option<String>,
+    /// Your own JSON, stored and never sent.
+    #[arg(long)]
+    metadata: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    listen: String,
+    /// How long a new run stays queued.
+    #[arg(long, default_value = "500ms")]
+    queue_time: String,
+    /// How long it then runs.
+    #[arg(long, default_value = "2s")]
+    run_time: String,
+    /// Settlement delay after the run ends.
+    #[arg(long, default_value = "500ms")]
+    settle_delay: String,
+    /// Accept only this bearer token, read from this environment variable (default: any non-empty token).
+    #[arg(long)]
+    api_key_env: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let default_filter = match cli.command {
+        Command::Worker | Command::Sim(_) => "info,sqlx=warn",
+        Command::Demo => "info,sqlx=warn,wfq::sim=warn",
+        _ => "warn",
+    };
+    telemetry::init(cli.log_json, default_filter);
+    match cli.command {
+        Command::Migrate => {
+            let pool = connect(cli.config.as_deref()).await?;
+            store::migrate(&pool).await.context("applying migrations")?;
+            println!("wfq schema is up to date");
+        }
+        Command::Worker => {
+            let config = load_config(cli.config.as_deref())?;
+            if config.providers.is_empty() {
+                bail!("no [providers.*] in the configuration: the worker would have nothing to submit to");
+            }
+            let pool = store::connect(&config.database)
+                .await
+                .with_context(|| format!("connecting to {}", config.database.url))?;
+            wfq::runtime::run_worker(&config, pool, shutdown_signal()).await?;
+        }
+        Command::Enqueue(args) => {
+            let pool = connect(cli.config.as_deref()).await?;
+            let run = new_run(args)?;
+            let id = store::enqueue_run(&pool, &run).await?;
+            println!("{id}");
+        }
+        Command::Show { id } => {
+            let pool = connect(cli.config.as_deref()).await?;
+            let Some(run) = store::show_run(&pool, id).await? else {
+                bail!("run {id} does not exist");
+            };
+            let events = store::run_events(&pool, id).await?;
+            let mut shown = serde_json::to_value(&run)?;
+            shown["events"] = serde_json::to_value(events)?;
+            println!("{}", serde_json::to_string_pretty(&shown)?);
+        }
+        Command::List { state, limit, json } => {
+            let pool = connect(cli.config.as_deref()).await?;
+            let runs = store::list_runs(&pool, state.as_deref(), limit).await?;
+            if json {
+                for run in &runs {
+                    println!("{}", serde_json::to_string(run)?);
+                }
+            } else {
+                print_list(&runs);
+            }
+        }
+        Command::Cancel { id, reason } => {
+            let pool = connect(cli.config.as_deref()).await?;
+            store::cancel_run(&pool, id, reason.as_deref()).await?;
+            println!("run {id} canceled");
+        }
+        Command::Retry { id } => {
+            let pool = connect(cli.config.as_deref()).await?;
+            let new_id = store::retry_run(&pool, id).await?;
+            println!("{new_id}");
+        }
+        Command::Sim(args) => run_sim(args).await?,
+        Command::Demo => demo::run_demo().await?,
+    }
+    Ok(())
+}
+
+/// The configured file, or the built-in defaults when the default path does not exist.
+fn config_text(path: Option<&Path>) -> Result<(String, String)> {
+    let (path, explicit) = match path {
+        Some(p) => (p.to_owned(), true),
+        None => (PathBuf::from("worker.toml"), false),
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok((text, path.display().to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            Ok((String::new(), "built-in defaults".to_owned()))
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config> {
+    let (text, origin) = config_text(path)?;
+    Ok(Config::from_toml(&text, &origin, &ProcessEnvironment)?)
+}
+
+async fn connect(path: Option<&Path>) -> Result<sqlx::PgPool> {
+    let (text, origin) = config_text(path)?;
+    let database = DatabaseConfig::from_toml(&text, &origin, &ProcessEnvironment)?;
+    store::connect(&database)
+        .await
+        .with_context(|| format!("connecting to {}", database.url))
+}
+
+fn parse_json(what: &str, text: &str) -> Result<Value> {
+    serde_json::from_str(text).with_context(|| format!("--{what} is not valid JSON"))
+}
+
+fn new_run(args: EnqueueArgs) -> Result<NewRun> {
+    let inputs = parse_json("inputs", &args.inputs)?;
+    if !inputs.is_object() {
+        bail!("--inputs must be a JSON object, e.g. '{{\"n6_text\": \"a cat\"}}'");
+    }
+    let not_before = match args.not_before.as_deref() {
+        None => None,
+        Some(text) => Some(match chrono::DateTime::parse_from_rfc3339(text) {
+            Ok(at) => at.with_timezone(&chrono::Utc),
+            Err(_) => {
+                let delay = parse_duration(text).map_err(|e| {
+                    anyhow::anyhow!("--not-before: neither an RFC 3339 time nor a duration: {e}")
+                })?;
+                chrono::Utc::now() + chrono::Duration::from_std(delay)?
+            }
+        }),
+    };
+    Ok(NewRun {
+        provider: Some(args.provider),
+        workflow_id: args.workflow,
+        revision_id: args.revision,
+        inputs,
+        idempotency_key: args.idempotency_key,
+        accept_external_cost_risk: args.accept_external_cost_risk,
+        priority: args.priority,
+        not_before,
+        metadata: args.metadata.map(|m| parse_json("metadata", &m)).transpose()?,
+    })
+}
+
+fn print_list(runs: &[store::RunRow]) {
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.state.clone(),
+                r.provider.clone(),
+                r.workflow_id.clone(),
+                r.attempts.to_string(),
+                r.polls.to_string(),
+                r.provider_run_id.clone().unwrap_or_default(),
+                r.final_amount.map(|d| d.to_string()).unwrap_or_default(),
+                table::truncate(
+                    &r.error_code
+                        .clone()
+                        .map(|c| format!("{c}: {}", r.error_message.as_deref().unwrap_or("")))
+                        .unwrap_or_default(),
+                    60,
+                ),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table::render(
+            &["id", "state", "provider", "workflow", "attempts", "polls", "provider run", "final", "error"],
+            &rows
+        )
+    );
+}
+
+async fn run_sim(args: SimArgs) -> Result<()> {
+    let duration = |flag: &str, text: &str| -> Result<Duration> {
+        parse_duration(text).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+    };
+    let api_key = match args.api_key_env {
+        Some(var) => Some(std::env::var(&var).with_context(|| format!("--api-key-env: {var} is not set"))?),
+        None => None,
+    };
+    let config = sim::SimConfig {
+        queue_time: duration("queue-time", &args.queue_time)?,
+        run_time: duration("run-time", &args.run_time)?,
+        settle_delay: duration("settle-delay", &args.settle_delay)?,
+        api_key,
+    };
+    let addr = tokio::net::lookup_host(&args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?
+        .next()
+        .with_context(|| format!("--listen {}: no address", args.listen))?;
+    let server = sim::SimServer::start(addr, config)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    println!("chenyu simulator at {}", server.base_url());
+    println!("admin: http://{}/_sim/ledger, /_sim/stats, /_sim/faults (GET, PUT)", server.local_addr());
+    shutdown_signal().await;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,303 @@
+//! `wfq demo`: the whole product in one command, against the built-in
+//! simulator. Finds (or makes) a database, migrates it, starts the
+//! simulator, enqueues a few runs, runs the worker until every run is final
+//! and prints what a user would read with SQL.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+use crate::config::{Config, ConfigError, Environment};
+use crate::scratch_postgres::{ScratchCluster, ScratchError, find_bindir};
+use crate::sim::{SimConfig, SimServer};
+use crate::store::{self, NewRun, RequestError};
+use crate::table;
+
+/// Why the demo stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// No database could be found or made.
+    #[error(
+        "wfq demo needs PostgreSQL: set DATABASE_URL, or start a server on 127.0.0.1:5432 (user postgres, trust auth), or install the postgresql package so a throw-away cluster can be made ({0})"
+    )]
+    NoDatabase(String),
+    /// The scratch cluster failed.
+    #[error("could not start a throw-away PostgreSQL cluster: {0}")]
+    Scratch(#[from] ScratchError),
+    /// A database step failed.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The built-in configuration is wrong (a bug).
+    #[error("demo configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// An enqueue failed.
+    #[error("enqueue: {0}")]
+    Enqueue(#[from] RequestError),
+    /// The simulator could not start.
+    #[error("simulator: {0}")]
+    Sim(#[from] std::io::Error),
+    /// The worker failed.
+    #[error("{0}")]
+    Worker(#[from] crate::runtime::WorkerError),
+    /// Runs did not finish in time.
+    #[error("{0} runs were still not final after {1:?}; see `wfq list`")]
+    Timeout(i64, Duration),
+}
+
+const LOCAL_SERVER: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const DEMO_DATABASE: &str = "wfq_demo";
+const DEMO_API_KEY: &str = "demo-key-not-secret";
+
+/// Where the demo's database lives; keeps a scratch cluster alive.
+struct DemoDatabase {
+    url: String,
+    _cluster: Option<ScratchCluster>,
+}
+
+async fn answers(url: &str) -> Option<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(12)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect(url)
+        .await
+        .ok()
+}
+
+async fn find_database() -> Result<(DemoDatabase, PgPool), DemoError> {
+    for var in ["WFQ_DATABASE_URL", "DATABASE_URL"] {
+        if let Ok(url) = std::env::var(var)
+            && !url.is_empty()
+        {
+            let pool = PgPoolOptions::new()
+                .max_connections(12)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(&url)
+                .await?;
+            println!("database: {var} ({})", crate::config::DatabaseUrl::new(url.clone()));
+            return Ok((DemoDatabase { url, _cluster: None }, pool));
+        }
+    }
+    if let Some(server) = answers(LOCAL_SERVER).await {
+        // A database of its own, recreated each time, so the demo never
+        // touches anything else on the server and always starts clean.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {DEMO_DATABASE} WITH (FORCE)"
+        )))
+        .execute(&server)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {DEMO_DATABASE}")))
+            .execute(&server)
+            .await?;
+        server.close().await;
+        let url = format!("postgres://postgres@127.0.0.1:5432/{DEMO_DATABASE}");
+        let pool = answers(&url)
+            .await
+            .ok_or_else(|| DemoError::NoDatabase(format!("cannot connect to {url}")))?;
+        println!("database: {DEMO_DATABASE} on the local server at 127.0.0.1:5432 (recreated for this demo)");
+        return Ok((DemoDatabase { url, _cluster: None }, pool));
+    }
+    if find_bindir().is_none() {
+        return Err(DemoError::NoDatabase(
+            "no server answers at 127.0.0.1:5432 and no initdb is installed".into(),
+        ));
+    }
+    println!("database: no server at 127.0.0.1:5432; starting a throw-away cluster in a temporary directory (deleted at exit)");
+    let cluster = tokio::task::spawn_blocking(ScratchCluster::start)
+        .await
+        .map_err(|e| DemoError::NoDatabase(e.to_string()))??;
+    let url = cluster.url.clone();
+    let pool = answers(&url)
+        .await
+        .ok_or_else(|| DemoError::NoDatabase(format!("the throw-away cluster does not answer at {url}")))?;
+    Ok((
+        DemoDatabase {
+            url,
+            _cluster: Some(cluster),
+        },
+        pool,
+    ))
+}
+
+struct DemoEnv(HashMap<&'static str, String>);
+
+impl Environment for DemoEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+}
+
+/// The runs the demo enqueues: successes, an external-cost video, a run the
+/// provider fails (still settled), a typo the worker rejects before submit,
+/// and one canceled before it is picked up.
+fn demo_runs() -> Vec<(&'static str, NewRun)> {
+    let run = |workflow: &str, inputs: serde_json::Value| NewRun {
+        workflow_id: workflow.to_owned(),
+        inputs,
+        ..Default::default()
+    };
+    vec![
+        ("text to image", run("wf_861ef31e94dcfb10e6e7", json!({"n6_text": "a glass bottle on a beach at dusk", "n3_seed": 42}))),
+        ("text to image, manifest defaults", run("wf_861ef31e94dcfb10e6e7", json!({}))),
+        ("video with an external model cost", NewRun {
+            accept_external_cost_risk: true,
+            priority: 10,
+            ..run("wf_seedance_video_2f0c", json!({"prompt": "a paper boat in the rain", "image": "asset://sim/demo-image"}))
+        }),
+        ("a run the provider fails (money still settled)", run("wf_always_fails_9d1a", json!({"prompt": "fail please"}))),
+        ("a typo in an input key (never submitted)", run("wf_861ef31e94dcfb10e6e7", json!({"n6_txt": "typo"}))),
+    ]
+}
+
+/// Runs the demo; prints as it goes.
+pub async fn run_demo() -> Result<(), DemoError> {
+    let (database, pool) = find_database().await?;
+    store::migrate(&pool).await?;
+
+    let sim = SimServer::start(
+        "127.0.0.1:0".parse().expect("a valid socket address"),
+        SimConfig {
+            queue_time: Duration::from_millis(300),
+            run_time: Duration::from_millis(1500),
+            settle_delay: Duration::from_millis(500),
+            api_key: Some(DEMO_API_KEY.to_owned()),
+        },
+    )
+    .await?;
+    println!("simulator: chenyu open API v2 at {}", sim.base_url());
+
+    let toml = format!(
+        r#"
+        [worker]
+        concurrency = 16
+        fallback_poll = "1s"
+        shutdown_grace = "5s"
+        [poll]
+        initial = "500ms"
+        max = "2s"
+        [providers.chenyu]
+        kind = "chenyu"
+        base_url = "{}"
+        api_key_env = "WFQ_DEMO_KEY"
+        "#,
+        sim.base_url()
+    );
+    let env = DemoEnv(HashMap::from([
+        ("WFQ_DEMO_KEY", DEMO_API_KEY.to_owned()),
+        ("WFQ_DATABASE_URL", database.url.clone()),
+    ]));
+    let config = Config::from_toml(&toml, "demo configuration", &env)?;
+
+    let mut ids = Vec::new();
+    for (what, run) in demo_runs() {
+        let id = store::enqueue_run(&pool, &run).await?;
+        println!("enqueued run {id}: {what}");
+        ids.push(id);
+    }
+    let canceled = store::enqueue_run(
+        &pool,
+        &NewRun {
+            workflow_id: "wf_861ef31e94dcfb10e6e7".into(),
+            inputs: json!({"n6_text": "never mind"}),
+            not_before: Some(chrono::Utc::now() + chrono::Duration::hours(1)),
+            ..Default::default()
+        },
+    )
+    .await?;
+    store::cancel_run(&pool, canceled, Some("canceled by the demo")).await?;
+    println!("enqueued run {canceled} for an hour from now, then canceled it");
+    println!("\nworker: running until every run is final...\n");
+
+    let limit = Duration::from_secs(90);
+    let watch_pool = pool.clone();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<(), i64>>();
+    let watcher = tokio::spawn(async move {
+        let started = tokio::time::Instant::now();
+        let outcome = loop {
+            let active: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM wfq.runs WHERE state IN ('queued', 'submitting', 'running')",
+            )
+            .fetch_one(&watch_pool)
+            .await
+            .unwrap_or(1);
+            if active == 0 {
+                break Ok(());
+            }
+            if started.elapsed() > limit {
+                break Err(active);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let _ = done_tx.send(outcome);
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let worker_pool = pool.clone();
+    let worker_config = config.clone();
+    let worker = tokio::spawn(async move {
+        crate::runtime::run_worker(&worker_config, worker_pool, async move {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    let outcome = done_rx.await.unwrap_or(Err(-1));
+    let _ = stop_tx.send(());
+    let _ = watcher.await;
+    if let Ok(result) = worker.await {
+        result?;
+    }
+    sim.shutdown().await;
+    if let Err(active) = outcome {
+        return Err(DemoError::Timeout(active, limit));
+    }
+
+    print_runs(&pool).await?;
+    print_sql(&database.url);
+    pool.close().await;
+    Ok(())
+}
+
+async fn print_runs(pool: &PgPool) -> Result<(), DemoError> {
+    let mut runs = store::list_runs(pool, None, 100).await?;
+    runs.reverse();
+    let money = |d: Option<rust_decimal::Decimal>| d.map(|d| d.to_string()).unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            let result = match (&r.error_code, &r.outputs) {
+                (Some(code), _) => format!("{code}: {}", r.error_message.as_deref().unwrap_or("")),
+                (None, Some(outputs)) => outputs.to_string(),
+                (None, None) => String::new(),
+            };
+            vec![
+                r.id.to_string(),
+                r.state.clone(),
+                r.provider_run_id.clone().unwrap_or_else(|| "-".into()),
+                money(r.quote_amount),
+                money(r.frozen_amount),
+                money(r.final_amount),
+                money(r.released_amount),
+                table::truncate(&result, 70),
+            ]
+        })
+        .collect();
+    println!(
+        "\n{}\n",
+        table::render(
+            &["id", "state", "provider run", "quote", "frozen", "final", "released", "outputs / error"],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+fn print_sql(url: &str) {
+    println!(
+        "Read the same with SQL (psql {}):\n\n  SELECT id, state, provider_run_id, quote_amount, frozen_amount, final_amount,\n         released_amount, outputs, error_code, error_message\n  FROM wfq.runs ORDER BY id;\n\n  SELECT run_id, at, kind, from_state, to_state FROM wfq.run_events ORDER BY id;\n",
+        crate::config::DatabaseUrl::new(url.to_owned())
+    );
+}

@@ -1,0 +1,188 @@
+//! Fault injection: the knobs (`Faults`) and the decision of which fault, if
+//! any, hits a request.
+//!
+//! Deterministic counters ("the next N submits") make tests exact; the rates
+//! make soak runs and demos realistic. Counters are decremented as they
+//! fire, under the state lock, so concurrent requests never share one.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Fault-injection settings. Replace them with `SimServer::set_faults` or
+/// `PUT /_sim/faults`; every field defaults to "no fault".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Faults {
+    /// Fraction of API requests answered with a server error: half the time
+    /// an nginx-style HTML "502 Bad Gateway" page (HTTP 502), otherwise HTTP
+    /// 500 with a `{code: 500, ...}` JSON body.
+    pub error_rate: f64,
+    /// Fraction of API requests answered HTTP 429 with a `{code: 429}` body.
+    pub rate_limit_rate: f64,
+    /// `Retry-After` (seconds) sent with every injected 429 when set.
+    pub retry_after_secs: Option<u64>,
+    /// Delay added before every API answer (`latency_ms` on the wire).
+    #[serde(rename = "latency_ms", with = "millis")]
+    pub latency: Duration,
+    /// Fraction of accepted submits (new or replayed) whose answer is lost
+    /// after the run was recorded and the quote frozen.
+    pub drop_after_submit_rate: f64,
+    /// The next N submit requests get HTTP 503 before anything is recorded.
+    pub fail_next_submits: u32,
+    /// The next N submit requests get HTTP 429 before anything is recorded.
+    pub rate_limit_next_submits: u32,
+    /// The next N accepted submits are recorded, then their answer is lost.
+    pub drop_next_submit_answers: u32,
+    /// The next N `run/info` or `run/execution` requests get HTTP 503.
+    pub fail_next_polls: u32,
+}
+
+/// A fault chosen for one request, rendered by `envelope::injected`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Injected {
+    /// HTTP 503 from a deterministic counter.
+    Unavailable,
+    /// A random server error (500 JSON or 502 HTML).
+    ServerError,
+    /// HTTP 429, with `Retry-After` when known.
+    RateLimited { retry_after_secs: Option<u64> },
+}
+
+impl Faults {
+    /// Rejects settings that cannot be meant: rates outside `0..=1` or NaN.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let rates = [
+            ("error_rate", self.error_rate),
+            ("rate_limit_rate", self.rate_limit_rate),
+            ("drop_after_submit_rate", self.drop_after_submit_rate),
+        ];
+        for (name, rate) in rates {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(format!("{name} must be between 0 and 1, got {rate}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The fault for a submit request, consuming a deterministic counter if
+    /// one fires. 503s take precedence over 429s, then the random faults.
+    pub(crate) fn take_submit_fault(&mut self) -> Option<Injected> {
+        if take(&mut self.fail_next_submits) {
+            return Some(Injected::Unavailable);
+        }
+        if take(&mut self.rate_limit_next_submits) {
+            return Some(self.rate_limited());
+        }
+        self.random_fault()
+    }
+
+    /// The fault for a `run/info` or `run/execution` request.
+    pub(crate) fn take_poll_fault(&mut self) -> Option<Injected> {
+        if take(&mut self.fail_next_polls) {
+            return Some(Injected::Unavailable);
+        }
+        self.random_fault()
+    }
+
+    /// A fault drawn from the configured rates, for any API request.
+    pub(crate) fn random_fault(&self) -> Option<Injected> {
+        if self.error_rate <= 0.0 && self.rate_limit_rate <= 0.0 {
+            return None;
+        }
+        let roll = fastrand::f64();
+        if roll < self.error_rate {
+            Some(Injected::ServerError)
+        } else if roll < self.error_rate + self.rate_limit_rate {
+            Some(self.rate_limited())
+        } else {
+            None
+        }
+    }
+
+    /// Whether the answer to an accepted submit is to be lost.
+    pub(crate) fn take_answer_drop(&mut self) -> bool {
+        take(&mut self.drop_next_submit_answers)
+            || (self.drop_after_submit_rate > 0.0 && fastrand::f64() < self.drop_after_submit_rate)
+    }
+
+    fn rate_limited(&self) -> Injected {
+        Injected::RateLimited {
+            retry_after_secs: self.retry_after_secs,
+        }
+    }
+}
+
+/// Consumes one unit of a counter; false when it is already zero.
+fn take(counter: &mut u32) -> bool {
+    match counter.checked_sub(1) {
+        Some(rest) => {
+            *counter = rest;
+            true
+        }
+        None => false,
+    }
+}
+
+/// `Duration` as whole milliseconds, the unit people type into fault files.
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_fire_in_order_then_stop() {
+        let mut f = Faults {
+            fail_next_submits: 1,
+            rate_limit_next_submits: 1,
+            retry_after_secs: Some(7),
+            ..Faults::default()
+        };
+        assert_eq!(f.take_submit_fault(), Some(Injected::Unavailable));
+        assert_eq!(
+            f.take_submit_fault(),
+            Some(Injected::RateLimited {
+                retry_after_secs: Some(7)
+            })
+        );
+        assert_eq!(f.take_submit_fault(), None);
+        assert_eq!((f.fail_next_submits, f.rate_limit_next_submits), (0, 0));
+    }
+
+    #[test]
+    fn rates_of_one_always_fire() {
+        let mut f = Faults {
+            error_rate: 1.0,
+            drop_after_submit_rate: 1.0,
+            ..Faults::default()
+        };
+        assert_eq!(f.take_poll_fault(), Some(Injected::ServerError));
+        assert!(f.take_answer_drop());
+        assert!(!Faults::default().take_answer_drop());
+    }
+
+    #[test]
+    fn wire_format_uses_latency_ms_and_defaults() {
+        let f: Faults = serde_json::from_str(r#"{"latency_ms": 250, "fail_next_polls": 2}"#)
+            .expect("valid faults");
+        assert_eq!(f.latency, Duration::from_millis(250));
+        assert_eq!(f.fail_next_polls, 2);
+        let back = serde_json::to_value(&f).expect("serialize");
+        assert_eq!(back["latency_ms"], 250);
+        assert!(Faults { error_rate: 1.5, ..f }.check().is_err());
+        assert!(Faults { error_rate: f64::NAN, ..Faults::default() }.check().is_err());
+    }
+}

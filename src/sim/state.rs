@@ -1,0 +1,120 @@
+//! The simulator's memory: runs, the idempotency index, counters and the
+//! current faults, behind one mutex.
+//!
+//! A plain `std::sync::Mutex` is enough: every critical section is short and
+//! synchronous, and handlers never hold the guard across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use super::faults::{Faults, Injected};
+use super::run::{LedgerEntry, Run};
+use super::timeline::{Phase, Timing};
+
+/// Request counters, for tests and `GET /_sim/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SimStats {
+    /// Authorised `run/submit` requests, whatever their outcome.
+    pub submit_requests: u64,
+    /// Submits that created a run and froze money.
+    pub accepted_new: u64,
+    /// Submits answered with an existing run (`idempotent_replay: true`).
+    pub replays: u64,
+    /// Replays whose `inputs` differed from the original submit.
+    pub mismatched_replays: u64,
+    /// Submits refused by validation (bad body, unknown workflow, inputs...).
+    pub rejected: u64,
+    /// Authorised `run/info` requests.
+    pub info_requests: u64,
+    /// Authorised `run/execution` requests.
+    pub execution_requests: u64,
+    /// Authorised `market/info` requests.
+    pub market_requests: u64,
+    /// Injected 5xx answers (deterministic and random).
+    pub injected_5xx: u64,
+    /// Injected 429 answers (deterministic and random).
+    pub injected_429: u64,
+    /// Accepted submits whose answer was deliberately lost.
+    pub dropped_answers: u64,
+    /// Requests refused for a missing or wrong bearer token.
+    pub unauthorized: u64,
+}
+
+/// Everything mutable, guarded by `Shared::inner`.
+#[derive(Debug, Default)]
+pub(crate) struct Inner {
+    pub runs: HashMap<String, Run>,
+    /// `(workflow_id, idempotency_key)` to `run_order_id`.
+    pub by_key: HashMap<(String, String), String>,
+    pub stats: SimStats,
+    pub faults: Faults,
+}
+
+impl Inner {
+    /// Counts an injected fault in the stats.
+    pub(crate) fn record_injected(&mut self, fault: Injected) {
+        match fault {
+            Injected::Unavailable | Injected::ServerError => self.stats.injected_5xx += 1,
+            Injected::RateLimited { .. } => self.stats.injected_429 += 1,
+        }
+    }
+
+    /// How many runs are queued ahead of `run` (for `queue_info.position`).
+    pub(crate) fn queued_ahead(&self, run: &Run, timing: &Timing, now: Instant) -> usize {
+        self.runs
+            .values()
+            .filter(|other| {
+                let ahead = (other.submitted, &other.run_order_id) < (run.submitted, &run.run_order_id);
+                ahead && timing.phase_at(now.saturating_duration_since(other.submitted)) == Phase::Queued
+            })
+            .count()
+    }
+}
+
+/// State shared by every handler and by `SimServer`.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub timing: Timing,
+    /// `None`: any non-empty bearer token is accepted.
+    pub api_key: Option<String>,
+    inner: Mutex<Inner>,
+}
+
+impl Shared {
+    /// Empty state.
+    pub(crate) fn new(timing: Timing, api_key: Option<String>) -> Self {
+        Shared {
+            timing,
+            api_key,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// Locks the state. A panic elsewhere cannot leave it half-updated in a
+    /// way that matters to a simulator, so poisoning is ignored.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The phase of `run` right now.
+    pub(crate) fn phase_now(&self, run: &Run, now: Instant) -> Phase {
+        self.timing.phase_at(now.saturating_duration_since(run.submitted))
+    }
+
+    /// The ledger, sorted by `run_order_id`.
+    pub(crate) fn ledger(&self) -> Vec<LedgerEntry> {
+        let now = Instant::now();
+        let inner = self.lock();
+        let mut entries: Vec<LedgerEntry> = inner
+            .runs
+            .values()
+            .map(|run| run.ledger_entry(self.phase_now(run, now)))
+            .collect();
+        entries.sort_by(|a, b| a.run_order_id.cmp(&b.run_order_id));
+        entries
+    }
+}
