@@ -194,9 +194,6 @@ async fn prepare(
                 unit(),
             )
         })?;
-    if manifest.may_incur_external_cost && !run.accept_external_cost_risk {
-        return Err(lifecycle::external_cost_not_accepted(&run.workflow_id));
-    }
     let inputs = match &run.inputs {
         Value::Object(inputs) => inputs,
         // The CHECK constraint rules this out; fail the row, not the worker.
@@ -209,6 +206,11 @@ async fn prepare(
         }
     };
     let sent = complete_inputs(&manifest, inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
+    // The provider would refuse it too, but only after a round trip, and a
+    // refusal there is indistinguishable from other input problems.
+    if manifest.may_incur_external_cost && !run.accept_external_cost_risk {
+        return Err(lifecycle::external_cost_not_accepted(&run.workflow_id));
+    }
     let revision = run
         .revision_id
         .clone()

@@ -33,11 +33,6 @@ impl ValueType {
         }
     }
 
-    /// Media inputs are references to files, not inline values.
-    pub(crate) fn is_media(self) -> bool {
-        matches!(self, Self::Image | Self::Video | Self::Audio)
-    }
-
     /// File extension used for simulated output URLs.
     pub(crate) fn extension(self) -> &'static str {
         match self {
@@ -175,7 +170,7 @@ pub(crate) fn find(workflow_id: &str) -> Option<&'static Workflow> {
 }
 
 /// Every published workflow.
-pub(crate) static CATALOG: &[Workflow] = &[TEXT_TO_IMAGE, SEEDANCE_VIDEO, ALWAYS_FAILS];
+pub(crate) static CATALOG: &[Workflow] = &[TEXT_TO_IMAGE, SEEDANCE_VIDEO, ALWAYS_FAILS, AUDIO_DUB];
 
 /// The documentation's own example, field for field.
 const TEXT_TO_IMAGE: Workflow = Workflow {
@@ -310,6 +305,48 @@ const ALWAYS_FAILS: Workflow = Workflow {
         error_message: "simulated engine failure: node n4 (KSampler) raised an out-of-memory error",
         charged_units: 1_000_000,
     },
+};
+
+/// Takes video and audio media inputs and produces audio, so clients meet
+/// every media type.
+const AUDIO_DUB: Workflow = Workflow {
+    workflow_id: "wf_audio_dub_7c21",
+    revision_id: "wfr_aud10dub7c21000001",
+    title: "视频配音",
+    description: "Dub a video with a reference voice (simulated)",
+    tags: &["音频", "配音"],
+    quote_units: 20_000_000,
+    may_incur_external_model_cost: false,
+    external_cost_notice: "",
+    accepts_real_person_flag: false,
+    params: &[
+        Param {
+            key: "video",
+            display_name: "视频",
+            ty: ValueType::Video,
+            required: true,
+            default: None,
+        },
+        Param {
+            key: "voice",
+            display_name: "参考音色",
+            ty: ValueType::Audio,
+            required: false,
+            default: None,
+        },
+        Param {
+            key: "script",
+            display_name: "台词",
+            ty: ValueType::String,
+            required: true,
+            default: Some(DefaultValue::Str("")),
+        },
+    ],
+    outputs: &[Output {
+        key: "audio",
+        ty: ValueType::Audio,
+    }],
+    outcome: Outcome::Succeeds,
 };
 
 #[cfg(test)]

@@ -1,1 +1,167 @@
-//! The chenyu simulator (being written).
+//! A stateful simulator of the chenyu open API v2, for developing and
+//! testing against without spending money.
+//!
+//! It serves `market/info`, `run/submit`, `run/info` and `run/execution`
+//! under `/api/open/v2` with the documented shapes, freezes the quote once
+//! per idempotency key, settles runs on a clock (`SimConfig`), and keeps a
+//! ledger that proves nobody was charged twice. Faults (5xx, 429, lost
+//! submit answers, latency) are injected on demand through [`Faults`], in
+//! process or via the `/_sim/*` admin endpoints.
+//!
+//! Module map: `catalog` (published workflows), `inputs` (input
+//! validation), `money` (amounts and settlement), `timeline` (phase at a
+//! given time), `run` (run records, ledger entries), `state` (shared state
+//! and stats), `faults`, `submit` (the submit decision), `views` (answer
+//! bodies), `envelope` (response envelopes), `api` and `admin` (routes).
+
+mod admin;
+mod api;
+mod catalog;
+mod envelope;
+mod faults;
+mod inputs;
+mod money;
+mod run;
+mod state;
+mod submit;
+mod timeline;
+mod views;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use faults::Faults;
+pub use run::LedgerEntry;
+pub use state::SimStats;
+
+use state::Shared;
+use timeline::Timing;
+
+/// Where the open API is mounted, as on the real host.
+const API_PREFIX: &str = "/api/open/v2";
+
+/// How the simulated runs behave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimConfig {
+    /// How long a new run stays `queued`.
+    pub queue_time: Duration,
+    /// Then `running` for this long, then `succeeded` or `failed`.
+    pub run_time: Duration,
+    /// Settlement happens this long after the run ends.
+    pub settle_delay: Duration,
+    /// The accepted API key; `None` accepts any non-empty bearer token.
+    pub api_key: Option<String>,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            queue_time: Duration::from_millis(500),
+            run_time: Duration::from_secs(2),
+            settle_delay: Duration::from_millis(500),
+            api_key: None,
+        }
+    }
+}
+
+/// A running simulator. Dropping it stops the server too, but without
+/// waiting; prefer [`SimServer::shutdown`].
+#[derive(Debug)]
+pub struct SimServer {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl SimServer {
+    /// Binds `addr` (port 0 picks a free port) and serves in a background task.
+    pub async fn start(addr: SocketAddr, config: SimConfig) -> std::io::Result<SimServer> {
+        let timing = Timing {
+            queue: config.queue_time,
+            run: config.run_time,
+            settle: config.settle_delay,
+        };
+        let shared = Arc::new(Shared::new(timing, config.api_key));
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let app = router(Arc::clone(&shared));
+        let task = tokio::spawn(async move {
+            // Either an explicit stop or the sender being dropped ends it.
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                tracing::error!(error = %e, "chenyu simulator stopped with an error");
+            }
+        });
+        tracing::info!(%local_addr, "chenyu simulator listening");
+        Ok(SimServer {
+            shared,
+            local_addr,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// The API base URL, e.g. `http://127.0.0.1:PORT/api/open/v2`.
+    pub fn base_url(&self) -> String {
+        let mut addr = self.local_addr;
+        // A wildcard bind is reachable on loopback; clients cannot dial 0.0.0.0.
+        if addr.ip().is_unspecified() {
+            addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        }
+        format!("http://{addr}{API_PREFIX}")
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The ledger, one entry per idempotency key, sorted by `run_order_id`.
+    pub fn ledger(&self) -> Vec<LedgerEntry> {
+        self.shared.ledger()
+    }
+
+    /// A snapshot of the request counters.
+    pub fn stats(&self) -> SimStats {
+        self.shared.lock().stats.clone()
+    }
+
+    /// The current faults, with counters as far as they have been consumed.
+    pub fn faults(&self) -> Faults {
+        self.shared.lock().faults.clone()
+    }
+
+    /// Replaces the faults.
+    pub fn set_faults(&self, faults: Faults) {
+        self.shared.lock().faults = faults;
+    }
+
+    /// Stops accepting connections, lets open ones finish, and waits for
+    /// the server task.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Err(e) = (&mut self.task).await {
+            tracing::error!(error = %e, "chenyu simulator task failed");
+        }
+    }
+}
+
+/// The whole application: the API under its prefix, admin at the root.
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .nest(API_PREFIX, api::routes(Arc::clone(&shared)))
+        .merge(admin::routes(shared))
+        .fallback(|| async { envelope::plain(StatusCode::NOT_FOUND, "not found") })
+}

@@ -1,0 +1,190 @@
+//! The open API v2 handlers, mounted under `/api/open/v2`.
+//!
+//! Every handler starts with `gate` (latency, then authentication), then
+//! takes the state lock once, briefly, to count, inject faults and read or
+//! write; responses are built after the lock is released where possible.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+
+use super::catalog;
+use super::envelope::{self, ApiError};
+use super::state::Shared;
+use super::submit::{self, SubmitOutcome};
+use super::timeline::Phase;
+use super::views::{self, QueueInfo};
+
+type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+/// The API router; the caller nests it under `/api/open/v2`.
+pub(crate) fn routes(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/workflow/market/info", get(market_info))
+        .route("/workflow/run/submit", post(run_submit))
+        .route("/workflow/run/info", get(run_info))
+        .route("/workflow/run/execution", get(run_execution))
+        .fallback(|| async { envelope::plain(StatusCode::NOT_FOUND, "not found") })
+        .with_state(shared)
+}
+
+/// Applies the configured latency, then checks the bearer token.
+async fn gate(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+    let latency = shared.lock().faults.latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    if authorized(shared.api_key.as_deref(), headers) {
+        Ok(())
+    } else {
+        shared.lock().stats.unauthorized += 1;
+        Err(envelope::plain(StatusCode::UNAUTHORIZED, "invalid api key"))
+    }
+}
+
+/// `Authorization: Bearer <token>`, the token non-empty and, when the
+/// simulator has a key, equal to it.
+fn authorized(expected: Option<&str>, headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some((scheme, token)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    let token = token.trim();
+    scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && expected.is_none_or(|key| key == token)
+}
+
+/// A query parameter, `""` when absent or when the query is unreadable.
+fn param<'a>(params: &'a Params, name: &str) -> &'a str {
+    params
+        .as_ref()
+        .ok()
+        .and_then(|Query(map)| map.get(name))
+        .map_or("", String::as_str)
+}
+
+async fn market_info(State(shared): State<Arc<Shared>>, headers: HeaderMap, params: Params) -> Response {
+    if let Err(denied) = gate(&shared, &headers).await {
+        return denied;
+    }
+    let fault = {
+        let mut inner = shared.lock();
+        inner.stats.market_requests += 1;
+        let fault = inner.faults.random_fault();
+        fault.inspect(|&f| inner.record_injected(f))
+    };
+    if let Some(fault) = fault {
+        return envelope::injected(fault);
+    }
+    let workflow_id = param(&params, "workflow_id");
+    match catalog::find(workflow_id) {
+        Some(wf) => envelope::ok("查询成功", wf.market_info()),
+        None => submit::workflow_not_found(workflow_id).into_response(),
+    }
+}
+
+async fn run_submit(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(denied) = gate(&shared, &headers).await {
+        return denied;
+    }
+    let request = submit::parse(&body);
+    let outcome = submit::decide(&shared, &mut shared.lock(), request, Instant::now());
+    match outcome {
+        SubmitOutcome::Fault(fault) => envelope::injected(fault),
+        SubmitOutcome::Rejected(error) => error.into_response(),
+        SubmitOutcome::Accepted { drop_answer: true, .. } => envelope::lost_answer(),
+        SubmitOutcome::Accepted { data, .. } => envelope::ok("提交成功", data),
+    }
+}
+
+/// Which polling endpoint is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PollKind {
+    Info,
+    Execution,
+}
+
+async fn run_info(State(shared): State<Arc<Shared>>, headers: HeaderMap, params: Params) -> Response {
+    poll(&shared, &headers, &params, PollKind::Info).await
+}
+
+async fn run_execution(State(shared): State<Arc<Shared>>, headers: HeaderMap, params: Params) -> Response {
+    poll(&shared, &headers, &params, PollKind::Execution).await
+}
+
+async fn poll(shared: &Shared, headers: &HeaderMap, params: &Params, kind: PollKind) -> Response {
+    if let Err(denied) = gate(shared, headers).await {
+        return denied;
+    }
+    let run_order_id = param(params, "run_order_id");
+    let now = Instant::now();
+    let mut inner = shared.lock();
+    match kind {
+        PollKind::Info => inner.stats.info_requests += 1,
+        PollKind::Execution => inner.stats.execution_requests += 1,
+    }
+    if let Some(fault) = inner.faults.take_poll_fault() {
+        inner.record_injected(fault);
+        drop(inner);
+        return envelope::injected(fault);
+    }
+    let Some(run) = inner.runs.get(run_order_id) else {
+        drop(inner);
+        return run_not_found(run_order_id).into_response();
+    };
+    let phase = shared.phase_now(run, now);
+    let data = match kind {
+        PollKind::Info => views::run_info(run, phase, &shared.timing),
+        PollKind::Execution => {
+            let elapsed = now.saturating_duration_since(run.submitted);
+            let queue = (phase == Phase::Queued).then(|| QueueInfo {
+                position: inner.queued_ahead(run, &shared.timing, now) + 1,
+                estimated_wait_sec: shared.timing.estimated_wait_secs(elapsed),
+            });
+            views::execution(run, phase, shared.timing.progress_percent(elapsed), queue)
+        }
+    };
+    drop(inner);
+    envelope::ok("查询成功", data)
+}
+
+fn run_not_found(run_order_id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "run not found",
+        "RUN_NOT_FOUND",
+        format!("run order {run_order_id:?} does not exist"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(auth: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_str(auth).expect("ascii"));
+        h
+    }
+
+    #[test]
+    fn bearer_rules() {
+        assert!(authorized(None, &headers("Bearer abc")));
+        assert!(authorized(None, &headers("bearer abc")));
+        assert!(!authorized(None, &headers("Bearer ")));
+        assert!(!authorized(None, &headers("Basic abc")));
+        assert!(!authorized(None, &HeaderMap::new()));
+        assert!(authorized(Some("k"), &headers("Bearer k")));
+        assert!(!authorized(Some("k"), &headers("Bearer j")));
+    }
+}

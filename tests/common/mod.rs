@@ -1,0 +1,189 @@
+//! Shared test harness: the simulator on loopback, a worker against the
+//! test's own database, and waits that end on a signal, not a sleep.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use wfq::config::{Config, Environment};
+use wfq::runtime::{WorkerError, run_worker};
+use wfq::sim::{SimConfig, SimServer};
+use wfq::store::{self, NewRun, RunRow};
+
+pub const TEXT_TO_IMAGE: &str = "wf_861ef31e94dcfb10e6e7";
+pub const VIDEO: &str = "wf_seedance_video_2f0c";
+pub const ALWAYS_FAILS: &str = "wf_always_fails_9d1a";
+pub const API_KEY: &str = "test-key-4f8d2c1b9e";
+
+/// The simulator with short, test-friendly timings.
+pub async fn start_sim(queue: u64, run: u64, settle: u64) -> SimServer {
+    SimServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimConfig {
+            queue_time: Duration::from_millis(queue),
+            run_time: Duration::from_millis(run),
+            settle_delay: Duration::from_millis(settle),
+            api_key: Some(API_KEY.to_owned()),
+        },
+    )
+    .await
+    .expect("simulator starts")
+}
+
+struct TestEnv(HashMap<String, String>);
+
+impl Environment for TestEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+}
+
+/// A configuration with fast schedules, pointed at `sim`. `extra` is TOML
+/// appended at the end (e.g. to override `[submit]`).
+pub fn config(sim: &SimServer, worker_id: &str, extra: &str) -> Config {
+    let text = format!(
+        r#"
+        [worker]
+        id = "{worker_id}"
+        concurrency = 16
+        lease = "3s"
+        fallback_poll = "250ms"
+        shutdown_grace = "5s"
+        [http]
+        timeout = "1s"
+        connect_timeout = "500ms"
+        [providers.chenyu]
+        kind = "chenyu"
+        base_url = "{}"
+        api_key_env = "TEST_CHENYU_KEY"
+        {extra}
+        "#,
+        sim.base_url()
+    );
+    let text = if text.contains("[poll]") {
+        text
+    } else {
+        text + "\n[poll]\ninitial = \"50ms\"\nmax = \"200ms\"\njitter = 0.1\n"
+    };
+    let text = if text.contains("[submit]") {
+        text
+    } else {
+        text + "\n[submit]\ninitial = \"100ms\"\nmax = \"400ms\"\nmax_attempts = 6\n"
+    };
+    let env = TestEnv(HashMap::from([(
+        "TEST_CHENYU_KEY".to_owned(),
+        API_KEY.to_owned(),
+    )]));
+    Config::from_toml(&text, "test config", &env).expect("test config is valid")
+}
+
+/// A worker running in the background.
+pub struct WorkerHandle {
+    stop: Option<oneshot::Sender<()>>,
+    join: JoinHandle<Result<(), WorkerError>>,
+}
+
+impl WorkerHandle {
+    /// Graceful stop, as on SIGTERM; returns once the worker has exited.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = (&mut self.join).await.expect("worker task did not panic");
+        result.expect("worker exits cleanly");
+    }
+
+    /// Kills the worker without any cleanup, like SIGKILL: its leases stay.
+    pub async fn kill(self) {
+        self.join.abort();
+        let _ = self.join.await;
+    }
+}
+
+/// Starts a worker on `pool`.
+pub fn start_worker(config: Config, pool: PgPool) -> WorkerHandle {
+    let (tx, rx) = oneshot::channel();
+    let join = tokio::spawn(async move {
+        run_worker(&config, pool, async move {
+            let _ = rx.await;
+        })
+        .await
+    });
+    WorkerHandle {
+        stop: Some(tx),
+        join,
+    }
+}
+
+/// Enqueues a run of `workflow` with `inputs`.
+pub async fn enqueue(pool: &PgPool, workflow: &str, inputs: Value) -> i64 {
+    store::enqueue_run(
+        pool,
+        &NewRun {
+            workflow_id: workflow.to_owned(),
+            inputs,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("enqueue")
+}
+
+/// Waits until `condition` (a SQL boolean expression over the whole table)
+/// holds, re-checking on every `wfq_run_finished` notification and at least
+/// every 100 ms. Panics after `limit` with the runs' states.
+pub async fn wait_for(pool: &PgPool, condition: &str, limit: Duration) {
+    let mut listener = PgListener::connect_with(pool).await.expect("listen");
+    listener.listen("wfq_run_finished").await.expect("listen");
+    let query = format!("SELECT ({condition}) FROM (SELECT 1) AS one");
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let holds: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(query.clone()))
+            .fetch_one(pool)
+            .await
+            .expect("condition query");
+        if holds == Some(true) {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let states: Vec<(i64, String, Option<String>)> =
+                sqlx::query_as("SELECT id, state, error_code FROM wfq.runs ORDER BY id LIMIT 50")
+                    .fetch_all(pool)
+                    .await
+                    .unwrap_or_default();
+            panic!("timed out waiting for `{condition}`; runs: {states:?}");
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(100), listener.recv()).await;
+    }
+}
+
+/// Waits until no run is active any more.
+pub async fn wait_all_final(pool: &PgPool, limit: Duration) {
+    wait_for(
+        pool,
+        "NOT EXISTS (SELECT 1 FROM wfq.runs WHERE state IN ('queued', 'submitting', 'running'))",
+        limit,
+    )
+    .await;
+}
+
+/// Reads a run.
+pub async fn run(pool: &PgPool, id: i64) -> RunRow {
+    store::show_run(pool, id).await.unwrap().expect("run exists")
+}
+
+/// The kinds of a run's events, in order.
+pub async fn event_kinds(pool: &PgPool, id: i64) -> Vec<String> {
+    store::run_events(pool, id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}

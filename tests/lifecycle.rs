@@ -1,0 +1,477 @@
+//! End-to-end lifecycle tests: real PostgreSQL (one database per test), the
+//! simulator on loopback, the real worker.
+
+mod common;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use common::*;
+use wfq::sim::Faults;
+use wfq::store::{self, NewRun, RequestError};
+
+async fn pool(connect: PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(24)
+        .connect_with(connect)
+        .await
+        .expect("test database")
+}
+
+fn d(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+#[sqlx::test]
+async fn happy_path_records_outputs_and_exact_amounts(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(connect).await;
+    let sim = start_sim(50, 200, 100).await;
+    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({"n6_text": "a glass bottle", "n3_seed": 42})).await;
+    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+
+    let run = run(&pool, id).await;
+    assert_eq!(run.state, "succeeded", "{run:?}");
+    assert_eq!(run.attempts, 1);
+    assert_eq!(run.revision_id.as_deref(), Some("wfr_f9f2a2dcb99d73b0c3aa"), "published revision pinned");
+    // The manifest's default for the key the producer left out was sent.
+    let sent = run.sent_inputs.clone().unwrap();
+    assert_eq!(sent["n6_text"], "a glass bottle");
+    assert_eq!(sent["n3_seed"], 42);
+    assert_eq!(sent["n7_text"], "text, watermark");
+    assert!(run.outputs.as_ref().unwrap()["n9_images"].is_string(), "{:?}", run.outputs);
+    assert!(run.finished_at.is_some());
+
+    let ledger = sim.ledger();
+    assert_eq!(ledger.len(), 1);
+    let entry = &ledger[0];
+    assert_eq!(run.provider_run_id.as_deref(), Some(entry.run_order_id.as_str()));
+    assert_eq!(run.quote_amount, Some(d("0.03")));
+    assert_eq!(run.frozen_amount, Some(entry.frozen));
+    assert_eq!(run.final_amount, entry.final_amount);
+    assert_eq!(run.released_amount, entry.released);
+    assert_eq!(
+        run.final_amount.unwrap() + run.released_amount.unwrap(),
+        run.frozen_amount.unwrap(),
+        "final + released = frozen, to the last decimal"
+    );
+    assert_eq!(run.total_cost, run.final_amount);
+
+    let kinds = event_kinds(&pool, id).await;
+    assert_eq!(kinds.first().map(String::as_str), Some("submit_started"));
+    assert_eq!(kinds.get(1).map(String::as_str), Some("submit_accepted"));
+    assert_eq!(kinds.last().map(String::as_str), Some("run_finished"));
+    let settled_at: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT settled_at FROM wfq.runs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(settled_at.is_some());
+    sim.shutdown().await;
+}
+
+#[sqlx::test]
+async fn a_lost_submit_answer_is_replayed_without_a_second_charge(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    sim.set_faults(Faults {
+        drop_next_submit_answers: 1,
+        ..Default::default()
+    });
+    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({"n6_text": "lost answer"})).await;
+    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+
+    let run = run(&pool, id).await;
+    assert_eq!(run.state, "succeeded", "{run:?}");
+    assert_eq!(run.attempts, 2, "the answer was lost once, so the submit was sent twice");
+    let ledger = sim.ledger();
+    assert_eq!(ledger.len(), 1, "one run at the provider: {ledger:?}");
+    assert_eq!(ledger[0].charges, 1, "charged once");
+    assert_eq!(ledger[0].submit_requests, 2, "the second submit was a replay");
+    assert_eq!(ledger[0].idempotency_key, run.idempotency_key);
+    assert_eq!(sim.stats().replays, 1);
+    assert_eq!(run.frozen_amount, Some(ledger[0].frozen));
+    let kinds = event_kinds(&pool, id).await;
+    assert!(kinds.contains(&"submit_unclear".to_owned()), "{kinds:?}");
+    sim.shutdown().await;
+}
+
+#[sqlx::test]
+async fn invalid_inputs_are_rejected_before_any_submit(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    let cases = [
+        (TEXT_TO_IMAGE, json!({"n6_txt": "typo"}), "INVALID_INPUT", "inputs.n6_txt: unknown key; the workflow accepts: n6_text, n7_text, n3_seed"),
+        (TEXT_TO_IMAGE, json!({"n3_seed": "42"}), "INVALID_INPUT", "inputs.n3_seed: expected an integer"),
+        (TEXT_TO_IMAGE, json!({"n6_text": 7}), "INVALID_INPUT", "inputs.n6_text: expected a string"),
+        (VIDEO, json!({"image": "https://x/y.png"}), "INVALID_INPUT", "inputs.prompt: required and missing"),
+        (VIDEO, json!({"prompt": "p", "image": "file:///etc/passwd"}), "INVALID_INPUT", "inputs.image: expected image"),
+        (VIDEO, json!({"prompt": "p", "watermark": "no"}), "INVALID_INPUT", "inputs.watermark: expected true or false"),
+        (ALWAYS_FAILS, json!({"prompt": "p", "extra": 1}), "INVALID_INPUT", "inputs.extra: unknown key"),
+        ("wf_does_not_exist", json!({}), "UNKNOWN_WORKFLOW", "workflow_id: `wf_does_not_exist`"),
+    ];
+    let mut ids = Vec::new();
+    for (workflow, inputs, _, _) in &cases {
+        ids.push(enqueue(&pool, workflow, inputs.clone()).await);
+    }
+    // The video workflow may bill an external model; without consent it is not sent.
+    let no_consent = enqueue(&pool, VIDEO, json!({"prompt": "p"})).await;
+    let unknown_profile = store::enqueue_run(
+        &pool,
+        &NewRun {
+            provider: Some("chenyu_eu".into()),
+            workflow_id: TEXT_TO_IMAGE.into(),
+            inputs: json!({}),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // A good run in the same batch still succeeds.
+    let good = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+
+    let mut cfg = config(&sim, "w1", "");
+    cfg.worker.concurrency = 4;
+    let worker = start_worker(cfg, pool.clone());
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+
+    for (id, (_, inputs, code, message)) in ids.iter().zip(&cases) {
+        let run = run(&pool, *id).await;
+        assert_eq!(run.state, "failed", "{inputs}");
+        assert_eq!(run.error_code.as_deref(), Some(*code), "{inputs}");
+        let got = run.error_message.unwrap();
+        assert!(got.starts_with(message), "{inputs}: {got}");
+        assert_eq!(run.attempts, 0, "never submitted: {inputs}");
+        assert!(run.provider_run_id.is_none());
+    }
+    let r = run(&pool, no_consent).await;
+    assert_eq!(r.error_code.as_deref(), Some("EXTERNAL_COST_NOT_ACCEPTED"));
+    assert!(r.error_message.unwrap().starts_with("accept_external_cost_risk:"));
+    let r = run(&pool, unknown_profile).await;
+    assert_eq!(r.error_code.as_deref(), Some("UNKNOWN_PROVIDER"));
+    assert!(r.error_message.unwrap().contains("`chenyu_eu`"));
+    assert_eq!(run(&pool, good).await.state, "succeeded");
+
+    assert_eq!(sim.stats().submit_requests, 1, "only the good run was submitted");
+    assert_eq!(sim.ledger().len(), 1);
+    sim.shutdown().await;
+}
+
+#[sqlx::test]
+async fn database_constraints_refuse_rows_that_can_never_run(pool: PgPool) {
+    let refused = [
+        ("INSERT INTO wfq.runs (workflow_id, inputs) VALUES ('', '{}')", "runs_workflow_id_not_empty"),
+        ("INSERT INTO wfq.runs (workflow_id, inputs) VALUES ('wf', '[1]')", "runs_inputs_is_object"),
+        ("INSERT INTO wfq.runs (workflow_id, priority) VALUES ('wf', 5000)", "runs_priority_range"),
+        ("INSERT INTO wfq.runs (workflow_id, idempotency_key) VALUES ('wf', '')", "runs_idempotency_key_length"),
+        ("INSERT INTO wfq.runs (provider, workflow_id) VALUES (' ', 'wf')", "runs_provider_not_empty"),
+    ];
+    for (sql, constraint) in refused {
+        let err = sqlx::query(sql).execute(&pool).await.expect_err(sql);
+        assert!(err.to_string().contains(constraint), "{sql}: {err}");
+    }
+    sqlx::query("INSERT INTO wfq.runs (workflow_id, idempotency_key) VALUES ('wf', 'k1')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let dup = sqlx::query("INSERT INTO wfq.runs (workflow_id, idempotency_key) VALUES ('wf', 'k1')")
+        .execute(&pool)
+        .await
+        .expect_err("same key twice");
+    assert!(dup.to_string().contains("runs_idempotency_key_unique"), "{dup}");
+}
+
+#[sqlx::test]
+async fn a_provider_rejection_fails_the_run_without_retrying(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    // Passes wfq's own check (a well-formed asset URI) but the provider does
+    // not know the asset.
+    let id = store::enqueue_run(
+        &pool,
+        &NewRun {
+            workflow_id: VIDEO.into(),
+            inputs: json!({"prompt": "p", "image": "asset://elsewhere/missing"}),
+            accept_external_cost_risk: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+
+    let run = run(&pool, id).await;
+    assert_eq!(run.state, "failed");
+    assert_eq!(run.error_code.as_deref(), Some("INVALID_WORKFLOW_INPUT"));
+    assert!(run.error_message.as_deref().unwrap().contains("image"), "{:?}", run.error_message);
+    assert_eq!(run.attempts, 1, "a rejection is not retried");
+    let detail: serde_json::Value = sqlx::query_scalar("SELECT error_detail FROM wfq.runs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(detail["engine_code"], "INVALID_WORKFLOW_INPUT");
+    assert!(sim.ledger().is_empty(), "nothing frozen");
+    sim.shutdown().await;
+}
+
+#[sqlx::test]
+async fn server_errors_and_rate_limits_are_retried_on_the_stored_schedule(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    sim.set_faults(Faults {
+        fail_next_submits: 1,
+        rate_limit_next_submits: 1,
+        retry_after_secs: Some(1),
+        fail_next_polls: 1,
+        ..Default::default()
+    });
+    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+
+    let run = run(&pool, id).await;
+    assert_eq!(run.state, "succeeded", "{run:?}");
+    assert_eq!(run.attempts, 3);
+    let events = store::run_events(&pool, id).await.unwrap();
+    let unclear: Vec<_> = events.iter().filter(|e| e.kind == "submit_unclear").collect();
+    assert_eq!(unclear.len(), 2, "{events:?}");
+    assert_eq!(unclear[0].detail.as_ref().unwrap()["http_status"], 503);
+    assert_eq!(unclear[1].detail.as_ref().unwrap()["http_status"], 429);
+    // Retry-After: 1 was honoured although the schedule says 100-400 ms.
+    let after_429 = events
+        .iter()
+        .skip_while(|e| e.kind != "submit_unclear" || e.detail.as_ref().unwrap()["http_status"] != 429)
+        .find(|e| e.kind == "submit_started")
+        .expect("a submit after the 429");
+    let waited = after_429.at - unclear[1].at;
+    assert!(waited >= chrono::Duration::milliseconds(950), "waited only {waited}");
+    assert!(events.iter().any(|e| e.kind == "poll_unclear"), "{events:?}");
+    assert_eq!(sim.ledger().len(), 1);
+    sim.shutdown().await;
+}
+
+#[sqlx::test]
+async fn a_retry_wait_is_stored_in_due_at_and_survives_the_worker(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    sim.set_faults(Faults {
+        fail_next_submits: 1,
+        ..Default::default()
+    });
+    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    let slow = "[submit]\ninitial = \"30s\"\nmax = \"60s\"\njitter = 0.0\n";
+    let worker = start_worker(config(&sim, "w1", slow), pool.clone());
+    wait_for(&pool, &format!("EXISTS (SELECT 1 FROM wfq.run_events WHERE run_id = {id} AND kind = 'submit_unclear')"), LIMIT).await;
+    worker.stop().await;
+
+    let (state, lease_owner, wait): (String, Option<String>, f64) = sqlx::query_as(
+        "SELECT state, lease_owner, extract(epoch FROM due_at - (SELECT max(at) FROM wfq.run_events WHERE run_id = $1))::float8 \
+         FROM wfq.runs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(state, "submitting");
+    assert_eq!(lease_owner, None, "the stopped worker gave its lease back");
+    assert!((29.0..31.0).contains(&wait), "due_at is 30s after the failure: {wait}");
+
+    // Time passes (the wait is in the row, so it can be skipped here), and a
+    // new worker process picks the run up where the schedule says.
+    sqlx::query("UPDATE wfq.runs SET due_at = now() WHERE id = $1").bind(id).execute(&pool).await.unwrap();
+    let worker = start_worker(config(&sim, "w2", ""), pool.clone());
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+    let run = run(&pool, id).await;
+    assert_eq!(run.state, "succeeded");
+    assert_eq!(run.attempts, 2);
+    sim.shutdown().await;
+}
+
+#[sqlx::test]
+async fn a_worker_stopped_mid_poll_hands_over_to_the_next(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(connect).await;
+    let sim = start_sim(100, 1500, 100).await;
+    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    let first = start_worker(config(&sim, "first", ""), pool.clone());
+    wait_for(&pool, &format!("(SELECT polls >= 2 FROM wfq.runs WHERE id = {id})"), LIMIT).await;
+    first.stop().await;
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "running");
+    assert!(row.lease_owner.is_none());
+
+    let second = start_worker(config(&sim, "second", ""), pool.clone());
+    wait_all_final(&pool, LIMIT).await;
+    second.stop().await;
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "succeeded");
+    let finisher: Option<String> = sqlx::query_scalar(
+        "SELECT worker FROM wfq.run_events WHERE run_id = $1 AND kind = 'run_finished'",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(finisher.as_deref(), Some("second"));
+    assert_eq!(sim.ledger().len(), 1);
+    assert_eq!(sim.stats().submit_requests, 1, "the second worker did not submit again");
+    sim.shutdown().await;
+}
+
+#[sqlx::test]
+async fn a_killed_workers_runs_continue_after_their_lease_expires(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(connect).await;
+    let sim = start_sim(100, 1500, 100).await;
+    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    // Hang every poll of the first worker so it is killed holding the lease.
+    let first = start_worker(config(&sim, "doomed", ""), pool.clone());
+    wait_for(&pool, &format!("(SELECT state = 'running' FROM wfq.runs WHERE id = {id})"), LIMIT).await;
+    sim.set_faults(Faults {
+        latency: Duration::from_millis(900),
+        ..Default::default()
+    });
+    wait_for(&pool, &format!("(SELECT lease_owner IS NOT NULL FROM wfq.runs WHERE id = {id})"), LIMIT).await;
+    first.kill().await;
+    sim.set_faults(Faults::default());
+
+    let second = start_worker(config(&sim, "rescuer", ""), pool.clone());
+    wait_all_final(&pool, LIMIT).await;
+    second.stop().await;
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "succeeded");
+    assert_eq!(sim.stats().submit_requests, 1);
+    sim.shutdown().await;
+}
+
+#[sqlx::test]
+async fn two_workers_share_200_runs_and_never_handle_one_twice(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 50, 20).await;
+    sqlx::query(
+        "INSERT INTO wfq.runs (workflow_id, inputs) \
+         SELECT 'wf_861ef31e94dcfb10e6e7', jsonb_build_object('n3_seed', g) FROM generate_series(1, 200) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let a = start_worker(config(&sim, "a", ""), pool.clone());
+    let b = start_worker(config(&sim, "b", ""), pool.clone());
+    wait_all_final(&pool, Duration::from_secs(90)).await;
+    a.stop().await;
+    b.stop().await;
+
+    let succeeded: i64 = sqlx::query_scalar("SELECT count(*) FROM wfq.runs WHERE state = 'succeeded'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(succeeded, 200);
+    let ledger = sim.ledger();
+    assert_eq!(ledger.len(), 200);
+    assert!(ledger.iter().all(|e| e.charges == 1 && e.submit_requests == 1), "a run was submitted twice");
+    assert_eq!(sim.stats().replays, 0);
+    // Every submit and every transition happened exactly once per run.
+    let doubled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT run_id FROM wfq.run_events WHERE kind IN ('submit_started', 'submit_accepted', 'run_finished') \
+         GROUP BY run_id, kind HAVING count(*) > 1) d",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(doubled, 0);
+    let (db_frozen, db_final): (Decimal, Decimal) =
+        sqlx::query_as("SELECT sum(frozen_amount), sum(final_amount) FROM wfq.runs")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(db_frozen, ledger.iter().map(|e| e.frozen).sum::<Decimal>());
+    assert_eq!(db_final, ledger.iter().filter_map(|e| e.final_amount).sum::<Decimal>());
+    let by_worker: Vec<(Option<String>, i64)> = sqlx::query_as(
+        "SELECT worker, count(*) FROM wfq.run_events WHERE kind = 'submit_started' GROUP BY worker ORDER BY worker",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    println!("submits by worker: {by_worker:?}");
+    sim.shutdown().await;
+}
+
+#[sqlx::test]
+async fn a_run_that_fails_at_the_provider_still_has_its_money_settled(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 100, 100).await;
+    let id = enqueue(&pool, ALWAYS_FAILS, json!({"prompt": "doomed"})).await;
+    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+
+    let run = run(&pool, id).await;
+    assert_eq!(run.state, "failed");
+    assert_eq!(run.error_code.as_deref(), Some("ENGINE_EXECUTION_FAILED"));
+    assert!(run.error_message.is_some());
+    assert_eq!(run.settlement_status.as_deref(), Some("settled"));
+    let entry = &sim.ledger()[0];
+    assert_eq!(run.frozen_amount, Some(d("0.5")));
+    assert_eq!(run.final_amount, entry.final_amount);
+    assert_eq!(run.released_amount, entry.released);
+    assert_eq!(run.final_amount.unwrap() + run.released_amount.unwrap(), d("0.5"));
+    sim.shutdown().await;
+}
+
+#[sqlx::test]
+async fn cancel_only_withdraws_a_run_that_was_not_submitted(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    let later = store::enqueue_run(
+        &pool,
+        &NewRun {
+            workflow_id: TEXT_TO_IMAGE.into(),
+            inputs: json!({}),
+            not_before: Some(chrono::Utc::now() + chrono::Duration::hours(1)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let now = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    store::cancel_run(&pool, later, Some("changed my mind")).await.unwrap();
+    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+
+    let canceled = run(&pool, later).await;
+    assert_eq!(canceled.state, "canceled");
+    assert_eq!(canceled.error_message.as_deref(), Some("changed my mind"));
+    assert_eq!(canceled.attempts, 0);
+    assert_eq!(sim.stats().submit_requests, 1, "the canceled run was never sent");
+    // Too late for the submitted one.
+    match store::cancel_run(&pool, now, None).await {
+        Err(RequestError::WrongState { state, .. }) => assert_eq!(state, "succeeded"),
+        other => panic!("expected WrongState, got {other:?}"),
+    }
+    assert!(matches!(store::cancel_run(&pool, 999_999, None).await, Err(RequestError::NotFound(_))));
+
+    // A canceled run can be retried: a new row, a new key, pointing back.
+    let again = store::retry_run(&pool, later).await.unwrap();
+    let copy = run(&pool, again).await;
+    assert_eq!(copy.retry_of, Some(later));
+    assert_eq!(copy.state, "queued");
+    assert_ne!(copy.idempotency_key, canceled.idempotency_key);
+    assert!(matches!(store::retry_run(&pool, now).await, Err(RequestError::WrongState { .. })));
+    sim.shutdown().await;
+}
