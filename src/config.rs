@@ -368,7 +368,11 @@ impl Config {
         };
         let worker = WorkerConfig {
             concurrency,
-            claim_batch: raw.worker.claim_batch.unwrap_or(concurrency.min(100)).max(1),
+            claim_batch: raw
+                .worker
+                .claim_batch
+                .unwrap_or(concurrency.min(100))
+                .max(1),
             lease: duration("worker.lease", &raw.worker.lease, Duration::from_secs(120))?,
             fallback_poll: duration(
                 "worker.fallback_poll",
@@ -397,7 +401,11 @@ impl Config {
 
         let submit = RetryPolicy {
             max_attempts: raw.submit.max_attempts.unwrap_or(8),
-            initial: duration("submit.initial", &raw.submit.initial, Duration::from_secs(2))?,
+            initial: duration(
+                "submit.initial",
+                &raw.submit.initial,
+                Duration::from_secs(2),
+            )?,
             max: duration("submit.max", &raw.submit.max, Duration::from_secs(300))?,
             multiplier: raw.submit.multiplier.unwrap_or(2.0),
             jitter: raw.submit.jitter.unwrap_or(0.2),
@@ -440,7 +448,9 @@ impl Config {
                 other => {
                     return Err(invalid(
                         &key("kind"),
-                        format!("unknown provider kind `{other}` (expected chenyu, dify or gptbots)"),
+                        format!(
+                            "unknown provider kind `{other}` (expected chenyu, dify or gptbots)"
+                        ),
                     ));
                 }
             };
@@ -511,11 +521,7 @@ fn default_worker_id() -> String {
                 .map(|h| h.trim().to_owned())
         })
         .unwrap_or_else(|| "wfq".to_owned());
-    format!(
-        "{host}-{}-{:04x}",
-        std::process::id(),
-        fastrand::u16(..)
-    )
+    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
 }
 
 /// Parses `250ms`, `1s`, `1.5s`, `5m`, `2h`, `1d` (a bare number is seconds).

@@ -69,23 +69,16 @@ async fn answers(url: &str) -> Option<PgPool> {
         .ok()
 }
 
-async fn find_database() -> Result<(DemoDatabase, PgPool), DemoError> {
-    for var in ["WFQ_DATABASE_URL", "DATABASE_URL"] {
-        if let Ok(url) = std::env::var(var)
-            && !url.is_empty()
-        {
-            let pool = PgPoolOptions::new()
-                .max_connections(12)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect(&url)
-                .await?;
-            println!("database: {var} ({})", crate::config::DatabaseUrl::new(url.clone()));
-            return Ok((DemoDatabase { url, _cluster: None }, pool));
-        }
-    }
-    if let Some(server) = answers(LOCAL_SERVER).await {
-        // A database of its own, recreated each time, so the demo never
-        // touches anything else on the server and always starts clean.
+/// Recreates the demo's own database on the server `server_url` points at,
+/// so the demo never writes into anyone's data and always starts clean.
+/// `None` when the server does not let us create databases.
+async fn fresh_demo_database(server_url: &str) -> Result<Option<String>, DemoError> {
+    let server = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(server_url)
+        .await?;
+    let created = async {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {DEMO_DATABASE} WITH (FORCE)"
         )))
@@ -93,32 +86,55 @@ async fn find_database() -> Result<(DemoDatabase, PgPool), DemoError> {
         .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {DEMO_DATABASE}")))
             .execute(&server)
-            .await?;
-        server.close().await;
-        let url = format!("postgres://postgres@127.0.0.1:5432/{DEMO_DATABASE}");
-        let pool = answers(&url)
             .await
-            .ok_or_else(|| DemoError::NoDatabase(format!("cannot connect to {url}")))?;
-        println!("database: {DEMO_DATABASE} on the local server at 127.0.0.1:5432 (recreated for this demo)");
-        return Ok((DemoDatabase { url, _cluster: None }, pool));
     }
-    if find_bindir().is_none() {
+    .await;
+    server.close().await;
+    if created.is_err() {
+        return Ok(None);
+    }
+    let mut url = url::Url::parse(server_url)
+        .map_err(|e| DemoError::NoDatabase(format!("cannot read the database URL: {e}")))?;
+    url.set_path(DEMO_DATABASE);
+    Ok(Some(url.to_string()))
+}
+
+async fn find_database() -> Result<(DemoDatabase, PgPool), DemoError> {
+    let from_env = ["WFQ_DATABASE_URL", "DATABASE_URL"]
+        .into_iter()
+        .find_map(|var| std::env::var(var).ok().filter(|u| !u.is_empty()).map(|u| (var, u)));
+    let (server_url, origin, cluster) = if let Some((var, url)) = from_env {
+        (url, format!("the server {var} points at"), None)
+    } else if answers(LOCAL_SERVER).await.is_some() {
+        (LOCAL_SERVER.to_owned(), "the local server at 127.0.0.1:5432".to_owned(), None)
+    } else if find_bindir().is_some() {
+        println!("database: no server at 127.0.0.1:5432; starting a throw-away cluster in a temporary directory (deleted at exit)");
+        let cluster = tokio::task::spawn_blocking(ScratchCluster::start)
+            .await
+            .map_err(|e| DemoError::NoDatabase(e.to_string()))??;
+        (cluster.url.clone(), "the throw-away cluster".to_owned(), Some(cluster))
+    } else {
         return Err(DemoError::NoDatabase(
-            "no server answers at 127.0.0.1:5432 and no initdb is installed".into(),
+            "no DATABASE_URL, no server at 127.0.0.1:5432, and no initdb installed".into(),
         ));
-    }
-    println!("database: no server at 127.0.0.1:5432; starting a throw-away cluster in a temporary directory (deleted at exit)");
-    let cluster = tokio::task::spawn_blocking(ScratchCluster::start)
-        .await
-        .map_err(|e| DemoError::NoDatabase(e.to_string()))??;
-    let url = cluster.url.clone();
+    };
+    let url = match fresh_demo_database(&server_url).await? {
+        Some(url) => {
+            println!("database: {DEMO_DATABASE} on {origin} (recreated for this demo)");
+            url
+        }
+        None => {
+            println!("database: {origin} (no permission to create a separate demo database)");
+            server_url
+        }
+    };
     let pool = answers(&url)
         .await
-        .ok_or_else(|| DemoError::NoDatabase(format!("the throw-away cluster does not answer at {url}")))?;
+        .ok_or_else(|| DemoError::NoDatabase(format!("cannot connect to {}", crate::config::DatabaseUrl::new(url.clone()))))?;
     Ok((
         DemoDatabase {
             url,
-            _cluster: Some(cluster),
+            _cluster: cluster,
         },
         pool,
     ))
@@ -142,15 +158,36 @@ fn demo_runs() -> Vec<(&'static str, NewRun)> {
         ..Default::default()
     };
     vec![
-        ("text to image", run("wf_861ef31e94dcfb10e6e7", json!({"n6_text": "a glass bottle on a beach at dusk", "n3_seed": 42}))),
-        ("text to image, manifest defaults", run("wf_861ef31e94dcfb10e6e7", json!({}))),
-        ("video with an external model cost", NewRun {
-            accept_external_cost_risk: true,
-            priority: 10,
-            ..run("wf_seedance_video_2f0c", json!({"prompt": "a paper boat in the rain", "image": "asset://sim/demo-image"}))
-        }),
-        ("a run the provider fails (money still settled)", run("wf_always_fails_9d1a", json!({"prompt": "fail please"}))),
-        ("a typo in an input key (never submitted)", run("wf_861ef31e94dcfb10e6e7", json!({"n6_txt": "typo"}))),
+        (
+            "text to image",
+            run(
+                "wf_861ef31e94dcfb10e6e7",
+                json!({"n6_text": "a glass bottle on a beach at dusk", "n3_seed": 42}),
+            ),
+        ),
+        (
+            "text to image, manifest defaults",
+            run("wf_861ef31e94dcfb10e6e7", json!({})),
+        ),
+        (
+            "video with an external model cost",
+            NewRun {
+                accept_external_cost_risk: true,
+                priority: 10,
+                ..run(
+                    "wf_seedance_video_2f0c",
+                    json!({"prompt": "a paper boat in the rain", "image": "asset://sim/demo-image"}),
+                )
+            },
+        ),
+        (
+            "a run the provider fails (money still settled)",
+            run("wf_always_fails_9d1a", json!({"prompt": "fail please"})),
+        ),
+        (
+            "a typo in an input key (never submitted)",
+            run("wf_861ef31e94dcfb10e6e7", json!({"n6_txt": "typo"})),
+        ),
     ]
 }
 
@@ -264,7 +301,8 @@ pub async fn run_demo() -> Result<(), DemoError> {
 async fn print_runs(pool: &PgPool) -> Result<(), DemoError> {
     let mut runs = store::list_runs(pool, None, 100).await?;
     runs.reverse();
-    let money = |d: Option<rust_decimal::Decimal>| d.map(|d| d.to_string()).unwrap_or_else(|| "-".into());
+    let money =
+        |d: Option<rust_decimal::Decimal>| d.map(|d| d.to_string()).unwrap_or_else(|| "-".into());
     let rows: Vec<Vec<String>> = runs
         .iter()
         .map(|r| {
@@ -288,7 +326,16 @@ async fn print_runs(pool: &PgPool) -> Result<(), DemoError> {
     println!(
         "\n{}\n",
         table::render(
-            &["id", "state", "provider run", "quote", "frozen", "final", "released", "outputs / error"],
+            &[
+                "id",
+                "state",
+                "provider run",
+                "quote",
+                "frozen",
+                "final",
+                "released",
+                "outputs / error"
+            ],
             &rows
         )
     );

@@ -176,16 +176,46 @@ mod tests {
     #[test]
     fn each_bad_input_is_named_in_the_error() {
         let table = [
-            (json!({"prompt": "p", "sede": 1}), "inputs.sede: unknown key; the workflow accepts: prompt, seed, scale, hd, image, exotic"),
-            (json!({}), "inputs.prompt: required and missing (the workflow has no default for it)"),
-            (json!({"prompt": null}), "inputs.prompt: required and missing (the workflow has no default for it)"),
-            (json!({"prompt": 5}), "inputs.prompt: expected a string, got a number 5"),
-            (json!({"prompt": "p", "seed": "42"}), "inputs.seed: expected an integer, got a string \"42\""),
-            (json!({"prompt": "p", "seed": 4.5}), "inputs.seed: expected an integer, got a fractional number 4.5"),
-            (json!({"prompt": "p", "scale": "big"}), "inputs.scale: expected a number, got a string \"big\""),
-            (json!({"prompt": "p", "hd": "yes"}), "inputs.hd: expected true or false, got a string \"yes\""),
-            (json!({"prompt": "p", "image": "/tmp/cat.png"}), "inputs.image: expected image as an http(s) URL or an asset:// URI, got a string \"/tmp/cat.png\""),
-            (json!({"prompt": "p", "image": "asset://"}), "inputs.image: expected image as an http(s) URL or an asset:// URI, got a string \"asset://\""),
+            (
+                json!({"prompt": "p", "sede": 1}),
+                "inputs.sede: unknown key; the workflow accepts: prompt, seed, scale, hd, image, exotic",
+            ),
+            (
+                json!({}),
+                "inputs.prompt: required and missing (the workflow has no default for it)",
+            ),
+            (
+                json!({"prompt": null}),
+                "inputs.prompt: required and missing (the workflow has no default for it)",
+            ),
+            (
+                json!({"prompt": 5}),
+                "inputs.prompt: expected a string, got a number 5",
+            ),
+            (
+                json!({"prompt": "p", "seed": "42"}),
+                "inputs.seed: expected an integer, got a string \"42\"",
+            ),
+            (
+                json!({"prompt": "p", "seed": 4.5}),
+                "inputs.seed: expected an integer, got a fractional number 4.5",
+            ),
+            (
+                json!({"prompt": "p", "scale": "big"}),
+                "inputs.scale: expected a number, got a string \"big\"",
+            ),
+            (
+                json!({"prompt": "p", "hd": "yes"}),
+                "inputs.hd: expected true or false, got a string \"yes\"",
+            ),
+            (
+                json!({"prompt": "p", "image": "/tmp/cat.png"}),
+                "inputs.image: expected image as an http(s) URL or an asset:// URI, got a string \"/tmp/cat.png\"",
+            ),
+            (
+                json!({"prompt": "p", "image": "asset://"}),
+                "inputs.image: expected image as an http(s) URL or an asset:// URI, got a string \"asset://\"",
+            ),
         ];
         for (inputs, message) in table {
             let err = check(inputs.clone()).expect_err(&inputs.to_string());

@@ -7,14 +7,14 @@
 
 pub mod backoff;
 pub mod config;
-pub mod money;
-pub mod sim;
+pub mod demo;
 pub mod inputs;
 pub mod lifecycle;
+pub mod money;
 pub mod providers;
-pub mod store;
 pub mod runtime;
 pub mod scratch_postgres;
+pub mod sim;
+pub mod store;
 pub mod table;
 pub mod telemetry;
-pub mod demo;

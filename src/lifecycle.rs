@@ -365,7 +365,10 @@ pub fn manifest_failed(
         // Nothing was sent, so nothing counts against the run's attempts;
         // the wait still grows with the attempts made so far.
         ManifestError::Unclear(u) => Transition {
-            due_at: Some(later(now, wait_after_unclear(u, retry.delay(run.attempts + 1, unit)))),
+            due_at: Some(later(
+                now,
+                wait_after_unclear(u, retry.delay(run.attempts + 1, unit)),
+            )),
             ..Transition::new(
                 run.state,
                 Event {
@@ -424,7 +427,10 @@ pub fn after_submit(
         SubmitOutcome::Unclear(u) if u.unauthorized => Transition {
             // A refused key is not the run's fault: give the attempt back.
             attempts_delta: -1,
-            due_at: Some(later(now, wait_after_unclear(u, retry.delay(run.attempts, unit)))),
+            due_at: Some(later(
+                now,
+                wait_after_unclear(u, retry.delay(run.attempts, unit)),
+            )),
             ..Transition::new(
                 RunState::Submitting,
                 Event {
@@ -434,7 +440,10 @@ pub fn after_submit(
             )
         },
         SubmitOutcome::Unclear(u) if retry.may_retry(run.attempts) => Transition {
-            due_at: Some(later(now, wait_after_unclear(u, retry.delay(run.attempts, unit)))),
+            due_at: Some(later(
+                now,
+                wait_after_unclear(u, retry.delay(run.attempts, unit)),
+            )),
             ..Transition::new(
                 RunState::Submitting,
                 Event {
@@ -447,17 +456,17 @@ pub fn after_submit(
         SubmitOutcome::Unclear(u) => Transition {
             settled: false,
             ..Transition::failed(
-            "SUBMIT_RETRIES_EXHAUSTED",
-            format!(
-                "no clear answer after {} submit attempts (last: {}); the provider may still have accepted the run under this row's idempotency_key, which a later submit with the same key would replay",
-                run.attempts, u.reason
-            ),
-            Some(unclear_detail(u)),
-            Event {
-                kind: "submit_unclear",
-                detail: unclear_detail(u),
-            },
-        )
+                "SUBMIT_RETRIES_EXHAUSTED",
+                format!(
+                    "no clear answer after {} submit attempts (last: {}); the provider may still have accepted the run under this row's idempotency_key, which a later submit with the same key would replay",
+                    run.attempts, u.reason
+                ),
+                Some(unclear_detail(u)),
+                Event {
+                    kind: "submit_unclear",
+                    detail: unclear_detail(u),
+                },
+            )
         },
     }
 }
@@ -666,19 +675,73 @@ mod tests {
             http_status: 400,
         });
         // (attempts so far, outcome, state, error code, seconds until due, attempts delta)
-        let table: Vec<(u32, SubmitOutcome, RunState, Option<&str>, Option<i64>, i32)> = vec![
+        type Row = (u32, SubmitOutcome, RunState, Option<&'static str>, Option<i64>, i32);
+        let table: Vec<Row> = vec![
             (1, accepted, RunState::Running, None, Some(1), 0),
-            (1, rejected, RunState::Failed, Some("INVALID_WORKFLOW_INPUT"), None, 0),
-            (1, SubmitOutcome::Unclear(unclear(None, false)), RunState::Submitting, None, Some(2), 0),
-            (2, SubmitOutcome::Unclear(unclear(None, false)), RunState::Submitting, None, Some(4), 0),
-            (2, SubmitOutcome::Unclear(unclear(Some(30), false)), RunState::Submitting, None, Some(30), 0),
-            (3, SubmitOutcome::Unclear(unclear(None, false)), RunState::Failed, Some("SUBMIT_RETRIES_EXHAUSTED"), None, 0),
-            (3, SubmitOutcome::Unclear(unclear(None, true)), RunState::Submitting, None, Some(60), -1),
+            (
+                1,
+                rejected,
+                RunState::Failed,
+                Some("INVALID_WORKFLOW_INPUT"),
+                None,
+                0,
+            ),
+            (
+                1,
+                SubmitOutcome::Unclear(unclear(None, false)),
+                RunState::Submitting,
+                None,
+                Some(2),
+                0,
+            ),
+            (
+                2,
+                SubmitOutcome::Unclear(unclear(None, false)),
+                RunState::Submitting,
+                None,
+                Some(4),
+                0,
+            ),
+            (
+                2,
+                SubmitOutcome::Unclear(unclear(Some(30), false)),
+                RunState::Submitting,
+                None,
+                Some(30),
+                0,
+            ),
+            (
+                3,
+                SubmitOutcome::Unclear(unclear(None, false)),
+                RunState::Failed,
+                Some("SUBMIT_RETRIES_EXHAUSTED"),
+                None,
+                0,
+            ),
+            (
+                3,
+                SubmitOutcome::Unclear(unclear(None, true)),
+                RunState::Submitting,
+                None,
+                Some(60),
+                -1,
+            ),
         ];
         for (attempts, outcome, state, code, due, delta) in table {
-            let t = after_submit(&run(RunState::Submitting, attempts, 0), &outcome, &retry(), &poll(), now(), 0.5);
+            let t = after_submit(
+                &run(RunState::Submitting, attempts, 0),
+                &outcome,
+                &retry(),
+                &poll(),
+                now(),
+                0.5,
+            );
             assert_eq!(t.to, state, "{outcome:?}");
-            assert_eq!(t.error.as_ref().map(|e| e.code.as_str()), code, "{outcome:?}");
+            assert_eq!(
+                t.error.as_ref().map(|e| e.code.as_str()),
+                code,
+                "{outcome:?}"
+            );
             assert_eq!(t.due_at.map(|_| secs(&t)), due, "{outcome:?}");
             assert_eq!(t.attempts_delta, delta, "{outcome:?}");
             assert!(!t.keep_lease);
@@ -706,31 +769,75 @@ mod tests {
     }
 
     fn report(status: RunStatus, settled: bool) -> PollOutcome {
-        PollOutcome::Report(RunReport {
+        PollOutcome::Report(Box::new(RunReport {
             status,
             settled,
             final_amount: settled.then(|| d("0.01")),
             released_amount: settled.then(|| d("0.02")),
             ..Default::default()
-        })
+        }))
     }
 
     #[test]
     fn poll_answers_table() {
         let table: Vec<(PollOutcome, RunState, Option<&str>, Option<i64>)> = vec![
-            (report(RunStatus::Active, false), RunState::Running, None, Some(4)),
-            (report(RunStatus::Succeeded, false), RunState::Running, None, Some(4)),
-            (report(RunStatus::Succeeded, true), RunState::Succeeded, None, None),
-            (report(RunStatus::Failed, true), RunState::Failed, Some("PROVIDER_RUN_FAILED"), None),
-            (report(RunStatus::Failed, false), RunState::Running, None, Some(4)),
-            (report(RunStatus::Unknown("paused".into()), true), RunState::Running, None, Some(4)),
-            (PollOutcome::Unclear(unclear(None, false)), RunState::Running, None, Some(4)),
-            (PollOutcome::Unclear(unclear(Some(9), false)), RunState::Running, None, Some(9)),
+            (
+                report(RunStatus::Active, false),
+                RunState::Running,
+                None,
+                Some(4),
+            ),
+            (
+                report(RunStatus::Succeeded, false),
+                RunState::Running,
+                None,
+                Some(4),
+            ),
+            (
+                report(RunStatus::Succeeded, true),
+                RunState::Succeeded,
+                None,
+                None,
+            ),
+            (
+                report(RunStatus::Failed, true),
+                RunState::Failed,
+                Some("PROVIDER_RUN_FAILED"),
+                None,
+            ),
+            (
+                report(RunStatus::Failed, false),
+                RunState::Running,
+                None,
+                Some(4),
+            ),
+            (
+                report(RunStatus::Unknown("paused".into()), true),
+                RunState::Running,
+                None,
+                Some(4),
+            ),
+            (
+                PollOutcome::Unclear(unclear(None, false)),
+                RunState::Running,
+                None,
+                Some(4),
+            ),
+            (
+                PollOutcome::Unclear(unclear(Some(9), false)),
+                RunState::Running,
+                None,
+                Some(9),
+            ),
         ];
         for (outcome, state, code, due) in table {
             let t = after_poll(&run(RunState::Running, 1, 1), &outcome, &poll(), now(), 0.5);
             assert_eq!(t.to, state, "{outcome:?}");
-            assert_eq!(t.error.as_ref().map(|e| e.code.as_str()), code, "{outcome:?}");
+            assert_eq!(
+                t.error.as_ref().map(|e| e.code.as_str()),
+                code,
+                "{outcome:?}"
+            );
             assert_eq!(t.due_at.map(|_| secs(&t)), due, "{outcome:?}");
             assert!(t.counts_poll);
             assert_eq!(t.settled, state.is_final());
@@ -761,7 +868,14 @@ mod tests {
         let t = manifest_failed(&r, "wf_x", &not_found, &retry(), now(), 0.5);
         assert_eq!(t.to, RunState::Failed);
         assert_eq!(t.error.unwrap().code, "UNKNOWN_WORKFLOW");
-        let t = manifest_failed(&r, "wf_x", &ManifestError::Unclear(unclear(None, false)), &retry(), now(), 0.5);
+        let t = manifest_failed(
+            &r,
+            "wf_x",
+            &ManifestError::Unclear(unclear(None, false)),
+            &retry(),
+            now(),
+            0.5,
+        );
         assert_eq!(t.to, RunState::Queued);
         assert_eq!(t.attempts_delta, 0);
         assert_eq!(secs(&t), 2);

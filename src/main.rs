@@ -124,7 +124,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     let default_filter = match cli.command {
         Command::Worker | Command::Sim(_) => "info,sqlx=warn",
-        Command::Demo => "info,sqlx=warn,wfq::sim=warn",
+        Command::Demo => "wfq=info,wfq::sim=warn,apalis=warn,apalis_core=warn,sqlx=warn,warn",
         _ => "warn",
     };
     telemetry::init(cli.log_json, default_filter);
@@ -137,7 +137,9 @@ async fn main() -> Result<()> {
         Command::Worker => {
             let config = load_config(cli.config.as_deref())?;
             if config.providers.is_empty() {
-                bail!("no [providers.*] in the configuration: the worker would have nothing to submit to");
+                bail!(
+                    "no [providers.*] in the configuration: the worker would have nothing to submit to"
+                );
             }
             let pool = store::connect(&config.database)
                 .await
@@ -245,7 +247,10 @@ fn new_run(args: EnqueueArgs) -> Result<NewRun> {
         accept_external_cost_risk: args.accept_external_cost_risk,
         priority: args.priority,
         not_before,
-        metadata: args.metadata.map(|m| parse_json("metadata", &m)).transpose()?,
+        metadata: args
+            .metadata
+            .map(|m| parse_json("metadata", &m))
+            .transpose()?,
     })
 }
 
@@ -275,7 +280,17 @@ fn print_list(runs: &[store::RunRow]) {
     println!(
         "{}",
         table::render(
-            &["id", "state", "provider", "workflow", "attempts", "polls", "provider run", "final", "error"],
+            &[
+                "id",
+                "state",
+                "provider",
+                "workflow",
+                "attempts",
+                "polls",
+                "provider run",
+                "final",
+                "error"
+            ],
             &rows
         )
     );
@@ -286,7 +301,9 @@ async fn run_sim(args: SimArgs) -> Result<()> {
         parse_duration(text).map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
     };
     let api_key = match args.api_key_env {
-        Some(var) => Some(std::env::var(&var).with_context(|| format!("--api-key-env: {var} is not set"))?),
+        Some(var) => {
+            Some(std::env::var(&var).with_context(|| format!("--api-key-env: {var} is not set"))?)
+        }
         None => None,
     };
     let config = sim::SimConfig {
@@ -304,7 +321,10 @@ async fn run_sim(args: SimArgs) -> Result<()> {
         .await
         .with_context(|| format!("listening on {addr}"))?;
     println!("chenyu simulator at {}", server.base_url());
-    println!("admin: http://{}/_sim/ledger, /_sim/stats, /_sim/faults (GET, PUT)", server.local_addr());
+    println!(
+        "admin: http://{}/_sim/ledger, /_sim/stats, /_sim/faults (GET, PUT)",
+        server.local_addr()
+    );
     shutdown_signal().await;
     server.shutdown().await;
     Ok(())

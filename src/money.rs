@@ -42,11 +42,8 @@ pub fn parse_amount(
     };
     Decimal::from_str(&text)
         .or_else(|_| Decimal::from_scientific(&text))
-        .map(|d| Some(d.normalize()))
-        .map_err(|_| AmountError {
-            field,
-            value: text,
-        })
+        .map(Some)
+        .map_err(|_| AmountError { field, value: text })
 }
 
 /// Whether settled amounts add up: `final + released = frozen`.
@@ -91,7 +88,10 @@ mod tests {
         let n: WireAmount = serde_json::from_str("0.1").unwrap();
         assert_eq!(parse_amount("x", Some(&n)).unwrap(), Some(dec!("0.1")));
         let n: WireAmount = serde_json::from_str("2.878e-4").unwrap();
-        assert_eq!(parse_amount("x", Some(&n)).unwrap(), Some(dec!("0.0002878")));
+        assert_eq!(
+            parse_amount("x", Some(&n)).unwrap(),
+            Some(dec!("0.0002878"))
+        );
         let n: WireAmount = serde_json::from_str("3").unwrap();
         assert_eq!(parse_amount("x", Some(&n)).unwrap(), Some(dec!("3")));
     }

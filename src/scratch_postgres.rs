@@ -9,9 +9,7 @@ use std::process::Command;
 #[derive(Debug, thiserror::Error)]
 pub enum ScratchError {
     /// No `initdb` was found.
-    #[error(
-        "no PostgreSQL server binaries (initdb) found in /usr/lib/postgresql/*/bin or on PATH"
-    )]
+    #[error("no PostgreSQL server binaries (initdb) found in /usr/lib/postgresql/*/bin or on PATH")]
     NoBinaries,
     /// A step failed.
     #[error("{step} failed: {detail}")]
@@ -49,9 +47,8 @@ pub fn find_bindir() -> Option<PathBuf> {
             .unwrap_or(0)
     });
     candidates.pop().or_else(|| {
-        std::env::var_os("PATH").and_then(|path| {
-            std::env::split_paths(&path).find(|p| p.join("initdb").is_file())
-        })
+        std::env::var_os("PATH")
+            .and_then(|path| std::env::split_paths(&path).find(|p| p.join("initdb").is_file()))
     })
 }
 
@@ -121,10 +118,16 @@ impl ScratchCluster {
         };
         let data = dir.join("data");
         let mut initdb = command(&bindir, "initdb");
-        initdb
-            .arg("-D")
-            .arg(&data)
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-locale", "--no-sync"]);
+        initdb.arg("-D").arg(&data).args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",
+        ]);
         run("initdb", initdb)?;
         let mut start = command(&bindir, "pg_ctl");
         start

@@ -20,7 +20,15 @@ pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
     };
     let mut out = line(headers.to_vec());
     out.push('\n');
-    out.push_str(&line(widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().iter().map(String::as_str).collect()));
+    out.push_str(&line(
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(String::as_str)
+            .collect(),
+    ));
     for row in rows {
         out.push('\n');
         out.push_str(&line(row.iter().map(String::as_str).collect()));
@@ -44,7 +52,13 @@ mod tests {
 
     #[test]
     fn columns_line_up() {
-        let t = render(&["id", "state"], &[vec!["1".into(), "queued".into()], vec!["22".into(), "failed".into()]]);
+        let t = render(
+            &["id", "state"],
+            &[
+                vec!["1".into(), "queued".into()],
+                vec!["22".into(), "failed".into()],
+            ],
+        );
         assert_eq!(t, "id  state\n--  ------\n1   queued\n22  failed");
     }
 

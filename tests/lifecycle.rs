@@ -33,7 +33,12 @@ const LIMIT: Duration = Duration::from_secs(30);
 async fn happy_path_records_outputs_and_exact_amounts(_: PgPoolOptions, connect: PgConnectOptions) {
     let pool = pool(connect).await;
     let sim = start_sim(50, 200, 100).await;
-    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({"n6_text": "a glass bottle", "n3_seed": 42})).await;
+    let id = enqueue(
+        &pool,
+        TEXT_TO_IMAGE,
+        json!({"n6_text": "a glass bottle", "n3_seed": 42}),
+    )
+    .await;
     let worker = start_worker(config(&sim, "w1", ""), pool.clone());
     wait_all_final(&pool, LIMIT).await;
     worker.stop().await;
@@ -41,19 +46,30 @@ async fn happy_path_records_outputs_and_exact_amounts(_: PgPoolOptions, connect:
     let run = run(&pool, id).await;
     assert_eq!(run.state, "succeeded", "{run:?}");
     assert_eq!(run.attempts, 1);
-    assert_eq!(run.revision_id.as_deref(), Some("wfr_f9f2a2dcb99d73b0c3aa"), "published revision pinned");
+    assert_eq!(
+        run.revision_id.as_deref(),
+        Some("wfr_f9f2a2dcb99d73b0c3aa"),
+        "published revision pinned"
+    );
     // The manifest's default for the key the producer left out was sent.
     let sent = run.sent_inputs.clone().unwrap();
     assert_eq!(sent["n6_text"], "a glass bottle");
     assert_eq!(sent["n3_seed"], 42);
     assert_eq!(sent["n7_text"], "text, watermark");
-    assert!(run.outputs.as_ref().unwrap()["n9_images"].is_string(), "{:?}", run.outputs);
+    assert!(
+        run.outputs.as_ref().unwrap()["n9_images"].is_string(),
+        "{:?}",
+        run.outputs
+    );
     assert!(run.finished_at.is_some());
 
     let ledger = sim.ledger();
     assert_eq!(ledger.len(), 1);
     let entry = &ledger[0];
-    assert_eq!(run.provider_run_id.as_deref(), Some(entry.run_order_id.as_str()));
+    assert_eq!(
+        run.provider_run_id.as_deref(),
+        Some(entry.run_order_id.as_str())
+    );
     assert_eq!(run.quote_amount, Some(d("0.03")));
     assert_eq!(run.frozen_amount, Some(entry.frozen));
     assert_eq!(run.final_amount, entry.final_amount);
@@ -80,7 +96,10 @@ async fn happy_path_records_outputs_and_exact_amounts(_: PgPoolOptions, connect:
 }
 
 #[sqlx::test]
-async fn a_lost_submit_answer_is_replayed_without_a_second_charge(_: PgPoolOptions, connect: PgConnectOptions) {
+async fn a_lost_submit_answer_is_replayed_without_a_second_charge(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let pool = pool(connect).await;
     let sim = start_sim(0, 100, 50).await;
     sim.set_faults(Faults {
@@ -94,11 +113,17 @@ async fn a_lost_submit_answer_is_replayed_without_a_second_charge(_: PgPoolOptio
 
     let run = run(&pool, id).await;
     assert_eq!(run.state, "succeeded", "{run:?}");
-    assert_eq!(run.attempts, 2, "the answer was lost once, so the submit was sent twice");
+    assert_eq!(
+        run.attempts, 2,
+        "the answer was lost once, so the submit was sent twice"
+    );
     let ledger = sim.ledger();
     assert_eq!(ledger.len(), 1, "one run at the provider: {ledger:?}");
     assert_eq!(ledger[0].charges, 1, "charged once");
-    assert_eq!(ledger[0].submit_requests, 2, "the second submit was a replay");
+    assert_eq!(
+        ledger[0].submit_requests, 2,
+        "the second submit was a replay"
+    );
     assert_eq!(ledger[0].idempotency_key, run.idempotency_key);
     assert_eq!(sim.stats().replays, 1);
     assert_eq!(run.frozen_amount, Some(ledger[0].frozen));
@@ -108,18 +133,61 @@ async fn a_lost_submit_answer_is_replayed_without_a_second_charge(_: PgPoolOptio
 }
 
 #[sqlx::test]
-async fn invalid_inputs_are_rejected_before_any_submit(_: PgPoolOptions, connect: PgConnectOptions) {
+async fn invalid_inputs_are_rejected_before_any_submit(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let pool = pool(connect).await;
     let sim = start_sim(0, 100, 50).await;
     let cases = [
-        (TEXT_TO_IMAGE, json!({"n6_txt": "typo"}), "INVALID_INPUT", "inputs.n6_txt: unknown key; the workflow accepts: n6_text, n7_text, n3_seed"),
-        (TEXT_TO_IMAGE, json!({"n3_seed": "42"}), "INVALID_INPUT", "inputs.n3_seed: expected an integer"),
-        (TEXT_TO_IMAGE, json!({"n6_text": 7}), "INVALID_INPUT", "inputs.n6_text: expected a string"),
-        (VIDEO, json!({"image": "https://x/y.png"}), "INVALID_INPUT", "inputs.prompt: required and missing"),
-        (VIDEO, json!({"prompt": "p", "image": "file:///etc/passwd"}), "INVALID_INPUT", "inputs.image: expected image"),
-        (VIDEO, json!({"prompt": "p", "watermark": "no"}), "INVALID_INPUT", "inputs.watermark: expected true or false"),
-        (ALWAYS_FAILS, json!({"prompt": "p", "extra": 1}), "INVALID_INPUT", "inputs.extra: unknown key"),
-        ("wf_does_not_exist", json!({}), "UNKNOWN_WORKFLOW", "workflow_id: `wf_does_not_exist`"),
+        (
+            TEXT_TO_IMAGE,
+            json!({"n6_txt": "typo"}),
+            "INVALID_INPUT",
+            "inputs.n6_txt: unknown key; the workflow accepts: n6_text, n7_text, n3_seed",
+        ),
+        (
+            TEXT_TO_IMAGE,
+            json!({"n3_seed": "42"}),
+            "INVALID_INPUT",
+            "inputs.n3_seed: expected an integer",
+        ),
+        (
+            TEXT_TO_IMAGE,
+            json!({"n6_text": 7}),
+            "INVALID_INPUT",
+            "inputs.n6_text: expected a string",
+        ),
+        (
+            VIDEO,
+            json!({"image": "https://x/y.png"}),
+            "INVALID_INPUT",
+            "inputs.prompt: required and missing",
+        ),
+        (
+            VIDEO,
+            json!({"prompt": "p", "image": "file:///etc/passwd"}),
+            "INVALID_INPUT",
+            "inputs.image: expected image",
+        ),
+        (
+            VIDEO,
+            json!({"prompt": "p", "watermark": "no"}),
+            "INVALID_INPUT",
+            "inputs.watermark: expected true or false",
+        ),
+        (
+            ALWAYS_FAILS,
+            json!({"prompt": "p", "extra": 1}),
+            "INVALID_INPUT",
+            "inputs.extra: unknown key",
+        ),
+        (
+            "wf_does_not_exist",
+            json!({}),
+            "UNKNOWN_WORKFLOW",
+            "workflow_id: `wf_does_not_exist`",
+        ),
     ];
     let mut ids = Vec::new();
     for (workflow, inputs, _, _) in &cases {
@@ -158,13 +226,21 @@ async fn invalid_inputs_are_rejected_before_any_submit(_: PgPoolOptions, connect
     }
     let r = run(&pool, no_consent).await;
     assert_eq!(r.error_code.as_deref(), Some("EXTERNAL_COST_NOT_ACCEPTED"));
-    assert!(r.error_message.unwrap().starts_with("accept_external_cost_risk:"));
+    assert!(
+        r.error_message
+            .unwrap()
+            .starts_with("accept_external_cost_risk:")
+    );
     let r = run(&pool, unknown_profile).await;
     assert_eq!(r.error_code.as_deref(), Some("UNKNOWN_PROVIDER"));
     assert!(r.error_message.unwrap().contains("`chenyu_eu`"));
     assert_eq!(run(&pool, good).await.state, "succeeded");
 
-    assert_eq!(sim.stats().submit_requests, 1, "only the good run was submitted");
+    assert_eq!(
+        sim.stats().submit_requests,
+        1,
+        "only the good run was submitted"
+    );
     assert_eq!(sim.ledger().len(), 1);
     sim.shutdown().await;
 }
@@ -172,11 +248,26 @@ async fn invalid_inputs_are_rejected_before_any_submit(_: PgPoolOptions, connect
 #[sqlx::test]
 async fn database_constraints_refuse_rows_that_can_never_run(pool: PgPool) {
     let refused = [
-        ("INSERT INTO wfq.runs (workflow_id, inputs) VALUES ('', '{}')", "runs_workflow_id_not_empty"),
-        ("INSERT INTO wfq.runs (workflow_id, inputs) VALUES ('wf', '[1]')", "runs_inputs_is_object"),
-        ("INSERT INTO wfq.runs (workflow_id, priority) VALUES ('wf', 5000)", "runs_priority_range"),
-        ("INSERT INTO wfq.runs (workflow_id, idempotency_key) VALUES ('wf', '')", "runs_idempotency_key_length"),
-        ("INSERT INTO wfq.runs (provider, workflow_id) VALUES (' ', 'wf')", "runs_provider_not_empty"),
+        (
+            "INSERT INTO wfq.runs (workflow_id, inputs) VALUES ('', '{}')",
+            "runs_workflow_id_not_empty",
+        ),
+        (
+            "INSERT INTO wfq.runs (workflow_id, inputs) VALUES ('wf', '[1]')",
+            "runs_inputs_is_object",
+        ),
+        (
+            "INSERT INTO wfq.runs (workflow_id, priority) VALUES ('wf', 5000)",
+            "runs_priority_range",
+        ),
+        (
+            "INSERT INTO wfq.runs (workflow_id, idempotency_key) VALUES ('wf', '')",
+            "runs_idempotency_key_length",
+        ),
+        (
+            "INSERT INTO wfq.runs (provider, workflow_id) VALUES (' ', 'wf')",
+            "runs_provider_not_empty",
+        ),
     ];
     for (sql, constraint) in refused {
         let err = sqlx::query(sql).execute(&pool).await.expect_err(sql);
@@ -186,15 +277,22 @@ async fn database_constraints_refuse_rows_that_can_never_run(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap();
-    let dup = sqlx::query("INSERT INTO wfq.runs (workflow_id, idempotency_key) VALUES ('wf', 'k1')")
-        .execute(&pool)
-        .await
-        .expect_err("same key twice");
-    assert!(dup.to_string().contains("runs_idempotency_key_unique"), "{dup}");
+    let dup =
+        sqlx::query("INSERT INTO wfq.runs (workflow_id, idempotency_key) VALUES ('wf', 'k1')")
+            .execute(&pool)
+            .await
+            .expect_err("same key twice");
+    assert!(
+        dup.to_string().contains("runs_idempotency_key_unique"),
+        "{dup}"
+    );
 }
 
 #[sqlx::test]
-async fn a_provider_rejection_fails_the_run_without_retrying(_: PgPoolOptions, connect: PgConnectOptions) {
+async fn a_provider_rejection_fails_the_run_without_retrying(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let pool = pool(connect).await;
     let sim = start_sim(0, 100, 50).await;
     // Passes wfq's own check (a well-formed asset URI) but the provider does
@@ -217,20 +315,28 @@ async fn a_provider_rejection_fails_the_run_without_retrying(_: PgPoolOptions, c
     let run = run(&pool, id).await;
     assert_eq!(run.state, "failed");
     assert_eq!(run.error_code.as_deref(), Some("INVALID_WORKFLOW_INPUT"));
-    assert!(run.error_message.as_deref().unwrap().contains("image"), "{:?}", run.error_message);
+    assert!(
+        run.error_message.as_deref().unwrap().contains("image"),
+        "{:?}",
+        run.error_message
+    );
     assert_eq!(run.attempts, 1, "a rejection is not retried");
-    let detail: serde_json::Value = sqlx::query_scalar("SELECT error_detail FROM wfq.runs WHERE id = $1")
-        .bind(id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let detail: serde_json::Value =
+        sqlx::query_scalar("SELECT error_detail FROM wfq.runs WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(detail["engine_code"], "INVALID_WORKFLOW_INPUT");
     assert!(sim.ledger().is_empty(), "nothing frozen");
     sim.shutdown().await;
 }
 
 #[sqlx::test]
-async fn server_errors_and_rate_limits_are_retried_on_the_stored_schedule(_: PgPoolOptions, connect: PgConnectOptions) {
+async fn server_errors_and_rate_limits_are_retried_on_the_stored_schedule(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let pool = pool(connect).await;
     let sim = start_sim(0, 100, 50).await;
     sim.set_faults(Faults {
@@ -249,25 +355,39 @@ async fn server_errors_and_rate_limits_are_retried_on_the_stored_schedule(_: PgP
     assert_eq!(run.state, "succeeded", "{run:?}");
     assert_eq!(run.attempts, 3);
     let events = store::run_events(&pool, id).await.unwrap();
-    let unclear: Vec<_> = events.iter().filter(|e| e.kind == "submit_unclear").collect();
+    let unclear: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "submit_unclear")
+        .collect();
     assert_eq!(unclear.len(), 2, "{events:?}");
     assert_eq!(unclear[0].detail.as_ref().unwrap()["http_status"], 503);
     assert_eq!(unclear[1].detail.as_ref().unwrap()["http_status"], 429);
     // Retry-After: 1 was honoured although the schedule says 100-400 ms.
     let after_429 = events
         .iter()
-        .skip_while(|e| e.kind != "submit_unclear" || e.detail.as_ref().unwrap()["http_status"] != 429)
+        .skip_while(|e| {
+            e.kind != "submit_unclear" || e.detail.as_ref().unwrap()["http_status"] != 429
+        })
         .find(|e| e.kind == "submit_started")
         .expect("a submit after the 429");
     let waited = after_429.at - unclear[1].at;
-    assert!(waited >= chrono::Duration::milliseconds(950), "waited only {waited}");
-    assert!(events.iter().any(|e| e.kind == "poll_unclear"), "{events:?}");
+    assert!(
+        waited >= chrono::Duration::milliseconds(950),
+        "waited only {waited}"
+    );
+    assert!(
+        events.iter().any(|e| e.kind == "poll_unclear"),
+        "{events:?}"
+    );
     assert_eq!(sim.ledger().len(), 1);
     sim.shutdown().await;
 }
 
 #[sqlx::test]
-async fn a_retry_wait_is_stored_in_due_at_and_survives_the_worker(_: PgPoolOptions, connect: PgConnectOptions) {
+async fn a_retry_wait_is_stored_in_due_at_and_survives_the_worker(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let pool = pool(connect).await;
     let sim = start_sim(0, 100, 50).await;
     sim.set_faults(Faults {
@@ -277,7 +397,14 @@ async fn a_retry_wait_is_stored_in_due_at_and_survives_the_worker(_: PgPoolOptio
     let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
     let slow = "[submit]\ninitial = \"30s\"\nmax = \"60s\"\njitter = 0.0\n";
     let worker = start_worker(config(&sim, "w1", slow), pool.clone());
-    wait_for(&pool, &format!("EXISTS (SELECT 1 FROM wfq.run_events WHERE run_id = {id} AND kind = 'submit_unclear')"), LIMIT).await;
+    wait_for(
+        &pool,
+        &format!(
+            "EXISTS (SELECT 1 FROM wfq.run_events WHERE run_id = {id} AND kind = 'submit_unclear')"
+        ),
+        LIMIT,
+    )
+    .await;
     worker.stop().await;
 
     let (state, lease_owner, wait): (String, Option<String>, f64) = sqlx::query_as(
@@ -290,11 +417,18 @@ async fn a_retry_wait_is_stored_in_due_at_and_survives_the_worker(_: PgPoolOptio
     .unwrap();
     assert_eq!(state, "submitting");
     assert_eq!(lease_owner, None, "the stopped worker gave its lease back");
-    assert!((29.0..31.0).contains(&wait), "due_at is 30s after the failure: {wait}");
+    assert!(
+        (29.0..31.0).contains(&wait),
+        "due_at is 30s after the failure: {wait}"
+    );
 
     // Time passes (the wait is in the row, so it can be skipped here), and a
     // new worker process picks the run up where the schedule says.
-    sqlx::query("UPDATE wfq.runs SET due_at = now() WHERE id = $1").bind(id).execute(&pool).await.unwrap();
+    sqlx::query("UPDATE wfq.runs SET due_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
     let worker = start_worker(config(&sim, "w2", ""), pool.clone());
     wait_all_final(&pool, LIMIT).await;
     worker.stop().await;
@@ -305,12 +439,20 @@ async fn a_retry_wait_is_stored_in_due_at_and_survives_the_worker(_: PgPoolOptio
 }
 
 #[sqlx::test]
-async fn a_worker_stopped_mid_poll_hands_over_to_the_next(_: PgPoolOptions, connect: PgConnectOptions) {
+async fn a_worker_stopped_mid_poll_hands_over_to_the_next(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let pool = pool(connect).await;
     let sim = start_sim(100, 1500, 100).await;
     let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
     let first = start_worker(config(&sim, "first", ""), pool.clone());
-    wait_for(&pool, &format!("(SELECT polls >= 2 FROM wfq.runs WHERE id = {id})"), LIMIT).await;
+    wait_for(
+        &pool,
+        &format!("(SELECT polls >= 2 FROM wfq.runs WHERE id = {id})"),
+        LIMIT,
+    )
+    .await;
     first.stop().await;
     let row = run(&pool, id).await;
     assert_eq!(row.state, "running");
@@ -330,23 +472,40 @@ async fn a_worker_stopped_mid_poll_hands_over_to_the_next(_: PgPoolOptions, conn
     .unwrap();
     assert_eq!(finisher.as_deref(), Some("second"));
     assert_eq!(sim.ledger().len(), 1);
-    assert_eq!(sim.stats().submit_requests, 1, "the second worker did not submit again");
+    assert_eq!(
+        sim.stats().submit_requests,
+        1,
+        "the second worker did not submit again"
+    );
     sim.shutdown().await;
 }
 
 #[sqlx::test]
-async fn a_killed_workers_runs_continue_after_their_lease_expires(_: PgPoolOptions, connect: PgConnectOptions) {
+async fn a_killed_workers_runs_continue_after_their_lease_expires(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let pool = pool(connect).await;
     let sim = start_sim(100, 1500, 100).await;
     let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
     // Hang every poll of the first worker so it is killed holding the lease.
     let first = start_worker(config(&sim, "doomed", ""), pool.clone());
-    wait_for(&pool, &format!("(SELECT state = 'running' FROM wfq.runs WHERE id = {id})"), LIMIT).await;
+    wait_for(
+        &pool,
+        &format!("(SELECT state = 'running' FROM wfq.runs WHERE id = {id})"),
+        LIMIT,
+    )
+    .await;
     sim.set_faults(Faults {
         latency: Duration::from_millis(900),
         ..Default::default()
     });
-    wait_for(&pool, &format!("(SELECT lease_owner IS NOT NULL FROM wfq.runs WHERE id = {id})"), LIMIT).await;
+    wait_for(
+        &pool,
+        &format!("(SELECT lease_owner IS NOT NULL FROM wfq.runs WHERE id = {id})"),
+        LIMIT,
+    )
+    .await;
     first.kill().await;
     sim.set_faults(Faults::default());
 
@@ -360,7 +519,10 @@ async fn a_killed_workers_runs_continue_after_their_lease_expires(_: PgPoolOptio
 }
 
 #[sqlx::test]
-async fn two_workers_share_200_runs_and_never_handle_one_twice(_: PgPoolOptions, connect: PgConnectOptions) {
+async fn two_workers_share_200_runs_and_never_handle_one_twice(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let pool = pool(connect).await;
     let sim = start_sim(0, 50, 20).await;
     sqlx::query(
@@ -376,14 +538,20 @@ async fn two_workers_share_200_runs_and_never_handle_one_twice(_: PgPoolOptions,
     a.stop().await;
     b.stop().await;
 
-    let succeeded: i64 = sqlx::query_scalar("SELECT count(*) FROM wfq.runs WHERE state = 'succeeded'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let succeeded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM wfq.runs WHERE state = 'succeeded'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(succeeded, 200);
     let ledger = sim.ledger();
     assert_eq!(ledger.len(), 200);
-    assert!(ledger.iter().all(|e| e.charges == 1 && e.submit_requests == 1), "a run was submitted twice");
+    assert!(
+        ledger
+            .iter()
+            .all(|e| e.charges == 1 && e.submit_requests == 1),
+        "a run was submitted twice"
+    );
     assert_eq!(sim.stats().replays, 0);
     // Every submit and every transition happened exactly once per run.
     let doubled: i64 = sqlx::query_scalar(
@@ -400,7 +568,13 @@ async fn two_workers_share_200_runs_and_never_handle_one_twice(_: PgPoolOptions,
             .await
             .unwrap();
     assert_eq!(db_frozen, ledger.iter().map(|e| e.frozen).sum::<Decimal>());
-    assert_eq!(db_final, ledger.iter().filter_map(|e| e.final_amount).sum::<Decimal>());
+    assert_eq!(
+        db_final,
+        ledger
+            .iter()
+            .filter_map(|e| e.final_amount)
+            .sum::<Decimal>()
+    );
     let by_worker: Vec<(Option<String>, i64)> = sqlx::query_as(
         "SELECT worker, count(*) FROM wfq.run_events WHERE kind = 'submit_started' GROUP BY worker ORDER BY worker",
     )
@@ -412,7 +586,10 @@ async fn two_workers_share_200_runs_and_never_handle_one_twice(_: PgPoolOptions,
 }
 
 #[sqlx::test]
-async fn a_run_that_fails_at_the_provider_still_has_its_money_settled(_: PgPoolOptions, connect: PgConnectOptions) {
+async fn a_run_that_fails_at_the_provider_still_has_its_money_settled(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let pool = pool(connect).await;
     let sim = start_sim(0, 100, 100).await;
     let id = enqueue(&pool, ALWAYS_FAILS, json!({"prompt": "doomed"})).await;
@@ -429,12 +606,18 @@ async fn a_run_that_fails_at_the_provider_still_has_its_money_settled(_: PgPoolO
     assert_eq!(run.frozen_amount, Some(d("0.5")));
     assert_eq!(run.final_amount, entry.final_amount);
     assert_eq!(run.released_amount, entry.released);
-    assert_eq!(run.final_amount.unwrap() + run.released_amount.unwrap(), d("0.5"));
+    assert_eq!(
+        run.final_amount.unwrap() + run.released_amount.unwrap(),
+        d("0.5")
+    );
     sim.shutdown().await;
 }
 
 #[sqlx::test]
-async fn cancel_only_withdraws_a_run_that_was_not_submitted(_: PgPoolOptions, connect: PgConnectOptions) {
+async fn cancel_only_withdraws_a_run_that_was_not_submitted(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let pool = pool(connect).await;
     let sim = start_sim(0, 100, 50).await;
     let later = store::enqueue_run(
@@ -449,7 +632,9 @@ async fn cancel_only_withdraws_a_run_that_was_not_submitted(_: PgPoolOptions, co
     .await
     .unwrap();
     let now = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
-    store::cancel_run(&pool, later, Some("changed my mind")).await.unwrap();
+    store::cancel_run(&pool, later, Some("changed my mind"))
+        .await
+        .unwrap();
     let worker = start_worker(config(&sim, "w1", ""), pool.clone());
     wait_all_final(&pool, LIMIT).await;
     worker.stop().await;
@@ -458,13 +643,20 @@ async fn cancel_only_withdraws_a_run_that_was_not_submitted(_: PgPoolOptions, co
     assert_eq!(canceled.state, "canceled");
     assert_eq!(canceled.error_message.as_deref(), Some("changed my mind"));
     assert_eq!(canceled.attempts, 0);
-    assert_eq!(sim.stats().submit_requests, 1, "the canceled run was never sent");
+    assert_eq!(
+        sim.stats().submit_requests,
+        1,
+        "the canceled run was never sent"
+    );
     // Too late for the submitted one.
     match store::cancel_run(&pool, now, None).await {
         Err(RequestError::WrongState { state, .. }) => assert_eq!(state, "succeeded"),
         other => panic!("expected WrongState, got {other:?}"),
     }
-    assert!(matches!(store::cancel_run(&pool, 999_999, None).await, Err(RequestError::NotFound(_))));
+    assert!(matches!(
+        store::cancel_run(&pool, 999_999, None).await,
+        Err(RequestError::NotFound(_))
+    ));
 
     // A canceled run can be retried: a new row, a new key, pointing back.
     let again = store::retry_run(&pool, later).await.unwrap();
@@ -472,6 +664,9 @@ async fn cancel_only_withdraws_a_run_that_was_not_submitted(_: PgPoolOptions, co
     assert_eq!(copy.retry_of, Some(later));
     assert_eq!(copy.state, "queued");
     assert_ne!(copy.idempotency_key, canceled.idempotency_key);
-    assert!(matches!(store::retry_run(&pool, now).await, Err(RequestError::WrongState { .. })));
+    assert!(matches!(
+        store::retry_run(&pool, now).await,
+        Err(RequestError::WrongState { .. })
+    ));
     sim.shutdown().await;
 }

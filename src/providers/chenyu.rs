@@ -14,8 +14,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    Accepted, Manifest, ManifestError, ParamKind, Parameter, PollOutcome, ProviderError,
-    RunReport, RunStatus, SubmitOutcome, SubmitRequest, Unclear,
+    Accepted, Manifest, ManifestError, ParamKind, Parameter, PollOutcome, ProviderError, RunReport,
+    RunStatus, SubmitOutcome, SubmitRequest, Unclear,
 };
 use crate::config::{ApiKey, HttpConfig};
 use crate::money::{WireAmount, parse_amount};
@@ -88,7 +88,7 @@ impl ChenyuClient {
             .query(&[("run_order_id", run_order_id)]);
         match classify(self.send(request).await) {
             Answer::Data(data) => match parse_report(data) {
-                Ok(report) => PollOutcome::Report(report),
+                Ok(report) => PollOutcome::Report(Box::new(report)),
                 Err(unclear) => PollOutcome::Unclear(unclear),
             },
             Answer::Rejected(e) => PollOutcome::Rejected(e),
@@ -231,7 +231,8 @@ fn classify_raw(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
         .cloned()
         .unwrap_or_else(|| json!({ "code": envelope.code, "msg": envelope.msg }));
     let error: ErrorObject = serde_json::from_value(detail.clone()).unwrap_or_default();
-    let code = non_empty(error.engine_code).unwrap_or_else(|| format!("PROVIDER_CODE_{}", envelope.code));
+    let code =
+        non_empty(error.engine_code).unwrap_or_else(|| format!("PROVIDER_CODE_{}", envelope.code));
     let reason = non_empty(error.reason)
         .or_else(|| non_empty(envelope.msg.clone()))
         .unwrap_or_else(|| format!("provider error code {}", envelope.code));
@@ -555,13 +556,17 @@ mod tests {
 
     #[test]
     fn a_finished_run_without_amounts_is_not_settled() {
-        let r = parse_report(json!({"run_status": "succeeded", "settlement_status": "unsettled",
-            "final_amount": "", "released_amount": ""}))
+        let r = parse_report(
+            json!({"run_status": "succeeded", "settlement_status": "unsettled",
+            "final_amount": "", "released_amount": ""}),
+        )
         .unwrap();
         assert!(r.status.is_final());
         assert!(!r.settled);
-        let r = parse_report(json!({"run_status": "succeeded", "settlement_status": "pending",
-            "final_amount": "0.1", "released_amount": "0.2"}))
+        let r = parse_report(
+            json!({"run_status": "succeeded", "settlement_status": "pending",
+            "final_amount": "0.1", "released_amount": "0.2"}),
+        )
         .unwrap();
         assert!(!r.settled, "amounts alone are not a settlement");
     }

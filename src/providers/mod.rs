@@ -156,8 +156,8 @@ pub struct Unclear {
 /// The provider's answer to a status check.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PollOutcome {
-    /// A readable status report.
-    Report(RunReport),
+    /// A readable status report (boxed: it is much larger than the others).
+    Report(Box<RunReport>),
     /// The provider says the run does not exist or cannot be read.
     Rejected(ProviderError),
     /// No usable answer this time.

@@ -7,10 +7,13 @@ use std::time::{Duration, Instant};
 
 use crate::providers::{Manifest, ManifestError, ProviderClient};
 
+/// (provider profile, workflow id) -> (fetched at, manifest).
+type Entries = HashMap<(String, String), (Instant, Arc<Manifest>)>;
+
 /// Manifests by (provider profile, workflow id), each kept for `ttl`.
 #[derive(Debug, Default)]
 pub struct ManifestCache {
-    entries: Mutex<HashMap<(String, String), (Instant, Arc<Manifest>)>>,
+    entries: Mutex<Entries>,
 }
 
 impl ManifestCache {
@@ -35,7 +38,7 @@ impl ManifestCache {
         Ok(manifest)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), (Instant, Arc<Manifest>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         // A panic while holding this lock cannot leave the map half-written
         // (every operation is a single insert or get), so poison is harmless.
         self.entries.lock().unwrap_or_else(|p| p.into_inner())

@@ -13,8 +13,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use apalis::prelude::{Monitor, WorkerBuilder};
 use apalis::layers::WorkerBuilderExt;
+use apalis::prelude::{Monitor, WorkerBuilder};
 use apalis_core::backend::custom::BackendBuilder;
 use apalis_core::error::BoxDynError;
 use apalis_core::task::Task;
@@ -162,9 +162,8 @@ where
                 })
                 .sink(|_, _| {
                     // Producers enqueue with SQL; nothing is pushed through apalis.
-                    sink::drain().sink_map_err(|e: std::convert::Infallible| -> BoxDynError {
-                        match e {}
-                    })
+                    sink::drain()
+                        .sink_map_err(|e: std::convert::Infallible| -> BoxDynError { match e {} })
                 })
                 .build()
                 .expect("database, fetcher and sink are all set");
@@ -189,7 +188,9 @@ where
     match crate::store::release_leases(&engine.pool, &engine.worker_id).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(released = n, "gave back the leases of unfinished runs"),
-        Err(e) => tracing::warn!(error = %e, "could not give back leases; they expire by themselves"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not give back leases; they expire by themselves")
+        }
     }
     tracing::info!("worker stopped");
     result.map_err(|e| WorkerError::Runtime(e.to_string()))

@@ -100,10 +100,18 @@ async fn record(
 
 fn log_transition(from: RunState, t: &Transition) {
     match &t.error {
-        Some(e) => tracing::warn!(from = %from, to = %t.to, event = t.event.kind, error_code = %e.code, error = %e.message, "run failed"),
-        None if t.to.is_final() => tracing::info!(from = %from, to = %t.to, event = t.event.kind, "run finished"),
-        None if from != t.to => tracing::info!(from = %from, to = %t.to, event = t.event.kind, "run moved"),
-        None => tracing::debug!(state = %t.to, event = t.event.kind, due_at = ?t.due_at, "run rescheduled"),
+        Some(e) => {
+            tracing::warn!(from = %from, to = %t.to, event = t.event.kind, error_code = %e.code, error = %e.message, "run failed")
+        }
+        None if t.to.is_final() => {
+            tracing::info!(from = %from, to = %t.to, event = t.event.kind, "run finished")
+        }
+        None if from != t.to => {
+            tracing::info!(from = %from, to = %t.to, event = t.event.kind, "run moved")
+        }
+        None => {
+            tracing::debug!(state = %t.to, event = t.event.kind, due_at = ?t.due_at, "run rescheduled")
+        }
     }
 }
 
@@ -198,11 +206,13 @@ async fn prepare(
         Value::Object(inputs) => inputs,
         // The CHECK constraint rules this out; fail the row, not the worker.
         other => {
-            return Err(lifecycle::reject_inputs(&crate::inputs::InputError::WrongType {
-                key: "(inputs)".into(),
-                expected: "a JSON object".into(),
-                got: other.to_string(),
-            }));
+            return Err(lifecycle::reject_inputs(
+                &crate::inputs::InputError::WrongType {
+                    key: "(inputs)".into(),
+                    expected: "a JSON object".into(),
+                    got: other.to_string(),
+                },
+            ));
         }
     };
     let sent = complete_inputs(&manifest, inputs).map_err(|e| lifecycle::reject_inputs(&e))?;

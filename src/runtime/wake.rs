@@ -43,7 +43,9 @@ impl Wake {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<DateTime<Utc>>> {
-        self.sleeping_until.lock().unwrap_or_else(|p| p.into_inner())
+        self.sleeping_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 

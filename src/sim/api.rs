@@ -53,14 +53,19 @@ async fn gate(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
 /// `Authorization: Bearer <token>`, the token non-empty and, when the
 /// simulator has a key, equal to it.
 fn authorized(expected: Option<&str>, headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
     let Some((scheme, token)) = value.trim().split_once(' ') else {
         return false;
     };
     let token = token.trim();
-    scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && expected.is_none_or(|key| key == token)
+    scheme.eq_ignore_ascii_case("bearer")
+        && !token.is_empty()
+        && expected.is_none_or(|key| key == token)
 }
 
 /// A query parameter, `""` when absent or when the query is unreadable.
@@ -72,7 +77,11 @@ fn param<'a>(params: &'a Params, name: &str) -> &'a str {
         .map_or("", String::as_str)
 }
 
-async fn market_info(State(shared): State<Arc<Shared>>, headers: HeaderMap, params: Params) -> Response {
+async fn market_info(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    params: Params,
+) -> Response {
     if let Err(denied) = gate(&shared, &headers).await {
         return denied;
     }
@@ -92,7 +101,11 @@ async fn market_info(State(shared): State<Arc<Shared>>, headers: HeaderMap, para
     }
 }
 
-async fn run_submit(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn run_submit(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if let Err(denied) = gate(&shared, &headers).await {
         return denied;
     }
@@ -101,7 +114,9 @@ async fn run_submit(State(shared): State<Arc<Shared>>, headers: HeaderMap, body:
     match outcome {
         SubmitOutcome::Fault(fault) => envelope::injected(fault),
         SubmitOutcome::Rejected(error) => error.into_response(),
-        SubmitOutcome::Accepted { drop_answer: true, .. } => envelope::lost_answer(),
+        SubmitOutcome::Accepted {
+            drop_answer: true, ..
+        } => envelope::lost_answer(),
         SubmitOutcome::Accepted { data, .. } => envelope::ok("提交成功", data),
     }
 }
@@ -113,11 +128,19 @@ enum PollKind {
     Execution,
 }
 
-async fn run_info(State(shared): State<Arc<Shared>>, headers: HeaderMap, params: Params) -> Response {
+async fn run_info(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    params: Params,
+) -> Response {
     poll(&shared, &headers, &params, PollKind::Info).await
 }
 
-async fn run_execution(State(shared): State<Arc<Shared>>, headers: HeaderMap, params: Params) -> Response {
+async fn run_execution(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    params: Params,
+) -> Response {
     poll(&shared, &headers, &params, PollKind::Execution).await
 }
 
@@ -173,7 +196,10 @@ mod tests {
 
     fn headers(auth: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_str(auth).expect("ascii"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(auth).expect("ascii"),
+        );
         h
     }
 

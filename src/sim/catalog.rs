@@ -359,14 +359,21 @@ mod tests {
         let info = wf.market_info();
         assert_eq!(info["revision_id"], "wfr_f9f2a2dcb99d73b0c3aa");
         assert_eq!(info["quote_amount"], "0.03000000");
-        assert_eq!(info["editable_parameter_manifest"][2]["default_value"], 156_680_208_700_286_i64);
+        assert_eq!(
+            info["editable_parameter_manifest"][2]["default_value"],
+            156_680_208_700_286_i64
+        );
         assert_eq!(info["candidate_output_manifest"][0]["type"], "image");
     }
 
     #[test]
     fn ids_are_unique_and_failure_charge_fits_quote() {
         for (i, wf) in CATALOG.iter().enumerate() {
-            assert!(CATALOG[i + 1..].iter().all(|o| o.workflow_id != wf.workflow_id));
+            assert!(
+                CATALOG[i + 1..]
+                    .iter()
+                    .all(|o| o.workflow_id != wf.workflow_id)
+            );
             if let Outcome::Fails { charged_units, .. } = wf.outcome {
                 assert!(charged_units <= wf.quote_units);
             }

@@ -41,7 +41,12 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     /// An error whose status line and body status agree.
-    pub(crate) fn new(status: StatusCode, msg: &'static str, engine_code: &'static str, detail: String) -> Self {
+    pub(crate) fn new(
+        status: StatusCode,
+        msg: &'static str,
+        engine_code: &'static str,
+        detail: String,
+    ) -> Self {
         ApiError {
             http: status,
             status_code: status,
@@ -71,7 +76,10 @@ impl IntoResponse for ApiError {
 /// The answer to a request hit by an injected fault.
 pub(crate) fn injected(fault: Injected) -> Response {
     match fault {
-        Injected::Unavailable => plain(StatusCode::SERVICE_UNAVAILABLE, "service unavailable (injected)"),
+        Injected::Unavailable => plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service unavailable (injected)",
+        ),
         // Half the errors come from the "proxy", to make sure clients
         // survive a body that is not JSON at all.
         Injected::ServerError if fastrand::bool() => (
@@ -80,11 +88,19 @@ pub(crate) fn injected(fault: Injected) -> Response {
             BAD_GATEWAY_HTML,
         )
             .into_response(),
-        Injected::ServerError => plain(StatusCode::INTERNAL_SERVER_ERROR, "internal server error (injected)"),
+        Injected::ServerError => plain(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal server error (injected)",
+        ),
         Injected::RateLimited { retry_after_secs } => {
-            let mut response = plain(StatusCode::TOO_MANY_REQUESTS, "too many requests (injected)");
+            let mut response = plain(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests (injected)",
+            );
             if let Some(secs) = retry_after_secs {
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             response
         }
@@ -96,10 +112,12 @@ pub(crate) fn injected(fault: Injected) -> Response {
 /// transport error after the server did the work, the case idempotency keys
 /// exist for.
 pub(crate) fn lost_answer() -> Response {
-    // The first chunk makes the server flush the head before the body fails.
+    // hyper only flushes the head when the body stream is pending: an
+    // immediate error (or a chunk followed by one) closes the connection with
+    // nothing sent, which reqwest reports from `send()` instead. So: a first
+    // chunk, a pause that flushes head and chunk, then the break.
     let first: Result<Bytes, std::io::Error> = Ok(Bytes::from_static(b"{\"code\":0,\"msg\":\""));
     let stream = futures_util::stream::iter([first]).chain(futures_util::stream::once(async {
-        // Let the head and first chunk reach the socket before the break.
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         Err(std::io::Error::new(
             std::io::ErrorKind::ConnectionReset,
@@ -107,8 +125,9 @@ pub(crate) fn lost_answer() -> Response {
         ))
     }));
     let mut response = Response::new(Body::from_stream(stream));
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }

@@ -182,7 +182,21 @@ mod tests {
         assert_eq!(f.fail_next_polls, 2);
         let back = serde_json::to_value(&f).expect("serialize");
         assert_eq!(back["latency_ms"], 250);
-        assert!(Faults { error_rate: 1.5, ..f }.check().is_err());
-        assert!(Faults { error_rate: f64::NAN, ..Faults::default() }.check().is_err());
+        assert!(
+            Faults {
+                error_rate: 1.5,
+                ..f
+            }
+            .check()
+            .is_err()
+        );
+        assert!(
+            Faults {
+                error_rate: f64::NAN,
+                ..Faults::default()
+            }
+            .check()
+            .is_err()
+        );
     }
 }

@@ -70,11 +70,14 @@ fn check_media(key: &str, value: &Value) -> Result<(), String> {
     let is_url = ["http://", "https://"]
         .iter()
         .any(|scheme| text.len() > scheme.len() && starts_with_ignore_case(text, scheme));
-    let is_known_asset = text.len() > KNOWN_ASSET_PREFIX.len() && text.starts_with(KNOWN_ASSET_PREFIX);
+    let is_known_asset =
+        text.len() > KNOWN_ASSET_PREFIX.len() && text.starts_with(KNOWN_ASSET_PREFIX);
     if is_url || is_known_asset {
         Ok(())
     } else {
-        Err(format!("input {key} must be an uploaded file URL or file id"))
+        Err(format!(
+            "input {key} must be an uploaded file URL or file id"
+        ))
     }
 }
 
@@ -93,6 +96,7 @@ mod tests {
     fn validation_table() {
         let img = find("wf_861ef31e94dcfb10e6e7").expect("catalog");
         let vid = find("wf_seedance_video_2f0c").expect("catalog");
+        let dub = find("wf_audio_dub_7c21").expect("catalog");
         // (workflow, inputs, Ok or the key the error must name)
         let table: &[(&Workflow, Value, Result<(), &str>)] = &[
             (img, json!({}), Ok(())),
@@ -105,27 +109,82 @@ mod tests {
             (img, json!(["n6_text"]), Err("inputs")),
             (vid, json!({}), Err("prompt")),
             (vid, json!({"prompt": "p"}), Ok(())),
-            (vid, json!({"prompt": "p", "guidance": 7, "duration": 10, "watermark": true}), Ok(())),
-            (vid, json!({"prompt": "p", "guidance": "7"}), Err("guidance")),
-            (vid, json!({"prompt": "p", "watermark": 0}), Err("watermark")),
-            (vid, json!({"prompt": "p", "duration": 5.0}), Err("duration")),
-            (vid, json!({"prompt": "p", "image": "https://x.test/a.png"}), Ok(())),
-            (vid, json!({"prompt": "p", "image": "HTTP://x.test/a.png"}), Ok(())),
-            (vid, json!({"prompt": "p", "image": "asset://sim/demo-image"}), Ok(())),
-            (vid, json!({"prompt": "p", "image": "asset://other/x"}), Err("image")),
-            (vid, json!({"prompt": "p", "image": "asset://sim/"}), Err("image")),
-            (vid, json!({"prompt": "p", "image": "/tmp/a.png"}), Err("image")),
+            (
+                vid,
+                json!({"prompt": "p", "guidance": 7, "duration": 10, "watermark": true}),
+                Ok(()),
+            ),
+            (
+                vid,
+                json!({"prompt": "p", "guidance": "7"}),
+                Err("guidance"),
+            ),
+            (
+                vid,
+                json!({"prompt": "p", "watermark": 0}),
+                Err("watermark"),
+            ),
+            (
+                vid,
+                json!({"prompt": "p", "duration": 5.0}),
+                Err("duration"),
+            ),
+            (
+                vid,
+                json!({"prompt": "p", "image": "https://x.test/a.png"}),
+                Ok(()),
+            ),
+            (
+                vid,
+                json!({"prompt": "p", "image": "HTTP://x.test/a.png"}),
+                Ok(()),
+            ),
+            (
+                vid,
+                json!({"prompt": "p", "image": "asset://sim/demo-image"}),
+                Ok(()),
+            ),
+            (
+                vid,
+                json!({"prompt": "p", "image": "asset://other/x"}),
+                Err("image"),
+            ),
+            (
+                vid,
+                json!({"prompt": "p", "image": "asset://sim/"}),
+                Err("image"),
+            ),
+            (
+                vid,
+                json!({"prompt": "p", "image": "/tmp/a.png"}),
+                Err("image"),
+            ),
             (vid, json!({"prompt": "p", "image": 1}), Err("image")),
-            (vid, json!({"prompt": "p", "contains_real_person_material": true}), Ok(())),
-            (vid, json!({"prompt": "p", "contains_real_person_material": "yes"}), Err("contains_real_person_material")),
-            (img, json!({"contains_real_person_material": true}), Err("contains_real_person_material")),
+            (
+                vid,
+                json!({"prompt": "p", "contains_real_person_material": true}),
+                Ok(()),
+            ),
+            (
+                vid,
+                json!({"prompt": "p", "contains_real_person_material": "yes"}),
+                Err("contains_real_person_material"),
+            ),
+            (
+                img,
+                json!({"contains_real_person_material": true}),
+                Err("contains_real_person_material"),
+            ),
         ];
         for (wf, inputs, expected) in table {
             let got = validate(wf, Some(inputs));
             match (expected, &got) {
                 (Ok(()), Ok(())) => {}
                 (Err(key), Err(detail)) => assert!(detail.contains(key), "{inputs}: {detail}"),
-                _ => panic!("{} {inputs}: expected {expected:?}, got {got:?}", wf.workflow_id),
+                _ => panic!(
+                    "{} {inputs}: expected {expected:?}, got {got:?}",
+                    wf.workflow_id
+                ),
             }
         }
     }
@@ -134,6 +193,9 @@ mod tests {
     fn unknown_asset_message_matches_the_docs() {
         let vid = find("wf_seedance_video_2f0c").expect("catalog");
         let err = validate(vid, Some(&json!({"prompt": "p", "image": "asset://x"})));
-        assert_eq!(err, Err("input image must be an uploaded file URL or file id".to_owned()));
+        assert_eq!(
+            err,
+            Err("input image must be an uploaded file URL or file id".to_owned())
+        );
     }
 }

@@ -46,7 +46,9 @@ pub(crate) struct Settlement {
 pub(crate) fn settle(wf: &Workflow, idempotency_key: &str) -> Settlement {
     let quote = wf.quote();
     let (compute, external) = match wf.outcome {
-        Outcome::Fails { charged_units, .. } => (Decimal::new(charged_units, 8).min(quote), Decimal::ZERO),
+        Outcome::Fails { charged_units, .. } => {
+            (Decimal::new(charged_units, 8).min(quote), Decimal::ZERO)
+        }
         Outcome::Succeeds => {
             // 1.00% ..= 100.00% of the quote, in basis points.
             let bp = 100 + stable_hash("final", idempotency_key) % 9_901;

@@ -113,6 +113,9 @@ mod tests {
         let id = new_run_order_id();
         let hex = id.strip_prefix("wfrun_").expect("prefix");
         assert_eq!(hex.len(), 20);
-        assert!(hex.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(
+            hex.chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
     }
 }

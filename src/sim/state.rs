@@ -68,8 +68,11 @@ impl Inner {
         self.runs
             .values()
             .filter(|other| {
-                let ahead = (other.submitted, &other.run_order_id) < (run.submitted, &run.run_order_id);
-                ahead && timing.phase_at(now.saturating_duration_since(other.submitted)) == Phase::Queued
+                let ahead =
+                    (other.submitted, &other.run_order_id) < (run.submitted, &run.run_order_id);
+                ahead
+                    && timing.phase_at(now.saturating_duration_since(other.submitted))
+                        == Phase::Queued
             })
             .count()
     }
@@ -97,12 +100,15 @@ impl Shared {
     /// Locks the state. A panic elsewhere cannot leave it half-updated in a
     /// way that matters to a simulator, so poisoning is ignored.
     pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The phase of `run` right now.
     pub(crate) fn phase_now(&self, run: &Run, now: Instant) -> Phase {
-        self.timing.phase_at(now.saturating_duration_since(run.submitted))
+        self.timing
+            .phase_at(now.saturating_duration_since(run.submitted))
     }
 
     /// The ledger, sorted by `run_order_id`.

@@ -34,16 +34,25 @@ pub(crate) enum SubmitOutcome {
     Fault(Injected),
     Rejected(ApiError),
     /// A new run or a replay; `drop_answer` when the answer is to be lost.
-    Accepted { data: Value, drop_answer: bool },
+    Accepted {
+        data: Value,
+        drop_answer: bool,
+    },
 }
 
 /// Parses a submit body. Absent and `null` fields are `None`; a field of
 /// the wrong JSON type makes the whole body invalid.
 pub(crate) fn parse(body: &[u8]) -> Result<SubmitRequest, ApiError> {
     let invalid = |detail: String| {
-        ApiError::new(StatusCode::BAD_REQUEST, "Request body is invalid.", "INVALID_REQUEST_BODY", detail)
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "Request body is invalid.",
+            "INVALID_REQUEST_BODY",
+            detail,
+        )
     };
-    let value: Value = serde_json::from_slice(body).map_err(|e| invalid(format!("body is not JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| invalid(format!("body is not JSON: {e}")))?;
     let Value::Object(mut map) = value else {
         return Err(invalid("body must be a JSON object".to_owned()));
     };
@@ -59,7 +68,11 @@ pub(crate) fn parse(body: &[u8]) -> Result<SubmitRequest, ApiError> {
     let accept_external_cost_risk = match map.remove("accept_external_cost_risk") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => b,
-        Some(_) => return Err(invalid("accept_external_cost_risk must be a bool".to_owned())),
+        Some(_) => {
+            return Err(invalid(
+                "accept_external_cost_risk must be a bool".to_owned(),
+            ));
+        }
     };
     Ok(SubmitRequest {
         workflow_id,
@@ -105,9 +118,17 @@ pub(crate) fn decide(
     while inner.runs.contains_key(&run_order_id) {
         run_order_id = new_run_order_id();
     }
-    let run = Run::new(run_order_id.clone(), workflow, key.clone(), inputs_as_sent(&request), now);
+    let run = Run::new(
+        run_order_id.clone(),
+        workflow,
+        key.clone(),
+        inputs_as_sent(&request),
+        now,
+    );
     let data = views::submit_answer(&run, shared.phase_now(&run, now), false);
-    inner.by_key.insert((workflow.workflow_id.to_owned(), key), run_order_id.clone());
+    inner
+        .by_key
+        .insert((workflow.workflow_id.to_owned(), key), run_order_id.clone());
     inner.runs.insert(run_order_id, run);
     inner.stats.accepted_new += 1;
     accepted(inner, data)
@@ -116,7 +137,10 @@ pub(crate) fn decide(
 /// The existing run for this workflow and key, if any. A replay is
 /// answered even when the inputs differ: the key decides, as documented.
 fn replay_target<'a>(inner: &'a mut Inner, request: &SubmitRequest) -> Option<&'a mut Run> {
-    let index_key = (request.workflow_id.clone()?, request.idempotency_key.clone()?);
+    let index_key = (
+        request.workflow_id.clone()?,
+        request.idempotency_key.clone()?,
+    );
     let run_order_id = inner.by_key.get(&index_key)?;
     inner.runs.get_mut(run_order_id)
 }
@@ -161,10 +185,13 @@ fn validate(request: &SubmitRequest) -> Result<(&'static Workflow, String), ApiE
             StatusCode::BAD_REQUEST,
             "external model cost risk not accepted",
             "EXTERNAL_COST_RISK_NOT_ACCEPTED",
-            format!("{workflow_id} may incur third-party model cost; pass accept_external_cost_risk: true"),
+            format!(
+                "{workflow_id} may incur third-party model cost; pass accept_external_cost_risk: true"
+            ),
         ));
     }
-    inputs::validate(workflow, request.inputs.as_ref()).map_err(|detail| invalid_input(key, detail))?;
+    inputs::validate(workflow, request.inputs.as_ref())
+        .map_err(|detail| invalid_input(key, detail))?;
     Ok((workflow, key.to_owned()))
 }
 
@@ -197,7 +224,10 @@ pub(crate) fn workflow_not_found(workflow_id: &str) -> ApiError {
 
 /// The inputs to store and echo: what was sent, `{}` when nothing was.
 fn inputs_as_sent(request: &SubmitRequest) -> Value {
-    request.inputs.clone().unwrap_or_else(|| Value::Object(Map::new()))
+    request
+        .inputs
+        .clone()
+        .unwrap_or_else(|| Value::Object(Map::new()))
 }
 
 fn reject(inner: &mut Inner, error: ApiError) -> SubmitOutcome {
@@ -248,7 +278,8 @@ mod tests {
         assert!(parse(b"[]").is_err());
         assert!(body(json!({"workflow_id": 1})).is_err());
         assert!(body(json!({"accept_external_cost_risk": "true"})).is_err());
-        let ok = body(json!({"workflow_id": "w", "revision_id": "", "idempotency_key": "k"})).expect("valid");
+        let ok = body(json!({"workflow_id": "w", "revision_id": "", "idempotency_key": "k"}))
+            .expect("valid");
         assert_eq!(ok.revision_id, None);
     }
 
@@ -258,12 +289,18 @@ mod tests {
         let mut inner = Inner::default();
         let now = Instant::now();
         let cases = [
-            (json!({"workflow_id": "nope", "idempotency_key": "k"}), "WORKFLOW_NOT_FOUND"),
+            (
+                json!({"workflow_id": "nope", "idempotency_key": "k"}),
+                "WORKFLOW_NOT_FOUND",
+            ),
             (
                 json!({"workflow_id": "wf_861ef31e94dcfb10e6e7", "revision_id": "wfr_x"}),
                 "REVISION_NOT_FOUND",
             ),
-            (json!({"workflow_id": "wf_861ef31e94dcfb10e6e7"}), "IDEMPOTENCY_KEY_REQUIRED"),
+            (
+                json!({"workflow_id": "wf_861ef31e94dcfb10e6e7"}),
+                "IDEMPOTENCY_KEY_REQUIRED",
+            ),
             (
                 json!({"workflow_id": "wf_861ef31e94dcfb10e6e7", "idempotency_key": "k".repeat(256)}),
                 "IDEMPOTENCY_KEY_TOO_LONG",
@@ -279,7 +316,10 @@ mod tests {
             ),
         ];
         for (request, code) in cases {
-            assert_eq!(engine_code(&decide(&s, &mut inner, body(request), now)), code);
+            assert_eq!(
+                engine_code(&decide(&s, &mut inner, body(request), now)),
+                code
+            );
         }
         assert_eq!(inner.stats.rejected, 6);
         assert!(inner.runs.is_empty());
@@ -303,7 +343,14 @@ mod tests {
         assert_eq!(ids[0]["idempotent_replay"], false);
         assert_eq!(ids[1]["idempotent_replay"], true);
         assert_eq!(ids[0]["run_order_id"], ids[2]["run_order_id"]);
-        assert_eq!((inner.stats.accepted_new, inner.stats.replays, inner.stats.mismatched_replays), (1, 2, 1));
+        assert_eq!(
+            (
+                inner.stats.accepted_new,
+                inner.stats.replays,
+                inner.stats.mismatched_replays
+            ),
+            (1, 2, 1)
+        );
         let run = inner.runs.values().next().expect("one run");
         assert_eq!((run.submit_requests, run.charges), (3, 1));
     }

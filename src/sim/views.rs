@@ -21,7 +21,11 @@ fn run_status(run: &Run, phase: Phase) -> &'static str {
 }
 
 fn freeze_status(phase: Phase) -> &'static str {
-    if phase == Phase::Settled { "released" } else { "frozen" }
+    if phase == Phase::Settled {
+        "released"
+    } else {
+        "frozen"
+    }
 }
 
 /// The engine error of a failed run: `(code, message)`.
@@ -119,7 +123,13 @@ pub(crate) struct QueueInfo {
 /// `run/info`, and `null` until settled.
 pub(crate) fn execution(run: &Run, phase: Phase, progress: u32, queue: Option<QueueInfo>) -> Value {
     let settled = phase == Phase::Settled;
-    let cost = |d: Decimal| if settled { decimal_number(d) } else { Value::Null };
+    let cost = |d: Decimal| {
+        if settled {
+            decimal_number(d)
+        } else {
+            Value::Null
+        }
+    };
     let s = &run.settlement;
     json!({
         "run_order_id": run.run_order_id,
@@ -161,7 +171,13 @@ mod tests {
 
     fn run(workflow_id: &str) -> Run {
         let wf = find(workflow_id).expect("catalog");
-        Run::new("wfrun_00000000000000000001".into(), wf, "key".into(), json!({}), Instant::now())
+        Run::new(
+            "wfrun_00000000000000000001".into(),
+            wf,
+            "key".into(),
+            json!({}),
+            Instant::now(),
+        )
     }
 
     #[test]
@@ -170,12 +186,27 @@ mod tests {
         let before = run_info(&r, Phase::Finished, &T);
         assert_eq!(before["settlement_status"], "unsettled");
         assert_eq!(before["final_amount"], "");
-        assert_eq!(before["outputs"]["n9_images"], "https://sim.chenyu.local/media/wfrun_00000000000000000001/n9_images.png");
+        assert_eq!(
+            before["outputs"]["n9_images"],
+            "https://sim.chenyu.local/media/wfrun_00000000000000000001/n9_images.png"
+        );
         let after = run_info(&r, Phase::Settled, &T);
         assert_eq!(after["freeze_status"], "released");
-        let amount = |k: &str| after[k].as_str().unwrap_or_default().parse::<Decimal>().expect(k);
-        assert_eq!(amount("final_amount") + amount("released_amount"), amount("quote_amount"));
-        assert_eq!(amount("compute_cost") + amount("external_model_cost"), amount("total_cost"));
+        let amount = |k: &str| {
+            after[k]
+                .as_str()
+                .unwrap_or_default()
+                .parse::<Decimal>()
+                .expect(k)
+        };
+        assert_eq!(
+            amount("final_amount") + amount("released_amount"),
+            amount("quote_amount")
+        );
+        assert_eq!(
+            amount("compute_cost") + amount("external_model_cost"),
+            amount("total_cost")
+        );
     }
 
     #[test]
@@ -192,7 +223,10 @@ mod tests {
 
     #[test]
     fn execution_costs_are_exact_numbers() {
-        assert_eq!(decimal_number(Decimal::new(28_780, 8)).to_string(), "0.0002878");
+        assert_eq!(
+            decimal_number(Decimal::new(28_780, 8)).to_string(),
+            "0.0002878"
+        );
         let r = run("wf_seedance_video_2f0c");
         let exec = execution(&r, Phase::Running, 40, None);
         assert_eq!(exec["compute_cost"], Value::Null);

@@ -80,10 +80,14 @@ macro_rules! run_columns {
 
 /// One run, or `None`.
 pub async fn show_run(pool: &PgPool, id: i64) -> Result<Option<RunRow>, sqlx::Error> {
-    sqlx::query_as(concat!("SELECT ", run_columns!(), " FROM wfq.runs WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(pool)
-        .await
+    sqlx::query_as(concat!(
+        "SELECT ",
+        run_columns!(),
+        " FROM wfq.runs WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
 }
 
 /// The newest runs, optionally of one state.

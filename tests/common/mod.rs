@@ -175,7 +175,10 @@ pub async fn wait_all_final(pool: &PgPool, limit: Duration) {
 
 /// Reads a run.
 pub async fn run(pool: &PgPool, id: i64) -> RunRow {
-    store::show_run(pool, id).await.unwrap().expect("run exists")
+    store::show_run(pool, id)
+        .await
+        .unwrap()
+        .expect("run exists")
 }
 
 /// The kinds of a run's events, in order.

@@ -1,0 +1,607 @@
+//! The chenyu simulator over real HTTP, driven with reqwest like a client.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use reqwest::{Client, StatusCode};
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use wfq::sim::{Faults, SimConfig, SimServer};
+
+const TEXT_TO_IMAGE: &str = "wf_861ef31e94dcfb10e6e7";
+const VIDEO: &str = "wf_seedance_video_2f0c";
+const ALWAYS_FAILS: &str = "wf_always_fails_9d1a";
+const TOKEN: &str = "Bearer test-key";
+
+async fn start(queue_ms: u64) -> SimServer {
+    let config = SimConfig {
+        queue_time: Duration::from_millis(queue_ms),
+        run_time: Duration::from_millis(100),
+        settle_delay: Duration::from_millis(100),
+        api_key: None,
+    };
+    let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
+    SimServer::start(addr, config)
+        .await
+        .expect("simulator starts")
+}
+
+/// The admin root (`http://127.0.0.1:PORT`).
+fn admin_url(sim: &SimServer) -> String {
+    format!("http://{}", sim.local_addr())
+}
+
+async fn get(sim: &SimServer, path_and_query: &str) -> (StatusCode, Value) {
+    let response = Client::new()
+        .get(format!("{}{path_and_query}", sim.base_url()))
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("request sent");
+    let status = response.status();
+    (status, response.json().await.expect("JSON body"))
+}
+
+async fn submit(sim: &SimServer, body: Value) -> (StatusCode, Value) {
+    let response = submit_response(sim, &body).await;
+    let status = response.status();
+    (status, response.json().await.expect("JSON body"))
+}
+
+async fn submit_response(sim: &SimServer, body: &Value) -> reqwest::Response {
+    Client::new()
+        .post(format!("{}/workflow/run/submit", sim.base_url()))
+        .header("Authorization", TOKEN)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
+fn image_submit(key: &str) -> Value {
+    json!({
+        "workflow_id": TEXT_TO_IMAGE,
+        "revision_id": "wfr_f9f2a2dcb99d73b0c3aa",
+        "inputs": {"n6_text": "a glass bottle", "n3_seed": 42},
+        "idempotency_key": key,
+        "accept_external_cost_risk": false,
+    })
+}
+
+fn engine_code(body: &Value) -> &str {
+    body["data"]["error"]["engine_code"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+fn amount(data: &Value, field: &str) -> Decimal {
+    let text = data[field].as_str().unwrap_or_default();
+    text.parse()
+        .unwrap_or_else(|_| panic!("{field} = {text:?} is not a decimal"))
+}
+
+/// Polls `run/info` until settled, for at most five seconds.
+async fn wait_settled(sim: &SimServer, run_order_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = get(
+            sim,
+            &format!("/workflow/run/info?run_order_id={run_order_id}"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if body["data"]["settlement_status"] == "settled" {
+            return body["data"].clone();
+        }
+        assert!(Instant::now() < deadline, "run never settled: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn market_info_has_the_documented_shape() {
+    let sim = start(0).await;
+    let (status, body) = get(
+        &sim,
+        &format!("/workflow/market/info?workflow_id={TEXT_TO_IMAGE}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["code"], 0);
+    let data = &body["data"];
+    assert_eq!(data["revision_id"], "wfr_f9f2a2dcb99d73b0c3aa");
+    assert_eq!(data["quote_currency"], "CNY");
+    assert_eq!(data["quote_amount"], "0.03000000");
+    assert_eq!(data["may_incur_external_model_cost"], false);
+    let seed = &data["editable_parameter_manifest"][2];
+    assert_eq!(seed["key"], "n3_seed");
+    assert_eq!(seed["type"], "int");
+    assert_eq!(seed["default_value"], 156_680_208_700_286_i64);
+    assert_eq!(
+        data["candidate_output_manifest"],
+        json!([{"key": "n9_images", "type": "image"}])
+    );
+
+    let (status, body) = get(&sim, "/workflow/market/info?workflow_id=wf_nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["code"], 1);
+    assert_eq!(engine_code(&body), "WORKFLOW_NOT_FOUND");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn replay_returns_the_same_run_and_charges_once() {
+    let sim = start(50).await;
+    let (status, first) = submit(&sim, image_submit("order-1")).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert_eq!(first["code"], 0);
+    let data = &first["data"];
+    assert_eq!(data["idempotent_replay"], false);
+    assert_eq!(data["freeze_status"], "frozen");
+    assert_eq!(data["run_status"], "queued");
+    assert!(
+        data["run_order_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("wfrun_") && id.len() == 26)
+    );
+    assert!(
+        data["billing_run_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("wfbill_"))
+    );
+
+    // Different inputs, same key: still a replay of the first run.
+    let mut changed = image_submit("order-1");
+    changed["inputs"]["n3_seed"] = json!(7);
+    let (_, replay) = submit(&sim, changed).await;
+    assert_eq!(replay["data"]["idempotent_replay"], true);
+    assert_eq!(replay["data"]["run_order_id"], data["run_order_id"]);
+
+    let ledger = sim.ledger();
+    assert_eq!(ledger.len(), 1);
+    assert_eq!((ledger[0].charges, ledger[0].submit_requests), (1, 2));
+    assert_eq!(ledger[0].frozen, Decimal::new(3, 2));
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.accepted_new, stats.replays, stats.mismatched_replays),
+        (1, 1, 1)
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_inputs_are_rejected_naming_the_key() {
+    let sim = start(0).await;
+    let cases = [
+        (json!({"n3_seed": "not a number"}), "n3_seed"),
+        (json!({"unknown_key": 1}), "unknown_key"),
+    ];
+    for (i, (inputs, key)) in cases.into_iter().enumerate() {
+        let mut body = image_submit(&format!("bad-{i}"));
+        body["inputs"] = inputs;
+        let (status, answer) = submit(&sim, body).await;
+        // The docs allow a failure code with HTTP 200; the sim does both.
+        assert!(
+            status == StatusCode::OK || status == StatusCode::BAD_REQUEST,
+            "{status}"
+        );
+        assert_eq!(answer["code"], 1);
+        assert_eq!(answer["msg"], "Workflow input content is invalid.");
+        assert_eq!(engine_code(&answer), "INVALID_WORKFLOW_INPUT");
+        assert_eq!(answer["data"]["error"]["status_code"], 400);
+        let detail = answer["data"]["error"]["detail"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(detail.contains(key), "{detail}");
+    }
+    let video = json!({
+        "workflow_id": VIDEO, "idempotency_key": "v-bad", "accept_external_cost_risk": true,
+        "inputs": {"prompt": "p", "image": "asset://elsewhere/1"},
+    });
+    let (_, answer) = submit(&sim, video).await;
+    assert_eq!(
+        answer["data"]["error"]["detail"],
+        "input image must be an uploaded file URL or file id"
+    );
+    assert!(sim.ledger().is_empty());
+    assert_eq!(sim.stats().rejected, 3);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn external_cost_needs_risk_acceptance_and_is_billed() {
+    let sim = start(0).await;
+    let mut body = json!({
+        "workflow_id": VIDEO, "idempotency_key": "video-1",
+        "inputs": {"prompt": "a cat", "image": "asset://sim/demo-image", "guidance": 6.5},
+    });
+    let (status, answer) = submit(&sim, body.clone()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(engine_code(&answer), "EXTERNAL_COST_RISK_NOT_ACCEPTED");
+    assert!(sim.ledger().is_empty());
+
+    body["accept_external_cost_risk"] = json!(true);
+    let (status, answer) = submit(&sim, body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    let run_order_id = answer["data"]["run_order_id"]
+        .as_str()
+        .expect("run id")
+        .to_owned();
+    let info = wait_settled(&sim, &run_order_id).await;
+    assert!(amount(&info, "external_model_cost") > Decimal::ZERO);
+    assert_eq!(
+        info["outputs"]["video"],
+        format!("https://sim.chenyu.local/media/{run_order_id}/video.mp4")
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn runs_progress_to_settled_and_money_adds_up() {
+    let sim = start(50).await;
+    let (_, answer) = submit(&sim, image_submit("progress-1")).await;
+    let run_order_id = answer["data"]["run_order_id"]
+        .as_str()
+        .expect("run id")
+        .to_owned();
+
+    let (_, early) = get(
+        &sim,
+        &format!("/workflow/run/info?run_order_id={run_order_id}"),
+    )
+    .await;
+    let early = &early["data"];
+    if early["run_status"] == "queued" {
+        assert_eq!(early["settlement_status"], "unsettled");
+        assert_eq!(early["final_amount"], "");
+        assert_eq!(early["outputs"], json!({}));
+    }
+    assert_eq!(
+        early["inputs"],
+        json!({"n6_text": "a glass bottle", "n3_seed": 42})
+    );
+
+    let info = wait_settled(&sim, &run_order_id).await;
+    assert_eq!(info["run_status"], "succeeded");
+    assert_eq!(info["freeze_status"], "released");
+    assert_eq!(info["error_code"], "");
+    for field in [
+        "final_amount",
+        "released_amount",
+        "compute_cost",
+        "total_cost",
+    ] {
+        assert_eq!(
+            info[field]
+                .as_str()
+                .map(|s| s.split('.').nth(1).map(str::len)),
+            Some(Some(8)),
+            "{field}"
+        );
+    }
+    assert_eq!(
+        amount(&info, "final_amount") + amount(&info, "released_amount"),
+        Decimal::new(3, 2)
+    );
+    assert_eq!(
+        amount(&info, "compute_cost") + amount(&info, "external_model_cost"),
+        amount(&info, "total_cost")
+    );
+    assert_eq!(amount(&info, "total_cost"), amount(&info, "final_amount"));
+
+    let (_, exec) = get(
+        &sim,
+        &format!("/workflow/run/execution?run_order_id={run_order_id}"),
+    )
+    .await;
+    let exec = &exec["data"];
+    assert_eq!(exec["status"], "succeeded");
+    assert_eq!(exec["progress_percent"], 100);
+    assert!(exec["total_cost"].is_number(), "{exec}");
+    let total: Decimal = exec["total_cost"]
+        .to_string()
+        .parse()
+        .expect("decimal number");
+    assert_eq!(total, amount(&info, "total_cost"));
+
+    let entry = &sim.ledger()[0];
+    assert_eq!(entry.final_amount, Some(amount(&info, "final_amount")));
+    assert_eq!(entry.released, Some(amount(&info, "released_amount")));
+
+    let (status, missing) = get(&sim, "/workflow/run/info?run_order_id=wfrun_nope").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(engine_code(&missing), "RUN_NOT_FOUND");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn execution_reports_the_queue() {
+    let sim = SimServer::start(
+        ([127, 0, 0, 1], 0).into(),
+        SimConfig {
+            queue_time: Duration::from_secs(30),
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .expect("simulator starts");
+    for key in ["q-1", "q-2"] {
+        submit(&sim, image_submit(key)).await;
+    }
+    let second = &sim
+        .ledger()
+        .into_iter()
+        .find(|e| e.idempotency_key == "q-2")
+        .expect("entry");
+    let (_, exec) = get(
+        &sim,
+        &format!(
+            "/workflow/run/execution?run_order_id={}",
+            second.run_order_id
+        ),
+    )
+    .await;
+    let exec = &exec["data"];
+    assert_eq!(exec["status"], "queued");
+    assert_eq!(exec["queue_info"]["position"], 2);
+    assert!(
+        exec["queue_info"]["estimated_wait_sec"]
+            .as_u64()
+            .is_some_and(|s| s > 0 && s <= 30)
+    );
+    assert_eq!(exec["total_cost"], Value::Null);
+    assert_eq!(exec["error"], Value::Null);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn failing_workflow_fails_but_settles() {
+    let sim = start(0).await;
+    let body = json!({"workflow_id": ALWAYS_FAILS, "idempotency_key": "f-1", "inputs": {}});
+    let (_, answer) = submit(&sim, body).await;
+    let run_order_id = answer["data"]["run_order_id"]
+        .as_str()
+        .expect("run id")
+        .to_owned();
+    let info = wait_settled(&sim, &run_order_id).await;
+    assert_eq!(info["run_status"], "failed");
+    assert_eq!(info["error_code"], "ENGINE_EXECUTION_FAILED");
+    assert_eq!(info["final_amount"], "0.01000000");
+    assert_eq!(info["released_amount"], "0.49000000");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn fail_next_submits_answers_503_and_records_nothing() {
+    let sim = start(0).await;
+    sim.set_faults(Faults {
+        fail_next_submits: 2,
+        ..Faults::default()
+    });
+    for _ in 0..2 {
+        let response = submit_response(&sim, &image_submit("k-503")).await;
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert!(sim.ledger().is_empty());
+    assert_eq!(sim.faults().fail_next_submits, 0);
+    let (status, _) = submit(&sim, image_submit("k-503")).await;
+    assert_eq!(status, StatusCode::OK);
+    let stats = sim.stats();
+    assert_eq!(
+        (
+            stats.injected_5xx,
+            stats.accepted_new,
+            stats.submit_requests
+        ),
+        (2, 1, 3)
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn rate_limit_next_submits_answers_429_with_retry_after() {
+    let sim = start(0).await;
+    sim.set_faults(Faults {
+        rate_limit_next_submits: 1,
+        retry_after_secs: Some(3),
+        ..Faults::default()
+    });
+    let response = submit_response(&sim, &image_submit("k-429")).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "3");
+    let body: Value = response.json().await.expect("JSON body");
+    assert_eq!(body["code"], 429);
+    assert!(sim.ledger().is_empty());
+    assert_eq!(sim.stats().injected_429, 1);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn lost_submit_answer_is_a_transport_error_but_the_run_exists() {
+    let sim = start(0).await;
+    sim.set_faults(Faults {
+        drop_next_submit_answers: 2,
+        ..Faults::default()
+    });
+    let response = submit_response(&sim, &image_submit("k-drop")).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.json::<Value>().await.is_err(),
+        "body read must fail"
+    );
+    let response = submit_response(&sim, &image_submit("k-drop")).await;
+    assert!(response.bytes().await.is_err(), "body read must fail");
+
+    let ledger = sim.ledger();
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].charges, 1);
+
+    let (status, retry) = submit(&sim, image_submit("k-drop")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(retry["data"]["idempotent_replay"], true);
+    assert_eq!(
+        retry["data"]["run_order_id"],
+        ledger[0].run_order_id.as_str()
+    );
+    let ledger = sim.ledger();
+    assert_eq!((ledger[0].charges, ledger[0].submit_requests), (1, 3));
+    assert_eq!(sim.stats().dropped_answers, 2);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn poll_faults_and_random_errors() {
+    let sim = start(0).await;
+    let (_, answer) = submit(&sim, image_submit("k-poll")).await;
+    let run_order_id = answer["data"]["run_order_id"]
+        .as_str()
+        .expect("run id")
+        .to_owned();
+    sim.set_faults(Faults {
+        fail_next_polls: 1,
+        ..Faults::default()
+    });
+    let url = format!(
+        "{}/workflow/run/execution?run_order_id={run_order_id}",
+        sim.base_url()
+    );
+    let client = Client::new();
+    let first = client
+        .get(&url)
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let second = client
+        .get(&url)
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(second.status(), StatusCode::OK);
+
+    sim.set_faults(Faults {
+        error_rate: 1.0,
+        ..Faults::default()
+    });
+    for _ in 0..6 {
+        let response = client
+            .get(&url)
+            .header("Authorization", TOKEN)
+            .send()
+            .await
+            .expect("sent");
+        assert!(response.status().is_server_error());
+    }
+    assert_eq!(sim.stats().injected_5xx, 7);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_bearer_is_401() {
+    let sim = SimServer::start(
+        ([127, 0, 0, 1], 0).into(),
+        SimConfig {
+            api_key: Some("right".to_owned()),
+            ..SimConfig::default()
+        },
+    )
+    .await
+    .expect("simulator starts");
+    let url = format!(
+        "{}/workflow/market/info?workflow_id={TEXT_TO_IMAGE}",
+        sim.base_url()
+    );
+    let client = Client::new();
+    for auth in [Some("Bearer wrong"), Some("Bearer "), None] {
+        let mut request = client.get(&url);
+        if let Some(auth) = auth {
+            request = request.header("Authorization", auth);
+        }
+        let response = request.send().await.expect("sent");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let body: Value = response.json().await.expect("JSON body");
+        assert_eq!(
+            body,
+            json!({"code": 401, "msg": "invalid api key", "data": null})
+        );
+    }
+    let ok = client
+        .get(&url)
+        .bearer_auth("right")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(sim.stats().unauthorized, 3);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_endpoints_round_trip() {
+    let sim = start(0).await;
+    let client = Client::new();
+    let root = admin_url(&sim);
+    let health = client
+        .get(format!("{root}/_sim/health"))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(health.text().await.expect("text"), "ok");
+
+    let faults =
+        json!({"error_rate": 0.25, "retry_after_secs": 2, "latency_ms": 5, "fail_next_polls": 4});
+    let put = client
+        .put(format!("{root}/_sim/faults"))
+        .json(&faults)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(put.status(), StatusCode::OK);
+    let got: Faults = client
+        .get(format!("{root}/_sim/faults"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("faults JSON");
+    assert_eq!(got, sim.faults());
+    assert_eq!(got.latency, Duration::from_millis(5));
+    assert_eq!(
+        (got.error_rate, got.fail_next_polls, got.fail_next_submits),
+        (0.25, 4, 0)
+    );
+
+    let bad = client
+        .put(format!("{root}/_sim/faults"))
+        .body(r#"{"error_rate": 2}"#)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    sim.set_faults(Faults::default());
+
+    submit(&sim, image_submit("admin-1")).await;
+    let ledger: Value = client
+        .get(format!("{root}/_sim/ledger"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(ledger[0]["idempotency_key"], "admin-1");
+    assert_eq!(ledger[0]["frozen"], "0.03000000");
+    let stats: Value = client
+        .get(format!("{root}/_sim/stats"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(stats["accepted_new"], 1);
+    sim.shutdown().await;
+}

@@ -1,0 +1,138 @@
+//! The queue's SQL on its own: claims, leases, compare-and-set.
+
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::PgPool;
+
+use wfq::lifecycle::{self, RunState};
+use wfq::store::{self, NewRun};
+
+const LEASE: Duration = Duration::from_secs(60);
+
+async fn insert(pool: &PgPool, priority: i32, not_before_secs: Option<i64>) -> i64 {
+    store::enqueue_run(
+        pool,
+        &NewRun {
+            workflow_id: "wf".into(),
+            inputs: json!({}),
+            priority,
+            not_before: not_before_secs.map(|s| chrono::Utc::now() + chrono::Duration::seconds(s)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+#[sqlx::test]
+async fn claims_take_due_runs_by_priority_and_skip_future_ones(pool: PgPool) {
+    let low = insert(&pool, -5, None).await;
+    let high = insert(&pool, 100, None).await;
+    let normal = insert(&pool, 0, None).await;
+    let _later = insert(&pool, 1000, Some(3600)).await;
+    let claimed = store::claim_due_runs(&pool, "w1", 10, LEASE).await.unwrap();
+    let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![high, normal, low]);
+    assert!(claimed.iter().all(|r| r.state == RunState::Queued && r.rescued_from.is_none()));
+    // The future run sets the next wake-up time; leased runs do not.
+    let next = store::next_due_at(&pool).await.unwrap().unwrap();
+    assert!(next > chrono::Utc::now() + chrono::Duration::minutes(59));
+}
+
+#[sqlx::test]
+async fn concurrent_claims_never_overlap(pool: PgPool) {
+    for _ in 0..40 {
+        insert(&pool, 0, None).await;
+    }
+    let claims = futures_util::future::join_all(
+        (0..4).map(|i| {
+            let pool = pool.clone();
+            async move { store::claim_due_runs(&pool, &format!("w{i}"), 15, LEASE).await.unwrap() }
+        }),
+    )
+    .await;
+    let mut ids: Vec<i64> = claims.iter().flatten().map(|r| r.id).collect();
+    let total = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), total, "a run was claimed twice");
+    assert_eq!(total, 40);
+}
+
+#[sqlx::test]
+async fn a_leased_run_is_rescued_only_after_its_lease_expires(pool: PgPool) {
+    let id = insert(&pool, 0, None).await;
+    let first = store::claim_due_runs(&pool, "w1", 1, LEASE).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert!(store::claim_due_runs(&pool, "w2", 1, LEASE).await.unwrap().is_empty());
+    sqlx::query("UPDATE wfq.runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let rescued = store::claim_due_runs(&pool, "w2", 1, LEASE).await.unwrap();
+    assert_eq!(rescued.len(), 1);
+    assert_eq!(rescued[0].rescued_from.as_deref(), Some("w1"));
+
+    // The first worker wakes up and tries to record its step: refused, no event.
+    let t = lifecycle::begin_submit("wfr", json!({}));
+    let stale = store::apply_transition(&pool, id, first[0].version, RunState::Queued, "w1", LEASE, &t)
+        .await
+        .unwrap();
+    assert_eq!(stale, None);
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM wfq.run_events WHERE run_id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 0);
+    // The new holder's write goes through and bumps the version.
+    let applied = store::apply_transition(&pool, id, rescued[0].version, RunState::Queued, "w2", LEASE, &t)
+        .await
+        .unwrap();
+    assert_eq!(applied, Some(rescued[0].version + 1));
+}
+
+#[sqlx::test]
+async fn releasing_leases_makes_runs_claimable_at_once(pool: PgPool) {
+    for _ in 0..3 {
+        insert(&pool, 0, None).await;
+    }
+    assert_eq!(store::claim_due_runs(&pool, "w1", 10, LEASE).await.unwrap().len(), 3);
+    assert_eq!(store::release_leases(&pool, "w1").await.unwrap(), 3);
+    assert_eq!(store::claim_due_runs(&pool, "w2", 10, LEASE).await.unwrap().len(), 3);
+    let released: i64 = sqlx::query_scalar("SELECT count(*) FROM wfq.run_events WHERE kind = 'lease_released'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(released, 3);
+}
+
+#[sqlx::test]
+async fn inserts_notify_once_per_statement_and_finals_notify_per_run(pool: PgPool) {
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await.unwrap();
+    listener.listen_all(["wfq_runs_due", "wfq_run_finished"]).await.unwrap();
+    sqlx::query("INSERT INTO wfq.runs (workflow_id) SELECT 'wf' FROM generate_series(1, 50)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let first = listener.recv().await.unwrap();
+    assert_eq!(first.channel(), "wfq_runs_due");
+    let id = insert(&pool, 0, Some(3600)).await;
+    let second = listener.recv().await.unwrap();
+    assert_eq!(second.channel(), "wfq_runs_due");
+    // PostgreSQL folds identical notifications of one transaction, so only
+    // the catalog can show the trigger is per statement (bit 0 of tgtype = ROW).
+    let per_row: i16 = sqlx::query_scalar(
+        "SELECT (tgtype & 1)::int2 FROM pg_trigger WHERE tgname = 'runs_inserted_notify'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(per_row, 0, "the insert trigger must fire per statement");
+    store::cancel_run(&pool, id, None).await.unwrap();
+    let finished = listener.recv().await.unwrap();
+    assert_eq!(finished.channel(), "wfq_run_finished");
+    assert_eq!(finished.payload(), id.to_string());
+}
