@@ -84,9 +84,11 @@ async fn fresh_demo_database(server_url: &str) -> Result<Option<String>, DemoErr
         )))
         .execute(&server)
         .await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {DEMO_DATABASE}")))
-            .execute(&server)
-            .await
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {DEMO_DATABASE}"
+        )))
+        .execute(&server)
+        .await
     }
     .await;
     server.close().await;
@@ -102,17 +104,32 @@ async fn fresh_demo_database(server_url: &str) -> Result<Option<String>, DemoErr
 async fn find_database() -> Result<(DemoDatabase, PgPool), DemoError> {
     let from_env = ["WFQ_DATABASE_URL", "DATABASE_URL"]
         .into_iter()
-        .find_map(|var| std::env::var(var).ok().filter(|u| !u.is_empty()).map(|u| (var, u)));
+        .find_map(|var| {
+            std::env::var(var)
+                .ok()
+                .filter(|u| !u.is_empty())
+                .map(|u| (var, u))
+        });
     let (server_url, origin, cluster) = if let Some((var, url)) = from_env {
         (url, format!("the server {var} points at"), None)
     } else if answers(LOCAL_SERVER).await.is_some() {
-        (LOCAL_SERVER.to_owned(), "the local server at 127.0.0.1:5432".to_owned(), None)
+        (
+            LOCAL_SERVER.to_owned(),
+            "the local server at 127.0.0.1:5432".to_owned(),
+            None,
+        )
     } else if find_bindir().is_some() {
-        println!("database: no server at 127.0.0.1:5432; starting a throw-away cluster in a temporary directory (deleted at exit)");
+        println!(
+            "database: no server at 127.0.0.1:5432; starting a throw-away cluster in a temporary directory (deleted at exit)"
+        );
         let cluster = tokio::task::spawn_blocking(ScratchCluster::start)
             .await
             .map_err(|e| DemoError::NoDatabase(e.to_string()))??;
-        (cluster.url.clone(), "the throw-away cluster".to_owned(), Some(cluster))
+        (
+            cluster.url.clone(),
+            "the throw-away cluster".to_owned(),
+            Some(cluster),
+        )
     } else {
         return Err(DemoError::NoDatabase(
             "no DATABASE_URL, no server at 127.0.0.1:5432, and no initdb installed".into(),
@@ -128,9 +145,12 @@ async fn find_database() -> Result<(DemoDatabase, PgPool), DemoError> {
             server_url
         }
     };
-    let pool = answers(&url)
-        .await
-        .ok_or_else(|| DemoError::NoDatabase(format!("cannot connect to {}", crate::config::DatabaseUrl::new(url.clone()))))?;
+    let pool = answers(&url).await.ok_or_else(|| {
+        DemoError::NoDatabase(format!(
+            "cannot connect to {}",
+            crate::config::DatabaseUrl::new(url.clone())
+        ))
+    })?;
     Ok((
         DemoDatabase {
             url,

@@ -675,7 +675,14 @@ mod tests {
             http_status: 400,
         });
         // (attempts so far, outcome, state, error code, seconds until due, attempts delta)
-        type Row = (u32, SubmitOutcome, RunState, Option<&'static str>, Option<i64>, i32);
+        type Row = (
+            u32,
+            SubmitOutcome,
+            RunState,
+            Option<&'static str>,
+            Option<i64>,
+            i32,
+        );
         let table: Vec<Row> = vec![
             (1, accepted, RunState::Running, None, Some(1), 0),
             (

@@ -34,7 +34,11 @@ async fn claims_take_due_runs_by_priority_and_skip_future_ones(pool: PgPool) {
     let claimed = store::claim_due_runs(&pool, "w1", 10, LEASE).await.unwrap();
     let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
     assert_eq!(ids, vec![high, normal, low]);
-    assert!(claimed.iter().all(|r| r.state == RunState::Queued && r.rescued_from.is_none()));
+    assert!(
+        claimed
+            .iter()
+            .all(|r| r.state == RunState::Queued && r.rescued_from.is_none())
+    );
     // The future run sets the next wake-up time; leased runs do not.
     let next = store::next_due_at(&pool).await.unwrap().unwrap();
     assert!(next > chrono::Utc::now() + chrono::Duration::minutes(59));
@@ -45,12 +49,14 @@ async fn concurrent_claims_never_overlap(pool: PgPool) {
     for _ in 0..40 {
         insert(&pool, 0, None).await;
     }
-    let claims = futures_util::future::join_all(
-        (0..4).map(|i| {
-            let pool = pool.clone();
-            async move { store::claim_due_runs(&pool, &format!("w{i}"), 15, LEASE).await.unwrap() }
-        }),
-    )
+    let claims = futures_util::future::join_all((0..4).map(|i| {
+        let pool = pool.clone();
+        async move {
+            store::claim_due_runs(&pool, &format!("w{i}"), 15, LEASE)
+                .await
+                .unwrap()
+        }
+    }))
     .await;
     let mut ids: Vec<i64> = claims.iter().flatten().map(|r| r.id).collect();
     let total = ids.len();
@@ -65,7 +71,12 @@ async fn a_leased_run_is_rescued_only_after_its_lease_expires(pool: PgPool) {
     let id = insert(&pool, 0, None).await;
     let first = store::claim_due_runs(&pool, "w1", 1, LEASE).await.unwrap();
     assert_eq!(first.len(), 1);
-    assert!(store::claim_due_runs(&pool, "w2", 1, LEASE).await.unwrap().is_empty());
+    assert!(
+        store::claim_due_runs(&pool, "w2", 1, LEASE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     sqlx::query("UPDATE wfq.runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
         .bind(id)
         .execute(&pool)
@@ -77,9 +88,17 @@ async fn a_leased_run_is_rescued_only_after_its_lease_expires(pool: PgPool) {
 
     // The first worker wakes up and tries to record its step: refused, no event.
     let t = lifecycle::begin_submit("wfr", json!({}));
-    let stale = store::apply_transition(&pool, id, first[0].version, RunState::Queued, "w1", LEASE, &t)
-        .await
-        .unwrap();
+    let stale = store::apply_transition(
+        &pool,
+        id,
+        first[0].version,
+        RunState::Queued,
+        "w1",
+        LEASE,
+        &t,
+    )
+    .await
+    .unwrap();
     assert_eq!(stale, None);
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM wfq.run_events WHERE run_id = $1")
         .bind(id)
@@ -88,9 +107,17 @@ async fn a_leased_run_is_rescued_only_after_its_lease_expires(pool: PgPool) {
         .unwrap();
     assert_eq!(events, 0);
     // The new holder's write goes through and bumps the version.
-    let applied = store::apply_transition(&pool, id, rescued[0].version, RunState::Queued, "w2", LEASE, &t)
-        .await
-        .unwrap();
+    let applied = store::apply_transition(
+        &pool,
+        id,
+        rescued[0].version,
+        RunState::Queued,
+        "w2",
+        LEASE,
+        &t,
+    )
+    .await
+    .unwrap();
     assert_eq!(applied, Some(rescued[0].version + 1));
 }
 
@@ -99,20 +126,38 @@ async fn releasing_leases_makes_runs_claimable_at_once(pool: PgPool) {
     for _ in 0..3 {
         insert(&pool, 0, None).await;
     }
-    assert_eq!(store::claim_due_runs(&pool, "w1", 10, LEASE).await.unwrap().len(), 3);
+    assert_eq!(
+        store::claim_due_runs(&pool, "w1", 10, LEASE)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
     assert_eq!(store::release_leases(&pool, "w1").await.unwrap(), 3);
-    assert_eq!(store::claim_due_runs(&pool, "w2", 10, LEASE).await.unwrap().len(), 3);
-    let released: i64 = sqlx::query_scalar("SELECT count(*) FROM wfq.run_events WHERE kind = 'lease_released'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    assert_eq!(
+        store::claim_due_runs(&pool, "w2", 10, LEASE)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    let released: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM wfq.run_events WHERE kind = 'lease_released'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(released, 3);
 }
 
 #[sqlx::test]
 async fn inserts_notify_once_per_statement_and_finals_notify_per_run(pool: PgPool) {
-    let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await.unwrap();
-    listener.listen_all(["wfq_runs_due", "wfq_run_finished"]).await.unwrap();
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener
+        .listen_all(["wfq_runs_due", "wfq_run_finished"])
+        .await
+        .unwrap();
     sqlx::query("INSERT INTO wfq.runs (workflow_id) SELECT 'wf' FROM generate_series(1, 50)")
         .execute(&pool)
         .await

@@ -22,11 +22,11 @@ pub(crate) fn validate(wf: &Workflow, inputs: Option<&Value>) -> Result<(), Stri
         Some(Value::Object(map)) => map,
         Some(_) => return Err("inputs must be a JSON object".to_owned()),
     };
-    // Sorted so that the same bad request always reports the same key.
-    let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort();
-    for key in keys {
-        let value = &map[key.as_str()];
+    // Sorted so that the same bad request always reports the same key,
+    // whether or not serde_json preserves insertion order.
+    let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+    entries.sort_by_key(|(key, _)| *key);
+    for (key, value) in entries {
         if wf.accepts_real_person_flag && key == REAL_PERSON_FLAG {
             if !value.is_boolean() {
                 return Err(format!("input {key} must be a bool"));
@@ -174,6 +174,17 @@ mod tests {
                 img,
                 json!({"contains_real_person_material": true}),
                 Err("contains_real_person_material"),
+            ),
+            (dub, json!({}), Err("video")),
+            (
+                dub,
+                json!({"video": "https://x.test/v.mp4", "voice": "asset://sim/voice"}),
+                Ok(()),
+            ),
+            (
+                dub,
+                json!({"video": "https://x.test/v.mp4", "voice": "ftp://x/v.mp3"}),
+                Err("voice"),
             ),
         ];
         for (wf, inputs, expected) in table {

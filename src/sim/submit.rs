@@ -198,7 +198,7 @@ fn validate(request: &SubmitRequest) -> Result<(&'static Workflow, String), ApiE
 /// `INVALID_WORKFLOW_INPUT`. The docs warn that a non-zero `code` can come
 /// with HTTP 200, so half the keys (deterministically) get 200 and half 400.
 fn invalid_input(key: &str, detail: String) -> ApiError {
-    let http = if stable_hash("input-status", key) % 2 == 0 {
+    let http = if stable_hash("input-status", key).is_multiple_of(2) {
         StatusCode::OK
     } else {
         StatusCode::BAD_REQUEST

@@ -23,6 +23,14 @@ pub struct RunRow {
     pub sent_inputs: Option<Value>,
     /// Idempotency key.
     pub idempotency_key: String,
+    /// Consent to external-model costs.
+    pub accept_external_cost_risk: bool,
+    /// Higher first.
+    pub priority: i32,
+    /// Not submitted before.
+    pub not_before: Option<DateTime<Utc>>,
+    /// The producer's own data.
+    pub metadata: Option<Value>,
     /// State.
     pub state: String,
     /// Submit attempts.
@@ -33,6 +41,8 @@ pub struct RunRow {
     pub due_at: DateTime<Utc>,
     /// Lease holder.
     pub lease_owner: Option<String>,
+    /// Lease end.
+    pub lease_expires_at: Option<DateTime<Utc>>,
     /// The run this one repeats.
     pub retry_of: Option<i64>,
     /// Created.
@@ -41,10 +51,24 @@ pub struct RunRow {
     pub submitted_at: Option<DateTime<Utc>>,
     /// Became final.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Money became final.
+    pub settled_at: Option<DateTime<Utc>>,
+    /// Last write.
+    pub updated_at: DateTime<Utc>,
     /// Provider run id.
     pub provider_run_id: Option<String>,
+    /// Engine task id.
+    pub task_id: Option<String>,
+    /// Engine prompt id.
+    pub prompt_id: Option<String>,
+    /// Billing record id.
+    pub billing_run_id: Option<String>,
     /// Provider run status.
     pub run_status: Option<String>,
+    /// Provider freeze status.
+    pub freeze_status: Option<String>,
+    /// Provider submission status.
+    pub submission_status: Option<String>,
     /// Provider settlement status.
     pub settlement_status: Option<String>,
     /// Outputs.
@@ -59,22 +83,30 @@ pub struct RunRow {
     pub final_amount: Option<Decimal>,
     /// Given back.
     pub released_amount: Option<Decimal>,
+    /// Compute cost.
+    pub compute_cost: Option<Decimal>,
+    /// External model cost.
+    pub external_model_cost: Option<Decimal>,
     /// Total cost.
     pub total_cost: Option<Decimal>,
     /// Error code.
     pub error_code: Option<String>,
     /// Error message.
     pub error_message: Option<String>,
+    /// Structured error detail.
+    pub error_detail: Option<Value>,
 }
 
 // A macro rather than a const so that `concat!` builds static SQL strings.
 macro_rules! run_columns {
     () => {
-        "id, provider, workflow_id, revision_id, inputs, sent_inputs, \
-    idempotency_key, state, attempts, polls, due_at, lease_owner, retry_of, created_at, \
-    submitted_at, finished_at, provider_run_id, run_status, settlement_status, outputs, \
-    currency, quote_amount, frozen_amount, final_amount, released_amount, total_cost, \
-    error_code, error_message"
+        "id, provider, workflow_id, revision_id, inputs, sent_inputs, idempotency_key, \
+         accept_external_cost_risk, priority, not_before, metadata, state, attempts, polls, \
+         due_at, lease_owner, lease_expires_at, retry_of, created_at, submitted_at, finished_at, \
+         settled_at, updated_at, provider_run_id, task_id, prompt_id, billing_run_id, run_status, \
+         freeze_status, submission_status, settlement_status, outputs, currency, quote_amount, \
+         frozen_amount, final_amount, released_amount, compute_cost, external_model_cost, \
+         total_cost, error_code, error_message, error_detail"
     };
 }
 
