@@ -1,0 +1,133 @@
+//! The `wfq` binary as users run it: subcommands against a real database,
+//! and the worker daemon stopped with SIGTERM.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use common::*;
+
+fn url(connect: &PgConnectOptions) -> String {
+    format!(
+        "postgres://{}@{}:{}/{}",
+        connect.get_username(),
+        connect.get_host(),
+        connect.get_port(),
+        connect.get_database().unwrap_or("postgres")
+    )
+}
+
+fn wfq(database_url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wfq"))
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env_remove("WFQ_DATABASE_URL")
+        .env_remove("WFQ_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("wfq runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim().to_owned()
+}
+
+#[sqlx::test]
+async fn subcommands_enqueue_list_show_cancel_and_retry(_: PgPoolOptions, connect: PgConnectOptions) {
+    let db = url(&connect);
+    let migrate = wfq(&db, &["migrate"]);
+    assert!(migrate.status.success(), "{}", stderr(&migrate));
+
+    let out = wfq(&db, &["enqueue", "--workflow", TEXT_TO_IMAGE, "--inputs", r#"{"n6_text": "cli"}"#, "--priority", "-3", "--not-before", "1h", "--metadata", r#"{"order": 17}"#]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id: i64 = stdout(&out).parse().expect("enqueue prints the id");
+
+    let list = wfq(&db, &["list"]);
+    assert!(list.status.success());
+    let line = stdout(&list).lines().find(|l| l.starts_with(&id.to_string())).map(str::to_owned).expect("run listed");
+    assert!(line.contains("queued") && line.contains(TEXT_TO_IMAGE), "{line}");
+
+    let cancel = wfq(&db, &["cancel", &id.to_string(), "--reason", "not needed"]);
+    assert!(cancel.status.success(), "{}", stderr(&cancel));
+    let again = wfq(&db, &["cancel", &id.to_string()]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains(&format!("run {id} is canceled: only a queued run can be canceled")), "{}", stderr(&again));
+
+    let retry = wfq(&db, &["retry", &id.to_string()]);
+    assert!(retry.status.success(), "{}", stderr(&retry));
+    let new_id: i64 = stdout(&retry).parse().unwrap();
+    assert_ne!(new_id, id);
+
+    let show = wfq(&db, &["show", &id.to_string()]);
+    assert!(show.status.success());
+    let shown: serde_json::Value = serde_json::from_str(&stdout(&show)).expect("show prints JSON");
+    assert_eq!(shown["state"], "canceled");
+    assert_eq!(shown["priority"], -3);
+    assert_eq!(shown["metadata"]["order"], 17);
+    let kinds: Vec<&str> = shown["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, vec!["canceled", "retried"]);
+
+    let bad = wfq(&db, &["enqueue", "--workflow", "wf", "--inputs", "[1, 2]"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--inputs must be a JSON object"), "{}", stderr(&bad));
+    let missing = wfq(&db, &["show", "424242"]);
+    assert!(stderr(&missing).contains("run 424242 does not exist"));
+}
+
+#[sqlx::test]
+async fn the_worker_daemon_runs_until_sigterm_and_never_logs_the_key(_: PgPoolOptions, connect: PgConnectOptions) {
+    let db = url(&connect);
+    let pool: PgPool = PgPoolOptions::new().max_connections(4).connect_with(connect).await.unwrap();
+    let sim = start_sim(0, 200, 50).await;
+    let dir = std::env::temp_dir().join(format!("wfq-cli-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join(format!("worker-{}.toml", pool.connect_options().get_database().unwrap_or("x")));
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nfallback_poll = \"250ms\"\n[poll]\ninitial = \"50ms\"\nmax = \"200ms\"\n\
+             [providers.chenyu]\nkind = \"chenyu\"\nbase_url = \"{}\"\napi_key_env = \"TEST_KEY_VAR\"\n",
+            sim.base_url()
+        ),
+    )
+    .unwrap();
+    let id = enqueue(&pool, TEXT_TO_IMAGE, serde_json::json!({})).await;
+    let child = Command::new(env!("CARGO_BIN_EXE_wfq"))
+        .args(["worker", "--config"])
+        .arg(&config)
+        .env("DATABASE_URL", &db)
+        .env("TEST_KEY_VAR", API_KEY)
+        .env("RUST_LOG", "debug,sqlx=warn,hyper=warn,reqwest=warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_all_final(&pool, Duration::from_secs(30)).await;
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit 0 after SIGTERM: {:?}\n{logs}", out.status);
+    assert_eq!(run(&pool, id).await.state, "succeeded");
+    assert!(logs.contains("worker stopped"), "{logs}");
+    assert!(logs.contains(&format!("run_id={id}")), "run lines carry the run id: {logs}");
+    assert!(!logs.contains(API_KEY), "the API key leaked into the logs");
+    let in_db: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM wfq.run_events WHERE detail::text LIKE '%' || $1 || '%'",
+    )
+    .bind(API_KEY)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(in_db, 0, "the API key leaked into the events");
+    let _ = std::fs::remove_file(&config);
+    sim.shutdown().await;
+}
