@@ -117,6 +117,21 @@ struct SimArgs {
     /// Accept only this bearer token, read from this environment variable (default: any non-empty token).
     #[arg(long)]
     api_key_env: Option<String>,
+    /// Fraction of API requests answered with a 5xx (0.0-1.0).
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Fraction of API requests answered with 429.
+    #[arg(long, default_value_t = 0.0)]
+    rate_limit_rate: f64,
+    /// Retry-After seconds sent with 429s.
+    #[arg(long)]
+    retry_after: Option<u64>,
+    /// Extra latency before every answer (e.g. 200ms).
+    #[arg(long, default_value = "0s")]
+    latency: String,
+    /// Fraction of accepted submits whose answer is lost (the run exists, the client never hears).
+    #[arg(long, default_value_t = 0.0)]
+    drop_after_submit_rate: f64,
 }
 
 #[tokio::main]
@@ -320,6 +335,14 @@ async fn run_sim(args: SimArgs) -> Result<()> {
     let server = sim::SimServer::start(addr, config)
         .await
         .with_context(|| format!("listening on {addr}"))?;
+    server.set_faults(sim::Faults {
+        error_rate: args.error_rate,
+        rate_limit_rate: args.rate_limit_rate,
+        retry_after_secs: args.retry_after,
+        latency: duration("latency", &args.latency)?,
+        drop_after_submit_rate: args.drop_after_submit_rate,
+        ..Default::default()
+    });
     println!("chenyu simulator at {}", server.base_url());
     println!(
         "admin: http://{}/_sim/ledger, /_sim/stats, /_sim/faults (GET, PUT)",
