@@ -41,25 +41,56 @@ fn stderr(o: &Output) -> String {
 }
 
 #[sqlx::test]
-async fn subcommands_enqueue_list_show_cancel_and_retry(_: PgPoolOptions, connect: PgConnectOptions) {
+async fn subcommands_enqueue_list_show_cancel_and_retry(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let db = url(&connect);
     let migrate = wfq(&db, &["migrate"]);
     assert!(migrate.status.success(), "{}", stderr(&migrate));
 
-    let out = wfq(&db, &["enqueue", "--workflow", TEXT_TO_IMAGE, "--inputs", r#"{"n6_text": "cli"}"#, "--priority", "-3", "--not-before", "1h", "--metadata", r#"{"order": 17}"#]);
+    let out = wfq(
+        &db,
+        &[
+            "enqueue",
+            "--workflow",
+            TEXT_TO_IMAGE,
+            "--inputs",
+            r#"{"n6_text": "cli"}"#,
+            "--priority",
+            "-3",
+            "--not-before",
+            "1h",
+            "--metadata",
+            r#"{"order": 17}"#,
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let id: i64 = stdout(&out).parse().expect("enqueue prints the id");
 
     let list = wfq(&db, &["list"]);
     assert!(list.status.success());
-    let line = stdout(&list).lines().find(|l| l.starts_with(&id.to_string())).map(str::to_owned).expect("run listed");
-    assert!(line.contains("queued") && line.contains(TEXT_TO_IMAGE), "{line}");
+    let line = stdout(&list)
+        .lines()
+        .find(|l| l.starts_with(&id.to_string()))
+        .map(str::to_owned)
+        .expect("run listed");
+    assert!(
+        line.contains("queued") && line.contains(TEXT_TO_IMAGE),
+        "{line}"
+    );
 
     let cancel = wfq(&db, &["cancel", &id.to_string(), "--reason", "not needed"]);
     assert!(cancel.status.success(), "{}", stderr(&cancel));
     let again = wfq(&db, &["cancel", &id.to_string()]);
     assert!(!again.status.success());
-    assert!(stderr(&again).contains(&format!("run {id} is canceled: only a queued run can be canceled")), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains(&format!(
+            "run {id} is canceled: only a queued run can be canceled"
+        )),
+        "{}",
+        stderr(&again)
+    );
 
     let retry = wfq(&db, &["retry", &id.to_string()]);
     assert!(retry.status.success(), "{}", stderr(&retry));
@@ -72,24 +103,43 @@ async fn subcommands_enqueue_list_show_cancel_and_retry(_: PgPoolOptions, connec
     assert_eq!(shown["state"], "canceled");
     assert_eq!(shown["priority"], -3);
     assert_eq!(shown["metadata"]["order"], 17);
-    let kinds: Vec<&str> = shown["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = shown["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, vec!["canceled", "retried"]);
 
     let bad = wfq(&db, &["enqueue", "--workflow", "wf", "--inputs", "[1, 2]"]);
     assert!(!bad.status.success());
-    assert!(stderr(&bad).contains("--inputs must be a JSON object"), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("--inputs must be a JSON object"),
+        "{}",
+        stderr(&bad)
+    );
     let missing = wfq(&db, &["show", "424242"]);
     assert!(stderr(&missing).contains("run 424242 does not exist"));
 }
 
 #[sqlx::test]
-async fn the_worker_daemon_runs_until_sigterm_and_never_logs_the_key(_: PgPoolOptions, connect: PgConnectOptions) {
+async fn the_worker_daemon_runs_until_sigterm_and_never_logs_the_key(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let db = url(&connect);
-    let pool: PgPool = PgPoolOptions::new().max_connections(4).connect_with(connect).await.unwrap();
+    let pool: PgPool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(connect)
+        .await
+        .unwrap();
     let sim = start_sim(0, 200, 50).await;
     let dir = std::env::temp_dir().join(format!("wfq-cli-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join(format!("worker-{}.toml", pool.connect_options().get_database().unwrap_or("x")));
+    let config = dir.join(format!(
+        "worker-{}.toml",
+        pool.connect_options().get_database().unwrap_or("x")
+    ));
     std::fs::write(
         &config,
         format!(
@@ -111,14 +161,24 @@ async fn the_worker_daemon_runs_until_sigterm_and_never_logs_the_key(_: PgPoolOp
         .spawn()
         .unwrap();
     wait_all_final(&pool, Duration::from_secs(30)).await;
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     let logs = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "exit 0 after SIGTERM: {:?}\n{logs}", out.status);
+    assert!(
+        out.status.success(),
+        "exit 0 after SIGTERM: {:?}\n{logs}",
+        out.status
+    );
     assert_eq!(run(&pool, id).await.state, "succeeded");
     assert!(logs.contains("worker stopped"), "{logs}");
-    assert!(logs.contains(&format!("run_id={id}")), "run lines carry the run id: {logs}");
+    assert!(
+        logs.contains(&format!("run_id={id}")),
+        "run lines carry the run id: {logs}"
+    );
     assert!(!logs.contains(API_KEY), "the API key leaked into the logs");
     let in_db: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM wfq.run_events WHERE detail::text LIKE '%' || $1 || '%'",
