@@ -670,3 +670,38 @@ async fn cancel_only_withdraws_a_run_that_was_not_submitted(
     ));
     sim.shutdown().await;
 }
+
+#[sqlx::test]
+async fn a_run_pinned_to_an_unknown_revision_is_refused_by_the_provider(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    let id = store::enqueue_run(
+        &pool,
+        &NewRun {
+            workflow_id: TEXT_TO_IMAGE.into(),
+            revision_id: Some("wfr_retired_0000".into()),
+            inputs: json!({"n6_text": "old"}),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+    let run = run(&pool, id).await;
+    assert_eq!(run.state, "failed");
+    assert_eq!(run.error_code.as_deref(), Some("REVISION_NOT_FOUND"));
+    assert_eq!(
+        run.revision_id.as_deref(),
+        Some("wfr_retired_0000"),
+        "the producer's pin is kept"
+    );
+    // Sent as written: no defaults from a manifest of another revision.
+    assert_eq!(run.sent_inputs, Some(json!({"n6_text": "old"})));
+    assert!(sim.ledger().is_empty());
+    sim.shutdown().await;
+}

@@ -245,6 +245,16 @@ async fn prepare(
             ));
         }
     };
+    // market/info describes only the published revision. A run pinned to
+    // another one is sent as the producer wrote it: checking it against a
+    // manifest it does not follow could refuse a valid run, and the provider
+    // still validates (its refusal fails the run with its own code).
+    if let Some(pinned) = &run.revision_id
+        && *pinned != manifest.revision_id
+    {
+        tracing::info!(pinned = %pinned, published = %manifest.revision_id, "run pins an unpublished revision; inputs sent unchecked");
+        return Ok((pinned.clone(), inputs.clone()));
+    }
     let sent = complete_inputs(&manifest, inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
     // The provider would refuse it too, but only after a round trip, and a
     // refusal there is indistinguishable from other input problems.
