@@ -252,7 +252,10 @@ impl Transition {
 const UNAUTHORIZED_PAUSE: Duration = Duration::from_secs(60);
 
 fn later(now: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
-    now + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::MAX)
+    chrono::Duration::from_std(delay)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(now + chrono::Duration::days(1))
 }
 
 fn unclear_detail(u: &Unclear) -> Value {
@@ -367,7 +370,7 @@ pub fn manifest_failed(
         ManifestError::Unclear(u) => Transition {
             due_at: Some(later(
                 now,
-                wait_after_unclear(u, retry.delay(run.attempts + 1, unit)),
+                wait_after_unclear(u, retry.delay(run.attempts + 1, unit), retry.max),
             )),
             ..Transition::new(
                 run.state,
@@ -380,13 +383,16 @@ pub fn manifest_failed(
     }
 }
 
-fn wait_after_unclear(u: &Unclear, scheduled: Duration) -> Duration {
+/// The schedule's delay, stretched to the provider's `Retry-After` but never
+/// past the schedule's own cap: a wild header must not park a run for years.
+fn wait_after_unclear(u: &Unclear, scheduled: Duration, cap: Duration) -> Duration {
     let floor = if u.unauthorized {
         UNAUTHORIZED_PAUSE
     } else {
         Duration::ZERO
     };
-    scheduled.max(u.retry_after.unwrap_or_default()).max(floor)
+    let asked = u.retry_after.unwrap_or_default().min(cap);
+    scheduled.max(asked).max(floor)
 }
 
 /// Decides what a submit's answer means for the run.
@@ -411,9 +417,10 @@ pub fn after_submit(
                 },
             )
         },
-        // Nothing was frozen for a refused submit, so the money is final too.
+        // A refused first submit froze nothing, so the money is final too.
+        // After an unclear attempt that is no longer certain.
         SubmitOutcome::Rejected(e) => Transition {
-            settled: true,
+            settled: run.attempts <= 1,
             ..Transition::failed(
                 &e.code,
                 e.message.clone(),
@@ -429,7 +436,7 @@ pub fn after_submit(
             attempts_delta: -1,
             due_at: Some(later(
                 now,
-                wait_after_unclear(u, retry.delay(run.attempts, unit)),
+                wait_after_unclear(u, retry.delay(run.attempts, unit), retry.max),
             )),
             ..Transition::new(
                 RunState::Submitting,
@@ -442,7 +449,7 @@ pub fn after_submit(
         SubmitOutcome::Unclear(u) if retry.may_retry(run.attempts) => Transition {
             due_at: Some(later(
                 now,
-                wait_after_unclear(u, retry.delay(run.attempts, unit)),
+                wait_after_unclear(u, retry.delay(run.attempts, unit), retry.max),
             )),
             ..Transition::new(
                 RunState::Submitting,
@@ -536,7 +543,7 @@ pub fn after_poll(
             )
         },
         PollOutcome::Unclear(u) => {
-            let wait = wait_after_unclear(u, poll.delay(run.polls + 1, unit));
+            let wait = wait_after_unclear(u, poll.delay(run.polls + 1, unit), poll.max);
             Transition {
                 due_at: Some(later(now, wait)),
                 ..Transition::new(

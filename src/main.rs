@@ -195,8 +195,18 @@ async fn main() -> Result<()> {
         }
         Command::Retry { id } => {
             let pool = connect(cli.config.as_deref()).await?;
-            let new_id = store::retry_run(&pool, id).await?;
-            println!("{new_id}");
+            match store::retry_run(&pool, id).await? {
+                store::RetryOutcome::NewRun(new_id) => {
+                    eprintln!("run {new_id} repeats run {id} with a new idempotency key");
+                    println!("{new_id}");
+                }
+                store::RetryOutcome::Resumed(id) => {
+                    eprintln!(
+                        "run {id} resumed with its own idempotency key: its money was not settled, so a new run could be charged twice"
+                    );
+                    println!("{id}");
+                }
+            }
         }
         Command::Sim(args) => run_sim(args).await?,
         Command::Demo => demo::run_demo().await?,

@@ -8,15 +8,14 @@ use std::str::FromStr;
 use rust_decimal::Decimal;
 use serde::Deserialize;
 
-/// An amount exactly as it appeared on the wire.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum WireAmount {
-    /// `"0.03000000"`, or `""` when the provider has no value yet.
-    Text(String),
-    /// `0.0003`: serde_json keeps the digits it read, which we re-read as a decimal.
-    Number(serde_json::Number),
-}
+/// An amount exactly as it appeared on the wire: the raw JSON text of a
+/// string (`"0.03000000"`, `""` when not known yet) or of a number
+/// (`0.0003`). Keeping the text is what makes numbers exact: serde_json
+/// would otherwise read them through `f64` (`99999999.99999999` becomes
+/// `100000000`).
+#[derive(Debug, Deserialize)]
+#[serde(transparent)]
+pub struct WireAmount(Box<serde_json::value::RawValue>);
 
 /// An amount that could not be read.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -34,12 +33,24 @@ pub fn parse_amount(
     field: &'static str,
     raw: Option<&WireAmount>,
 ) -> Result<Option<Decimal>, AmountError> {
-    let text = match raw {
-        None => return Ok(None),
-        Some(WireAmount::Text(t)) if t.trim().is_empty() => return Ok(None),
-        Some(WireAmount::Text(t)) => t.trim().to_owned(),
-        Some(WireAmount::Number(n)) => n.to_string(),
+    let Some(WireAmount(raw)) = raw else {
+        return Ok(None);
     };
+    let json = raw.get().trim();
+    let text = if json.starts_with('"') {
+        serde_json::from_str::<String>(json)
+            .map_err(|_| AmountError {
+                field,
+                value: json.to_owned(),
+            })?
+            .trim()
+            .to_owned()
+    } else {
+        json.to_owned()
+    };
+    if text.is_empty() || text == "null" {
+        return Ok(None);
+    }
     Decimal::from_str(&text)
         .or_else(|_| Decimal::from_scientific(&text))
         .map(Some)
@@ -72,7 +83,7 @@ mod tests {
     }
 
     fn text(s: &str) -> WireAmount {
-        WireAmount::Text(s.to_owned())
+        serde_json::from_str(&serde_json::to_string(s).unwrap()).unwrap()
     }
 
     #[test]
@@ -94,6 +105,12 @@ mod tests {
         );
         let n: WireAmount = serde_json::from_str("3").unwrap();
         assert_eq!(parse_amount("x", Some(&n)).unwrap(), Some(dec!("3")));
+        // Sixteen significant digits: f64 would round this to 100000000.
+        let n: WireAmount = serde_json::from_str("99999999.99999999").unwrap();
+        assert_eq!(
+            parse_amount("x", Some(&n)).unwrap(),
+            Some(dec!("99999999.99999999"))
+        );
     }
 
     #[test]

@@ -347,7 +347,9 @@ async fn server_errors_and_rate_limits_are_retried_on_the_stored_schedule(
         ..Default::default()
     });
     let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
-    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
+    // Retry-After is honoured up to the schedule's cap, here 2 s.
+    let capped = "[submit]\ninitial = \"100ms\"\nmax = \"2s\"\nmax_attempts = 6\n";
+    let worker = start_worker(config(&sim, "w1", capped), pool.clone());
     wait_all_final(&pool, LIMIT).await;
     worker.stop().await;
 
@@ -362,7 +364,7 @@ async fn server_errors_and_rate_limits_are_retried_on_the_stored_schedule(
     assert_eq!(unclear.len(), 2, "{events:?}");
     assert_eq!(unclear[0].detail.as_ref().unwrap()["http_status"], 503);
     assert_eq!(unclear[1].detail.as_ref().unwrap()["http_status"], 429);
-    // Retry-After: 1 was honoured although the schedule says 100-400 ms.
+    // Retry-After: 1 was honoured although the schedule starts at 100 ms.
     let after_429 = events
         .iter()
         .skip_while(|e| {
@@ -659,7 +661,9 @@ async fn cancel_only_withdraws_a_run_that_was_not_submitted(
     ));
 
     // A canceled run can be retried: a new row, a new key, pointing back.
-    let again = store::retry_run(&pool, later).await.unwrap();
+    let store::RetryOutcome::NewRun(again) = store::retry_run(&pool, later).await.unwrap() else {
+        panic!("a canceled run is repeated as a new run");
+    };
     let copy = run(&pool, again).await;
     assert_eq!(copy.retry_of, Some(later));
     assert_eq!(copy.state, "queued");
@@ -703,5 +707,39 @@ async fn a_run_pinned_to_an_unknown_revision_is_refused_by_the_provider(
     // Sent as written: no defaults from a manifest of another revision.
     assert_eq!(run.sent_inputs, Some(json!({"n6_text": "old"})));
     assert!(sim.ledger().is_empty());
+    sim.shutdown().await;
+}
+
+#[sqlx::test]
+async fn exhausted_submit_retries_fail_unsettled_and_retry_resumes_with_the_same_key(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    // Every answer is lost: the provider accepted the first submit, the worker never heard.
+    sim.set_faults(Faults {
+        drop_next_submit_answers: 3,
+        ..Default::default()
+    });
+    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    let quick = "[submit]\ninitial = \"50ms\"\nmax = \"100ms\"\nmax_attempts = 3\n";
+    let worker = start_worker(config(&sim, "w1", quick), pool.clone());
+    wait_all_final(&pool, LIMIT).await;
+    let failed = run(&pool, id).await;
+    assert_eq!(failed.state, "failed");
+    assert_eq!(failed.error_code.as_deref(), Some("SUBMIT_RETRIES_EXHAUSTED"));
+    assert_eq!(failed.settled_at, None, "the money is unknown, so not settled");
+
+    // A retry must not be a new charge: the same row and key go on.
+    let outcome = store::retry_run(&pool, id).await.unwrap();
+    assert_eq!(outcome, store::RetryOutcome::Resumed(id));
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+    let done = run(&pool, id).await;
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert_eq!(done.idempotency_key, failed.idempotency_key);
+    let ledger = sim.ledger();
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].charges, 1);
+    assert_eq!(ledger[0].submit_requests, 4);
+    assert_eq!(done.frozen_amount, Some(ledger[0].frozen));
     sim.shutdown().await;
 }

@@ -51,7 +51,7 @@ impl ChenyuClient {
             .get(format!("{}/workflow/market/info", self.base_url))
             .query(&[("workflow_id", workflow_id)]);
         match classify(self.send(request).await) {
-            Answer::Data(data) => parse_manifest(data).map_err(ManifestError::Unclear),
+            Answer::Data(data) => parse_manifest(&data).map_err(ManifestError::Unclear),
             Answer::Rejected(e) => Err(ManifestError::Rejected(e)),
             Answer::Unclear(u) => Err(ManifestError::Unclear(u)),
         }
@@ -71,7 +71,7 @@ impl ChenyuClient {
             .post(format!("{}/workflow/run/submit", self.base_url))
             .json(&body);
         match classify(self.send(request).await) {
-            Answer::Data(data) => match parse_accepted(data) {
+            Answer::Data(data) => match parse_accepted(&data) {
                 Ok(accepted) => SubmitOutcome::Accepted(accepted),
                 Err(unclear) => SubmitOutcome::Unclear(unclear),
             },
@@ -87,7 +87,7 @@ impl ChenyuClient {
             .get(format!("{}/workflow/run/info", self.base_url))
             .query(&[("run_order_id", run_order_id)]);
         match classify(self.send(request).await) {
-            Answer::Data(data) => match parse_report(data) {
+            Answer::Data(data) => match parse_report(&data) {
                 Ok(report) => PollOutcome::Report(Box::new(report)),
                 Err(unclear) => PollOutcome::Unclear(unclear),
             },
@@ -129,7 +129,8 @@ struct RawAnswer {
 /// An answer, interpreted by the rules every chenyu endpoint shares.
 #[derive(Debug, PartialEq)]
 enum Answer {
-    Data(Value),
+    /// The `data` member's JSON text, untouched so amounts stay exact.
+    Data(String),
     Rejected(ProviderError),
     Unclear(Unclear),
 }
@@ -140,7 +141,7 @@ struct Envelope {
     #[serde(default)]
     msg: Option<String>,
     #[serde(default)]
-    data: Option<Value>,
+    data: Option<Box<serde_json::value::RawValue>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -151,6 +152,8 @@ struct ErrorObject {
     detail: Option<String>,
     #[serde(default)]
     engine_code: Option<String>,
+    #[serde(default)]
+    status_code: Option<i64>,
 }
 
 fn transport_error(e: reqwest::Error) -> Unclear {
@@ -205,7 +208,12 @@ fn classify_raw(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
     if status == StatusCode::TOO_MANY_REQUESTS {
         return unclear(format!("HTTP {status}: rate limited"));
     }
-    if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+    // 409/423/425: the same key is still being worked on (the IETF
+    // idempotency-key draft answers an in-flight duplicate with 409), so the
+    // first attempt may exist: ask again later with the same key.
+    if status.is_server_error()
+        || matches!(status.as_u16(), 408 | 409 | 423 | 425)
+    {
         return unclear(format!("HTTP {status}: {}", snippet(body)));
     }
     let envelope: Envelope = match serde_json::from_slice(body) {
@@ -219,7 +227,11 @@ fn classify_raw(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
     };
     if envelope.code == 0 {
         return if status.is_success() {
-            Answer::Data(envelope.data.unwrap_or(Value::Null))
+            Answer::Data(
+                envelope
+                    .data
+                    .map_or_else(|| "null".to_owned(), |d| d.get().to_owned()),
+            )
         } else {
             unclear(format!("HTTP {status} with code 0"))
         };
@@ -227,10 +239,19 @@ fn classify_raw(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
     let detail = envelope
         .data
         .as_ref()
-        .and_then(|d| d.get("error"))
-        .cloned()
+        .and_then(|d| serde_json::from_str::<Value>(d.get()).ok())
+        .and_then(|d| d.get("error").cloned())
         .unwrap_or_else(|| json!({ "code": envelope.code, "msg": envelope.msg }));
     let error: ErrorObject = serde_json::from_value(detail.clone()).unwrap_or_default();
+    // An engine failure reported inside a 200 (scheduling, instance
+    // crashes) says nothing about our request: it may have been created.
+    if error.status_code.is_some_and(|code| code >= 500) {
+        return unclear(format!(
+            "HTTP {status}, code {}: provider-side failure {}",
+            envelope.code,
+            detail
+        ));
+    }
     let code =
         non_empty(error.engine_code).unwrap_or_else(|| format!("PROVIDER_CODE_{}", envelope.code));
     let reason = non_empty(error.reason)
@@ -296,9 +317,14 @@ struct ManifestEntry {
     default_value: Option<Value>,
 }
 
-fn parse_manifest(data: Value) -> Result<Manifest, Unclear> {
+/// The answer's data as a `Value`, for the audit trail only (never for money).
+fn audit_copy(data: &str) -> Value {
+    serde_json::from_str(data).unwrap_or(Value::Null)
+}
+
+fn parse_manifest(data: &str) -> Result<Manifest, Unclear> {
     let info: MarketInfo =
-        serde_json::from_value(data).map_err(|e| unreadable("workflow manifest", e))?;
+        serde_json::from_str(data).map_err(|e| unreadable("workflow manifest", e))?;
     let quote = parse_amount("quote_amount", info.quote_amount.as_ref())
         .map_err(|e| unreadable("workflow manifest", e))?;
     Ok(Manifest {
@@ -344,9 +370,9 @@ struct SubmitData {
     idempotent_replay: bool,
 }
 
-fn parse_accepted(data: Value) -> Result<Accepted, Unclear> {
+fn parse_accepted(data: &str) -> Result<Accepted, Unclear> {
     let submit: SubmitData =
-        serde_json::from_value(data.clone()).map_err(|e| unreadable("submit answer", e))?;
+        serde_json::from_str(data).map_err(|e| unreadable("submit answer", e))?;
     // Accepted but without a run id: we cannot follow it, but the same key
     // will fetch it again, so this is worth a retry, not a failure.
     let provider_run_id = non_empty(submit.run_order_id)
@@ -354,9 +380,12 @@ fn parse_accepted(data: Value) -> Result<Accepted, Unclear> {
     let quote = parse_amount("quote_amount", submit.quote_amount.as_ref())
         .map_err(|e| unreadable("submit answer", e))?;
     let freeze_status = non_empty(submit.freeze_status);
+    // chenyu freezes the quote at every accepted submit. A replay that
+    // arrives after settlement says `released`, which means the quote was
+    // frozen and has since been settled, so it still counts as frozen.
     let frozen_amount = match freeze_status.as_deref() {
-        Some("frozen") => quote,
-        _ => None,
+        None | Some("frozen" | "released" | "settled") => quote,
+        Some(_) => None,
     };
     Ok(Accepted {
         provider_run_id,
@@ -370,7 +399,7 @@ fn parse_accepted(data: Value) -> Result<Accepted, Unclear> {
         freeze_status,
         run_status: non_empty(submit.run_status),
         idempotent_replay: submit.idempotent_replay,
-        raw: data,
+        raw: audit_copy(data),
     })
 }
 
@@ -422,9 +451,8 @@ fn run_status(value: Option<&str>) -> RunStatus {
     }
 }
 
-fn parse_report(data: Value) -> Result<RunReport, Unclear> {
-    let info: RunInfo =
-        serde_json::from_value(data.clone()).map_err(|e| unreadable("run info", e))?;
+fn parse_report(data: &str) -> Result<RunReport, Unclear> {
+    let info: RunInfo = serde_json::from_str(data).map_err(|e| unreadable("run info", e))?;
     let amount = |field: &'static str, raw: &Option<WireAmount>| {
         parse_amount(field, raw.as_ref()).map_err(|e| unreadable("run info", e))
     };
@@ -460,7 +488,7 @@ fn parse_report(data: Value) -> Result<RunReport, Unclear> {
         error_code: non_empty(info.error_code),
         error_message: non_empty(info.error_message),
         settled,
-        raw: data,
+        raw: audit_copy(data),
     })
 }
 
@@ -497,6 +525,8 @@ mod tests {
             (200, b"<html>maintenance</html>"),
             (200, b""),
             (404, b"<html>not found</html>"),
+            (409, br#"{"code":409,"msg":"a request with this key is in progress"}"#),
+            (200, br#"{"code":1,"msg":"no instance","data":{"error":{"reason":"scheduling failed","engine_code":"INSTANCE_UNAVAILABLE","status_code":503}}}"#),
         ];
         for (status, body) in cases {
             let status = StatusCode::from_u16(*status).unwrap();
@@ -524,7 +554,7 @@ mod tests {
             "freeze_status": "frozen", "run_status": "queued", "task_id": "task_1", "prompt_id": "prompt_1",
             "billing_run_id": "wfbill_1", "idempotent_replay": false
         });
-        let a = parse_accepted(data).unwrap();
+        let a = parse_accepted(&data.to_string()).unwrap();
         assert_eq!(a.provider_run_id, "wfrun_314ff7d8b7a5beff1388");
         assert_eq!(a.frozen_amount, Some(d("0.03")));
         assert_eq!(a.billing_run_id.as_deref(), Some("wfbill_1"));
@@ -533,8 +563,8 @@ mod tests {
 
     #[test]
     fn an_accepted_answer_without_a_run_id_is_unclear() {
-        assert!(parse_accepted(json!({"run_order_id": ""})).is_err());
-        assert!(parse_accepted(json!(null)).is_err());
+        assert!(parse_accepted(r#"{"run_order_id": ""}"#).is_err());
+        assert!(parse_accepted("null").is_err());
     }
 
     #[test]
@@ -546,7 +576,7 @@ mod tests {
             "compute_cost": "0.00028780", "external_model_cost": "0.00000000", "total_cost": "0.00028780",
             "final_amount": "0.00028780", "released_amount": "0.02971220", "error_code": "", "error_message": ""
         });
-        let r = parse_report(data).unwrap();
+        let r = parse_report(&data.to_string()).unwrap();
         assert_eq!(r.status, RunStatus::Succeeded);
         assert!(r.settled);
         assert_eq!(r.final_amount, Some(d("0.00028780")));
@@ -556,28 +586,36 @@ mod tests {
 
     #[test]
     fn a_finished_run_without_amounts_is_not_settled() {
-        let r = parse_report(
-            json!({"run_status": "succeeded", "settlement_status": "unsettled",
-            "final_amount": "", "released_amount": ""}),
-        )
+        let r = parse_report(&json!({"run_status": "succeeded", "settlement_status": "unsettled",
+            "final_amount": "", "released_amount": ""}).to_string())
         .unwrap();
         assert!(r.status.is_final());
         assert!(!r.settled);
-        let r = parse_report(
-            json!({"run_status": "succeeded", "settlement_status": "pending",
-            "final_amount": "0.1", "released_amount": "0.2"}),
-        )
+        let r = parse_report(&json!({"run_status": "succeeded", "settlement_status": "pending",
+            "final_amount": "0.1", "released_amount": "0.2"}).to_string())
         .unwrap();
         assert!(!r.settled, "amounts alone are not a settlement");
     }
 
     #[test]
+    fn a_late_replay_still_records_the_frozen_quote() {
+        let a = parse_accepted(r#"{"run_order_id":"r","quote_amount":"0.50000000","freeze_status":"released","idempotent_replay":true}"#).unwrap();
+        assert_eq!(a.frozen_amount, Some(d("0.5")));
+    }
+
+    #[test]
+    fn money_in_json_numbers_is_exact() {
+        let r = parse_report(r#"{"final_amount": 12345678.12345678, "released_amount": "0"}"#).unwrap();
+        assert_eq!(r.final_amount, Some(d("12345678.12345678")));
+    }
+
+    #[test]
     fn unknown_statuses_and_bad_amounts_are_handled_without_guessing() {
-        let r = parse_report(json!({"run_status": "paused_for_review"})).unwrap();
+        let r = parse_report(&json!({"run_status": "paused_for_review"}).to_string()).unwrap();
         assert_eq!(r.status, RunStatus::Unknown("paused_for_review".into()));
-        assert!(parse_report(json!({"final_amount": "12,5"})).is_err());
-        let r = parse_report(json!({"final_amount": 0.0003, "released_amount": 0.0297,
-            "settlement_status": "settled", "run_status": "failed"}))
+        assert!(parse_report(&json!({"final_amount": "12,5"}).to_string()).is_err());
+        let r = parse_report(&json!({"final_amount": 0.0003, "released_amount": 0.0297,
+            "settlement_status": "settled", "run_status": "failed"}).to_string())
         .unwrap();
         assert_eq!(r.final_amount, Some(d("0.0003")));
         assert!(r.settled);
@@ -585,7 +623,7 @@ mod tests {
 
     #[test]
     fn manifest_types_and_defaults_are_read() {
-        let m = parse_manifest(json!({
+        let m = parse_manifest(&json!({
             "workflow_id": "wf", "revision_id": "wfr", "quote_amount": "0.03000000",
             "editable_parameter_manifest": [
                 {"key": "n6_text", "type": "string", "required": true, "default_value": "x"},
@@ -593,7 +631,7 @@ mod tests {
                 {"key": "img", "type": "image"},
                 {"key": "odd", "type": "matrix", "default_value": null}
             ]
-        }))
+        }).to_string())
         .unwrap();
         assert_eq!(m.quote_amount, Some(d("0.03")));
         assert_eq!(m.parameters[1].kind, ParamKind::Int);

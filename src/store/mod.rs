@@ -10,7 +10,7 @@ mod transition;
 
 pub use claim::{ClaimedRun, claim_due_runs, next_due_at, release_leases};
 pub use read::{EventRow, RunRow, list_runs, run_events, show_run};
-pub use requests::{NewRun, RequestError, cancel_run, enqueue_run, retry_run};
+pub use requests::{NewRun, RequestError, RetryOutcome, cancel_run, enqueue_run, retry_run};
 pub use transition::apply_transition;
 
 use sqlx::PgPool;

@@ -119,10 +119,53 @@ pub async fn cancel_run(pool: &PgPool, id: i64, reason: Option<&str>) -> Result<
     })
 }
 
-/// Creates a new run that repeats a failed or canceled run's request with a
-/// fresh idempotency key (it is a new charge), pointing back at the original.
+/// What `retry_run` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// A new run (new id, new idempotency key) repeats the request.
+    NewRun(i64),
+    /// The same run goes on with its own idempotency key, because its money
+    /// is not settled: the provider may hold it already, and a new key would
+    /// be a second charge.
+    Resumed(i64),
+}
+
+/// Tries a failed or canceled run again.
+///
+/// A run whose money is settled (or that never reached the provider) is
+/// repeated as a new row with a fresh key that points back at it. A failed
+/// run whose money is *not* settled (`SUBMIT_RETRIES_EXHAUSTED`,
+/// `POLL_DEADLINE`) is resumed in place instead: submitted again with its
+/// own key (the provider replays it if it had accepted it) or polled again.
 #[tracing::instrument(name = "retry_run", skip(pool), err)]
-pub async fn retry_run(pool: &PgPool, id: i64) -> Result<i64, RequestError> {
+pub async fn retry_run(pool: &PgPool, id: i64) -> Result<RetryOutcome, RequestError> {
+    let resumed: Option<i64> = sqlx::query_scalar(
+        r#"
+        WITH resumed AS (
+            UPDATE wfq.runs
+            SET state = CASE WHEN provider_run_id IS NULL THEN 'submitting' ELSE 'running' END,
+                attempts = 0, due_at = now(), finished_at = NULL, lease_owner = NULL,
+                lease_expires_at = NULL, error_code = NULL, error_message = NULL,
+                error_detail = NULL, version = version + 1, updated_at = now()
+            WHERE id = $1 AND state = 'failed' AND settled_at IS NULL
+              AND (provider_run_id IS NOT NULL OR sent_inputs IS NOT NULL)
+            RETURNING id, state
+        ),
+        event AS (
+            INSERT INTO wfq.run_events (run_id, kind, from_state, to_state, detail)
+            SELECT id, 'resumed', 'failed', state,
+                   jsonb_build_object('reason', 'money not settled; resumed with the same idempotency key')
+            FROM resumed
+        )
+        SELECT id FROM resumed
+        "#,
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    if let Some(id) = resumed {
+        return Ok(RetryOutcome::Resumed(id));
+    }
     let new_id: Option<i64> = sqlx::query_scalar(
         r#"
         WITH copy AS (
@@ -130,7 +173,8 @@ pub async fn retry_run(pool: &PgPool, id: i64) -> Result<i64, RequestError> {
                                   accept_external_cost_risk, priority, metadata, retry_of)
             SELECT provider, workflow_id, revision_id, inputs,
                    accept_external_cost_risk, priority, metadata, id
-            FROM wfq.runs WHERE id = $1 AND state IN ('failed', 'canceled')
+            FROM wfq.runs
+            WHERE id = $1 AND state IN ('failed', 'canceled') AND settled_at IS NOT NULL
             RETURNING id, retry_of
         ),
         event AS (
@@ -144,7 +188,7 @@ pub async fn retry_run(pool: &PgPool, id: i64) -> Result<i64, RequestError> {
     .fetch_optional(pool)
     .await?;
     match new_id {
-        Some(new_id) => Ok(new_id),
+        Some(new_id) => Ok(RetryOutcome::NewRun(new_id)),
         None => Err(RequestError::WrongState {
             id,
             state: state_of(pool, id).await?,
