@@ -137,3 +137,31 @@ CREATE TRIGGER runs_not_before_on_insert
     FOR EACH ROW
     WHEN (NEW.not_before IS NOT NULL)
     EXECUTE FUNCTION wfq.apply_not_before();
+
+-- The claim walks active runs in the order it hands them out.
+CREATE INDEX runs_claim_idx ON wfq.runs (priority DESC, due_at, id)
+    WHERE state IN ('queued', 'submitting', 'running');
+
+-- A run's idempotency key never changes, and neither do its provider and
+-- workflow once a worker may have acted on them: a retried submit under
+-- another key, or to another provider, would be a second charge.
+CREATE FUNCTION wfq.guard_run_identity() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.idempotency_key IS DISTINCT FROM OLD.idempotency_key THEN
+        RAISE EXCEPTION 'wfq.runs %: idempotency_key cannot change (it is sent on every submit of this run)', OLD.id
+            USING ERRCODE = 'check_violation';
+    END IF;
+    IF (OLD.state <> 'queued' OR OLD.lease_owner IS NOT NULL OR OLD.sent_inputs IS NOT NULL)
+       AND (NEW.provider IS DISTINCT FROM OLD.provider OR NEW.workflow_id IS DISTINCT FROM OLD.workflow_id) THEN
+        RAISE EXCEPTION 'wfq.runs %: provider and workflow_id cannot change once a worker has taken the run (state %)', OLD.id, OLD.state
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER runs_guard_identity
+    BEFORE UPDATE OF idempotency_key, provider, workflow_id ON wfq.runs
+    FOR EACH ROW
+    EXECUTE FUNCTION wfq.guard_run_identity();

@@ -107,24 +107,37 @@ impl fmt::Display for DatabaseUrl {
     }
 }
 
-/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
+/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`; a
+/// password in the query string (`?password=`) is masked too. Text that is
+/// not a URL (a libpq key/value string) is masked wholesale after `password=`.
 fn redact_url_password(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return match url.find("password=") {
+            Some(at) => format!("{}password=***", &url[..at]),
+            None => url.to_owned(),
+        };
     };
-    let rest = &url[scheme_end + 3..];
-    let Some(at) = rest.find('@') else {
-        return url.to_owned();
-    };
-    match rest[..at].find(':') {
-        Some(colon) => format!(
-            "{}://{}:***{}",
-            &url[..scheme_end],
-            &rest[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
+    if parsed.password().is_some() {
+        let _ = parsed.set_password(Some("***"));
     }
+    let secret =
+        |k: &str| k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword");
+    if parsed.query_pairs().any(|(k, _)| secret(&k)) {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if secret(&k) {
+                    "***".to_owned()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    // `***` is percent-encoded by the URL writer; show it plainly.
+    parsed.to_string().replace("%2A%2A%2A", "***")
 }
 
 /// Settings of the claim loop and the apalis worker.
@@ -142,6 +155,11 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// Subscribe to `LISTEN wfq_runs_due` (turn off behind PgBouncer in transaction mode).
     pub listen: bool,
+    /// Fail queued runs that name a provider profile this worker does not
+    /// have (`UNKNOWN_PROVIDER`). Turn off when separate worker fleets serve
+    /// separate profiles. Runs already submitted are never touched by a
+    /// worker without their profile.
+    pub fail_unknown_providers: bool,
     /// The name written to `lease_owner`; unique per process.
     pub id: String,
 }
@@ -231,6 +249,7 @@ struct RawWorker {
     fallback_poll: Option<String>,
     shutdown_grace: Option<String>,
     listen: Option<bool>,
+    fail_unknown_providers: Option<bool>,
     id: Option<String>,
 }
 
@@ -385,6 +404,7 @@ impl Config {
                 Duration::from_secs(30),
             )?,
             listen: raw.worker.listen.unwrap_or(true),
+            fail_unknown_providers: raw.worker.fail_unknown_providers.unwrap_or(true),
             id: raw.worker.id.unwrap_or_else(default_worker_id),
         };
         // One step is at most a manifest read, a write and a submit; the lease
@@ -648,5 +668,17 @@ mod tests {
             "postgres://u:***@h:5432/d"
         );
         assert_eq!(redact_url_password("postgres://u@h/d"), "postgres://u@h/d");
+        // A password with an `@` in it, percent-encoded as URLs require.
+        assert_eq!(
+            redact_url_password("postgres://u:p%40ss@h/d"),
+            "postgres://u:***@h/d"
+        );
+        let q = redact_url_password("postgres://u@h/d?sslmode=require&password=s3cret");
+        assert!(!q.contains("s3cret"), "{q}");
+        assert!(q.contains("sslmode=require"), "{q}");
+        assert_eq!(
+            redact_url_password("host=h user=u password=s3cret"),
+            "host=h user=u password=***"
+        );
     }
 }

@@ -140,9 +140,12 @@ async fn find_database() -> Result<(DemoDatabase, PgPool), DemoError> {
             println!("database: {DEMO_DATABASE} on {origin} (recreated for this demo)");
             url
         }
+        // Never fall back to the server's own database: it may hold a real
+        // queue, and the demo's worker would submit its runs to the simulator.
         None => {
-            println!("database: {origin} (no permission to create a separate demo database)");
-            server_url
+            return Err(DemoError::NoDatabase(format!(
+                "{origin} does not let this user create the `{DEMO_DATABASE}` database"
+            )));
         }
     };
     let pool = answers(&url).await.ok_or_else(|| {

@@ -318,6 +318,22 @@ pub fn external_cost_not_accepted(workflow_id: &str) -> Transition {
     )
 }
 
+/// A `running` row without a provider run id cannot be polled; park it for
+/// an hour with an event an operator will find, instead of re-claiming it
+/// every lease period.
+pub fn missing_provider_run_id(now: DateTime<Utc>) -> Transition {
+    Transition {
+        due_at: Some(later(now, Duration::from_secs(3600))),
+        ..Transition::new(
+            RunState::Running,
+            Event {
+                kind: "missing_provider_run_id",
+                detail: json!({ "error": "state is running but provider_run_id is empty; set it, or fail the run by hand" }),
+            },
+        )
+    }
+}
+
 /// The row names a provider profile this worker does not have.
 pub fn unknown_provider(profile: &str, known: &[String]) -> Transition {
     let message = format!(

@@ -509,6 +509,8 @@ async fn a_killed_workers_runs_continue_after_their_lease_expires(
     )
     .await;
     first.kill().await;
+    // Killed mid-poll (every poll now takes 900 ms): the lease is still held.
+    assert_eq!(run(&pool, id).await.lease_owner.as_deref(), Some("doomed"));
     sim.set_faults(Faults::default());
 
     let second = start_worker(config(&sim, "rescuer", ""), pool.clone());
@@ -517,6 +519,14 @@ async fn a_killed_workers_runs_continue_after_their_lease_expires(
     let row = run(&pool, id).await;
     assert_eq!(row.state, "succeeded");
     assert_eq!(sim.stats().submit_requests, 1);
+    let finisher: Option<String> = sqlx::query_scalar(
+        "SELECT worker FROM wfq.run_events WHERE run_id = $1 AND kind = 'run_finished'",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(finisher.as_deref(), Some("rescuer"));
     sim.shutdown().await;
 }
 
@@ -711,7 +721,10 @@ async fn a_run_pinned_to_an_unknown_revision_is_refused_by_the_provider(
 }
 
 #[sqlx::test]
-async fn exhausted_submit_retries_fail_unsettled_and_retry_resumes_with_the_same_key(_: PgPoolOptions, connect: PgConnectOptions) {
+async fn exhausted_submit_retries_fail_unsettled_and_retry_resumes_with_the_same_key(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
     let pool = pool(connect).await;
     let sim = start_sim(0, 100, 50).await;
     // Every answer is lost: the provider accepted the first submit, the worker never heard.
@@ -725,8 +738,14 @@ async fn exhausted_submit_retries_fail_unsettled_and_retry_resumes_with_the_same
     wait_all_final(&pool, LIMIT).await;
     let failed = run(&pool, id).await;
     assert_eq!(failed.state, "failed");
-    assert_eq!(failed.error_code.as_deref(), Some("SUBMIT_RETRIES_EXHAUSTED"));
-    assert_eq!(failed.settled_at, None, "the money is unknown, so not settled");
+    assert_eq!(
+        failed.error_code.as_deref(),
+        Some("SUBMIT_RETRIES_EXHAUSTED")
+    );
+    assert_eq!(
+        failed.settled_at, None,
+        "the money is unknown, so not settled"
+    );
 
     // A retry must not be a new charge: the same row and key go on.
     let outcome = store::retry_run(&pool, id).await.unwrap();

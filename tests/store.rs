@@ -6,9 +6,16 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use wfq::lifecycle::{self, RunState};
-use wfq::store::{self, NewRun};
+use wfq::store::{self, ClaimScope, NewRun};
 
 const LEASE: Duration = Duration::from_secs(60);
+
+fn chenyu() -> ClaimScope {
+    ClaimScope {
+        profiles: vec!["chenyu".into()],
+        unknown_queued: false,
+    }
+}
 
 async fn insert(pool: &PgPool, priority: i32, not_before_secs: Option<i64>) -> i64 {
     store::enqueue_run(
@@ -31,7 +38,9 @@ async fn claims_take_due_runs_by_priority_and_skip_future_ones(pool: PgPool) {
     let high = insert(&pool, 100, None).await;
     let normal = insert(&pool, 0, None).await;
     let _later = insert(&pool, 1000, Some(3600)).await;
-    let claimed = store::claim_due_runs(&pool, "w1", 10, LEASE).await.unwrap();
+    let claimed = store::claim_due_runs(&pool, "w1", 10, LEASE, &chenyu())
+        .await
+        .unwrap();
     let ids: Vec<i64> = claimed.iter().map(|r| r.id).collect();
     assert_eq!(ids, vec![high, normal, low]);
     assert!(
@@ -40,8 +49,46 @@ async fn claims_take_due_runs_by_priority_and_skip_future_ones(pool: PgPool) {
             .all(|r| r.state == RunState::Queued && r.rescued_from.is_none())
     );
     // The future run sets the next wake-up time; leased runs do not.
-    let next = store::next_due_at(&pool).await.unwrap().unwrap();
-    assert!(next > chrono::Utc::now() + chrono::Duration::minutes(59));
+    let next = store::next_due_in(&pool, &chenyu()).await.unwrap().unwrap();
+    assert!(next > Duration::from_secs(59 * 60), "{next:?}");
+}
+
+#[sqlx::test]
+async fn a_worker_only_takes_runs_of_its_profiles(pool: PgPool) {
+    let ours = insert(&pool, 0, None).await;
+    let other = |state: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "INSERT INTO wfq.runs (provider, workflow_id, state, sent_inputs, revision_id) \
+                 VALUES ('other', 'wf', $1, '{}', 'r') RETURNING id",
+            )
+            .bind(state)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let queued_elsewhere = other("queued").await;
+    let _submitting_elsewhere = other("submitting").await;
+    let _running_elsewhere = other("running").await;
+    let strict = store::claim_due_runs(&pool, "w1", 10, LEASE, &chenyu())
+        .await
+        .unwrap();
+    assert_eq!(strict.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ours]);
+    // Failing unknown profiles takes their queued runs only: a submitted run
+    // of another profile may hold money and is never touched.
+    let scope = ClaimScope {
+        unknown_queued: true,
+        ..chenyu()
+    };
+    let loose = store::claim_due_runs(&pool, "w2", 10, LEASE, &scope)
+        .await
+        .unwrap();
+    assert_eq!(
+        loose.iter().map(|r| r.id).collect::<Vec<_>>(),
+        vec![queued_elsewhere]
+    );
 }
 
 #[sqlx::test]
@@ -52,7 +99,7 @@ async fn concurrent_claims_never_overlap(pool: PgPool) {
     let claims = futures_util::future::join_all((0..4).map(|i| {
         let pool = pool.clone();
         async move {
-            store::claim_due_runs(&pool, &format!("w{i}"), 15, LEASE)
+            store::claim_due_runs(&pool, &format!("w{i}"), 15, LEASE, &chenyu())
                 .await
                 .unwrap()
         }
@@ -69,10 +116,12 @@ async fn concurrent_claims_never_overlap(pool: PgPool) {
 #[sqlx::test]
 async fn a_leased_run_is_rescued_only_after_its_lease_expires(pool: PgPool) {
     let id = insert(&pool, 0, None).await;
-    let first = store::claim_due_runs(&pool, "w1", 1, LEASE).await.unwrap();
+    let first = store::claim_due_runs(&pool, "w1", 1, LEASE, &chenyu())
+        .await
+        .unwrap();
     assert_eq!(first.len(), 1);
     assert!(
-        store::claim_due_runs(&pool, "w2", 1, LEASE)
+        store::claim_due_runs(&pool, "w2", 1, LEASE, &chenyu())
             .await
             .unwrap()
             .is_empty()
@@ -82,7 +131,9 @@ async fn a_leased_run_is_rescued_only_after_its_lease_expires(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap();
-    let rescued = store::claim_due_runs(&pool, "w2", 1, LEASE).await.unwrap();
+    let rescued = store::claim_due_runs(&pool, "w2", 1, LEASE, &chenyu())
+        .await
+        .unwrap();
     assert_eq!(rescued.len(), 1);
     assert_eq!(rescued[0].rescued_from.as_deref(), Some("w1"));
 
@@ -127,7 +178,7 @@ async fn releasing_leases_makes_runs_claimable_at_once(pool: PgPool) {
         insert(&pool, 0, None).await;
     }
     assert_eq!(
-        store::claim_due_runs(&pool, "w1", 10, LEASE)
+        store::claim_due_runs(&pool, "w1", 10, LEASE, &chenyu())
             .await
             .unwrap()
             .len(),
@@ -135,7 +186,7 @@ async fn releasing_leases_makes_runs_claimable_at_once(pool: PgPool) {
     );
     assert_eq!(store::release_leases(&pool, "w1").await.unwrap(), 3);
     assert_eq!(
-        store::claim_due_runs(&pool, "w2", 10, LEASE)
+        store::claim_due_runs(&pool, "w2", 10, LEASE, &chenyu())
             .await
             .unwrap()
             .len(),
@@ -180,4 +231,37 @@ async fn inserts_notify_once_per_statement_and_finals_notify_per_run(pool: PgPoo
     let finished = listener.recv().await.unwrap();
     assert_eq!(finished.channel(), "wfq_run_finished");
     assert_eq!(finished.payload(), id.to_string());
+}
+
+#[sqlx::test]
+async fn a_runs_key_and_target_cannot_change_under_a_worker(pool: PgPool) {
+    let id = insert(&pool, 0, None).await;
+    let err = sqlx::query("UPDATE wfq.runs SET idempotency_key = 'other' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .expect_err("the key never changes");
+    assert!(
+        err.to_string().contains("idempotency_key cannot change"),
+        "{err}"
+    );
+    // Before any worker took it, the producer may still fix the workflow.
+    sqlx::query("UPDATE wfq.runs SET workflow_id = 'wf2' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    store::claim_due_runs(&pool, "w1", 1, LEASE, &chenyu())
+        .await
+        .unwrap();
+    let err = sqlx::query("UPDATE wfq.runs SET provider = 'elsewhere' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .expect_err("leased");
+    assert!(
+        err.to_string()
+            .contains("cannot change once a worker has taken the run"),
+        "{err}"
+    );
 }

@@ -211,9 +211,7 @@ fn classify_raw(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
     // 409/423/425: the same key is still being worked on (the IETF
     // idempotency-key draft answers an in-flight duplicate with 409), so the
     // first attempt may exist: ask again later with the same key.
-    if status.is_server_error()
-        || matches!(status.as_u16(), 408 | 409 | 423 | 425)
-    {
+    if status.is_server_error() || matches!(status.as_u16(), 408 | 409 | 423 | 425) {
         return unclear(format!("HTTP {status}: {}", snippet(body)));
     }
     let envelope: Envelope = match serde_json::from_slice(body) {
@@ -248,8 +246,7 @@ fn classify_raw(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
     if error.status_code.is_some_and(|code| code >= 500) {
         return unclear(format!(
             "HTTP {status}, code {}: provider-side failure {}",
-            envelope.code,
-            detail
+            envelope.code, detail
         ));
     }
     let code =
@@ -586,13 +583,19 @@ mod tests {
 
     #[test]
     fn a_finished_run_without_amounts_is_not_settled() {
-        let r = parse_report(&json!({"run_status": "succeeded", "settlement_status": "unsettled",
-            "final_amount": "", "released_amount": ""}).to_string())
+        let r = parse_report(
+            &json!({"run_status": "succeeded", "settlement_status": "unsettled",
+            "final_amount": "", "released_amount": ""})
+            .to_string(),
+        )
         .unwrap();
         assert!(r.status.is_final());
         assert!(!r.settled);
-        let r = parse_report(&json!({"run_status": "succeeded", "settlement_status": "pending",
-            "final_amount": "0.1", "released_amount": "0.2"}).to_string())
+        let r = parse_report(
+            &json!({"run_status": "succeeded", "settlement_status": "pending",
+            "final_amount": "0.1", "released_amount": "0.2"})
+            .to_string(),
+        )
         .unwrap();
         assert!(!r.settled, "amounts alone are not a settlement");
     }
@@ -605,7 +608,8 @@ mod tests {
 
     #[test]
     fn money_in_json_numbers_is_exact() {
-        let r = parse_report(r#"{"final_amount": 12345678.12345678, "released_amount": "0"}"#).unwrap();
+        let r =
+            parse_report(r#"{"final_amount": 12345678.12345678, "released_amount": "0"}"#).unwrap();
         assert_eq!(r.final_amount, Some(d("12345678.12345678")));
     }
 
@@ -614,8 +618,11 @@ mod tests {
         let r = parse_report(&json!({"run_status": "paused_for_review"}).to_string()).unwrap();
         assert_eq!(r.status, RunStatus::Unknown("paused_for_review".into()));
         assert!(parse_report(&json!({"final_amount": "12,5"}).to_string()).is_err());
-        let r = parse_report(&json!({"final_amount": 0.0003, "released_amount": 0.0297,
-            "settlement_status": "settled", "run_status": "failed"}).to_string())
+        let r = parse_report(
+            &json!({"final_amount": 0.0003, "released_amount": 0.0297,
+            "settlement_status": "settled", "run_status": "failed"})
+            .to_string(),
+        )
         .unwrap();
         assert_eq!(r.final_amount, Some(d("0.0003")));
         assert!(r.settled);

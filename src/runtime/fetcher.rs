@@ -40,8 +40,14 @@ pub struct Fetcher {
     config: FetcherConfig,
     /// The last claim found fewer due runs than it asked for: sleep first.
     drained: bool,
+    /// Claims in a row that found nothing although a run looked due (it is
+    /// row-locked by someone else): each doubles the next pause.
+    empty_claims: u32,
     db_failures: u32,
 }
+
+/// The shortest pause after a claim that found nothing.
+const MIN_PAUSE: Duration = Duration::from_millis(5);
 
 impl Fetcher {
     /// A loop over `engine`'s database.
@@ -51,6 +57,7 @@ impl Fetcher {
             slots: Arc::new(Semaphore::new(config.concurrency)),
             config,
             drained: false,
+            empty_claims: 0,
             db_failures: 0,
         }
     }
@@ -75,8 +82,14 @@ impl Fetcher {
                 }
             }
             let engine = &self.engine;
-            match store::claim_due_runs(&engine.pool, &engine.worker_id, slots.len(), engine.lease)
-                .await
+            match store::claim_due_runs(
+                &engine.pool,
+                &engine.worker_id,
+                slots.len(),
+                engine.lease,
+                &engine.scope,
+            )
+            .await
             {
                 Ok(runs) => {
                     if self.db_failures > 0 {
@@ -84,6 +97,11 @@ impl Fetcher {
                         self.db_failures = 0;
                     }
                     self.drained = runs.len() < slots.len();
+                    self.empty_claims = if runs.is_empty() {
+                        self.empty_claims.saturating_add(1)
+                    } else {
+                        0
+                    };
                     if !runs.is_empty() {
                         tracing::debug!(claimed = runs.len(), "claimed due runs");
                         return runs
@@ -106,21 +124,31 @@ impl Fetcher {
     }
 
     async fn sleep_until_due(&mut self) {
-        let now = Utc::now();
-        let fallback = now
-            + chrono::Duration::from_std(self.config.fallback_poll)
-                .unwrap_or(chrono::Duration::seconds(5));
-        let next = match store::next_due_at(&self.engine.pool).await {
+        let fallback = self.config.fallback_poll;
+        let next = match store::next_due_in(&self.engine.pool, &self.engine.scope).await {
             Ok(next) => next,
             Err(e) => {
                 tracing::warn!(error = %e, "reading the next due time failed; using the fallback poll");
                 None
             }
         };
-        let until = next.map_or(fallback, |n| n.min(fallback));
-        // A run due "now" that the claim did not get is locked by another
-        // worker's claim right now; a moment's pause avoids spinning on it.
-        let until = until.max(now + chrono::Duration::milliseconds(5));
+        // A run that is due but was not claimed is row-locked by someone
+        // else (another worker's claim, a producer's open transaction). Back
+        // off exponentially instead of asking again every few milliseconds.
+        let wait = match next {
+            Some(n) if n.is_zero() => MIN_PAUSE
+                .saturating_mul(1 << self.empty_claims.min(16))
+                .min(fallback),
+            Some(n) => {
+                self.empty_claims = 0;
+                n.min(fallback)
+            }
+            None => {
+                self.empty_claims = 0;
+                fallback
+            }
+        };
+        let until = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
         self.engine.wake.sleep_until(until).await;
         self.drained = false;
     }

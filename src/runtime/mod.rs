@@ -44,6 +44,8 @@ pub struct Engine {
     /// Poll schedule.
     pub poll: PollPolicy,
     providers: BTreeMap<String, (ProviderClient, Duration)>,
+    /// Which runs this worker claims.
+    pub scope: crate::store::ClaimScope,
     /// Manifest cache.
     pub manifests: ManifestCache,
     /// The claim loop's alarm clock.
@@ -82,7 +84,12 @@ impl Engine {
             };
             providers.insert(name.clone(), (client, profile.manifest_ttl));
         }
+        let scope = crate::store::ClaimScope {
+            profiles: providers.keys().cloned().collect(),
+            unknown_queued: config.worker.fail_unknown_providers,
+        };
         Ok(Engine {
+            scope,
             pool,
             worker_id: config.worker.id.clone(),
             lease: config.worker.lease,

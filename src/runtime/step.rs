@@ -151,18 +151,14 @@ fn unit() -> f64 {
 
 async fn submit_step(engine: &Engine, run: ClaimedRun) -> Result<(), StepError> {
     let Some((client, ttl)) = engine.provider(&run.provider) else {
-        let t = lifecycle::unknown_provider(&run.provider, &engine.provider_names());
-        record(engine, &run, run.state, run.version, &t).await?;
-        return Ok(());
+        return unknown_provider(engine, &run).await;
     };
 
     // A repeated submit must send exactly what the first one sent, so it
     // reuses the recorded inputs instead of re-reading a manifest that may
-    // have changed since.
-    let recorded = match (&run.state, &run.revision_id, &run.sent_inputs) {
-        (RunState::Submitting, Some(revision), Some(Value::Object(sent))) => {
-            Some((revision.clone(), sent.clone()))
-        }
+    // have changed since (also after an operator reset the row to queued).
+    let recorded = match (&run.revision_id, &run.sent_inputs) {
+        (Some(revision), Some(Value::Object(sent))) => Some((revision.clone(), sent.clone())),
         _ => None,
     };
     let (revision_id, sent_inputs) = match recorded {
@@ -249,18 +245,24 @@ async fn prepare(
     // another one is sent as the producer wrote it: checking it against a
     // manifest it does not follow could refuse a valid run, and the provider
     // still validates (its refusal fails the run with its own code).
+    // Consent is checked after the inputs, so a run with both problems
+    // reports the input problem (the one the producer must fix in the data).
+    let consent = || {
+        if manifest.may_incur_external_cost && !run.accept_external_cost_risk {
+            Err(lifecycle::external_cost_not_accepted(&run.workflow_id))
+        } else {
+            Ok(())
+        }
+    };
     if let Some(pinned) = &run.revision_id
         && *pinned != manifest.revision_id
     {
+        consent()?;
         tracing::info!(pinned = %pinned, published = %manifest.revision_id, "run pins an unpublished revision; inputs sent unchecked");
         return Ok((pinned.clone(), inputs.clone()));
     }
     let sent = complete_inputs(&manifest, inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
-    // The provider would refuse it too, but only after a round trip, and a
-    // refusal there is indistinguishable from other input problems.
-    if manifest.may_incur_external_cost && !run.accept_external_cost_risk {
-        return Err(lifecycle::external_cost_not_accepted(&run.workflow_id));
-    }
+    consent()?;
     let revision = run
         .revision_id
         .clone()
@@ -270,17 +272,48 @@ async fn prepare(
 
 async fn poll_step(engine: &Engine, run: ClaimedRun) -> Result<(), StepError> {
     let Some((client, _)) = engine.provider(&run.provider) else {
-        let t = lifecycle::unknown_provider(&run.provider, &engine.provider_names());
-        record(engine, &run, run.state, run.version, &t).await?;
-        return Ok(());
+        return unknown_provider(engine, &run).await;
     };
     let Some(provider_run_id) = run.provider_run_id.as_deref() else {
-        // `running` is only ever written together with the provider run id.
-        tracing::error!("running run without a provider run id; leaving it for an operator");
+        // `running` is only ever written together with the provider run id,
+        // so this row was edited by hand. Park it where people look.
+        tracing::error!("running run without a provider run id; parked for an operator");
+        let t = lifecycle::missing_provider_run_id(Utc::now());
+        record(engine, &run, RunState::Running, run.version, &t).await?;
         return Ok(());
     };
     let outcome = client.poll(provider_run_id).await;
+    if let crate::providers::PollOutcome::Report(report) = &outcome
+        && report.settled
+        && crate::money::settlement_balances(
+            report.quote_amount,
+            report.final_amount,
+            report.released_amount,
+        ) == Some(false)
+    {
+        tracing::warn!(
+            quote = ?report.quote_amount,
+            final_amount = ?report.final_amount,
+            released = ?report.released_amount,
+            "settlement does not add up: final + released differs from the quote"
+        );
+    }
     let t = lifecycle::after_poll(&progress(&run), &outcome, &engine.poll, Utc::now(), unit());
     record(engine, &run, RunState::Running, run.version, &t).await?;
+    Ok(())
+}
+
+/// The run names a profile this worker does not have. Only a queued run is
+/// claimed in that case (see `ClaimScope`), and failing it is safe because
+/// nothing was sent. A submitted run is left alone: it may hold money.
+async fn unknown_provider(engine: &Engine, run: &ClaimedRun) -> Result<(), StepError> {
+    if run.state != RunState::Queued || run.sent_inputs.is_some() {
+        tracing::error!(
+            "run of an unconfigured provider profile was claimed after submission; leaving it"
+        );
+        return Ok(());
+    }
+    let t = lifecycle::unknown_provider(&run.provider, &engine.provider_names());
+    record(engine, run, run.state, run.version, &t).await?;
     Ok(())
 }

@@ -80,8 +80,14 @@ pub async fn listen_for_new_runs(pool: PgPool, wake: std::sync::Arc<Wake>) {
         }
         failures = 0;
         loop {
-            match listener.recv().await {
-                Ok(_) => wake.now(),
+            match listener.try_recv().await {
+                Ok(Some(_)) => wake.now(),
+                // The connection dropped and the next call reconnects (and
+                // re-subscribes). Rows may have arrived in between.
+                Ok(None) => {
+                    tracing::warn!("LISTEN connection lost; reconnecting");
+                    wake.now();
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");

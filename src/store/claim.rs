@@ -62,15 +62,26 @@ struct ClaimRow {
     previous_owner: Option<String>,
 }
 
+/// Which runs a worker may take: those of its provider profiles, and (to fail
+/// them) queued runs of profiles it does not have.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimScope {
+    /// The worker's provider profile names.
+    pub profiles: Vec<String>,
+    /// Also take queued runs of other profiles (they fail `UNKNOWN_PROVIDER`).
+    pub unknown_queued: bool,
+}
+
 /// Leases up to `limit` due runs for `worker`, highest priority first, then
 /// oldest due. `SKIP LOCKED` lets many workers claim at once without waiting
 /// on each other; the lease is what keeps a run theirs after the commit.
-#[tracing::instrument(name = "claim_due_runs", skip(pool), err)]
+#[tracing::instrument(name = "claim_due_runs", skip(pool, scope), err)]
 pub async fn claim_due_runs(
     pool: &PgPool,
     worker: &str,
     limit: usize,
     lease: Duration,
+    scope: &ClaimScope,
 ) -> Result<Vec<ClaimedRun>, sqlx::Error> {
     let rows: Vec<ClaimRow> = sqlx::query_as(
         r#"
@@ -80,6 +91,7 @@ pub async fn claim_due_runs(
             WHERE state IN ('queued', 'submitting', 'running')
               AND due_at <= now()
               AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+              AND (provider = ANY($4) OR ($5 AND state = 'queued'))
             ORDER BY priority DESC, due_at, id
             LIMIT $2
             FOR UPDATE SKIP LOCKED
@@ -98,6 +110,8 @@ pub async fn claim_due_runs(
     .bind(worker)
     .bind(limit as i64)
     .bind(lease.as_secs_f64())
+    .bind(&scope.profiles)
+    .bind(scope.unknown_queued)
     .fetch_all(pool)
     .await?;
     Ok(rows
@@ -127,19 +141,28 @@ pub async fn claim_due_runs(
         .collect())
 }
 
-/// When the next unleased active run becomes due (`None`: nothing waiting).
-/// Leased runs are left out: their due time has passed by definition, and a
-/// lease that runs out is found by the fallback poll.
-#[tracing::instrument(name = "next_due_at", skip(pool), err, level = "debug")]
-pub async fn next_due_at(pool: &PgPool) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    sqlx::query_scalar(
+/// How long until the next unleased run in `scope` becomes due, measured on
+/// the database's clock so a skewed worker clock cannot make the loop spin
+/// (`None`: nothing waiting). Leased runs are left out: their due time has
+/// passed by definition, and a lease that runs out is found by the fallback
+/// poll.
+#[tracing::instrument(name = "next_due_in", skip(pool, scope), err, level = "debug")]
+pub async fn next_due_in(
+    pool: &PgPool,
+    scope: &ClaimScope,
+) -> Result<Option<Duration>, sqlx::Error> {
+    let seconds: Option<f64> = sqlx::query_scalar(
         r#"
-        SELECT min(due_at) FROM wfq.runs
+        SELECT GREATEST(extract(epoch FROM min(due_at) - now()), 0)::float8 FROM wfq.runs
         WHERE state IN ('queued', 'submitting', 'running') AND lease_owner IS NULL
+          AND (provider = ANY($1) OR ($2 AND state = 'queued'))
         "#,
     )
+    .bind(&scope.profiles)
+    .bind(scope.unknown_queued)
     .fetch_one(pool)
-    .await
+    .await?;
+    Ok(seconds.map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0))))
 }
 
 /// Gives back every lease `worker` still holds, so another worker can go on
@@ -161,5 +184,13 @@ pub async fn release_leases(pool: &PgPool, worker: &str) -> Result<u64, sqlx::Er
     .bind(worker)
     .execute(pool)
     .await?;
-    Ok(done.rows_affected())
+    let released = done.rows_affected();
+    if released > 0 {
+        // Other workers may be asleep until their fallback poll; these runs
+        // are due now.
+        sqlx::query("SELECT pg_notify('wfq_runs_due', '')")
+            .execute(pool)
+            .await?;
+    }
+    Ok(released)
 }
