@@ -247,22 +247,20 @@ async fn prepare(
     // still validates (its refusal fails the run with its own code).
     // Consent is checked after the inputs, so a run with both problems
     // reports the input problem (the one the producer must fix in the data).
-    let consent = || {
-        if manifest.may_incur_external_cost && !run.accept_external_cost_risk {
-            Err(lifecycle::external_cost_not_accepted(&run.workflow_id))
-        } else {
-            Ok(())
-        }
-    };
+    let lacks_consent = manifest.may_incur_external_cost && !run.accept_external_cost_risk;
     if let Some(pinned) = &run.revision_id
         && *pinned != manifest.revision_id
     {
-        consent()?;
+        if lacks_consent {
+            return Err(lifecycle::external_cost_not_accepted(&run.workflow_id));
+        }
         tracing::info!(pinned = %pinned, published = %manifest.revision_id, "run pins an unpublished revision; inputs sent unchecked");
         return Ok((pinned.clone(), inputs.clone()));
     }
     let sent = complete_inputs(&manifest, inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
-    consent()?;
+    if lacks_consent {
+        return Err(lifecycle::external_cost_not_accepted(&run.workflow_id));
+    }
     let revision = run
         .revision_id
         .clone()
