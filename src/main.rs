@@ -134,9 +134,36 @@ struct SimArgs {
     drop_after_submit_rate: f64,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(Cli::parse())) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole cause chain; a backtrace (which
+            // anyhow adds when RUST_BACKTRACE is set) helps nobody here.
+            eprintln!("error: {}", explain(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error chain, plus a hint for the mistakes people make first.
+fn explain(e: &anyhow::Error) -> String {
+    let text = format!("{e:#}");
+    if text.contains("relation \"wfq.runs\" does not exist") {
+        format!("{text} (the wfq schema is missing: run `wfq migrate` first)")
+    } else {
+        text
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
     let default_filter = match cli.command {
         Command::Worker | Command::Sim(_) => "info,sqlx=warn",
         Command::Demo => "wfq=info,wfq::sim=warn,apalis=warn,apalis_core=warn,sqlx=warn,warn",
