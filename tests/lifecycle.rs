@@ -39,9 +39,7 @@ async fn happy_path_records_outputs_and_exact_amounts(_: PgPoolOptions, connect:
         json!({"n6_text": "a glass bottle", "n3_seed": 42}),
     )
     .await;
-    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
-    wait_all_final(&pool, LIMIT).await;
-    worker.stop().await;
+    work_until_idle(&pool, config(&sim, "w1", "")).await;
 
     let run = run(&pool, id).await;
     assert_eq!(run.state, "succeeded", "{run:?}");
@@ -107,9 +105,7 @@ async fn a_lost_submit_answer_is_replayed_without_a_second_charge(
         ..Default::default()
     });
     let id = enqueue(&pool, TEXT_TO_IMAGE, json!({"n6_text": "lost answer"})).await;
-    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
-    wait_all_final(&pool, LIMIT).await;
-    worker.stop().await;
+    work_until_idle(&pool, config(&sim, "w1", "")).await;
 
     let run = run(&pool, id).await;
     assert_eq!(run.state, "succeeded", "{run:?}");
@@ -211,9 +207,7 @@ async fn invalid_inputs_are_rejected_before_any_submit(
 
     let mut cfg = config(&sim, "w1", "");
     cfg.worker.concurrency = 4;
-    let worker = start_worker(cfg, pool.clone());
-    wait_all_final(&pool, LIMIT).await;
-    worker.stop().await;
+    work_until_idle(&pool, cfg).await;
 
     for (id, (_, inputs, code, message)) in ids.iter().zip(&cases) {
         let run = run(&pool, *id).await;
@@ -308,9 +302,7 @@ async fn a_provider_rejection_fails_the_run_without_retrying(
     )
     .await
     .unwrap();
-    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
-    wait_all_final(&pool, LIMIT).await;
-    worker.stop().await;
+    work_until_idle(&pool, config(&sim, "w1", "")).await;
 
     let run = run(&pool, id).await;
     assert_eq!(run.state, "failed");
@@ -349,9 +341,7 @@ async fn server_errors_and_rate_limits_are_retried_on_the_stored_schedule(
     let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
     // Retry-After is honoured up to the schedule's cap, here 2 s.
     let capped = "[submit]\ninitial = \"100ms\"\nmax = \"2s\"\nmax_attempts = 6\n";
-    let worker = start_worker(config(&sim, "w1", capped), pool.clone());
-    wait_all_final(&pool, LIMIT).await;
-    worker.stop().await;
+    work_until_idle(&pool, config(&sim, "w1", capped)).await;
 
     let run = run(&pool, id).await;
     assert_eq!(run.state, "succeeded", "{run:?}");
@@ -605,9 +595,7 @@ async fn a_run_that_fails_at_the_provider_still_has_its_money_settled(
     let pool = pool(connect).await;
     let sim = start_sim(0, 100, 100).await;
     let id = enqueue(&pool, ALWAYS_FAILS, json!({"prompt": "doomed"})).await;
-    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
-    wait_all_final(&pool, LIMIT).await;
-    worker.stop().await;
+    work_until_idle(&pool, config(&sim, "w1", "")).await;
 
     let run = run(&pool, id).await;
     assert_eq!(run.state, "failed");
@@ -647,9 +635,7 @@ async fn cancel_only_withdraws_a_run_that_was_not_submitted(
     store::cancel_run(&pool, later, Some("changed my mind"))
         .await
         .unwrap();
-    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
-    wait_all_final(&pool, LIMIT).await;
-    worker.stop().await;
+    work_until_idle(&pool, config(&sim, "w1", "")).await;
 
     let canceled = run(&pool, later).await;
     assert_eq!(canceled.state, "canceled");
@@ -703,9 +689,7 @@ async fn a_run_pinned_to_an_unknown_revision_is_refused_by_the_provider(
     )
     .await
     .unwrap();
-    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
-    wait_all_final(&pool, LIMIT).await;
-    worker.stop().await;
+    work_until_idle(&pool, config(&sim, "w1", "")).await;
     let run = run(&pool, id).await;
     assert_eq!(run.state, "failed");
     assert_eq!(run.error_code.as_deref(), Some("REVISION_NOT_FOUND"));

@@ -121,6 +121,13 @@ pub fn start_worker(config: Config, pool: PgPool) -> WorkerHandle {
     }
 }
 
+/// Runs a worker with `config` until no run is active, then stops it.
+pub async fn work_until_idle(pool: &PgPool, config: Config) {
+    let worker = start_worker(config, pool.clone());
+    wait_all_final(pool, Duration::from_secs(30)).await;
+    worker.stop().await;
+}
+
 /// Enqueues a run of `workflow` with `inputs`.
 pub async fn enqueue(pool: &PgPool, workflow: &str, inputs: Value) -> i64 {
     store::enqueue_run(
