@@ -420,7 +420,7 @@ impl Config {
         }
 
         let submit = RetryPolicy {
-            max_attempts: raw.submit.max_attempts.unwrap_or(8),
+            max_attempts: raw.submit.max_attempts.unwrap_or(12),
             initial: duration(
                 "submit.initial",
                 &raw.submit.initial,

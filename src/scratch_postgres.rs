@@ -3,7 +3,7 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// Why no scratch cluster could be started.
 #[derive(Debug, thiserror::Error)]
@@ -141,7 +141,25 @@ impl ScratchCluster {
                 "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
                 dir.display()
             ));
-        run("pg_ctl start", start)?;
+        // Not `output()`: the server inherits pg_ctl's pipes, so reading
+        // them to the end would wait for the server to exit. The server's
+        // own messages go to server.log, which is what a failure shows.
+        let started = start
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| ScratchError::Step {
+                step: "pg_ctl start",
+                detail: e.to_string(),
+            })?;
+        if !started.success() {
+            let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+            return Err(ScratchError::Step {
+                step: "pg_ctl start",
+                detail: log.lines().last().unwrap_or("no server log").to_owned(),
+            });
+        }
         Ok(cluster)
     }
 }
