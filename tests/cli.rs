@@ -11,16 +11,6 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use common::*;
 
-fn url(connect: &PgConnectOptions) -> String {
-    format!(
-        "postgres://{}@{}:{}/{}",
-        connect.get_username(),
-        connect.get_host(),
-        connect.get_port(),
-        connect.get_database().unwrap_or("postgres")
-    )
-}
-
 fn wfq(database_url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wfq"))
         .args(args)
@@ -45,7 +35,7 @@ async fn subcommands_enqueue_list_show_cancel_and_retry(
     _: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let db = url(&connect);
+    let db = database_url(&connect);
     let migrate = wfq(&db, &["migrate"]);
     assert!(migrate.status.success(), "{}", stderr(&migrate));
 
@@ -127,7 +117,7 @@ async fn the_worker_daemon_runs_until_sigterm_and_never_logs_the_key(
     _: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
-    let db = url(&connect);
+    let db = database_url(&connect);
     let pool: PgPool = PgPoolOptions::new()
         .max_connections(4)
         .connect_with(connect)

@@ -21,6 +21,17 @@ pub const VIDEO: &str = "wf_seedance_video_2f0c";
 pub const ALWAYS_FAILS: &str = "wf_always_fails_9d1a";
 pub const API_KEY: &str = "test-key-4f8d2c1b9e";
 
+/// A URL for the test's own database, for child processes.
+pub fn database_url(connect: &sqlx::postgres::PgConnectOptions) -> String {
+    format!(
+        "postgres://{}@{}:{}/{}",
+        connect.get_username(),
+        connect.get_host(),
+        connect.get_port(),
+        connect.get_database().unwrap_or("postgres")
+    )
+}
+
 /// The simulator with short, test-friendly timings.
 pub async fn start_sim(queue: u64, run: u64, settle: u64) -> SimServer {
     SimServer::start(

@@ -1,0 +1,190 @@
+//! Crash anywhere, lose nothing, charge once: three `wfq worker` processes
+//! against one database and a misbehaving simulator, one of them killed with
+//! SIGKILL every second or two and restarted, until 2,000 runs are final.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use common::*;
+use wfq::sim::Faults;
+
+const RUNS: i64 = 2_000;
+const WORKERS: usize = 3;
+
+fn spawn_worker(config: &std::path::Path, database_url: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_wfq"))
+        .args(["worker", "--config"])
+        .arg(config)
+        .env("DATABASE_URL", database_url)
+        .env("CHAOS_KEY", API_KEY)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker starts")
+}
+
+async fn active(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM wfq.runs WHERE state IN ('queued', 'submitting', 'running')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test]
+async fn killing_workers_at_random_loses_nothing_and_charges_once(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let database_url = database_url(&connect);
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(connect)
+        .await
+        .unwrap();
+    let sim = start_sim(0, 1000, 300).await;
+    sim.set_faults(Faults {
+        error_rate: 0.02,
+        rate_limit_rate: 0.02,
+        retry_after_secs: Some(1),
+        drop_after_submit_rate: 0.05,
+        ..Default::default()
+    });
+    let dir = std::env::temp_dir().join(format!("wfq-chaos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join(format!(
+        "{}.toml",
+        pool.connect_options().get_database().unwrap_or("db")
+    ));
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+            [worker]
+            concurrency = 32
+            lease = "3s"
+            fallback_poll = "500ms"
+            shutdown_grace = "2s"
+            [http]
+            timeout = "1s"
+            connect_timeout = "500ms"
+            [submit]
+            initial = "100ms"
+            max = "1s"
+            max_attempts = 100
+            [poll]
+            initial = "100ms"
+            max = "500ms"
+            [providers.chenyu]
+            kind = "chenyu"
+            base_url = "{}"
+            api_key_env = "CHAOS_KEY"
+            "#,
+            sim.base_url()
+        ),
+    )
+    .unwrap();
+
+    sqlx::query(
+        "INSERT INTO wfq.runs (workflow_id, inputs) \
+         SELECT 'wf_861ef31e94dcfb10e6e7', jsonb_build_object('n3_seed', g) FROM generate_series(1, $1) g",
+    )
+    .bind(RUNS)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let mut workers: Vec<Child> = (0..WORKERS)
+        .map(|_| spawn_worker(&config, &database_url))
+        .collect();
+    let mut kills = 0usize;
+    let started = Instant::now();
+    let limit = Duration::from_secs(300);
+    while active(&pool).await > 0 {
+        assert!(
+            started.elapsed() < limit,
+            "runs still active after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1000 + fastrand::u64(..1000))).await;
+        let victim = fastrand::usize(..WORKERS);
+        workers[victim].kill().expect("SIGKILL");
+        let _ = workers[victim].wait();
+        kills += 1;
+        workers[victim] = spawn_worker(&config, &database_url);
+    }
+    for worker in &mut workers {
+        let _ = Command::new("kill")
+            .args(["-TERM", &worker.id().to_string()])
+            .status();
+    }
+    for worker in &mut workers {
+        let _ = worker.wait();
+    }
+    let elapsed = started.elapsed();
+
+    // Every run is final, and each one succeeded.
+    let states: HashMap<String, i64> =
+        sqlx::query_as::<_, (String, i64)>("SELECT state, count(*) FROM wfq.runs GROUP BY state")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    let lost = RUNS - states.get("succeeded").copied().unwrap_or(0);
+
+    // Exactly one frozen charge per idempotency key, and only for our keys.
+    let ledger = sim.ledger();
+    let keys: HashSet<String> = sqlx::query_scalar("SELECT idempotency_key FROM wfq.runs")
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let charged_twice = ledger.iter().filter(|e| e.charges != 1).count();
+    let foreign = ledger
+        .iter()
+        .filter(|e| !keys.contains(&e.idempotency_key))
+        .count();
+    let duplicates = charged_twice + foreign + (ledger.len() as i64 - RUNS).max(0) as usize;
+
+    // The database's money equals the ledger's, to the last decimal.
+    let (db_frozen, db_final, db_released): (Decimal, Decimal, Decimal) = sqlx::query_as(
+        "SELECT sum(frozen_amount), sum(final_amount), sum(released_amount) FROM wfq.runs",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let ledger_frozen: Decimal = ledger.iter().map(|e| e.frozen).sum();
+    let ledger_final: Decimal = ledger.iter().filter_map(|e| e.final_amount).sum();
+    let ledger_released: Decimal = ledger.iter().filter_map(|e| e.released).sum();
+    let stats = sim.stats();
+    let _ = std::fs::remove_file(&config);
+    sim.shutdown().await;
+
+    let figures = format!(
+        "chaos: runs={RUNS} kills={kills} duplicates={duplicates} lost={lost} replays={} dropped_answers={} injected_5xx={} injected_429={} \
+         frozen db={db_frozen} ledger={ledger_frozen} final db={db_final} ledger={ledger_final} released db={db_released} ledger={ledger_released} in {:.1}s",
+        stats.replays,
+        stats.dropped_answers,
+        stats.injected_5xx,
+        stats.injected_429,
+        elapsed.as_secs_f64()
+    );
+    assert_eq!(lost, 0, "{figures}; states {states:?}");
+    assert_eq!(duplicates, 0, "{figures}");
+    assert_eq!(ledger.len() as i64, RUNS, "{figures}");
+    assert_eq!(db_frozen, ledger_frozen, "{figures}");
+    assert_eq!(db_final, ledger_final, "{figures}");
+    assert_eq!(db_released, ledger_released, "{figures}");
+    assert!(kills >= 3, "the test must actually kill workers: {figures}");
+    println!("{figures}");
+}
