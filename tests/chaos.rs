@@ -18,8 +18,48 @@ use wfq::sim::Faults;
 const RUNS: i64 = 2_000;
 const WORKERS: usize = 3;
 
-fn spawn_worker(config: &std::path::Path, database_url: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_wfq"))
+/// A worker process that is killed if the test fails half-way, so it cannot
+/// outlive the test and hold its database open.
+struct Worker(Child);
+
+impl Worker {
+    fn pid(&self) -> String {
+        self.0.id().to_string()
+    }
+
+    fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([signal, &self.pid()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {signal} {}", self.pid());
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        self.signal("-TERM");
+        self.0.wait().unwrap()
+    }
+
+    /// SIGKILL.
+    fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn spawn_worker(config: &std::path::Path, database_url: &str) -> Worker {
+    let child = Command::new(env!("CARGO_BIN_EXE_wfq"))
         .args(["worker", "--config"])
         .arg(config)
         .env("DATABASE_URL", database_url)
@@ -28,7 +68,8 @@ fn spawn_worker(config: &std::path::Path, database_url: &str) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("worker starts")
+        .expect("worker starts");
+    Worker(child)
 }
 
 async fn active(pool: &PgPool) -> i64 {
@@ -103,7 +144,7 @@ async fn killing_workers_at_random_loses_nothing_and_charges_once(
     .await
     .unwrap();
 
-    let mut workers: Vec<Child> = (0..WORKERS)
+    let mut workers: Vec<Worker> = (0..WORKERS)
         .map(|_| spawn_worker(&config, &database_url))
         .collect();
     let mut kills = 0usize;
@@ -116,18 +157,12 @@ async fn killing_workers_at_random_loses_nothing_and_charges_once(
         );
         tokio::time::sleep(Duration::from_millis(1000 + fastrand::u64(..1000))).await;
         let victim = fastrand::usize(..WORKERS);
-        workers[victim].kill().expect("SIGKILL");
-        let _ = workers[victim].wait();
+        let replacement = spawn_worker(&config, &database_url);
+        std::mem::replace(&mut workers[victim], replacement).kill();
         kills += 1;
-        workers[victim] = spawn_worker(&config, &database_url);
     }
-    for worker in &mut workers {
-        let _ = Command::new("kill")
-            .args(["-TERM", &worker.id().to_string()])
-            .status();
-    }
-    for worker in &mut workers {
-        let _ = worker.wait();
+    for worker in workers {
+        let _ = worker.terminate();
     }
     let elapsed = started.elapsed();
 
@@ -187,4 +222,97 @@ async fn killing_workers_at_random_loses_nothing_and_charges_once(
     assert_eq!(db_released, ledger_released, "{figures}");
     assert!(kills >= 3, "the test must actually kill workers: {figures}");
     println!("{figures}");
+}
+
+#[sqlx::test]
+async fn a_frozen_worker_loses_its_runs_to_another_and_cannot_overwrite_them(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let database_url = database_url(&connect);
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(connect)
+        .await
+        .unwrap();
+    let sim = start_sim(0, 2000, 300).await;
+    // Slow answers, so that steps (and their leases) are in flight when the worker freezes.
+    sim.set_faults(Faults {
+        latency: Duration::from_millis(400),
+        ..Default::default()
+    });
+    let dir = std::env::temp_dir().join(format!("wfq-freeze-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join(format!(
+        "{}.toml",
+        pool.connect_options().get_database().unwrap_or("db")
+    ));
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nconcurrency = 32\nlease = \"3s\"\nfallback_poll = \"500ms\"\n\
+             [http]\ntimeout = \"1s\"\n[poll]\ninitial = \"200ms\"\nmax = \"500ms\"\n\
+             [providers.chenyu]\nkind = \"chenyu\"\nbase_url = \"{}\"\napi_key_env = \"CHAOS_KEY\"\n",
+            sim.base_url()
+        ),
+    )
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO wfq.runs (workflow_id, inputs) \
+         SELECT 'wf_861ef31e94dcfb10e6e7', jsonb_build_object('n3_seed', g) FROM generate_series(1, 200) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let frozen = spawn_worker(&config, &database_url);
+    // Let the first worker take everything it can before the second starts.
+    wait_for(
+        &pool,
+        "(SELECT count(*) FROM wfq.runs WHERE lease_owner IS NOT NULL) >= 10",
+        Duration::from_secs(30),
+    )
+    .await;
+    let pid = frozen.pid();
+    frozen.signal("-STOP");
+    let other = spawn_worker(&config, &database_url);
+    // The frozen worker's leases run out and the other worker takes its runs.
+    wait_for(
+        &pool,
+        &format!(
+            "EXISTS (SELECT 1 FROM wfq.run_events WHERE kind = 'lease_rescued' \
+             AND detail->>'previous_owner' LIKE '%-{pid}-%')"
+        ),
+        Duration::from_secs(30),
+    )
+    .await;
+    // Thawed, it finds its runs gone: its stale writes are refused.
+    frozen.signal("-CONT");
+    wait_all_final(&pool, Duration::from_secs(120)).await;
+    for worker in [frozen, other] {
+        let status = worker.terminate();
+        assert!(status.success(), "workers exit 0 on SIGTERM: {status:?}");
+    }
+    let succeeded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM wfq.runs WHERE state = 'succeeded'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(succeeded, 200);
+    let ledger = sim.ledger();
+    assert_eq!(ledger.len(), 200);
+    assert!(
+        ledger.iter().all(|e| e.charges == 1),
+        "charged once per run"
+    );
+    // No run finished twice, whoever finished it.
+    let doubled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT run_id FROM wfq.run_events WHERE kind IN ('submit_accepted', 'run_finished') \
+         GROUP BY run_id, kind HAVING count(*) > 1) d",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(doubled, 0);
+    let _ = std::fs::remove_file(&config);
+    sim.shutdown().await;
 }

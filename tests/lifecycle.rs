@@ -517,6 +517,14 @@ async fn a_killed_workers_runs_continue_after_their_lease_expires(
     .await
     .unwrap();
     assert_eq!(finisher.as_deref(), Some("rescuer"));
+    let rescued_from: Option<String> = sqlx::query_scalar(
+        "SELECT detail->>'previous_owner' FROM wfq.run_events WHERE run_id = $1 AND kind = 'lease_rescued' AND worker = 'rescuer'",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rescued_from.as_deref(), Some("doomed"));
     sim.shutdown().await;
 }
 

@@ -5,12 +5,13 @@
 //! done, so a claimed run never waits in memory while its lease runs down.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::Engine;
+use super::step::LeaseClock;
 use crate::store::{self, ClaimedRun};
 
 /// One claimed run handed to apalis, with the slot it occupies.
@@ -20,6 +21,8 @@ pub struct RunJob {
     pub run: ClaimedRun,
     /// Released when the step ends, which lets the loop claim again.
     pub slot: OwnedSemaphorePermit,
+    /// When this worker's lease on the run ends.
+    pub lease: LeaseClock,
 }
 
 /// Claim-loop settings.
@@ -82,6 +85,7 @@ impl Fetcher {
                 }
             }
             let engine = &self.engine;
+            let taken = Instant::now();
             match store::claim_due_runs(
                 &engine.pool,
                 &engine.worker_id,
@@ -107,7 +111,11 @@ impl Fetcher {
                         return runs
                             .into_iter()
                             .zip(slots)
-                            .map(|(run, slot)| RunJob { run, slot })
+                            .map(|(run, slot)| RunJob {
+                                run,
+                                slot,
+                                lease: LeaseClock::new(taken, engine.lease),
+                            })
                             .collect();
                     }
                 }

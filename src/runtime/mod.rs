@@ -24,7 +24,7 @@ use sqlx::PgPool;
 
 pub use fetcher::{Fetcher, FetcherConfig, RunJob};
 pub use manifests::ManifestCache;
-pub use step::{StepError, run_step};
+pub use step::{LeaseClock, StepError, run_step};
 pub use wake::Wake;
 
 use crate::backoff::{PollPolicy, RetryPolicy};
@@ -39,6 +39,8 @@ pub struct Engine {
     pub worker_id: String,
     /// How long a claim is held.
     pub lease: Duration,
+    /// The longest a provider call can take (`http.timeout`).
+    pub call_timeout: Duration,
     /// Submit retry schedule.
     pub submit: RetryPolicy,
     /// Poll schedule.
@@ -93,6 +95,7 @@ impl Engine {
             pool,
             worker_id: config.worker.id.clone(),
             lease: config.worker.lease,
+            call_timeout: config.http.timeout,
             submit: config.submit.clone(),
             poll: config.poll.clone(),
             providers,
@@ -111,8 +114,8 @@ impl Engine {
 }
 
 async fn handle(job: RunJob, engine: Data<Arc<Engine>>) -> Result<(), StepError> {
-    let RunJob { run, slot } = job;
-    let result = run_step(engine.0.clone(), run).await;
+    let RunJob { run, slot, lease } = job;
+    let result = run_step(engine.0.clone(), run, lease).await;
     drop(slot);
     if let Err(e) = &result {
         tracing::warn!(error = %e, "step not recorded; the run returns when its lease expires");

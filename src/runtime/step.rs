@@ -5,7 +5,7 @@
 //! running -> check the status.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
 
@@ -36,16 +36,49 @@ pub enum StepError {
     },
 }
 
+/// This worker's view of when its lease on a run ends, on the monotonic
+/// clock (which keeps running while the process is stopped or starved, so a
+/// worker that was frozen past its lease knows it).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseClock {
+    deadline: Instant,
+}
+
+impl LeaseClock {
+    /// A lease taken at `taken` (measured before the claim, so the local
+    /// deadline is never later than the database's) for `lease`.
+    pub fn new(taken: Instant, lease: Duration) -> Self {
+        LeaseClock {
+            deadline: taken + lease,
+        }
+    }
+
+    /// Whether a provider call of at most `call` ends before the lease does.
+    /// A call that might outlive the lease is not started: by then another
+    /// worker may hold the run, and two workers must never act on one run.
+    fn allows(&self, call: Duration) -> bool {
+        Instant::now() + call < self.deadline
+    }
+}
+
 /// Handles one claimed run. Returns once its outcome is recorded.
-pub async fn run_step(engine: Arc<Engine>, run: ClaimedRun) -> Result<(), StepError> {
+pub async fn run_step(
+    engine: Arc<Engine>,
+    run: ClaimedRun,
+    lease: LeaseClock,
+) -> Result<(), StepError> {
     let span = tracing::info_span!("run", run_id = run.id, provider = %run.provider, workflow_id = %run.workflow_id);
     async move {
         if let Some(previous) = &run.rescued_from {
             tracing::info!(previous_owner = %previous, state = %run.state, "took over a run whose lease expired");
+            // Audit only: a failure here must not stop the step.
+            if let Err(e) = store::record_rescue(&engine.pool, run.id, run.state, previous, &engine.worker_id).await {
+                tracing::warn!(error = %e, "could not record the rescue");
+            }
         }
         match run.state {
-            RunState::Queued | RunState::Submitting => submit_step(&engine, run).await,
-            RunState::Running => poll_step(&engine, run).await,
+            RunState::Queued | RunState::Submitting => submit_step(&engine, run, lease).await,
+            RunState::Running => poll_step(&engine, run, lease).await,
             // Claims only return active runs.
             RunState::Succeeded | RunState::Failed | RunState::Canceled => Ok(()),
         }
@@ -149,7 +182,19 @@ fn unit() -> f64 {
     fastrand::f64()
 }
 
-async fn submit_step(engine: &Engine, run: ClaimedRun) -> Result<(), StepError> {
+fn lease_ran_out(call: &str) -> Result<(), StepError> {
+    tracing::warn!(
+        call,
+        "lease would end before the provider call could; leaving the run to whoever holds it next"
+    );
+    Ok(())
+}
+
+async fn submit_step(
+    engine: &Engine,
+    run: ClaimedRun,
+    mut lease: LeaseClock,
+) -> Result<(), StepError> {
     let Some((client, ttl)) = engine.provider(&run.provider) else {
         return unknown_provider(engine, &run).await;
     };
@@ -163,6 +208,7 @@ async fn submit_step(engine: &Engine, run: ClaimedRun) -> Result<(), StepError> 
     };
     let (revision_id, sent_inputs) = match recorded {
         Some(recorded) => recorded,
+        None if !lease.allows(engine.call_timeout) => return lease_ran_out("market/info"),
         None => match prepare(engine, &run, client, ttl).await {
             Ok(prepared) => prepared,
             Err(t) => {
@@ -173,9 +219,15 @@ async fn submit_step(engine: &Engine, run: ClaimedRun) -> Result<(), StepError> 
     };
 
     let begin = lifecycle::begin_submit(&revision_id, Value::Object(sent_inputs.clone()));
+    let renewed_at = Instant::now();
     let Some(version) = record(engine, &run, run.state, run.version, &begin).await? else {
         return Ok(());
     };
+    // Recording `submitting` renewed the lease: the run is progressing.
+    lease = LeaseClock::new(renewed_at, engine.lease);
+    if !lease.allows(engine.call_timeout) {
+        return lease_ran_out("run/submit");
+    }
 
     let outcome = client
         .submit(&SubmitRequest {
@@ -268,7 +320,7 @@ async fn prepare(
     Ok((revision, sent))
 }
 
-async fn poll_step(engine: &Engine, run: ClaimedRun) -> Result<(), StepError> {
+async fn poll_step(engine: &Engine, run: ClaimedRun, lease: LeaseClock) -> Result<(), StepError> {
     let Some((client, _)) = engine.provider(&run.provider) else {
         return unknown_provider(engine, &run).await;
     };
@@ -280,6 +332,9 @@ async fn poll_step(engine: &Engine, run: ClaimedRun) -> Result<(), StepError> {
         record(engine, &run, RunState::Running, run.version, &t).await?;
         return Ok(());
     };
+    if !lease.allows(engine.call_timeout) {
+        return lease_ran_out("run/info");
+    }
     let outcome = client.poll(provider_run_id).await;
     if let crate::providers::PollOutcome::Report(report) = &outcome
         && report.settled

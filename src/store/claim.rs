@@ -194,3 +194,28 @@ pub async fn release_leases(pool: &PgPool, worker: &str) -> Result<u64, sqlx::Er
     }
     Ok(released)
 }
+
+/// Records that `worker` took over run `id` after `previous`'s lease expired
+/// (the audit trail of rescues; the claim itself writes no event).
+#[tracing::instrument(name = "record_rescue", skip(pool), err)]
+pub async fn record_rescue(
+    pool: &PgPool,
+    id: i64,
+    state: RunState,
+    previous: &str,
+    worker: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        r#"
+        INSERT INTO wfq.run_events (run_id, kind, from_state, to_state, worker, detail)
+        VALUES ($1, 'lease_rescued', $2, $2, $3, jsonb_build_object('previous_owner', $4::text))
+        "#,
+    )
+    .bind(id)
+    .bind(state.as_str())
+    .bind(worker)
+    .bind(previous)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -8,7 +8,9 @@ mod read;
 mod requests;
 mod transition;
 
-pub use claim::{ClaimScope, ClaimedRun, claim_due_runs, next_due_in, release_leases};
+pub use claim::{
+    ClaimScope, ClaimedRun, claim_due_runs, next_due_in, record_rescue, release_leases,
+};
 pub use read::{EventRow, RunRow, list_runs, run_events, show_run};
 pub use requests::{NewRun, RequestError, RetryOutcome, cancel_run, enqueue_run, retry_run};
 pub use transition::apply_transition;
