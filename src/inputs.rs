@@ -7,9 +7,23 @@ use serde_json::{Map, Value};
 
 use crate::providers::{Manifest, ParamKind};
 
+/// The largest `inputs` object wfq submits, as serialized JSON. Media belong
+/// in URLs or uploaded assets, not inline; a row this large is a mistake.
+pub const MAX_INPUT_BYTES: usize = 256 * 1024;
+
 /// Why a run's inputs cannot be submitted. Every variant names the key.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum InputError {
+    /// The whole object is too large to send.
+    #[error(
+        "inputs: {bytes} bytes of JSON exceed the limit of {limit} bytes (pass media as URLs or asset:// URIs)"
+    )]
+    TooLarge {
+        /// Its serialized size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A key the workflow does not have.
     #[error("inputs.{key}: unknown key; the workflow accepts: {}", valid.join(", "))]
     UnknownKey {
@@ -41,6 +55,7 @@ pub fn complete_inputs(
     manifest: &Manifest,
     inputs: &Map<String, Value>,
 ) -> Result<Map<String, Value>, InputError> {
+    check_size(inputs)?;
     let known = |key: &str| manifest.parameters.iter().any(|p| p.key == key);
     // Unknown keys first: a typo is the likeliest mistake and the list of
     // valid keys is the most useful answer to it.
@@ -70,6 +85,18 @@ pub fn complete_inputs(
         sent.insert(parameter.key.clone(), value);
     }
     Ok(sent)
+}
+
+/// Refuses an `inputs` object larger than [`MAX_INPUT_BYTES`].
+pub fn check_size(inputs: &Map<String, Value>) -> Result<(), InputError> {
+    let bytes = serde_json::to_vec(inputs).map_or(usize::MAX, |v| v.len());
+    if bytes > MAX_INPUT_BYTES {
+        return Err(InputError::TooLarge {
+            bytes,
+            limit: MAX_INPUT_BYTES,
+        });
+    }
+    Ok(())
 }
 
 fn check_type(key: &str, kind: &ParamKind, value: &Value) -> Result<(), InputError> {

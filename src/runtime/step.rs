@@ -303,6 +303,7 @@ async fn prepare(
     if let Some(pinned) = &run.revision_id
         && *pinned != manifest.revision_id
     {
+        crate::inputs::check_size(inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
         if lacks_consent {
             return Err(lifecycle::external_cost_not_accepted(&run.workflow_id));
         }
