@@ -5,8 +5,10 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
 use std::time::{Duration, Instant};
+use tokio::process::Child;
 
 use rust_decimal::Decimal;
 use sqlx::PgPool;
@@ -19,12 +21,13 @@ const RUNS: i64 = 2_000;
 const WORKERS: usize = 3;
 
 /// A worker process that is killed if the test fails half-way, so it cannot
-/// outlive the test and hold its database open.
+/// outlive the test and hold its database open. tokio's `Child`, because the
+/// simulator lives on this test's runtime: a blocking wait would freeze it.
 struct Worker(Child);
 
 impl Worker {
     fn pid(&self) -> String {
-        self.0.id().to_string()
+        self.0.id().map(|id| id.to_string()).unwrap_or_default()
     }
 
     fn signal(&self, signal: &str) {
@@ -37,29 +40,19 @@ impl Worker {
     }
 
     /// SIGTERM, then the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
+    async fn terminate(mut self) -> std::process::ExitStatus {
         self.signal("-TERM");
-        self.0.wait().unwrap()
+        self.0.wait().await.unwrap()
     }
 
     /// SIGKILL.
-    fn kill(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+    async fn kill(mut self) {
+        let _ = self.0.kill().await;
     }
 }
 
 fn spawn_worker(config: &std::path::Path, database_url: &str) -> Worker {
-    let child = Command::new(env!("CARGO_BIN_EXE_wfq"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wfq"))
         .args(["worker", "--config"])
         .arg(config)
         .env("DATABASE_URL", database_url)
@@ -67,6 +60,7 @@ fn spawn_worker(config: &std::path::Path, database_url: &str) -> Worker {
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .kill_on_drop(true)
         .spawn()
         .expect("worker starts");
     Worker(child)
@@ -158,11 +152,13 @@ async fn killing_workers_at_random_loses_nothing_and_charges_once(
         tokio::time::sleep(Duration::from_millis(1000 + fastrand::u64(..1000))).await;
         let victim = fastrand::usize(..WORKERS);
         let replacement = spawn_worker(&config, &database_url);
-        std::mem::replace(&mut workers[victim], replacement).kill();
+        std::mem::replace(&mut workers[victim], replacement)
+            .kill()
+            .await;
         kills += 1;
     }
     for worker in workers {
-        let _ = worker.terminate();
+        let _ = worker.terminate().await;
     }
     let elapsed = started.elapsed();
 
@@ -289,7 +285,7 @@ async fn a_frozen_worker_loses_its_runs_to_another_and_cannot_overwrite_them(
     frozen.signal("-CONT");
     wait_all_final(&pool, Duration::from_secs(120)).await;
     for worker in [frozen, other] {
-        let status = worker.terminate();
+        let status = worker.terminate().await;
         assert!(status.success(), "workers exit 0 on SIGTERM: {status:?}");
     }
     let succeeded: i64 =

@@ -121,9 +121,7 @@ impl Fetcher {
                 }
                 Err(e) => {
                     drop(slots);
-                    self.db_failures += 1;
-                    let pause = Duration::from_millis(250u64 << self.db_failures.min(7))
-                        .min(Duration::from_secs(30));
+                    let pause = self.database_failed();
                     tracing::warn!(error = %e, retry_in = ?pause, "claiming runs failed; is the database reachable?");
                     tokio::time::sleep(pause).await;
                 }
@@ -131,13 +129,25 @@ impl Fetcher {
         }
     }
 
+    /// Counts a failed database call and returns how long to back off:
+    /// 0.5 s doubling to 30 s, so an outage costs a few attempts, not a spin.
+    fn database_failed(&mut self) -> Duration {
+        self.db_failures = self.db_failures.saturating_add(1);
+        Duration::from_millis(250u64 << self.db_failures.min(7)).min(Duration::from_secs(30))
+    }
+
     async fn sleep_until_due(&mut self) {
         let fallback = self.config.fallback_poll;
         let next = match store::next_due_in(&self.engine.pool, &self.engine.scope).await {
             Ok(next) => next,
+            // Not the fallback poll: that may be long, and nothing else
+            // wakes the loop when the database comes back.
             Err(e) => {
-                tracing::warn!(error = %e, "reading the next due time failed; using the fallback poll");
-                None
+                let pause = self.database_failed();
+                tracing::warn!(error = %e, retry_in = ?pause, "reading the next due time failed; is the database reachable?");
+                tokio::time::sleep(pause).await;
+                self.drained = false;
+                return;
             }
         };
         // A run that is due but was not claimed is row-locked by someone

@@ -170,12 +170,17 @@ pub async fn wait_for(pool: &PgPool, condition: &str, limit: Duration) {
             return;
         }
         if tokio::time::Instant::now() > deadline {
-            let states: Vec<(i64, String, Option<String>)> =
-                sqlx::query_as("SELECT id, state, error_code FROM wfq.runs ORDER BY id LIMIT 50")
-                    .fetch_all(pool)
-                    .await
-                    .unwrap_or_default();
-            panic!("timed out waiting for `{condition}`; runs: {states:?}");
+            type Active = (i64, String, Option<String>, Option<String>, Option<f64>);
+            let states: Vec<Active> = sqlx::query_as(
+                "SELECT id, state, error_code, lease_owner, extract(epoch FROM due_at - now())::float8 \
+                 FROM wfq.runs WHERE state IN ('queued', 'submitting', 'running') ORDER BY id LIMIT 20",
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+            panic!(
+                "timed out waiting for `{condition}`; active runs (id, state, error, lease owner, due in s): {states:?}"
+            );
         }
         let _ = tokio::time::timeout(Duration::from_millis(100), listener.recv()).await;
     }

@@ -1,0 +1,170 @@
+//! The database goes away and comes back: a worker process behind a TCP
+//! proxy that we can cut. It must not crash or spin while the database is
+//! unreachable, and must reconnect, re-subscribe to LISTEN and finish every
+//! run afterwards.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use common::*;
+
+/// A TCP proxy to PostgreSQL that can drop every connection and refuse new ones.
+struct Proxy {
+    port: u16,
+    down: Arc<AtomicBool>,
+    attempts: Arc<AtomicUsize>,
+    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(target: String) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(AtomicBool::new(false));
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let (d, a, l) = (down.clone(), attempts.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                if d.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let target = target.clone();
+                let link = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                l.lock().unwrap().push(link);
+            }
+        });
+        Proxy {
+            port,
+            down,
+            attempts,
+            links,
+        }
+    }
+
+    /// Cuts every open connection and refuses new ones.
+    fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for link in self.links.lock().unwrap().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
+    }
+}
+
+#[sqlx::test]
+async fn workers_ride_out_a_database_outage(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(connect.clone())
+        .await
+        .unwrap();
+    let proxy = Proxy::start(format!("{}:{}", connect.get_host(), connect.get_port())).await;
+    let via_proxy = format!(
+        "postgres://{}@127.0.0.1:{}/{}",
+        connect.get_username(),
+        proxy.port,
+        connect.get_database().unwrap_or("postgres")
+    );
+    let sim = start_sim(0, 500, 100).await;
+    let dir = std::env::temp_dir().join(format!("wfq-outage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join(format!("{}.toml", connect.get_database().unwrap_or("db")));
+    // A 60 s fallback poll: after the outage only LISTEN can wake the worker quickly.
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nconcurrency = 16\nlease = \"3s\"\nfallback_poll = \"60s\"\n\
+             [http]\ntimeout = \"1s\"\n[poll]\ninitial = \"100ms\"\nmax = \"300ms\"\n\
+             [providers.chenyu]\nkind = \"chenyu\"\nbase_url = \"{}\"\napi_key_env = \"OUTAGE_KEY\"\n",
+            sim.base_url()
+        ),
+    )
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO wfq.runs (workflow_id, inputs) \
+         SELECT 'wf_861ef31e94dcfb10e6e7', jsonb_build_object('n3_seed', g) FROM generate_series(1, 100) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let log_path = dir.join(format!("{}.log", connect.get_database().unwrap_or("db")));
+    // tokio's Command: the proxy and the simulator live on this test's
+    // runtime, so waiting for the child must not block it.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wfq"))
+        .args(["worker", "--config"])
+        .arg(&config)
+        .env("DATABASE_URL", &via_proxy)
+        .env("OUTAGE_KEY", API_KEY)
+        .env("RUST_LOG", "info,sqlx=error")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().expect("running").to_string();
+
+    wait_for(
+        &pool,
+        "(SELECT count(*) FROM wfq.runs WHERE state = 'succeeded') >= 10",
+        Duration::from_secs(30),
+    )
+    .await;
+    proxy.cut();
+    let before = proxy.attempts.load(Ordering::SeqCst);
+    // The outage itself: three seconds without a database.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = proxy.attempts.load(Ordering::SeqCst) - before;
+    proxy.restore();
+    assert!(
+        during < 60,
+        "{during} connection attempts in 3 s: the worker is spinning"
+    );
+
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    // New rows after the outage are picked up through the re-established LISTEN
+    // (the fallback poll is 60 s, the wait here 20 s).
+    sqlx::query("INSERT INTO wfq.runs (workflow_id) SELECT 'wf_861ef31e94dcfb10e6e7' FROM generate_series(1, 5)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    wait_all_final(&pool, Duration::from_secs(20)).await;
+
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let status = child.wait().await.unwrap();
+    let logs = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(status.success(), "exit 0 after SIGTERM\n{logs}");
+    assert!(!logs.contains("panicked"), "{logs}");
+    assert!(
+        logs.contains("is the database reachable?") || logs.contains("LISTEN connection lost"),
+        "the outage is logged clearly\n{logs}"
+    );
+    let succeeded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM wfq.runs WHERE state = 'succeeded'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(succeeded, 105);
+    assert!(sim.ledger().iter().all(|e| e.charges == 1));
+    assert_eq!(sim.ledger().len(), 105);
+    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_file(&log_path);
+    sim.shutdown().await;
+}
