@@ -165,3 +165,13 @@ CREATE TRIGGER runs_guard_identity
     BEFORE UPDATE OF idempotency_key, provider, workflow_id ON wfq.runs
     FOR EACH ROW
     EXECUTE FUNCTION wfq.guard_run_identity();
+
+-- Provider profiles a worker paused because the provider refused its API key
+-- (401/403). Their runs stay where they are until a probe succeeds; this
+-- table is how `wfq list` and operators see it.
+CREATE TABLE wfq.provider_pauses (
+    profile   text        PRIMARY KEY,
+    paused_at timestamptz NOT NULL DEFAULT now(),
+    worker    text        NOT NULL,
+    reason    text        NOT NULL
+);

@@ -160,6 +160,9 @@ pub struct WorkerConfig {
     /// separate profiles. Runs already submitted are never touched by a
     /// worker without their profile.
     pub fail_unknown_providers: bool,
+    /// First wait before probing a provider profile paused by a 401/403;
+    /// doubles up to 5 minutes while the key is still refused.
+    pub auth_probe: Duration,
     /// The name written to `lease_owner`; unique per process.
     pub id: String,
 }
@@ -250,6 +253,7 @@ struct RawWorker {
     shutdown_grace: Option<String>,
     listen: Option<bool>,
     fail_unknown_providers: Option<bool>,
+    auth_probe: Option<String>,
     id: Option<String>,
 }
 
@@ -405,6 +409,11 @@ impl Config {
             )?,
             listen: raw.worker.listen.unwrap_or(true),
             fail_unknown_providers: raw.worker.fail_unknown_providers.unwrap_or(true),
+            auth_probe: duration(
+                "worker.auth_probe",
+                &raw.worker.auth_probe,
+                Duration::from_secs(30),
+            )?,
             id: raw.worker.id.unwrap_or_else(default_worker_id),
         };
         // One step is at most a manifest read, a write and a submit; the lease

@@ -247,10 +247,6 @@ impl Transition {
     }
 }
 
-/// How long to wait after credentials were refused: retrying every second
-/// against a provider that rejects the key only fills the log.
-const UNAUTHORIZED_PAUSE: Duration = Duration::from_secs(60);
-
 fn later(now: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
     chrono::Duration::from_std(delay)
         .ok()
@@ -401,14 +397,11 @@ pub fn manifest_failed(
 
 /// The schedule's delay, stretched to the provider's `Retry-After` but never
 /// past the schedule's own cap: a wild header must not park a run for years.
+/// (A refused key needs no longer wait here: the worker pauses the whole
+/// provider profile, so the run is not claimed until the key works again.)
 fn wait_after_unclear(u: &Unclear, scheduled: Duration, cap: Duration) -> Duration {
-    let floor = if u.unauthorized {
-        UNAUTHORIZED_PAUSE
-    } else {
-        Duration::ZERO
-    };
     let asked = u.retry_after.unwrap_or_default().min(cap);
-    scheduled.max(asked).max(floor)
+    scheduled.max(asked)
 }
 
 /// Decides what a submit's answer means for the run.
@@ -753,7 +746,7 @@ mod tests {
                 SubmitOutcome::Unclear(unclear(None, true)),
                 RunState::Submitting,
                 None,
-                Some(60),
+                Some(8),
                 -1,
             ),
         ];

@@ -13,6 +13,7 @@ const LEASE: Duration = Duration::from_secs(60);
 fn chenyu() -> ClaimScope {
     ClaimScope {
         profiles: vec!["chenyu".into()],
+        configured: vec!["chenyu".into()],
         unknown_queued: false,
     }
 }
@@ -88,6 +89,22 @@ async fn a_worker_only_takes_runs_of_its_profiles(pool: PgPool) {
     assert_eq!(
         loose.iter().map(|r| r.id).collect::<Vec<_>>(),
         vec![queued_elsewhere]
+    );
+    // A configured but paused profile is neither claimed nor failed as unknown.
+    let paused = ClaimScope {
+        profiles: vec![],
+        configured: vec!["chenyu".into(), "other".into()],
+        unknown_queued: true,
+    };
+    sqlx::query("UPDATE wfq.runs SET lease_owner = NULL, lease_expires_at = NULL")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(
+        store::claim_due_runs(&pool, "w3", 10, LEASE, &paused)
+            .await
+            .unwrap()
+            .is_empty()
     );
 }
 

@@ -91,7 +91,7 @@ impl Fetcher {
                 &engine.worker_id,
                 slots.len(),
                 engine.lease,
-                &engine.scope,
+                &engine.claim_scope(),
             )
             .await
             {
@@ -138,7 +138,7 @@ impl Fetcher {
 
     async fn sleep_until_due(&mut self) {
         let fallback = self.config.fallback_poll;
-        let next = match store::next_due_in(&self.engine.pool, &self.engine.scope).await {
+        let next = match store::next_due_in(&self.engine.pool, &self.engine.claim_scope()).await {
             Ok(next) => next,
             // Not the fallback poll: that may be long, and nothing else
             // wakes the loop when the database comes back.

@@ -5,6 +5,7 @@
 
 mod fetcher;
 mod manifests;
+mod pauses;
 mod step;
 mod wake;
 
@@ -24,6 +25,7 @@ use sqlx::PgPool;
 
 pub use fetcher::{Fetcher, FetcherConfig, RunJob};
 pub use manifests::ManifestCache;
+pub use pauses::ProviderPauses;
 pub use step::{LeaseClock, StepError, run_step};
 pub use wake::Wake;
 
@@ -46,8 +48,11 @@ pub struct Engine {
     /// Poll schedule.
     pub poll: PollPolicy,
     providers: BTreeMap<String, (ProviderClient, Duration)>,
-    /// Which runs this worker claims.
-    pub scope: crate::store::ClaimScope,
+    /// Profiles paused by a refused API key.
+    pub pauses: ProviderPauses,
+    /// First wait before probing a paused profile.
+    pub auth_probe: Duration,
+    fail_unknown_providers: bool,
     /// Manifest cache.
     pub manifests: ManifestCache,
     /// The claim loop's alarm clock.
@@ -86,12 +91,10 @@ impl Engine {
             };
             providers.insert(name.clone(), (client, profile.manifest_ttl));
         }
-        let scope = crate::store::ClaimScope {
-            profiles: providers.keys().cloned().collect(),
-            unknown_queued: config.worker.fail_unknown_providers,
-        };
         Ok(Engine {
-            scope,
+            pauses: ProviderPauses::default(),
+            auth_probe: config.worker.auth_probe,
+            fail_unknown_providers: config.worker.fail_unknown_providers,
             pool,
             worker_id: config.worker.id.clone(),
             lease: config.worker.lease,
@@ -110,6 +113,69 @@ impl Engine {
 
     fn provider_names(&self) -> Vec<String> {
         self.providers.keys().cloned().collect()
+    }
+
+    /// Which runs to claim now: those of the profiles that are not paused.
+    pub fn claim_scope(&self) -> crate::store::ClaimScope {
+        let configured = self.provider_names();
+        crate::store::ClaimScope {
+            profiles: configured
+                .iter()
+                .filter(|p| !self.pauses.is_paused(p))
+                .cloned()
+                .collect(),
+            configured,
+            unknown_queued: self.fail_unknown_providers,
+        }
+    }
+
+    /// The provider refused the key of `profile`: pause the profile (once)
+    /// and say so loudly, in the log and in `wfq.provider_pauses`.
+    pub async fn provider_refused_key(&self, profile: &str, workflow_id: &str, reason: &str) {
+        if !self.pauses.pause(profile, workflow_id, self.auth_probe) {
+            return;
+        }
+        tracing::error!(
+            profile,
+            reason,
+            probe_in = ?self.auth_probe,
+            "the provider refused the API key: pausing this provider profile (its runs wait, none is failed) until a probe succeeds; check the key in its api_key_env"
+        );
+        if let Err(e) =
+            crate::store::pause_provider(&self.pool, profile, &self.worker_id, reason).await
+        {
+            tracing::warn!(error = %e, profile, "could not record the pause");
+        }
+    }
+}
+
+/// Probes paused profiles once a second at most, each on its own growing
+/// interval, and lifts a pause as soon as the provider accepts the key.
+async fn probe_paused_profiles(engine: Arc<Engine>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for (profile, workflow_id) in engine.pauses.due_probes() {
+            let Some((client, _)) = engine.provider(&profile) else {
+                continue;
+            };
+            match client.manifest(&workflow_id).await {
+                Err(crate::providers::ManifestError::Unclear(u)) => {
+                    tracing::warn!(profile = %profile, reason = %u.reason, "provider profile still paused: probe failed");
+                }
+                // A readable answer, even a refusal about the workflow,
+                // means the key is accepted again.
+                Ok(_) | Err(crate::providers::ManifestError::Rejected(_)) => {
+                    if engine.pauses.resume(&profile) {
+                        tracing::info!(profile = %profile, "the provider accepts the API key again: provider profile resumed");
+                        if let Err(e) = crate::store::resume_provider(&engine.pool, &profile).await
+                        {
+                            tracing::warn!(error = %e, "could not clear the recorded pause");
+                        }
+                        engine.wake.now();
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -140,6 +206,14 @@ where
         .worker
         .listen
         .then(|| tokio::spawn(wake::listen_for_new_runs(pool.clone(), engine.wake.clone())));
+    let prober = tokio::spawn(probe_paused_profiles(engine.clone()));
+    // A pause recorded by an earlier process says nothing about this one's
+    // keys; it is recorded again if this process is refused too.
+    for profile in engine.provider_names() {
+        if let Err(e) = crate::store::resume_provider(&pool, &profile).await {
+            tracing::warn!(error = %e, "could not clear recorded pauses");
+        }
+    }
 
     tracing::info!(
         worker_id = %engine.worker_id,
@@ -195,6 +269,7 @@ where
     if let Some(listener) = listener {
         listener.abort();
     }
+    prober.abort();
     match crate::store::release_leases(&engine.pool, &engine.worker_id).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(released = n, "gave back the leases of unfinished runs"),

@@ -238,8 +238,16 @@ async fn submit_step(
             accept_external_cost_risk: run.accept_external_cost_risk,
         })
         .await;
-    if let SubmitOutcome::Accepted(a) = &outcome {
-        tracing::info!(provider_run_id = %a.provider_run_id, replay = a.idempotent_replay, "submit accepted");
+    match &outcome {
+        SubmitOutcome::Accepted(a) => {
+            tracing::info!(provider_run_id = %a.provider_run_id, replay = a.idempotent_replay, "submit accepted");
+        }
+        SubmitOutcome::Unclear(u) if u.unauthorized => {
+            engine
+                .provider_refused_key(&run.provider, &run.workflow_id, &u.reason)
+                .await;
+        }
+        _ => {}
     }
     let progress = RunProgress {
         state: RunState::Submitting,
@@ -269,17 +277,24 @@ async fn prepare(
     let manifest = engine
         .manifests
         .get(&run.provider, client, &run.workflow_id, ttl)
-        .await
-        .map_err(|e| {
-            lifecycle::manifest_failed(
-                &progress(run),
-                &run.workflow_id,
-                &e,
-                &engine.submit,
-                Utc::now(),
-                unit(),
-            )
-        })?;
+        .await;
+    if let Err(crate::providers::ManifestError::Unclear(u)) = &manifest
+        && u.unauthorized
+    {
+        engine
+            .provider_refused_key(&run.provider, &run.workflow_id, &u.reason)
+            .await;
+    }
+    let manifest = manifest.map_err(|e| {
+        lifecycle::manifest_failed(
+            &progress(run),
+            &run.workflow_id,
+            &e,
+            &engine.submit,
+            Utc::now(),
+            unit(),
+        )
+    })?;
     let inputs = match &run.inputs {
         Value::Object(inputs) => inputs,
         // The CHECK constraint rules this out; fail the row, not the worker.
@@ -337,6 +352,13 @@ async fn poll_step(engine: &Engine, run: ClaimedRun, lease: LeaseClock) -> Resul
         return lease_ran_out("run/info");
     }
     let outcome = client.poll(provider_run_id).await;
+    if let crate::providers::PollOutcome::Unclear(u) = &outcome
+        && u.unauthorized
+    {
+        engine
+            .provider_refused_key(&run.provider, &run.workflow_id, &u.reason)
+            .await;
+    }
     if let crate::providers::PollOutcome::Report(report) = &outcome
         && report.settled
         && crate::money::settlement_balances(

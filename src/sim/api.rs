@@ -38,11 +38,14 @@ pub(crate) fn routes(shared: Arc<Shared>) -> Router {
 
 /// Applies the configured latency, then checks the bearer token.
 async fn gate(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
-    let latency = shared.lock().faults.latency;
+    let (latency, refuse_keys) = {
+        let state = shared.lock();
+        (state.faults.latency, state.faults.refuse_keys)
+    };
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
-    if authorized(shared.api_key.as_deref(), headers) {
+    if !refuse_keys && authorized(shared.api_key.as_deref(), headers) {
         Ok(())
     } else {
         shared.lock().stats.unauthorized += 1;

@@ -36,6 +36,9 @@ pub struct Faults {
     pub drop_next_submit_answers: u32,
     /// The next N `run/info` or `run/execution` requests get HTTP 503.
     pub fail_next_polls: u32,
+    /// Every API request is refused with HTTP 401, whatever its key: a
+    /// revoked or mistyped key, until the knob is turned off again.
+    pub refuse_keys: bool,
 }
 
 /// A fault chosen for one request, rendered by `envelope::injected`.

@@ -62,13 +62,16 @@ struct ClaimRow {
     previous_owner: Option<String>,
 }
 
-/// Which runs a worker may take: those of its provider profiles, and (to fail
-/// them) queued runs of profiles it does not have.
+/// Which runs a worker may take: those of its active provider profiles, and
+/// (to fail them) queued runs of profiles it does not have at all.
 #[derive(Debug, Clone, Default)]
 pub struct ClaimScope {
-    /// The worker's provider profile names.
+    /// The profiles whose runs are claimed (configured and not paused).
     pub profiles: Vec<String>,
-    /// Also take queued runs of other profiles (they fail `UNKNOWN_PROVIDER`).
+    /// Every configured profile, paused or not.
+    pub configured: Vec<String>,
+    /// Also take queued runs of profiles not configured here (they fail
+    /// `UNKNOWN_PROVIDER`).
     pub unknown_queued: bool,
 }
 
@@ -91,7 +94,7 @@ pub async fn claim_due_runs(
             WHERE state IN ('queued', 'submitting', 'running')
               AND due_at <= now()
               AND (lease_expires_at IS NULL OR lease_expires_at <= now())
-              AND (provider = ANY($4) OR ($5 AND state = 'queued'))
+              AND (provider = ANY($4) OR ($5 AND state = 'queued' AND provider <> ALL($6)))
             ORDER BY priority DESC, due_at, id
             LIMIT $2
             FOR UPDATE SKIP LOCKED
@@ -112,6 +115,7 @@ pub async fn claim_due_runs(
     .bind(lease.as_secs_f64())
     .bind(&scope.profiles)
     .bind(scope.unknown_queued)
+    .bind(&scope.configured)
     .fetch_all(pool)
     .await?;
     Ok(rows
@@ -155,11 +159,12 @@ pub async fn next_due_in(
         r#"
         SELECT GREATEST(extract(epoch FROM min(due_at) - now()), 0)::float8 FROM wfq.runs
         WHERE state IN ('queued', 'submitting', 'running') AND lease_owner IS NULL
-          AND (provider = ANY($1) OR ($2 AND state = 'queued'))
+          AND (provider = ANY($1) OR ($2 AND state = 'queued' AND provider <> ALL($3)))
         "#,
     )
     .bind(&scope.profiles)
     .bind(scope.unknown_queued)
+    .bind(&scope.configured)
     .fetch_one(pool)
     .await?;
     Ok(seconds.map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0))))

@@ -4,6 +4,7 @@
 //! database; the integration tests run each of them against PostgreSQL.
 
 mod claim;
+mod pauses;
 mod read;
 mod requests;
 mod transition;
@@ -11,6 +12,7 @@ mod transition;
 pub use claim::{
     ClaimScope, ClaimedRun, claim_due_runs, next_due_in, record_rescue, release_leases,
 };
+pub use pauses::{ProviderPause, pause_provider, paused_providers, resume_provider};
 pub use read::{EventRow, RunRow, list_runs, run_events, show_run};
 pub use requests::{NewRun, RequestError, RetryOutcome, cancel_run, enqueue_run, retry_run};
 pub use transition::apply_transition;
