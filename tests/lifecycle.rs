@@ -754,3 +754,81 @@ async fn exhausted_submit_retries_fail_unsettled_and_retry_resumes_with_the_same
     assert_eq!(done.frozen_amount, Some(ledger[0].frozen));
     sim.shutdown().await;
 }
+
+#[sqlx::test]
+async fn malformed_answers_are_retried_on_schedule_and_crash_nothing(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 300, 100).await;
+    // Two of each kind: HTML with 200, missing fields, unparseable amounts,
+    // an unknown status with extra fields, an empty body, truncated JSON.
+    sim.set_faults(Faults {
+        malformed_next_answers: 12,
+        ..Default::default()
+    });
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(enqueue(&pool, TEXT_TO_IMAGE, json!({})).await);
+    }
+    work_until_idle(&pool, config(&sim, "w1", "")).await;
+    for id in &ids {
+        let run = run(&pool, *id).await;
+        assert_eq!(run.state, "succeeded", "{run:?}");
+    }
+    let unclear: Vec<String> = sqlx::query_scalar(
+        "SELECT detail->>'reason' FROM wfq.run_events WHERE kind LIKE '%unclear'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(unclear.len() >= 6, "{unclear:?}");
+    assert!(
+        unclear.iter().any(|r| r.contains("not a chenyu answer")),
+        "{unclear:?}"
+    );
+    let ledger = sim.ledger();
+    assert_eq!(ledger.len(), 5);
+    assert!(ledger.iter().all(|e| e.charges == 1));
+    sim.shutdown().await;
+}
+
+#[sqlx::test]
+async fn a_run_the_provider_cannot_find_fails_at_the_deadline_with_what_was_known(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    // Submitted elsewhere, and the provider has never heard of it.
+    sqlx::query(
+        "UPDATE wfq.runs SET state = 'running', provider_run_id = 'wfrun_unknown', submitted_at = now(), \
+         sent_inputs = '{}', revision_id = 'r', frozen_amount = 0.03 WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let short = "[poll]\ninitial = \"50ms\"\nmax = \"100ms\"\ndeadline = \"1s\"\n";
+    work_until_idle(&pool, config(&sim, "w1", short)).await;
+    let run = run(&pool, id).await;
+    assert_eq!(run.state, "failed");
+    assert_eq!(run.error_code.as_deref(), Some("POLL_DEADLINE"));
+    assert!(
+        run.error_message.as_deref().unwrap().contains("not found"),
+        "{:?}",
+        run.error_message
+    );
+    assert_eq!(run.frozen_amount, Some(d("0.03")), "what was known is kept");
+    let rejected: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM wfq.run_events WHERE run_id = $1 AND kind = 'poll_rejected'",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(rejected >= 2, "kept asking on the schedule");
+    sim.shutdown().await;
+}

@@ -85,12 +85,22 @@ mod tests {
     fn a_pause_is_probed_with_growing_intervals_until_resumed() {
         let pauses = ProviderPauses::default();
         assert!(pauses.pause("p", "wf", Duration::from_secs(10)));
-        assert!(!pauses.pause("p", "wf2", Duration::from_secs(10)), "already paused");
+        assert!(
+            !pauses.pause("p", "wf2", Duration::from_secs(10)),
+            "already paused"
+        );
         assert!(pauses.is_paused("p"));
-        assert!(pauses.due_probes().is_empty(), "not before the first interval");
+        assert!(
+            pauses.due_probes().is_empty(),
+            "not before the first interval"
+        );
         pauses.lock().get_mut("p").unwrap().next_probe = Instant::now();
         assert_eq!(pauses.due_probes(), vec![("p".to_owned(), "wf".to_owned())]);
-        assert_eq!(pauses.lock()["p"].interval, Duration::from_secs(20), "the interval doubles");
+        assert_eq!(
+            pauses.lock()["p"].interval,
+            Duration::from_secs(20),
+            "the interval doubles"
+        );
         assert!(pauses.due_probes().is_empty(), "rescheduled, not due twice");
         assert!(pauses.resume("p"));
         assert!(!pauses.is_paused("p"));

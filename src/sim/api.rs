@@ -46,6 +46,17 @@ async fn gate(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
         tokio::time::sleep(latency).await;
     }
     if !refuse_keys && authorized(shared.api_key.as_deref(), headers) {
+        let malformed = {
+            let mut state = shared.lock();
+            let left = state.faults.malformed_next_answers;
+            if left > 0 {
+                state.faults.malformed_next_answers = left - 1;
+            }
+            left
+        };
+        if malformed > 0 {
+            return Err(envelope::malformed(malformed));
+        }
         Ok(())
     } else {
         shared.lock().stats.unauthorized += 1;

@@ -131,3 +131,35 @@ pub(crate) fn lost_answer() -> Response {
     );
     response
 }
+
+/// One of six malformed answers (`Faults::malformed_next_answers`), chosen by
+/// `n` so that a run of them covers every kind.
+pub(crate) fn malformed(n: u32) -> Response {
+    use axum::response::IntoResponse;
+    let (content_type, body) = match n % 6 {
+        0 => (
+            "text/html",
+            "<html><body><h1>Service Temporarily Unavailable</h1></body></html>",
+        ),
+        1 => ("application/json", r#"{"code":0,"msg":"ok","data":{}}"#),
+        2 => (
+            "application/json",
+            r#"{"code":0,"msg":"ok","data":{"run_status":"succeeded","settlement_status":"settled","final_amount":"12,5 CNY","released_amount":"n/a"}}"#,
+        ),
+        3 => (
+            "application/json",
+            r#"{"code":0,"msg":"ok","data":{"run_status":"quantum_superposition","surprise":{"nested":[1,2,3]}}}"#,
+        ),
+        4 => ("application/json", ""),
+        _ => (
+            "application/json",
+            r#"{"code":0,"msg":"ok","data":{"run_order_id":"wfru"#,
+        ),
+    };
+    (
+        StatusCode::OK,
+        [(axum::http::header::CONTENT_TYPE, content_type)],
+        body,
+    )
+        .into_response()
+}

@@ -39,6 +39,12 @@ pub struct Faults {
     /// Every API request is refused with HTTP 401, whatever its key: a
     /// revoked or mistyped key, until the knob is turned off again.
     pub refuse_keys: bool,
+    /// The next N API answers (any endpoint, after the key check, before
+    /// anything is recorded) are malformed, cycling through: an HTML page
+    /// with HTTP 200, `code: 0` without the expected fields, amounts that are
+    /// not numbers, an unknown `run_status` with extra fields, an empty body,
+    /// and JSON cut off half-way.
+    pub malformed_next_answers: u32,
 }
 
 /// A fault chosen for one request, rendered by `envelope::injected`.
