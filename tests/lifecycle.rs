@@ -832,3 +832,34 @@ async fn a_run_the_provider_cannot_find_fails_at_the_deadline_with_what_was_know
     assert!(rejected >= 2, "kept asking on the schedule");
     sim.shutdown().await;
 }
+
+#[sqlx::test]
+async fn a_stalled_provider_times_out_and_is_retried_without_stalling_other_runs(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    // Answers take 3 s; every call gives up after `http.timeout` = 1 s.
+    sim.set_faults(Faults {
+        latency: Duration::from_secs(3),
+        ..Default::default()
+    });
+    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
+    wait_for(
+        &pool,
+        &format!("EXISTS (SELECT 1 FROM wfq.run_events WHERE run_id = {id} AND detail->>'reason' LIKE 'timed out%')"),
+        LIMIT,
+    )
+    .await;
+    // The provider recovers; the same run goes on, and so do new ones.
+    sim.set_faults(Faults::default());
+    let later = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+    assert_eq!(run(&pool, id).await.state, "succeeded");
+    assert_eq!(run(&pool, later).await.state, "succeeded");
+    assert!(sim.ledger().iter().all(|e| e.charges == 1));
+    sim.shutdown().await;
+}
