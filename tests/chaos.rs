@@ -86,7 +86,7 @@ async fn killing_workers_at_random_loses_nothing_and_charges_once(
         .connect_with(connect)
         .await
         .unwrap();
-    let sim = start_sim(0, 1000, 300).await;
+    let sim = start_sim(0, 2000, 300).await;
     sim.set_faults(Faults {
         error_rate: 0.02,
         rate_limit_rate: 0.02,
