@@ -66,6 +66,8 @@ pub struct Config {
     pub poll: PollPolicy,
     /// HTTP client limits shared by every provider call.
     pub http: HttpConfig,
+    /// Periodic deletion of old finished runs (off unless configured).
+    pub retention: Option<RetentionConfig>,
     /// Provider profiles by name (the value of `wfq.runs.provider`).
     pub providers: BTreeMap<String, ProviderProfile>,
 }
@@ -176,6 +178,17 @@ pub struct HttpConfig {
     pub connect_timeout: Duration,
 }
 
+/// `[retention]`: the worker deletes old finished runs now and then.
+#[derive(Debug, Clone)]
+pub struct RetentionConfig {
+    /// Finished runs older than this are deleted (with their events).
+    pub finished_before: Duration,
+    /// How often the worker prunes.
+    pub every: Duration,
+    /// Rows per statement.
+    pub batch: i64,
+}
+
 /// Which API a provider profile speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderKind {
@@ -233,7 +246,17 @@ struct RawConfig {
     #[serde(default)]
     http: RawHttp,
     #[serde(default)]
+    retention: Option<RawRetention>,
+    #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    finished_before: String,
+    every: Option<String>,
+    batch: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -463,6 +486,22 @@ impl Config {
             ));
         }
 
+        let retention = match raw.retention {
+            None => None,
+            Some(r) => Some(RetentionConfig {
+                finished_before: duration(
+                    "retention.finished_before",
+                    &Some(r.finished_before),
+                    Duration::ZERO,
+                )?,
+                every: duration("retention.every", &r.every, Duration::from_secs(3600))?,
+                batch: match r.batch.unwrap_or(1000) {
+                    b if b >= 1 => b,
+                    _ => return Err(invalid("retention.batch", "must be at least 1".into())),
+                },
+            }),
+        };
+
         let mut providers = BTreeMap::new();
         for (name, raw) in raw.providers {
             let key = |k: &str| format!("providers.{name}.{k}");
@@ -514,6 +553,7 @@ impl Config {
             submit,
             poll,
             http,
+            retention,
             providers,
         })
     }

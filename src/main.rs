@@ -63,6 +63,15 @@ enum Command {
         /// Run id.
         id: i64,
     },
+    /// Delete finished runs (and their events) older than a given age.
+    Prune {
+        /// Age, e.g. 30d, 12h.
+        #[arg(long)]
+        finished_before: String,
+        /// Rows per statement.
+        #[arg(long, default_value_t = 1000)]
+        batch: i64,
+    },
     /// Run the chenyu simulator.
     Sim(SimArgs),
     /// Run the whole thing against the built-in simulator and print the results.
@@ -243,6 +252,16 @@ async fn run(cli: Cli) -> Result<()> {
                     println!("{id}");
                 }
             }
+        }
+        Command::Prune {
+            finished_before,
+            batch,
+        } => {
+            let age = parse_duration(&finished_before)
+                .map_err(|e| anyhow::anyhow!("--finished-before: {e}"))?;
+            let pool = connect(cli.config.as_deref()).await?;
+            let deleted = store::prune_finished_runs(&pool, age, batch.max(1)).await?;
+            println!("deleted {deleted} finished runs and their events");
         }
         Command::Sim(args) => run_sim(args).await?,
         Command::Demo => demo::run_demo().await?,

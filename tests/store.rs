@@ -282,3 +282,76 @@ async fn a_runs_key_and_target_cannot_change_under_a_worker(pool: PgPool) {
         "{err}"
     );
 }
+
+#[sqlx::test]
+async fn reporting_views_add_up_and_flag_problems(pool: PgPool) {
+    sqlx::query(
+        "INSERT INTO wfq.runs (workflow_id, state, submitted_at, settled_at, currency, frozen_amount, final_amount, released_amount, \
+                               compute_cost, external_model_cost, total_cost) VALUES \
+         ('wf_a', 'succeeded', now(), now(), 'CNY', 0.03, 0.01, 0.02, 0.01, 0, 0.01), \
+         ('wf_a', 'failed',    now(), now(), 'CNY', 0.03, 0.005, 0.025, 0.005, 0, 0.005), \
+         ('wf_a', 'running',   now(), NULL,  'CNY', 0.03, NULL, NULL, NULL, NULL, NULL), \
+         ('wf_b', 'succeeded', now(), now(), 'CNY', 1.00, 0.60, 0.30, 0.20, 0.40, 0.61)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (runs, frozen, final_amount, outstanding): (i64, rust_decimal::Decimal, rust_decimal::Decimal, rust_decimal::Decimal) =
+        sqlx::query_as("SELECT runs, frozen, final, outstanding_frozen FROM wfq.daily_costs WHERE workflow_id = 'wf_a'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(runs, 3);
+    assert_eq!(frozen.to_string(), "0.09");
+    assert_eq!(final_amount.to_string(), "0.015");
+    assert_eq!(outstanding.to_string(), "0.03");
+    let problems: Vec<String> = sqlx::query_scalar("SELECT problem FROM wfq.settlement_mismatches")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(problems, vec!["frozen <> final + released"]);
+    sqlx::query(
+        "UPDATE wfq.runs SET submitted_at = now() - interval '2 hours' WHERE state = 'running'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let stuck: Vec<String> = sqlx::query_scalar("SELECT reason FROM wfq.stuck_runs")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(stuck, vec!["running for over an hour"]);
+}
+
+#[sqlx::test]
+async fn pruning_deletes_old_settled_runs_and_their_events_only(pool: PgPool) {
+    sqlx::query(
+        "INSERT INTO wfq.runs (workflow_id, state, finished_at, settled_at) VALUES \
+         ('old', 'succeeded', now() - interval '40 days', now() - interval '40 days'), \
+         ('old', 'canceled', now() - interval '40 days', now() - interval '40 days'), \
+         ('old-unsettled', 'failed', now() - interval '40 days', NULL), \
+         ('recent', 'succeeded', now() - interval '1 day', now() - interval '1 day'), \
+         ('active', 'running', NULL, NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO wfq.run_events (run_id, kind) SELECT id, 'x' FROM wfq.runs")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let deleted = store::prune_finished_runs(&pool, Duration::from_secs(30 * 86400), 1)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 2);
+    let left: Vec<String> = sqlx::query_scalar("SELECT workflow_id FROM wfq.runs ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec!["old-unsettled", "recent", "active"]);
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM wfq.run_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 3, "events go with their runs");
+}

@@ -6,6 +6,7 @@
 mod fetcher;
 mod manifests;
 mod pauses;
+mod retention;
 mod step;
 mod wake;
 
@@ -207,6 +208,10 @@ where
         .listen
         .then(|| tokio::spawn(wake::listen_for_new_runs(pool.clone(), engine.wake.clone())));
     let prober = tokio::spawn(probe_paused_profiles(engine.clone()));
+    let pruner = config
+        .retention
+        .clone()
+        .map(|r| tokio::spawn(retention::prune_periodically(pool.clone(), r)));
     // A pause recorded by an earlier process says nothing about this one's
     // keys; it is recorded again if this process is refused too.
     for profile in engine.provider_names() {
@@ -270,6 +275,9 @@ where
         listener.abort();
     }
     prober.abort();
+    if let Some(pruner) = pruner {
+        pruner.abort();
+    }
     match crate::store::release_leases(&engine.pool, &engine.worker_id).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(released = n, "gave back the leases of unfinished runs"),

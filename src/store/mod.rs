@@ -7,6 +7,7 @@ mod claim;
 mod pauses;
 mod read;
 mod requests;
+mod retention;
 mod transition;
 
 pub use claim::{
@@ -15,6 +16,7 @@ pub use claim::{
 pub use pauses::{ProviderPause, pause_provider, paused_providers, resume_provider};
 pub use read::{EventRow, RunRow, list_runs, run_events, show_run};
 pub use requests::{NewRun, RequestError, RetryOutcome, cancel_run, enqueue_run, retry_run};
+pub use retention::prune_finished_runs;
 pub use transition::apply_transition;
 
 use sqlx::PgPool;

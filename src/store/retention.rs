@@ -1,0 +1,41 @@
+//! Deleting old finished runs (and, by cascade, their events).
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+/// Deletes runs that finished more than `older_than` ago, `batch` rows per
+/// statement so the queue is never blocked for long. Runs whose money is
+/// not settled (`SUBMIT_RETRIES_EXHAUSTED`, `POLL_DEADLINE`) are kept: they
+/// are the open questions of a billing dispute. Returns how many were deleted.
+#[tracing::instrument(name = "prune_finished_runs", skip(pool), err)]
+pub async fn prune_finished_runs(
+    pool: &PgPool,
+    older_than: Duration,
+    batch: i64,
+) -> Result<u64, sqlx::Error> {
+    let mut deleted = 0;
+    loop {
+        let done = sqlx::query(
+            r#"
+            DELETE FROM wfq.runs WHERE id IN (
+                SELECT id FROM wfq.runs
+                WHERE state IN ('succeeded', 'failed', 'canceled')
+                  AND settled_at IS NOT NULL
+                  AND finished_at < now() - make_interval(secs => $1)
+                ORDER BY finished_at
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            )
+            "#,
+        )
+        .bind(older_than.as_secs_f64())
+        .bind(batch)
+        .execute(pool)
+        .await?;
+        deleted += done.rows_affected();
+        if done.rows_affected() < batch.max(1) as u64 {
+            return Ok(deleted);
+        }
+    }
+}
