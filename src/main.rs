@@ -33,10 +33,13 @@ enum Command {
     Worker,
     /// Enqueue a run and print its id.
     Enqueue(EnqueueArgs),
-    /// Show one run with its events, as JSON.
+    /// Show one run with its events.
     Show {
         /// Run id.
         id: i64,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// List the newest runs.
     List {
@@ -203,15 +206,19 @@ async fn run(cli: Cli) -> Result<()> {
             let id = store::enqueue_run(&pool, &run).await?;
             println!("{id}");
         }
-        Command::Show { id } => {
+        Command::Show { id, json } => {
             let pool = connect(cli.config.as_deref()).await?;
             let Some(run) = store::show_run(&pool, id).await? else {
                 bail!("run {id} does not exist");
             };
             let events = store::run_events(&pool, id).await?;
             let mut shown = serde_json::to_value(&run)?;
-            shown["events"] = serde_json::to_value(events)?;
-            println!("{}", serde_json::to_string_pretty(&shown)?);
+            if json {
+                shown["events"] = serde_json::to_value(events)?;
+                println!("{}", serde_json::to_string_pretty(&shown)?);
+            } else {
+                print_show(&shown, &events);
+            }
         }
         Command::List { state, limit, json } => {
             let pool = connect(cli.config.as_deref()).await?;
@@ -332,6 +339,47 @@ fn new_run(args: EnqueueArgs) -> Result<NewRun> {
             .map(|m| parse_json("metadata", &m))
             .transpose()?,
     })
+}
+
+/// A run as `field  value` lines (empty fields left out), then its events.
+fn print_show(run: &Value, events: &[store::EventRow]) {
+    let fields: Vec<Vec<String>> = run
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| {
+            let text = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            vec![k.clone(), table::truncate(&text, 100)]
+        })
+        .collect();
+    println!("{}\n", table::render(&["field", "value"], &fields));
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                e.at.format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
+                e.kind.clone(),
+                format!(
+                    "{} -> {}",
+                    e.from_state.as_deref().unwrap_or("-"),
+                    e.to_state.as_deref().unwrap_or("-")
+                ),
+                e.worker.clone().unwrap_or_default(),
+                table::truncate(
+                    &e.detail.as_ref().map(Value::to_string).unwrap_or_default(),
+                    70,
+                ),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table::render(&["at", "event", "state", "worker", "detail"], &rows)
+    );
 }
 
 fn print_list(runs: &[store::RunRow]) {

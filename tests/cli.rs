@@ -87,7 +87,10 @@ async fn subcommands_enqueue_list_show_cancel_and_retry(
     let new_id: i64 = stdout(&retry).parse().unwrap();
     assert_ne!(new_id, id);
 
-    let show = wfq(&db, &["show", &id.to_string()]);
+    let table = wfq(&db, &["show", &id.to_string()]);
+    assert!(table.status.success());
+    assert!(stdout(&table).contains("canceled"), "{}", stdout(&table));
+    let show = wfq(&db, &["show", "--json", &id.to_string()]);
     assert!(show.status.success());
     let shown: serde_json::Value = serde_json::from_str(&stdout(&show)).expect("show prints JSON");
     assert_eq!(shown["state"], "canceled");
