@@ -194,6 +194,48 @@ pub struct RetentionConfig {
 pub enum ProviderKind {
     /// chenyu open API v2.
     Chenyu,
+    /// Dify workflow service API (one app per profile: its key picks the app).
+    Dify,
+    /// GPTBots workflow API (one workflow per profile: its key picks it).
+    Gptbots,
+}
+
+impl ProviderKind {
+    /// Reads a profile's `kind`.
+    pub fn parse(kind: &str) -> Result<ProviderKind, String> {
+        match kind {
+            "chenyu" => Ok(ProviderKind::Chenyu),
+            "dify" => Ok(ProviderKind::Dify),
+            "gptbots" => Ok(ProviderKind::Gptbots),
+            other => Err(format!(
+                "unknown provider kind `{other}` (expected chenyu, dify or gptbots)"
+            )),
+        }
+    }
+
+    /// Only the kinds of the `[providers.*]` profiles, for commands that
+    /// need no provider secrets (`wfq cancel` asks which can stop runs).
+    pub fn of_profiles(
+        text: &str,
+        origin: &str,
+    ) -> Result<BTreeMap<String, ProviderKind>, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        raw.providers
+            .into_iter()
+            .map(|(name, profile)| {
+                let kind =
+                    ProviderKind::parse(&profile.kind).map_err(|message| ConfigError::Invalid {
+                        path: origin.to_owned(),
+                        key: format!("providers.{name}.kind"),
+                        message,
+                    })?;
+                Ok((name, kind))
+            })
+            .collect()
+    }
 }
 
 /// One `[providers.NAME]` table, with its secret read from the environment.
@@ -207,6 +249,9 @@ pub struct ProviderProfile {
     pub api_key: ApiKey,
     /// How long a workflow's parameter manifest is cached.
     pub manifest_ttl: Duration,
+    /// Dify: how long after a submit whose answer was lost its run may take
+    /// to show up in the logs; only then is the submit sent again.
+    pub find_window: Duration,
 }
 
 /// A provider API key. It has no `Display`, and `Debug` prints `***`, so it
@@ -314,6 +359,7 @@ struct RawProvider {
     base_url: String,
     api_key_env: String,
     manifest_ttl: Option<String>,
+    find_window: Option<String>,
 }
 
 /// The default database when neither the file nor the environment names one.
@@ -505,23 +551,7 @@ impl Config {
         let mut providers = BTreeMap::new();
         for (name, raw) in raw.providers {
             let key = |k: &str| format!("providers.{name}.{k}");
-            let kind = match raw.kind.as_str() {
-                "chenyu" => ProviderKind::Chenyu,
-                "dify" | "gptbots" => {
-                    return Err(invalid(
-                        &key("kind"),
-                        format!("`{}` is not supported by this version yet", raw.kind),
-                    ));
-                }
-                other => {
-                    return Err(invalid(
-                        &key("kind"),
-                        format!(
-                            "unknown provider kind `{other}` (expected chenyu, dify or gptbots)"
-                        ),
-                    ));
-                }
-            };
+            let kind = ProviderKind::parse(&raw.kind).map_err(|m| invalid(&key("kind"), m))?;
             if !(raw.base_url.starts_with("http://") || raw.base_url.starts_with("https://")) {
                 return Err(invalid(
                     &key("base_url"),
@@ -543,6 +573,19 @@ impl Config {
                     &raw.manifest_ttl,
                     Duration::from_secs(300),
                 )?,
+                find_window: match (&raw.find_window, kind) {
+                    (Some(_), ProviderKind::Chenyu | ProviderKind::Gptbots) => {
+                        return Err(invalid(
+                            &key("find_window"),
+                            "only a dify profile looks for lost submits (chenyu replays keys; gptbots cannot find runs)".into(),
+                        ));
+                    }
+                    _ => duration(
+                        &key("find_window"),
+                        &raw.find_window,
+                        Duration::from_secs(30 * 60),
+                    )?,
+                },
             };
             providers.insert(name, profile);
         }
@@ -662,6 +705,22 @@ mod tests {
     }
 
     #[test]
+    fn dify_and_gptbots_profiles() {
+        let env = FakeEnv(vec![("DIFY_KEY", "app-1"), ("GPTBOTS_KEY", "g-1")]);
+        let text = "[providers.summarize]\nkind = \"dify\"\nbase_url = \"https://api.dify.ai/v1/\"\napi_key_env = \"DIFY_KEY\"\nfind_window = \"5m\"\n\n[providers.news]\nkind = \"gptbots\"\nbase_url = \"https://api-sg.gptbots.ai\"\napi_key_env = \"GPTBOTS_KEY\"";
+        let config = Config::from_toml(text, "worker.toml", &env).unwrap();
+        let dify = &config.providers["summarize"];
+        assert_eq!(dify.kind, ProviderKind::Dify);
+        assert_eq!(dify.base_url, "https://api.dify.ai/v1");
+        assert_eq!(dify.find_window, Duration::from_secs(300));
+        assert_eq!(config.providers["news"].kind, ProviderKind::Gptbots);
+        assert_eq!(
+            config.providers["news"].find_window,
+            Duration::from_secs(1800)
+        );
+    }
+
+    #[test]
     fn environment_overrides_the_configured_database() {
         let env = FakeEnv(vec![
             ("CHENYU_API_KEY", "k"),
@@ -692,6 +751,10 @@ mod tests {
                 "providers.x.kind",
             ),
             ("[worker]\nconcurency = 3", "concurency"),
+            (
+                "[providers.x]\nkind = \"chenyu\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"\nfind_window = \"1m\"",
+                "providers.x.find_window",
+            ),
         ];
         for (text, key) in cases {
             let err = Config::from_toml(text, "worker.toml", &env).unwrap_err();

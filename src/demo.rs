@@ -269,7 +269,7 @@ pub async fn run_demo() -> Result<(), DemoError> {
         },
     )
     .await?;
-    store::cancel_run(&pool, canceled, Some("canceled by the demo")).await?;
+    store::cancel_run(&pool, canceled, Some("canceled by the demo"), &[]).await?;
     println!("enqueued run {canceled} for an hour from now, then canceled it");
     println!("\nworker: running until every run is final...\n");
 

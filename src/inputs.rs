@@ -79,6 +79,7 @@ pub fn complete_inputs(
             },
             Some(value) => {
                 check_type(&parameter.key, &parameter.kind, value)?;
+                check_length(parameter, value)?;
                 value.clone()
             }
         };
@@ -106,6 +107,9 @@ fn check_type(key: &str, kind: &ParamKind, value: &Value) -> Result<(), InputErr
         ParamKind::Float => value.is_number(),
         ParamKind::Bool => value.is_boolean(),
         ParamKind::Media(_) => value.as_str().is_some_and(is_media_reference),
+        ParamKind::Choice(options) => value
+            .as_str()
+            .is_some_and(|v| options.iter().any(|o| o == v)),
         ParamKind::Other(_) => true,
     };
     if ok {
@@ -117,12 +121,28 @@ fn check_type(key: &str, kind: &ParamKind, value: &Value) -> Result<(), InputErr
         ParamKind::Float => "a number".to_owned(),
         ParamKind::Bool => "true or false".to_owned(),
         ParamKind::Media(media) => format!("{media} as an http(s) URL or an asset:// URI"),
+        ParamKind::Choice(options) => format!("one of {}", options.join(", ")),
         ParamKind::Other(other) => other.clone(),
     };
     Err(InputError::WrongType {
         key: key.to_owned(),
         expected,
         got: describe(value),
+    })
+}
+
+fn check_length(parameter: &crate::providers::Parameter, value: &Value) -> Result<(), InputError> {
+    let (Some(max), Some(text)) = (parameter.max_chars, value.as_str()) else {
+        return Ok(());
+    };
+    let chars = text.chars().count();
+    if chars <= max {
+        return Ok(());
+    }
+    Err(InputError::WrongType {
+        key: parameter.key.clone(),
+        expected: format!("at most {max} characters"),
+        got: format!("{chars} characters"),
     })
 }
 
@@ -160,10 +180,11 @@ mod tests {
             kind: ParamKind::parse(kind),
             required,
             default_value: default,
+            max_chars: None,
         };
         Manifest {
             workflow_id: "wf".into(),
-            revision_id: "wfr".into(),
+            revision_id: Some("wfr".into()),
             currency: None,
             quote_amount: None,
             may_incur_external_cost: false,
@@ -174,6 +195,15 @@ mod tests {
                 p("hd", "bool", false, Some(json!(false))),
                 p("image", "image", false, None),
                 p("exotic", "matrix", false, None),
+                Parameter {
+                    kind: ParamKind::Choice(vec!["formal".into(), "casual".into()]),
+                    max_chars: None,
+                    ..p("tone", "string", false, None)
+                },
+                Parameter {
+                    max_chars: Some(5),
+                    ..p("title", "string", false, None)
+                },
             ],
         }
     }
@@ -194,7 +224,7 @@ mod tests {
     #[test]
     fn valid_values_of_every_type_pass_unchanged() {
         let inputs = json!({"prompt": "p", "seed": 156680208700286u64, "scale": 7, "hd": true,
-            "image": "asset://sim/demo-image", "exotic": [[1, 2]]});
+            "image": "asset://sim/demo-image", "exotic": [[1, 2]], "tone": "casual", "title": "héllo"});
         let sent = check(inputs.clone()).unwrap();
         assert_eq!(Value::Object(sent), inputs);
         assert!(check(json!({"prompt": "p", "scale": 0.5, "image": "https://x/y.png"})).is_ok());
@@ -205,7 +235,7 @@ mod tests {
         let table = [
             (
                 json!({"prompt": "p", "sede": 1}),
-                "inputs.sede: unknown key; the workflow accepts: prompt, seed, scale, hd, image, exotic",
+                "inputs.sede: unknown key; the workflow accepts: prompt, seed, scale, hd, image, exotic, tone, title",
             ),
             (
                 json!({}),
@@ -238,6 +268,14 @@ mod tests {
             (
                 json!({"prompt": "p", "image": "/tmp/cat.png"}),
                 "inputs.image: expected image as an http(s) URL or an asset:// URI, got a string \"/tmp/cat.png\"",
+            ),
+            (
+                json!({"prompt": "p", "tone": "rude"}),
+                "inputs.tone: expected one of formal, casual, got a string \"rude\"",
+            ),
+            (
+                json!({"prompt": "p", "title": "é12345"}),
+                "inputs.title: expected at most 5 characters, got 6 characters",
             ),
             (
                 json!({"prompt": "p", "image": "asset://"}),

@@ -12,8 +12,8 @@ use serde_json::{Value, json};
 use crate::backoff::{PollPolicy, RetryPolicy};
 use crate::inputs::InputError;
 use crate::providers::{
-    Accepted, ManifestError, PollOutcome, ProviderError, RunReport, RunStatus, SubmitOutcome,
-    Unclear,
+    Accepted, FindOutcome, ManifestError, PollOutcome, ProviderError, RunReport, RunStatus,
+    SubmitGuard, SubmitOutcome, Unclear,
 };
 
 /// Where a run is. The strings are the values of `wfq.runs.state`.
@@ -126,6 +126,8 @@ pub struct ProviderFacts {
     pub external_model_cost: Option<Decimal>,
     /// Total cost.
     pub total_cost: Option<Decimal>,
+    /// Tokens used.
+    pub total_tokens: Option<i64>,
 }
 
 impl ProviderFacts {
@@ -161,9 +163,22 @@ impl ProviderFacts {
             compute_cost: r.compute_cost,
             external_model_cost: r.external_model_cost,
             total_cost: r.total_cost,
+            total_tokens: r.total_tokens,
             ..Default::default()
         }
     }
+}
+
+/// What a step does to `submit_in_doubt_since`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SubmitDoubt {
+    /// Leave it as it is.
+    #[default]
+    Keep,
+    /// A submit is about to be sent: set it to now.
+    Set,
+    /// The submit's outcome is known (or it certainly created nothing).
+    Clear,
 }
 
 /// Why a run failed, as written to `error_code`, `error_message`, `error_detail`.
@@ -207,6 +222,8 @@ pub struct Transition {
     pub pin_revision: Option<String>,
     /// The inputs as actually sent.
     pub sent_inputs: Option<Value>,
+    /// Whether a submit may be at the provider without its answer recorded.
+    pub doubt: SubmitDoubt,
     /// Facts from the provider.
     pub facts: ProviderFacts,
     /// Set on failure.
@@ -227,6 +244,7 @@ impl Transition {
             settled: false,
             pin_revision: None,
             sent_inputs: None,
+            doubt: SubmitDoubt::Keep,
             facts: ProviderFacts::default(),
             error: None,
             event,
@@ -259,7 +277,8 @@ fn unclear_detail(u: &Unclear) -> Value {
         "reason": u.reason,
         "http_status": u.http_status,
         "retry_after_secs": u.retry_after.map(|d| d.as_secs()),
-        "unauthorized": u.unauthorized,
+        "account_refused": u.account_refused,
+        "nothing_created": u.nothing_created,
     })
 }
 
@@ -269,12 +288,14 @@ fn provider_error_detail(e: &ProviderError) -> Value {
 
 /// The inputs passed the manifest: record what will be sent and count the
 /// attempt *before* sending, so a crash mid-submit is visible and bounded.
-pub fn begin_submit(revision_id: &str, sent_inputs: Value) -> Transition {
+/// From here until its answer is recorded the submit is in doubt.
+pub fn begin_submit(revision_id: Option<&str>, sent_inputs: Value) -> Transition {
     Transition {
         attempts_delta: 1,
         keep_lease: true,
-        pin_revision: Some(revision_id.to_owned()),
+        pin_revision: revision_id.map(str::to_owned),
         sent_inputs: Some(sent_inputs),
+        doubt: SubmitDoubt::Set,
         ..Transition::new(
             RunState::Submitting,
             Event {
@@ -283,6 +304,27 @@ pub fn begin_submit(revision_id: &str, sent_inputs: Value) -> Transition {
             },
         )
     }
+}
+
+/// A provider without idempotency keys lists no run for this key, long
+/// enough after the submit in doubt that it would be listed by now: the
+/// submit is sent again. Recorded as its own event, because it is the one
+/// decision that could bill twice if the provider's listing were wrong.
+pub fn begin_resubmit(
+    revision_id: Option<&str>,
+    sent_inputs: Value,
+    in_doubt_since: DateTime<Utc>,
+) -> Transition {
+    let mut t = begin_submit(revision_id, sent_inputs);
+    t.event = Event {
+        kind: "resubmit_started",
+        detail: json!({
+            "revision_id": revision_id,
+            "reason": "the provider lists no run of this key since the earlier submit",
+            "in_doubt_since": in_doubt_since,
+        }),
+    };
+    t
 }
 
 /// The inputs do not fit the manifest: fail without submitting.
@@ -408,6 +450,24 @@ fn wait_after_unclear(u: &Unclear, scheduled: Duration, cap: Duration) -> Durati
 pub fn after_submit(
     run: &RunProgress,
     outcome: &SubmitOutcome,
+    guard: SubmitGuard,
+    retry: &RetryPolicy,
+    poll: &crate::backoff::PollPolicy,
+    now: DateTime<Utc>,
+    unit: f64,
+) -> Transition {
+    let mut t = decide_submit(run, outcome, guard, retry, poll, now, unit);
+    t.doubt = match outcome {
+        SubmitOutcome::Unclear(u) if !u.nothing_created => SubmitDoubt::Keep,
+        _ => SubmitDoubt::Clear,
+    };
+    t
+}
+
+fn decide_submit(
+    run: &RunProgress,
+    outcome: &SubmitOutcome,
+    guard: SubmitGuard,
     retry: &RetryPolicy,
     poll: &crate::backoff::PollPolicy,
     now: DateTime<Utc>,
@@ -440,7 +500,12 @@ pub fn after_submit(
                 },
             )
         },
-        SubmitOutcome::Unclear(u) if u.unauthorized => Transition {
+        // Without keys and without a way to find the run, the only answer
+        // that cannot bill twice is to stop here and say so.
+        SubmitOutcome::Unclear(u) if !u.nothing_created && guard == SubmitGuard::Nothing => {
+            submit_outcome_unknown(&u.reason, Some(unclear_detail(u)))
+        }
+        SubmitOutcome::Unclear(u) if u.account_refused => Transition {
             // A refused key is not the run's fault: give the attempt back.
             attempts_delta: -1,
             due_at: Some(later(
@@ -487,10 +552,103 @@ pub fn after_submit(
     }
 }
 
+/// A submit to a provider without idempotency keys may have created a run
+/// that cannot be found: fail without settling, so an operator decides.
+pub fn submit_outcome_unknown(reason: &str, detail: Option<Value>) -> Transition {
+    Transition {
+        settled: false,
+        ..Transition::failed(
+            "SUBMIT_OUTCOME_UNKNOWN",
+            format!(
+                "a submit was sent but its answer was lost ({reason}); the provider has no idempotency key and no way to find the run, so wfq does not send it again (that could be a second charge). Check the provider's console; `wfq retry` submits it again"
+            ),
+            detail.clone(),
+            Event {
+                kind: "submit_outcome_unknown",
+                detail: detail.unwrap_or_else(|| json!({ "reason": reason })),
+            },
+        )
+    }
+}
+
+/// A submit in doubt: since when, and how long the provider may take to
+/// list the run it created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InDoubt {
+    /// When the submit went out (`submit_in_doubt_since`).
+    pub since: DateTime<Utc>,
+    /// The profile's `find_window`.
+    pub window: Duration,
+}
+
+/// What to do about a submit in doubt after looking for its run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FindDecision {
+    /// Record this (adopted, or wait and look again).
+    Record(Transition),
+    /// Nothing was found for long enough: send the submit again.
+    Resubmit,
+}
+
+/// Decides on a lookup for a submit in doubt (providers that can find runs
+/// by end user). Runs are listed late (Dify lists a run in its logs only
+/// once it finished, as far as anyone can tell), so "not found" means "not
+/// yet" until `window` has passed since the submit went out.
+pub fn after_find(
+    run: &RunProgress,
+    outcome: &FindOutcome,
+    doubt: InDoubt,
+    retry: &RetryPolicy,
+    poll: &PollPolicy,
+    now: DateTime<Utc>,
+    unit: f64,
+) -> FindDecision {
+    let look_again = |kind: &'static str, wait: Duration, detail: Value| {
+        FindDecision::Record(Transition {
+            due_at: Some(later(now, wait.max(Duration::from_secs(1)))),
+            ..Transition::new(RunState::Submitting, Event { kind, detail })
+        })
+    };
+    match outcome {
+        FindOutcome::Found(a) => {
+            let mut t = decide_submit(
+                run,
+                &SubmitOutcome::Accepted(a.clone()),
+                SubmitGuard::FindByUser,
+                retry,
+                poll,
+                now,
+                unit,
+            );
+            t.doubt = SubmitDoubt::Clear;
+            t.event.kind = "submit_adopted";
+            FindDecision::Record(t)
+        }
+        FindOutcome::NotFound => {
+            let deadline = later(doubt.since, doubt.window);
+            if now >= deadline {
+                return FindDecision::Resubmit;
+            }
+            let left = (deadline - now).to_std().unwrap_or_default();
+            look_again(
+                "submit_not_found_yet",
+                retry.delay(run.attempts.max(1), unit).min(left),
+                json!({ "in_doubt_since": doubt.since, "resubmit_after": deadline }),
+            )
+        }
+        FindOutcome::Unclear(u) => look_again(
+            "find_unclear",
+            wait_after_unclear(u, retry.delay(run.attempts.max(1), unit), retry.max),
+            unclear_detail(u),
+        ),
+    }
+}
+
 /// Decides what a status check means for the run.
 pub fn after_poll(
     run: &RunProgress,
     outcome: &PollOutcome,
+    cancel_requested: bool,
     poll: &PollPolicy,
     now: DateTime<Utc>,
     unit: f64,
@@ -509,6 +667,20 @@ pub fn after_poll(
                 };
                 let mut t = if report.status == RunStatus::Succeeded {
                     Transition::new(RunState::Succeeded, event)
+                } else if cancel_requested {
+                    // Stopped on our request (or failed while being
+                    // stopped): either way the producer asked for it to end.
+                    Transition {
+                        error: Some(RunError {
+                            code: "CANCELED".to_owned(),
+                            message: format!(
+                                "stopped at the provider on request (wfq cancel); provider status `{}`",
+                                report.run_status.as_deref().unwrap_or("?")
+                            ),
+                            detail: Some(report.raw.clone()),
+                        }),
+                        ..Transition::new(RunState::Canceled, event)
+                    }
                 } else {
                     let code = report
                         .error_code
@@ -644,12 +816,13 @@ mod tests {
         }
     }
 
-    fn unclear(retry_after: Option<u64>, unauthorized: bool) -> Unclear {
+    fn unclear(retry_after: Option<u64>, account_refused: bool) -> Unclear {
         Unclear {
             reason: "HTTP 503".into(),
             http_status: Some(503),
             retry_after: retry_after.map(Duration::from_secs),
-            unauthorized,
+            account_refused,
+            nothing_created: false,
         }
     }
 
@@ -754,6 +927,7 @@ mod tests {
             let t = after_submit(
                 &run(RunState::Submitting, attempts, 0),
                 &outcome,
+                SubmitGuard::IdempotencyKey,
                 &retry(),
                 &poll(),
                 now(),
@@ -781,6 +955,7 @@ mod tests {
                 idempotent_replay: true,
                 ..Default::default()
             }),
+            SubmitGuard::IdempotencyKey,
             &retry(),
             &poll(),
             now(),
@@ -854,7 +1029,14 @@ mod tests {
             ),
         ];
         for (outcome, state, code, due) in table {
-            let t = after_poll(&run(RunState::Running, 1, 1), &outcome, &poll(), now(), 0.5);
+            let t = after_poll(
+                &run(RunState::Running, 1, 1),
+                &outcome,
+                false,
+                &poll(),
+                now(),
+                0.5,
+            );
             assert_eq!(t.to, state, "{outcome:?}");
             assert_eq!(
                 t.error.as_ref().map(|e| e.code.as_str()),
@@ -871,11 +1053,25 @@ mod tests {
     fn a_run_past_its_deadline_fails_with_what_was_last_known() {
         let mut r = run(RunState::Running, 1, 40);
         r.submitted_at = Some(now() - chrono::Duration::hours(2));
-        let t = after_poll(&r, &report(RunStatus::Active, false), &poll(), now(), 0.5);
+        let t = after_poll(
+            &r,
+            &report(RunStatus::Active, false),
+            false,
+            &poll(),
+            now(),
+            0.5,
+        );
         assert_eq!(t.to, RunState::Failed);
         assert_eq!(t.error.unwrap().code, "POLL_DEADLINE");
         // A settled answer arriving at the deadline still wins.
-        let t = after_poll(&r, &report(RunStatus::Succeeded, true), &poll(), now(), 0.5);
+        let t = after_poll(
+            &r,
+            &report(RunStatus::Succeeded, true),
+            false,
+            &poll(),
+            now(),
+            0.5,
+        );
         assert_eq!(t.to, RunState::Succeeded);
     }
 
@@ -906,7 +1102,7 @@ mod tests {
 
     #[test]
     fn begin_submit_counts_the_attempt_and_keeps_the_lease() {
-        let t = begin_submit("wfr_1", json!({"a": 1}));
+        let t = begin_submit(Some("wfr_1"), json!({"a": 1}));
         assert_eq!(t.to, RunState::Submitting);
         assert_eq!(t.attempts_delta, 1);
         assert!(t.keep_lease);

@@ -53,7 +53,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Cancel a queued run (before it is submitted).
+    /// Cancel a queued run, or stop a running Dify run at the provider.
     Cancel {
         /// Run id.
         id: i64,
@@ -241,9 +241,19 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Cancel { id, reason } => {
+            let (text, origin) = config_text(cli.config.as_deref())?;
+            let stoppable: Vec<String> = wfq::config::ProviderKind::of_profiles(&text, &origin)?
+                .into_iter()
+                .filter(|(_, kind)| *kind == wfq::config::ProviderKind::Dify)
+                .map(|(name, _)| name)
+                .collect();
             let pool = connect(cli.config.as_deref()).await?;
-            store::cancel_run(&pool, id, reason.as_deref()).await?;
-            println!("run {id} canceled");
+            match store::cancel_run(&pool, id, reason.as_deref(), &stoppable).await? {
+                store::CancelOutcome::Canceled => println!("run {id} canceled"),
+                store::CancelOutcome::StopRequested => println!(
+                    "run {id}: stop requested; the worker stops it at the provider and records `canceled` once it has stopped"
+                ),
+            }
         }
         Command::Retry { id } => {
             let pool = connect(cli.config.as_deref()).await?;

@@ -640,7 +640,7 @@ async fn cancel_only_withdraws_a_run_that_was_not_submitted(
     .await
     .unwrap();
     let now = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
-    store::cancel_run(&pool, later, Some("changed my mind"))
+    store::cancel_run(&pool, later, Some("changed my mind"), &[])
         .await
         .unwrap();
     work_until_idle(&pool, config(&sim, "w1", "")).await;
@@ -655,12 +655,12 @@ async fn cancel_only_withdraws_a_run_that_was_not_submitted(
         "the canceled run was never sent"
     );
     // Too late for the submitted one.
-    match store::cancel_run(&pool, now, None).await {
+    match store::cancel_run(&pool, now, None, &[]).await {
         Err(RequestError::WrongState { state, .. }) => assert_eq!(state, "succeeded"),
         other => panic!("expected WrongState, got {other:?}"),
     }
     assert!(matches!(
-        store::cancel_run(&pool, 999_999, None).await,
+        store::cancel_run(&pool, 999_999, None, &[]).await,
         Err(RequestError::NotFound(_))
     ));
 

@@ -155,7 +155,7 @@ async fn a_leased_run_is_rescued_only_after_its_lease_expires(pool: PgPool) {
     assert_eq!(rescued[0].rescued_from.as_deref(), Some("w1"));
 
     // The first worker wakes up and tries to record its step: refused, no event.
-    let t = lifecycle::begin_submit("wfr", json!({}));
+    let t = lifecycle::begin_submit(Some("wfr"), json!({}));
     let stale = store::apply_transition(
         &pool,
         id,
@@ -244,7 +244,7 @@ async fn inserts_notify_once_per_statement_and_finals_notify_per_run(pool: PgPoo
     .await
     .unwrap();
     assert_eq!(per_row, 0, "the insert trigger must fire per statement");
-    store::cancel_run(&pool, id, None).await.unwrap();
+    store::cancel_run(&pool, id, None, &[]).await.unwrap();
     let finished = listener.recv().await.unwrap();
     assert_eq!(finished.channel(), "wfq_run_finished");
     assert_eq!(finished.payload(), id.to_string());

@@ -9,10 +9,10 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::wire::{RawAnswer, audit_copy, non_empty, snippet, unreadable};
 use super::{
     Accepted, Manifest, ManifestError, ParamKind, Parameter, PollOutcome, ProviderError, RunReport,
     RunStatus, SubmitOutcome, SubmitRequest, Unclear,
@@ -31,14 +31,8 @@ pub struct ChenyuClient {
 impl ChenyuClient {
     /// A client with its own connection pool; `base_url` has no trailing slash.
     pub fn new(base_url: &str, api_key: ApiKey, http: &HttpConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .timeout(http.timeout)
-            .connect_timeout(http.connect_timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .user_agent(concat!("wfq/", env!("CARGO_PKG_VERSION")))
-            .build()?;
         Ok(Self {
-            http: client,
+            http: super::wire::http_client(http)?,
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key,
         })
@@ -97,33 +91,8 @@ impl ChenyuClient {
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<RawAnswer, Unclear> {
-        let response = request
-            .bearer_auth(self.api_key.expose())
-            .send()
-            .await
-            .map_err(transport_error)?;
-        let status = response.status();
-        let retry_after = retry_after(response.headers());
-        // A body that breaks off is as unclear as no answer at all: the
-        // provider may have done the work (that is the lost-answer case).
-        let body = response.bytes().await.map_err(|e| Unclear {
-            http_status: Some(status.as_u16()),
-            ..transport_error(e)
-        })?;
-        Ok(RawAnswer {
-            status,
-            retry_after,
-            body: body.to_vec(),
-        })
+        super::wire::send(request, &self.api_key).await
     }
-}
-
-/// The bytes of an answer, before interpretation.
-#[derive(Debug)]
-struct RawAnswer {
-    status: StatusCode,
-    retry_after: Option<Duration>,
-    body: Vec<u8>,
 }
 
 /// An answer, interpreted by the rules every chenyu endpoint shares.
@@ -156,30 +125,6 @@ struct ErrorObject {
     status_code: Option<i64>,
 }
 
-fn transport_error(e: reqwest::Error) -> Unclear {
-    let what = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "could not connect"
-    } else if e.is_body() || e.is_decode() {
-        "the answer broke off"
-    } else {
-        "request failed"
-    };
-    Unclear {
-        reason: format!("{what}: {}", e.without_url()),
-        http_status: None,
-        retry_after: None,
-        unauthorized: false,
-    }
-}
-
-/// `Retry-After` in seconds (the HTTP-date form is rare for APIs and is ignored).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let text = headers.get(RETRY_AFTER)?.to_str().ok()?;
-    text.trim().parse::<u64>().ok().map(Duration::from_secs)
-}
-
 fn classify(answer: Result<RawAnswer, Unclear>) -> Answer {
     match answer {
         Ok(raw) => classify_raw(raw.status, raw.retry_after, &raw.body),
@@ -194,7 +139,8 @@ fn classify_raw(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
             reason,
             http_status: Some(status.as_u16()),
             retry_after,
-            unauthorized: false,
+            account_refused: false,
+            nothing_created: false,
         })
     };
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
@@ -202,7 +148,8 @@ fn classify_raw(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
             reason: format!("HTTP {status}: the provider refused the API key"),
             http_status: Some(status.as_u16()),
             retry_after,
-            unauthorized: true,
+            account_refused: true,
+            nothing_created: false,
         });
     }
     if status == StatusCode::TOO_MANY_REQUESTS {
@@ -266,29 +213,6 @@ fn classify_raw(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
     })
 }
 
-/// The start of a body, for a log line about an unreadable answer.
-fn snippet(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let mut cut: String = text.chars().take(160).collect();
-    if cut.len() < text.len() {
-        cut.push('…');
-    }
-    cut.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-fn non_empty(value: Option<String>) -> Option<String> {
-    value.filter(|v| !v.trim().is_empty())
-}
-
-fn unreadable(what: &str, e: impl std::fmt::Display) -> Unclear {
-    Unclear {
-        reason: format!("unreadable {what}: {e}"),
-        http_status: Some(200),
-        retry_after: None,
-        unauthorized: false,
-    }
-}
-
 #[derive(Debug, Deserialize)]
 struct MarketInfo {
     workflow_id: String,
@@ -314,11 +238,6 @@ struct ManifestEntry {
     default_value: Option<Value>,
 }
 
-/// The answer's data as a `Value`, for the audit trail only (never for money).
-fn audit_copy(data: &str) -> Value {
-    serde_json::from_str(data).unwrap_or(Value::Null)
-}
-
 fn parse_manifest(data: &str) -> Result<Manifest, Unclear> {
     let info: MarketInfo =
         serde_json::from_str(data).map_err(|e| unreadable("workflow manifest", e))?;
@@ -326,7 +245,7 @@ fn parse_manifest(data: &str) -> Result<Manifest, Unclear> {
         .map_err(|e| unreadable("workflow manifest", e))?;
     Ok(Manifest {
         workflow_id: info.workflow_id,
-        revision_id: info.revision_id,
+        revision_id: Some(info.revision_id),
         currency: non_empty(info.quote_currency),
         quote_amount: quote,
         may_incur_external_cost: info.may_incur_external_model_cost,
@@ -338,6 +257,7 @@ fn parse_manifest(data: &str) -> Result<Manifest, Unclear> {
                 key: p.key,
                 required: p.required,
                 default_value: p.default_value.filter(|v| !v.is_null()),
+                max_chars: None,
             })
             .collect(),
     })
@@ -486,6 +406,7 @@ fn parse_report(data: &str) -> Result<RunReport, Unclear> {
         error_message: non_empty(info.error_message),
         settled,
         raw: audit_copy(data),
+        total_tokens: None,
     })
 }
 
@@ -528,7 +449,7 @@ mod tests {
         for (status, body) in cases {
             let status = StatusCode::from_u16(*status).unwrap();
             assert!(
-                matches!(classify_raw(status, Some(Duration::from_secs(3)), body), Answer::Unclear(ref u) if u.retry_after == Some(Duration::from_secs(3)) && !u.unauthorized),
+                matches!(classify_raw(status, Some(Duration::from_secs(3)), body), Answer::Unclear(ref u) if u.retry_after == Some(Duration::from_secs(3)) && !u.account_refused),
                 "{status} {:?}",
                 String::from_utf8_lossy(body)
             );
@@ -540,7 +461,7 @@ mod tests {
         let Answer::Unclear(u) = classify_raw(StatusCode::UNAUTHORIZED, None, b"{}") else {
             panic!("expected unclear");
         };
-        assert!(u.unauthorized);
+        assert!(u.account_refused);
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! understands on the other. Providers never touch the database.
 
 pub mod chenyu;
+pub mod dify;
+pub mod gptbots;
+mod sse;
+mod wire;
 
 use std::time::Duration;
 
@@ -9,14 +13,17 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
 pub use chenyu::ChenyuClient;
+pub use dify::DifyClient;
+pub use gptbots::GptbotsClient;
 
 /// A workflow's published parameter manifest, as the worker needs it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Manifest {
     /// The workflow it describes.
     pub workflow_id: String,
-    /// The published revision; pinned on a run that has none.
-    pub revision_id: String,
+    /// The published revision; pinned on a run that has none (`None`: the
+    /// provider does not name revisions, the run goes to what is published).
+    pub revision_id: Option<String>,
     /// The quote's currency, e.g. `CNY`.
     pub currency: Option<String>,
     /// The quote: what will be frozen at submit.
@@ -38,6 +45,8 @@ pub struct Parameter {
     pub required: bool,
     /// Filled in when the producer leaves the key out.
     pub default_value: Option<Value>,
+    /// The longest string the provider takes (Dify `max_length`).
+    pub max_chars: Option<usize>,
 }
 
 /// The type of an editable input.
@@ -53,6 +62,8 @@ pub enum ParamKind {
     Bool,
     /// A media file (`image`, `video`, `audio`, ...): an http(s) URL or an `asset://` URI.
     Media(String),
+    /// One of a fixed list of strings (Dify `select`).
+    Choice(Vec<String>),
     /// A type wfq does not know yet: accepted as is, the provider decides.
     Other(String),
 }
@@ -76,8 +87,8 @@ impl ParamKind {
 pub struct SubmitRequest<'a> {
     /// The workflow to run.
     pub workflow_id: &'a str,
-    /// The revision to run.
-    pub revision_id: &'a str,
+    /// The revision to run (`None`: the published one).
+    pub revision_id: Option<&'a str>,
     /// The complete inputs (defaults filled in).
     pub inputs: &'a Map<String, Value>,
     /// The run's key, identical on every attempt.
@@ -148,9 +159,47 @@ pub struct Unclear {
     pub http_status: Option<u16>,
     /// The provider's own wait hint (`Retry-After`).
     pub retry_after: Option<Duration>,
-    /// The provider refused our credentials: not the run's fault, so the
-    /// attempt does not count against the run.
-    pub unauthorized: bool,
+    /// The provider refused our account (a wrong key, or Dify's quota
+    /// `rate_limit_error`): not the run's fault, so the attempt does not
+    /// count against the run, and the worker pauses the provider profile.
+    pub account_refused: bool,
+    /// The provider certainly created nothing (refused before any work:
+    /// a connection that never opened, a 429). Only this makes a repeat
+    /// safe for a provider without idempotency keys.
+    pub nothing_created: bool,
+}
+
+impl Unclear {
+    /// An unclear answer with only a reason and maybe a status.
+    pub fn new(reason: impl Into<String>, http_status: Option<u16>) -> Self {
+        Unclear {
+            reason: reason.into(),
+            http_status,
+            retry_after: None,
+            account_refused: false,
+            nothing_created: false,
+        }
+    }
+
+    /// Turns a transport error into an unclear answer. A connection that
+    /// could not be opened carried no request, so nothing was created.
+    pub fn from_transport(e: reqwest::Error) -> Self {
+        let what = if e.is_timeout() {
+            "timed out"
+        } else if e.is_connect() {
+            "could not connect"
+        } else if e.is_body() || e.is_decode() {
+            "the answer broke off"
+        } else {
+            "request failed"
+        };
+        let nothing_created = e.is_connect() && !e.is_timeout();
+        Unclear {
+            nothing_created,
+            // Without the URL: a query string has no business in the logs.
+            ..Unclear::new(format!("{what}: {}", e.without_url()), None)
+        }
+    }
 }
 
 /// The provider's answer to a status check.
@@ -193,6 +242,8 @@ pub struct RunReport {
     pub external_model_cost: Option<Decimal>,
     /// Total cost.
     pub total_cost: Option<Decimal>,
+    /// Tokens used (Dify, GPTBots).
+    pub total_tokens: Option<i64>,
     /// What was finally charged.
     pub final_amount: Option<Decimal>,
     /// What was given back.
@@ -237,18 +288,114 @@ pub enum ManifestError {
     Unclear(Unclear),
 }
 
+/// What a status check needs to know about the run.
+#[derive(Debug, Clone, Copy)]
+pub struct PollRequest<'a> {
+    /// The provider's run id.
+    pub provider_run_id: &'a str,
+    /// The provider's task id, when known (Dify's stop endpoint needs it).
+    pub task_id: Option<&'a str>,
+    /// The run's idempotency key (Dify and GPTBots derive the end user from it).
+    pub idempotency_key: &'a str,
+}
+
+/// What a provider can find out about a submit whose answer was lost.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FindOutcome {
+    /// The provider holds a run submitted under this key: adopt it.
+    Found(Accepted),
+    /// The provider lists no such run (yet).
+    NotFound,
+    /// No usable answer this time.
+    Unclear(Unclear),
+}
+
+/// The answer to a request to stop a running run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StopOutcome {
+    /// The provider took the request; a status check shows the result.
+    Requested,
+    /// The provider refused (e.g. the run is unknown or already over).
+    Rejected(ProviderError),
+    /// No usable answer this time.
+    Unclear(Unclear),
+}
+
+/// How a provider protects against a submit being billed twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitGuard {
+    /// The provider replays a repeated key (chenyu): repeating is safe.
+    IdempotencyKey,
+    /// No keys, but runs can be found by the end user wfq sends (Dify):
+    /// a lost answer is looked for before anything is sent again.
+    FindByUser,
+    /// No keys and no way to find a run (GPTBots): a lost answer cannot be
+    /// resolved, so the run fails `SUBMIT_OUTCOME_UNKNOWN` instead of
+    /// risking a second charge.
+    Nothing,
+}
+
+/// The end user wfq names in Dify's `user` and GPTBots' `userId`: derived
+/// from the idempotency key, so that a run can be found again by it.
+pub fn end_user(idempotency_key: &str) -> String {
+    format!("wfq-{idempotency_key}")
+}
+
 /// A client for one provider profile.
 #[derive(Debug, Clone)]
 pub enum ProviderClient {
     /// chenyu open API v2.
     Chenyu(ChenyuClient),
+    /// Dify workflow service API.
+    Dify(DifyClient),
+    /// GPTBots workflow API.
+    Gptbots(GptbotsClient),
 }
 
 impl ProviderClient {
-    /// Reads the published manifest of a workflow.
-    pub async fn manifest(&self, workflow_id: &str) -> Result<Manifest, ManifestError> {
+    /// How this provider guards against double billing.
+    pub fn submit_guard(&self) -> SubmitGuard {
         match self {
-            ProviderClient::Chenyu(c) => c.manifest(workflow_id).await,
+            ProviderClient::Chenyu(_) => SubmitGuard::IdempotencyKey,
+            ProviderClient::Dify(_) => SubmitGuard::FindByUser,
+            ProviderClient::Gptbots(_) => SubmitGuard::Nothing,
+        }
+    }
+
+    /// Whether running runs can be stopped (`wfq cancel`).
+    pub fn can_stop(&self) -> bool {
+        matches!(self, ProviderClient::Dify(_))
+    }
+
+    /// Reads the workflow's parameter manifest; `Ok(None)` when the provider
+    /// publishes none (GPTBots): the inputs are then sent as written and the
+    /// provider validates them.
+    pub async fn manifest(&self, workflow_id: &str) -> Result<Option<Manifest>, ManifestError> {
+        match self {
+            ProviderClient::Chenyu(c) => c.manifest(workflow_id).await.map(Some),
+            ProviderClient::Dify(c) => c.manifest(workflow_id).await.map(Some),
+            ProviderClient::Gptbots(_) => Ok(None),
+        }
+    }
+
+    /// The cheapest call that shows whether the provider accepts our key
+    /// again (a paused profile's probe): `Err` while it does not answer or
+    /// still refuses. A readable refusal about the workflow or run counts as
+    /// accepted: the key got past authentication.
+    pub async fn probe(&self, workflow_id: &str) -> Result<(), Unclear> {
+        let manifest = match self {
+            ProviderClient::Chenyu(c) => c.manifest(workflow_id).await.map(drop),
+            ProviderClient::Dify(c) => c.manifest(workflow_id).await.map(drop),
+            ProviderClient::Gptbots(c) => {
+                return match c.poll("wfq-probe").await {
+                    PollOutcome::Unclear(u) => Err(u),
+                    PollOutcome::Report(_) | PollOutcome::Rejected(_) => Ok(()),
+                };
+            }
+        };
+        match manifest {
+            Ok(()) | Err(ManifestError::Rejected(_)) => Ok(()),
+            Err(ManifestError::Unclear(u)) => Err(u),
         }
     }
 
@@ -256,13 +403,34 @@ impl ProviderClient {
     pub async fn submit(&self, request: &SubmitRequest<'_>) -> SubmitOutcome {
         match self {
             ProviderClient::Chenyu(c) => c.submit(request).await,
+            ProviderClient::Dify(c) => c.submit(request).await,
+            ProviderClient::Gptbots(c) => c.submit(request).await,
+        }
+    }
+
+    /// Looks for a run submitted under `idempotency_key` whose answer was
+    /// lost; `None` when the provider offers no way to (see [`SubmitGuard`]).
+    pub async fn find_submitted(&self, idempotency_key: &str) -> Option<FindOutcome> {
+        match self {
+            ProviderClient::Dify(c) => Some(c.find_submitted(idempotency_key).await),
+            ProviderClient::Chenyu(_) | ProviderClient::Gptbots(_) => None,
         }
     }
 
     /// Checks a run's status.
-    pub async fn poll(&self, provider_run_id: &str) -> PollOutcome {
+    pub async fn poll(&self, request: &PollRequest<'_>) -> PollOutcome {
         match self {
-            ProviderClient::Chenyu(c) => c.poll(provider_run_id).await,
+            ProviderClient::Chenyu(c) => c.poll(request.provider_run_id).await,
+            ProviderClient::Dify(c) => c.poll(request).await,
+            ProviderClient::Gptbots(c) => c.poll(request.provider_run_id).await,
+        }
+    }
+
+    /// Asks the provider to stop a running run; `None` when it cannot.
+    pub async fn stop(&self, request: &PollRequest<'_>) -> Option<StopOutcome> {
+        match self {
+            ProviderClient::Dify(c) => Some(c.stop(request).await),
+            ProviderClient::Chenyu(_) | ProviderClient::Gptbots(_) => None,
         }
     }
 }

@@ -24,18 +24,21 @@ impl ManifestCache {
         client: &ProviderClient,
         workflow_id: &str,
         ttl: Duration,
-    ) -> Result<Arc<Manifest>, ManifestError> {
+    ) -> Result<Option<Arc<Manifest>>, ManifestError> {
         let key = (profile.to_owned(), workflow_id.to_owned());
         if let Some((at, manifest)) = self.lock().get(&key)
             && at.elapsed() < ttl
         {
-            return Ok(manifest.clone());
+            return Ok(Some(manifest.clone()));
         }
         // Several runs may miss at once and each fetch; that is cheaper and
         // simpler than making them wait on one another.
-        let manifest = Arc::new(client.manifest(workflow_id).await?);
+        let Some(manifest) = client.manifest(workflow_id).await? else {
+            return Ok(None);
+        };
+        let manifest = Arc::new(manifest);
         self.lock().insert(key, (Instant::now(), manifest.clone()));
-        Ok(manifest)
+        Ok(Some(manifest))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {

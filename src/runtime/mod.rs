@@ -32,7 +32,7 @@ pub use wake::Wake;
 
 use crate::backoff::{PollPolicy, RetryPolicy};
 use crate::config::{Config, ProviderKind};
-use crate::providers::{ChenyuClient, ProviderClient};
+use crate::providers::{ChenyuClient, DifyClient, GptbotsClient, ProviderClient};
 
 /// Everything a step needs, shared by all steps of one worker process.
 pub struct Engine {
@@ -48,7 +48,7 @@ pub struct Engine {
     pub submit: RetryPolicy,
     /// Poll schedule.
     pub poll: PollPolicy,
-    providers: BTreeMap<String, (ProviderClient, Duration)>,
+    providers: BTreeMap<String, Profile>,
     /// Profiles paused by a refused API key.
     pub pauses: ProviderPauses,
     /// First wait before probing a paused profile.
@@ -58,6 +58,16 @@ pub struct Engine {
     pub manifests: ManifestCache,
     /// The claim loop's alarm clock.
     pub wake: Arc<Wake>,
+}
+
+/// One configured provider profile, as the steps use it.
+pub struct Profile {
+    /// Its client.
+    pub client: ProviderClient,
+    /// How long a manifest is cached.
+    pub manifest_ttl: Duration,
+    /// How long a lost submit's run may take to show up (Dify).
+    pub find_window: Duration,
 }
 
 /// The worker could not start or stop cleanly.
@@ -81,16 +91,28 @@ impl Engine {
     pub fn new(config: &Config, pool: PgPool) -> Result<Engine, WorkerError> {
         let mut providers = BTreeMap::new();
         for (name, profile) in &config.providers {
+            let (url, key, http) = (&profile.base_url, profile.api_key.clone(), &config.http);
             let client = match profile.kind {
-                ProviderKind::Chenyu => ProviderClient::Chenyu(
-                    ChenyuClient::new(&profile.base_url, profile.api_key.clone(), &config.http)
-                        .map_err(|source| WorkerError::Provider {
-                            profile: name.clone(),
-                            source,
-                        })?,
-                ),
-            };
-            providers.insert(name.clone(), (client, profile.manifest_ttl));
+                ProviderKind::Chenyu => {
+                    ChenyuClient::new(url, key, http).map(ProviderClient::Chenyu)
+                }
+                ProviderKind::Dify => DifyClient::new(url, key, http).map(ProviderClient::Dify),
+                ProviderKind::Gptbots => {
+                    GptbotsClient::new(url, key, http).map(ProviderClient::Gptbots)
+                }
+            }
+            .map_err(|source| WorkerError::Provider {
+                profile: name.clone(),
+                source,
+            })?;
+            providers.insert(
+                name.clone(),
+                Profile {
+                    client,
+                    manifest_ttl: profile.manifest_ttl,
+                    find_window: profile.find_window,
+                },
+            );
         }
         Ok(Engine {
             pauses: ProviderPauses::default(),
@@ -108,8 +130,8 @@ impl Engine {
         })
     }
 
-    fn provider(&self, name: &str) -> Option<(&ProviderClient, Duration)> {
-        self.providers.get(name).map(|(c, ttl)| (c, *ttl))
+    fn provider(&self, name: &str) -> Option<&Profile> {
+        self.providers.get(name)
     }
 
     fn provider_names(&self) -> Vec<String> {
@@ -156,16 +178,16 @@ async fn probe_paused_profiles(engine: Arc<Engine>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         for (profile, workflow_id) in engine.pauses.due_probes() {
-            let Some((client, _)) = engine.provider(&profile) else {
+            let Some(Profile { client, .. }) = engine.provider(&profile) else {
                 continue;
             };
-            match client.manifest(&workflow_id).await {
-                Err(crate::providers::ManifestError::Unclear(u)) => {
+            match client.probe(&workflow_id).await {
+                Err(u) => {
                     tracing::warn!(profile = %profile, reason = %u.reason, "provider profile still paused: probe failed");
                 }
                 // A readable answer, even a refusal about the workflow,
                 // means the key is accepted again.
-                Ok(_) | Err(crate::providers::ManifestError::Rejected(_)) => {
+                Ok(()) => {
                     if engine.pauses.resume(&profile) {
                         tracing::info!(profile = %profile, "the provider accepts the API key again: provider profile resumed");
                         if let Err(e) = crate::store::resume_provider(&engine.pool, &profile).await

@@ -15,8 +15,10 @@ use tracing::Instrument;
 
 use super::Engine;
 use crate::inputs::complete_inputs;
-use crate::lifecycle::{self, RunProgress, RunState, Transition};
-use crate::providers::{ProviderClient, SubmitOutcome, SubmitRequest};
+use crate::lifecycle::{self, FindDecision, InDoubt, RunProgress, RunState, Transition};
+use crate::providers::{
+    FindOutcome, PollRequest, StopOutcome, SubmitGuard, SubmitOutcome, SubmitRequest,
+};
 use crate::store::{self, ClaimedRun};
 
 /// A step could not record its outcome. The run's lease then runs out and
@@ -195,21 +197,22 @@ async fn submit_step(
     run: ClaimedRun,
     mut lease: LeaseClock,
 ) -> Result<(), StepError> {
-    let Some((client, ttl)) = engine.provider(&run.provider) else {
+    let Some(profile) = engine.provider(&run.provider) else {
         return unknown_provider(engine, &run).await;
     };
+    let client = &profile.client;
 
     // A repeated submit must send exactly what the first one sent, so it
     // reuses the recorded inputs instead of re-reading a manifest that may
     // have changed since (also after an operator reset the row to queued).
-    let recorded = match (&run.revision_id, &run.sent_inputs) {
-        (Some(revision), Some(Value::Object(sent))) => Some((revision.clone(), sent.clone())),
+    let recorded = match &run.sent_inputs {
+        Some(Value::Object(sent)) => Some((run.revision_id.clone(), sent.clone())),
         _ => None,
     };
     let (revision_id, sent_inputs) = match recorded {
         Some(recorded) => recorded,
-        None if !lease.allows(engine.call_timeout) => return lease_ran_out("market/info"),
-        None => match prepare(engine, &run, client, ttl).await {
+        None if !lease.allows(engine.call_timeout) => return lease_ran_out("manifest"),
+        None => match prepare(engine, &run, profile).await {
             Ok(prepared) => prepared,
             Err(t) => {
                 record(engine, &run, run.state, run.version, &t).await?;
@@ -218,7 +221,22 @@ async fn submit_step(
         },
     };
 
-    let begin = lifecycle::begin_submit(&revision_id, Value::Object(sent_inputs.clone()));
+    let mut begin =
+        lifecycle::begin_submit(revision_id.as_deref(), Value::Object(sent_inputs.clone()));
+    if let Some(since) = run.submit_in_doubt_since {
+        match settle_doubt(engine, &run, profile, since, &lease).await? {
+            DoubtSettled::Done => return Ok(()),
+            DoubtSettled::Resubmit => {
+                begin = lifecycle::begin_resubmit(
+                    revision_id.as_deref(),
+                    Value::Object(sent_inputs.clone()),
+                    since,
+                );
+            }
+            DoubtSettled::Repeat => {}
+        }
+    }
+
     let renewed_at = Instant::now();
     let Some(version) = record(engine, &run, run.state, run.version, &begin).await? else {
         return Ok(());
@@ -226,13 +244,13 @@ async fn submit_step(
     // Recording `submitting` renewed the lease: the run is progressing.
     lease = LeaseClock::new(renewed_at, engine.lease);
     if !lease.allows(engine.call_timeout) {
-        return lease_ran_out("run/submit");
+        return lease_ran_out("submit");
     }
 
     let outcome = client
         .submit(&SubmitRequest {
             workflow_id: &run.workflow_id,
-            revision_id: &revision_id,
+            revision_id: revision_id.as_deref(),
             inputs: &sent_inputs,
             idempotency_key: &run.idempotency_key,
             accept_external_cost_risk: run.accept_external_cost_risk,
@@ -242,7 +260,7 @@ async fn submit_step(
         SubmitOutcome::Accepted(a) => {
             tracing::info!(provider_run_id = %a.provider_run_id, replay = a.idempotent_replay, "submit accepted");
         }
-        SubmitOutcome::Unclear(u) if u.unauthorized => {
+        SubmitOutcome::Unclear(u) if u.account_refused => {
             engine
                 .provider_refused_key(&run.provider, &run.workflow_id, &u.reason)
                 .await;
@@ -257,6 +275,7 @@ async fn submit_step(
     let t = lifecycle::after_submit(
         &progress,
         &outcome,
+        client.submit_guard(),
         &engine.submit,
         &engine.poll,
         Utc::now(),
@@ -266,20 +285,98 @@ async fn submit_step(
     Ok(())
 }
 
+/// What became of a submit in doubt.
+enum DoubtSettled {
+    /// Recorded (adopted, failed, or wait and look again): the step is over.
+    Done,
+    /// The provider replays keys: send the same submit again.
+    Repeat,
+    /// Nothing was found for long enough: send it again, recorded as such.
+    Resubmit,
+}
+
+/// A submit may be at the provider without its answer (a lost answer, or
+/// a worker that died mid-submit). Repeating it is safe only where the
+/// provider replays keys; elsewhere the run is looked for first, or the
+/// run fails rather than risk a second charge.
+async fn settle_doubt(
+    engine: &Engine,
+    run: &ClaimedRun,
+    profile: &super::Profile,
+    since: chrono::DateTime<Utc>,
+    lease: &LeaseClock,
+) -> Result<DoubtSettled, StepError> {
+    let client = &profile.client;
+    let found = match client.submit_guard() {
+        SubmitGuard::IdempotencyKey => return Ok(DoubtSettled::Repeat),
+        SubmitGuard::Nothing => None,
+        SubmitGuard::FindByUser if !lease.allows(engine.call_timeout * 2) => {
+            lease_ran_out("find the lost submit")?;
+            return Ok(DoubtSettled::Done);
+        }
+        SubmitGuard::FindByUser => client.find_submitted(&run.idempotency_key).await,
+    };
+    let Some(found) = found else {
+        tracing::warn!(in_doubt_since = %since, "a submit was sent without a recorded answer and the provider cannot find runs; failing the run rather than risking a second charge");
+        let t = lifecycle::submit_outcome_unknown(
+            "the worker stopped between sending the submit and recording its answer",
+            Some(serde_json::json!({ "in_doubt_since": since })),
+        );
+        record(engine, run, run.state, run.version, &t).await?;
+        return Ok(DoubtSettled::Done);
+    };
+    if let FindOutcome::Unclear(u) = &found
+        && u.account_refused
+    {
+        engine
+            .provider_refused_key(&run.provider, &run.workflow_id, &u.reason)
+            .await;
+    }
+    let decision = lifecycle::after_find(
+        &progress(run),
+        &found,
+        InDoubt {
+            since,
+            window: profile.find_window,
+        },
+        &engine.submit,
+        &engine.poll,
+        Utc::now(),
+        unit(),
+    );
+    match decision {
+        FindDecision::Resubmit => {
+            tracing::warn!(in_doubt_since = %since, "the provider lists no run of this key since the earlier submit; submitting again");
+            Ok(DoubtSettled::Resubmit)
+        }
+        FindDecision::Record(t) => {
+            if let FindOutcome::Found(a) = &found {
+                tracing::info!(provider_run_id = %a.provider_run_id, "found the run of a lost submit; adopted it");
+            }
+            record(engine, run, run.state, run.version, &t).await?;
+            Ok(DoubtSettled::Done)
+        }
+    }
+}
+
 /// Reads the manifest and checks the inputs. `Err` is the transition that
 /// ends this step without a submit.
 async fn prepare(
     engine: &Engine,
     run: &ClaimedRun,
-    client: &ProviderClient,
-    ttl: std::time::Duration,
-) -> Result<(String, Map<String, Value>), Transition> {
+    profile: &super::Profile,
+) -> Result<(Option<String>, Map<String, Value>), Transition> {
     let manifest = engine
         .manifests
-        .get(&run.provider, client, &run.workflow_id, ttl)
+        .get(
+            &run.provider,
+            &profile.client,
+            &run.workflow_id,
+            profile.manifest_ttl,
+        )
         .await;
     if let Err(crate::providers::ManifestError::Unclear(u)) = &manifest
-        && u.unauthorized
+        && u.account_refused
     {
         engine
             .provider_refused_key(&run.provider, &run.workflow_id, &u.reason)
@@ -314,32 +411,35 @@ async fn prepare(
     // still validates (its refusal fails the run with its own code).
     // Consent is checked after the inputs, so a run with both problems
     // reports the input problem (the one the producer must fix in the data).
+    let Some(manifest) = manifest else {
+        // No manifest to check against (GPTBots): the provider validates.
+        crate::inputs::check_size(inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
+        return Ok((run.revision_id.clone(), inputs.clone()));
+    };
     let lacks_consent = manifest.may_incur_external_cost && !run.accept_external_cost_risk;
     if let Some(pinned) = &run.revision_id
-        && *pinned != manifest.revision_id
+        && Some(pinned) != manifest.revision_id.as_ref()
     {
         crate::inputs::check_size(inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
         if lacks_consent {
             return Err(lifecycle::external_cost_not_accepted(&run.workflow_id));
         }
-        tracing::info!(pinned = %pinned, published = %manifest.revision_id, "run pins an unpublished revision; inputs sent unchecked");
-        return Ok((pinned.clone(), inputs.clone()));
+        tracing::info!(pinned = %pinned, published = ?manifest.revision_id, "run pins an unpublished revision; inputs sent unchecked");
+        return Ok((Some(pinned.clone()), inputs.clone()));
     }
     let sent = complete_inputs(&manifest, inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
     if lacks_consent {
         return Err(lifecycle::external_cost_not_accepted(&run.workflow_id));
     }
-    let revision = run
-        .revision_id
-        .clone()
-        .unwrap_or_else(|| manifest.revision_id.clone());
+    let revision = run.revision_id.clone().or(manifest.revision_id.clone());
     Ok((revision, sent))
 }
 
 async fn poll_step(engine: &Engine, run: ClaimedRun, lease: LeaseClock) -> Result<(), StepError> {
-    let Some((client, _)) = engine.provider(&run.provider) else {
+    let Some(profile) = engine.provider(&run.provider) else {
         return unknown_provider(engine, &run).await;
     };
+    let client = &profile.client;
     let Some(provider_run_id) = run.provider_run_id.as_deref() else {
         // `running` is only ever written together with the provider run id,
         // so this row was edited by hand. Park it where people look.
@@ -348,12 +448,36 @@ async fn poll_step(engine: &Engine, run: ClaimedRun, lease: LeaseClock) -> Resul
         record(engine, &run, RunState::Running, run.version, &t).await?;
         return Ok(());
     };
-    if !lease.allows(engine.call_timeout) {
-        return lease_ran_out("run/info");
+    let request = PollRequest {
+        provider_run_id,
+        task_id: run.task_id.as_deref(),
+        idempotency_key: &run.idempotency_key,
+    };
+    let stopping = run.cancel_requested && client.can_stop();
+    // A status check may take two calls (Dify reads the costs of a finished
+    // run), a stop one more.
+    let calls = if stopping { 3 } else { 2 };
+    if !lease.allows(engine.call_timeout * calls) {
+        return lease_ran_out("status check");
     }
-    let outcome = client.poll(provider_run_id).await;
+    let stop = match stopping {
+        true => client.stop(&request).await,
+        false => None,
+    };
+    if let Some(stop) = &stop {
+        match stop {
+            StopOutcome::Requested => tracing::info!("asked the provider to stop the run"),
+            StopOutcome::Rejected(e) => {
+                tracing::warn!(code = %e.code, error = %e.message, "the provider refused to stop the run")
+            }
+            StopOutcome::Unclear(u) => {
+                tracing::warn!(reason = %u.reason, "stop request without a clear answer; asking again on the next check")
+            }
+        }
+    }
+    let outcome = client.poll(&request).await;
     if let crate::providers::PollOutcome::Unclear(u) = &outcome
-        && u.unauthorized
+        && u.account_refused
     {
         engine
             .provider_refused_key(&run.provider, &run.workflow_id, &u.reason)
@@ -374,9 +498,29 @@ async fn poll_step(engine: &Engine, run: ClaimedRun, lease: LeaseClock) -> Resul
             "settlement does not add up: final + released differs from the quote"
         );
     }
-    let t = lifecycle::after_poll(&progress(&run), &outcome, &engine.poll, Utc::now(), unit());
+    let mut t = lifecycle::after_poll(
+        &progress(&run),
+        &outcome,
+        run.cancel_requested,
+        &engine.poll,
+        Utc::now(),
+        unit(),
+    );
+    if let (Some(stop), Value::Object(detail)) = (&stop, &mut t.event.detail) {
+        detail.insert("wfq_stop".into(), stop_detail(stop));
+    }
     record(engine, &run, RunState::Running, run.version, &t).await?;
     Ok(())
+}
+
+fn stop_detail(stop: &StopOutcome) -> Value {
+    match stop {
+        StopOutcome::Requested => serde_json::json!({ "requested": true }),
+        StopOutcome::Rejected(e) => {
+            serde_json::json!({ "requested": false, "code": e.code, "message": e.message })
+        }
+        StopOutcome::Unclear(u) => serde_json::json!({ "requested": false, "unclear": u.reason }),
+    }
 }
 
 /// The run names a profile this worker does not have. Only a queued run is

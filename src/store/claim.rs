@@ -41,6 +41,12 @@ pub struct ClaimedRun {
     pub submitted_at: Option<DateTime<Utc>>,
     /// The worker whose expired lease this claim took over, if any.
     pub rescued_from: Option<String>,
+    /// Since when a submit may be at the provider without its answer.
+    pub submit_in_doubt_since: Option<DateTime<Utc>>,
+    /// `wfq cancel` asked for the running run to be stopped.
+    pub cancel_requested: bool,
+    /// The provider's task id (Dify stops runs by it).
+    pub task_id: Option<String>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -60,6 +66,9 @@ struct ClaimRow {
     provider_run_id: Option<String>,
     submitted_at: Option<DateTime<Utc>>,
     previous_owner: Option<String>,
+    submit_in_doubt_since: Option<DateTime<Utc>>,
+    cancel_requested: bool,
+    task_id: Option<String>,
 }
 
 /// Which runs a worker may take: those of its active provider profiles, and
@@ -107,7 +116,9 @@ pub async fn claim_due_runs(
         WHERE r.id = due.id
         RETURNING r.id, r.provider, r.workflow_id, r.revision_id, r.inputs, r.sent_inputs,
                   r.idempotency_key, r.accept_external_cost_risk, r.state, r.attempts, r.polls,
-                  r.version, r.provider_run_id, r.submitted_at, due.previous_owner
+                  r.version, r.provider_run_id, r.submitted_at, due.previous_owner,
+                  r.submit_in_doubt_since, r.cancel_requested_at IS NOT NULL AS cancel_requested,
+                  r.task_id
         "#,
     )
     .bind(worker)
@@ -140,6 +151,9 @@ pub async fn claim_due_runs(
                 provider_run_id: row.provider_run_id,
                 submitted_at: row.submitted_at,
                 rescued_from: row.previous_owner,
+                submit_in_doubt_since: row.submit_in_doubt_since,
+                cancel_requested: row.cancel_requested,
+                task_id: row.task_id,
             })
         })
         .collect())

@@ -15,7 +15,9 @@ pub use claim::{
 };
 pub use pauses::{ProviderPause, pause_provider, paused_providers, resume_provider};
 pub use read::{EventRow, RunRow, list_runs, run_events, show_run};
-pub use requests::{NewRun, RequestError, RetryOutcome, cancel_run, enqueue_run, retry_run};
+pub use requests::{
+    CancelOutcome, NewRun, RequestError, RetryOutcome, cancel_run, enqueue_run, retry_run,
+};
 pub use retention::prune_finished_runs;
 pub use transition::apply_transition;
 

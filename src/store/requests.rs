@@ -83,11 +83,27 @@ async fn state_of(pool: &PgPool, id: i64) -> Result<String, RequestError> {
         .ok_or(RequestError::NotFound(id))
 }
 
-/// Cancels a run that has not been submitted. Bumping the version makes a
-/// worker that is validating it right now lose its compare-and-set, so it
-/// never sends the submit.
+/// What `cancel_run` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// A queued run: canceled at once, nothing was sent.
+    Canceled,
+    /// A running run of a provider that can stop runs: the worker asks the
+    /// provider to stop it and records `canceled` once it has stopped.
+    StopRequested,
+}
+
+/// Cancels a run that has not been submitted, or asks for a running run
+/// of one of the `stoppable` profiles to be stopped at the provider.
+/// Bumping the version of a queued run makes a worker that is validating it
+/// right now lose its compare-and-set, so it never sends the submit.
 #[tracing::instrument(name = "cancel_run", skip(pool), err)]
-pub async fn cancel_run(pool: &PgPool, id: i64, reason: Option<&str>) -> Result<(), RequestError> {
+pub async fn cancel_run(
+    pool: &PgPool,
+    id: i64,
+    reason: Option<&str>,
+    stoppable: &[String],
+) -> Result<CancelOutcome, RequestError> {
     let canceled: Option<i64> = sqlx::query_scalar(
         r#"
         WITH canceled AS (
@@ -110,12 +126,42 @@ pub async fn cancel_run(pool: &PgPool, id: i64, reason: Option<&str>) -> Result<
     .fetch_optional(pool)
     .await?;
     if canceled.is_some() {
-        return Ok(());
+        return Ok(CancelOutcome::Canceled);
+    }
+    // The version is left alone: the worker holding the run finishes its
+    // step, and the next one (due now) sends the stop.
+    let requested: Option<i64> = sqlx::query_scalar(
+        r#"
+        WITH requested AS (
+            UPDATE wfq.runs
+            SET cancel_requested_at = COALESCE(cancel_requested_at, now()), due_at = now(),
+                updated_at = now()
+            WHERE id = $1 AND state = 'running' AND provider = ANY($3) AND task_id IS NOT NULL
+            RETURNING id
+        ),
+        event AS (
+            INSERT INTO wfq.run_events (run_id, kind, from_state, to_state, detail)
+            SELECT id, 'cancel_requested', 'running', 'running', jsonb_build_object('reason', $2)
+            FROM requested
+        ),
+        wake AS (
+            SELECT pg_notify('wfq_runs_due', '') FROM requested
+        )
+        SELECT id FROM requested, (SELECT count(*) FROM wake) w
+        "#,
+    )
+    .bind(id)
+    .bind(reason)
+    .bind(stoppable)
+    .fetch_optional(pool)
+    .await?;
+    if requested.is_some() {
+        return Ok(CancelOutcome::StopRequested);
     }
     Err(RequestError::WrongState {
         id,
         state: state_of(pool, id).await?,
-        why: "only a queued run can be canceled (a submit may already be on its way to the provider)",
+        why: "only a queued run can be canceled, or a running run of a provider that can stop runs (dify) whose task_id is known; chenyu and gptbots have no cancel endpoint",
     })
 }
 
@@ -145,6 +191,10 @@ pub async fn retry_run(pool: &PgPool, id: i64) -> Result<RetryOutcome, RequestEr
             UPDATE wfq.runs
             SET state = CASE WHEN provider_run_id IS NULL THEN 'submitting' ELSE 'running' END,
                 attempts = 0, due_at = now(), finished_at = NULL, lease_owner = NULL,
+                -- SUBMIT_OUTCOME_UNKNOWN: the operator checked the provider
+                -- and asks for the submit to be sent again.
+                submit_in_doubt_since = CASE WHEN error_code = 'SUBMIT_OUTCOME_UNKNOWN'
+                                             THEN NULL ELSE submit_in_doubt_since END,
                 lease_expires_at = NULL, error_code = NULL, error_message = NULL,
                 error_detail = NULL, version = version + 1, updated_at = now()
             WHERE id = $1 AND state = 'failed' AND settled_at IS NULL

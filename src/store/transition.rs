@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 
-use crate::lifecycle::{RunState, Transition};
+use crate::lifecycle::{RunState, SubmitDoubt, Transition};
 
 /// Applies `t` to run `id` if this worker still holds it at `version`
 /// (compare-and-set), and appends the event in the same statement.
@@ -60,7 +60,12 @@ pub async fn apply_transition(
                 total_cost = COALESCE($30, total_cost),
                 error_code = COALESCE($31, error_code),
                 error_message = COALESCE($32, error_message),
-                error_detail = COALESCE($33, error_detail)
+                error_detail = COALESCE($33, error_detail),
+                total_tokens = COALESCE($38, total_tokens),
+                submit_in_doubt_since = CASE $39
+                    WHEN 'set' THEN now()
+                    WHEN 'clear' THEN NULL
+                    ELSE submit_in_doubt_since END
             WHERE id = $1 AND version = $2 AND lease_owner = $34
             RETURNING id, version, state
         ),
@@ -108,6 +113,12 @@ pub async fn apply_transition(
     .bind(t.event.kind)
     .bind(from.as_str())
     .bind(&t.event.detail)
+    .bind(f.total_tokens)
+    .bind(match t.doubt {
+        SubmitDoubt::Keep => "keep",
+        SubmitDoubt::Set => "set",
+        SubmitDoubt::Clear => "clear",
+    })
     .fetch_optional(pool)
     .await
 }

@@ -1,0 +1,912 @@
+//! Dify workflow service API: `/parameters`, `/workflows/run`,
+//! `/workflows/run/{id}`, `/workflows/logs`, `/workflow/{id}/events`,
+//! `/workflows/tasks/{task_id}/stop`.
+//!
+//! Dify has no idempotency keys: a repeated submit is a second, separately
+//! billed run. So wfq sends `user` = a value derived from the run's key,
+//! and a submit whose answer was lost is looked for in the logs filtered by
+//! that user before anything is sent again (see `find_submitted`).
+//!
+//! Why submit in streaming mode and then poll: the stream's first event,
+//! `workflow_started`, names the run, and the step records it at once. The
+//! worker then lets go of the connection and follows the run with
+//! `GET /workflows/run/{id}` on the durable schedule. Holding the stream to
+//! `workflow_finished` would tie the run to one process and one connection
+//! for as long as the workflow runs (a restart would lose the stream), and
+//! blocking mode is cut at 100 s by Dify cloud's proxy. Dify keeps running a
+//! workflow whose stream was closed; the stop endpoint is what ends it.
+
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::sse::EventReader;
+use super::wire::{RawAnswer, audit_copy, non_empty, snippet, unreadable};
+use super::{
+    Accepted, FindOutcome, Manifest, ManifestError, ParamKind, Parameter, PollOutcome, PollRequest,
+    ProviderError, RunReport, RunStatus, StopOutcome, SubmitOutcome, SubmitRequest, Unclear,
+    end_user,
+};
+use crate::config::{ApiKey, HttpConfig};
+use crate::money::{WireAmount, parse_amount};
+
+/// Log pages read when looking for a lost submit (100 entries each).
+const LOG_PAGES: u32 = 5;
+
+/// A client for one Dify app (its API key selects the app).
+#[derive(Debug, Clone)]
+pub struct DifyClient {
+    http: reqwest::Client,
+    base_url: String,
+    api_key: ApiKey,
+}
+
+impl DifyClient {
+    /// A client with its own connection pool; `base_url` has no trailing slash.
+    pub fn new(base_url: &str, api_key: ApiKey, http: &HttpConfig) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            http: super::wire::http_client(http)?,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key,
+        })
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<RawAnswer, Unclear> {
+        super::wire::send(request, &self.api_key).await
+    }
+
+    /// `GET /parameters`: the app's input form as a manifest.
+    pub async fn manifest(&self, workflow_id: &str) -> Result<Manifest, ManifestError> {
+        let request = self
+            .http
+            .get(format!("{}/parameters", self.base_url))
+            .query(&[("user", "wfq")]);
+        let raw = self.send(request).await.map_err(ManifestError::Unclear)?;
+        if !raw.status.is_success() {
+            return Err(match classify_error(&raw) {
+                Failure::Rejected(e) => ManifestError::Rejected(e),
+                Failure::Unclear(u) => ManifestError::Unclear(u),
+            });
+        }
+        parse_manifest(workflow_id, &raw.body).map_err(ManifestError::Unclear)
+    }
+
+    /// `POST /workflows/run` (or `/workflows/{revision}/run`) in streaming
+    /// mode, read up to `workflow_started`.
+    pub async fn submit(&self, run: &SubmitRequest<'_>) -> SubmitOutcome {
+        let url = match run.revision_id {
+            Some(revision) => format!("{}/workflows/{revision}/run", self.base_url),
+            None => format!("{}/workflows/run", self.base_url),
+        };
+        let body = json!({
+            "inputs": run.inputs,
+            "response_mode": "streaming",
+            "user": end_user(run.idempotency_key),
+        });
+        let sent = self
+            .http
+            .post(url)
+            .bearer_auth(self.api_key.expose())
+            .json(&body)
+            .send()
+            .await;
+        let mut response = match sent {
+            Ok(response) => response,
+            Err(e) => return SubmitOutcome::Unclear(Unclear::from_transport(e)),
+        };
+        let status = response.status();
+        if !status.is_success() || is_json(&response) {
+            let retry_after = super::wire::retry_after(response.headers());
+            let body = match response.bytes().await {
+                Ok(body) => body.to_vec(),
+                Err(e) => {
+                    return SubmitOutcome::Unclear(Unclear {
+                        http_status: Some(status.as_u16()),
+                        ..Unclear::from_transport(e)
+                    });
+                }
+            };
+            let raw = RawAnswer {
+                status,
+                retry_after,
+                body,
+            };
+            if !status.is_success() {
+                return match classify_error(&raw) {
+                    Failure::Rejected(e) => SubmitOutcome::Rejected(e),
+                    Failure::Unclear(u) => SubmitOutcome::Unclear(u),
+                };
+            }
+            // A JSON answer to a streaming request: a blocking-style body.
+            return match parse_blocking(&raw.body) {
+                Ok(accepted) => SubmitOutcome::Accepted(accepted),
+                Err(u) => SubmitOutcome::Unclear(u),
+            };
+        }
+        let mut reader = EventReader::default();
+        loop {
+            let chunk = match response.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => {
+                    return SubmitOutcome::Unclear(Unclear::new(
+                        "the stream ended before workflow_started; the run may exist",
+                        Some(status.as_u16()),
+                    ));
+                }
+                Err(e) => {
+                    return SubmitOutcome::Unclear(Unclear {
+                        http_status: Some(status.as_u16()),
+                        ..Unclear::from_transport(e)
+                    });
+                }
+            };
+            for data in reader.push(&chunk) {
+                match read_stream_event(&data) {
+                    StreamStart::Started(accepted) => return SubmitOutcome::Accepted(accepted),
+                    StreamStart::Failed(Failure::Rejected(e)) => {
+                        return SubmitOutcome::Rejected(e);
+                    }
+                    StreamStart::Failed(Failure::Unclear(u)) => return SubmitOutcome::Unclear(u),
+                    StreamStart::Other => {}
+                }
+            }
+        }
+    }
+
+    /// `GET /workflows/logs?created_by_end_user_session_id=USER`: a run
+    /// submitted under this key whose answer was lost.
+    pub async fn find_submitted(&self, idempotency_key: &str) -> FindOutcome {
+        let user = end_user(idempotency_key);
+        let mut found: Vec<LogEntry> = Vec::new();
+        for page in 1..=LOG_PAGES {
+            let request = self
+                .http
+                .get(format!("{}/workflows/logs", self.base_url))
+                .query(&[
+                    ("created_by_end_user_session_id", user.as_str()),
+                    ("page", &page.to_string()),
+                    ("limit", "100"),
+                ]);
+            let raw = match self.send(request).await {
+                Ok(raw) => raw,
+                Err(u) => return FindOutcome::Unclear(u),
+            };
+            if !raw.status.is_success() {
+                return FindOutcome::Unclear(match classify_error(&raw) {
+                    Failure::Unclear(u) => u,
+                    // A refusal of a read says nothing about the run.
+                    Failure::Rejected(e) => Unclear::new(
+                        format!("workflows/logs refused: {} ({})", e.message, e.code),
+                        Some(e.http_status),
+                    ),
+                });
+            }
+            let logs: LogPage = match serde_json::from_slice(&raw.body) {
+                Ok(logs) => logs,
+                Err(e) => return FindOutcome::Unclear(unreadable("workflow logs", e)),
+            };
+            // The filter is checked again here: a Dify that ignored the
+            // parameter would otherwise hand us somebody else's run.
+            found.extend(logs.data.into_iter().filter(|entry| {
+                entry
+                    .created_by_end_user
+                    .as_ref()
+                    .and_then(|u| u.session_id.as_deref())
+                    == Some(user.as_str())
+            }));
+            if !logs.has_more {
+                break;
+            }
+        }
+        adopt(found)
+    }
+
+    /// `GET /workflows/run/{id}`; once the run is over, its costs from the
+    /// event replay.
+    pub async fn poll(&self, run: &PollRequest<'_>) -> PollOutcome {
+        let request = self.http.get(format!(
+            "{}/workflows/run/{}",
+            self.base_url, run.provider_run_id
+        ));
+        let raw = match self.send(request).await {
+            Ok(raw) => raw,
+            Err(u) => return PollOutcome::Unclear(u),
+        };
+        if !raw.status.is_success() {
+            return match classify_error(&raw) {
+                Failure::Rejected(e) => PollOutcome::Rejected(e),
+                Failure::Unclear(u) => PollOutcome::Unclear(u),
+            };
+        }
+        let mut report = match parse_run(&raw.body) {
+            Ok(report) => report,
+            Err(u) => return PollOutcome::Unclear(u),
+        };
+        if report.status.is_final() {
+            let costs = self.costs(run).await;
+            apply_costs(&mut report, costs);
+        }
+        PollOutcome::Report(Box::new(report))
+    }
+
+    /// Reads the run's events again (`GET /workflow/{id}/events`) and adds
+    /// up the prices of its nodes: the run detail carries no price.
+    async fn costs(&self, run: &PollRequest<'_>) -> Costs {
+        let request = self
+            .http
+            .get(format!(
+                "{}/workflow/{}/events",
+                self.base_url, run.provider_run_id
+            ))
+            .query(&[("user", end_user(run.idempotency_key))]);
+        let raw = match self.send(request).await {
+            Ok(raw) => raw,
+            Err(u) => return Costs::Unclear(u),
+        };
+        match raw.status.as_u16() {
+            200..=299 => sum_node_prices(&raw.body),
+            // An older Dify without the endpoint, or one that forgot the
+            // run's events: the run is over, its price cannot be learned.
+            400 | 404 | 405 | 410 => {
+                Costs::Unavailable(format!("HTTP {}: {}", raw.status, snippet(&raw.body)))
+            }
+            _ => Costs::Unclear(match classify_error(&raw) {
+                Failure::Unclear(u) => u,
+                Failure::Rejected(e) => Unclear::new(e.message, Some(e.http_status)),
+            }),
+        }
+    }
+
+    /// `POST /workflows/tasks/{task_id}/stop`.
+    pub async fn stop(&self, run: &PollRequest<'_>) -> StopOutcome {
+        let Some(task_id) = run.task_id else {
+            return StopOutcome::Rejected(ProviderError {
+                code: "NO_TASK_ID".into(),
+                message: "the run has no task_id (it was found again through the logs, which do not carry one), so Dify cannot stop it".into(),
+                detail: Value::Null,
+                http_status: 0,
+            });
+        };
+        let request = self
+            .http
+            .post(format!("{}/workflows/tasks/{task_id}/stop", self.base_url))
+            .json(&json!({ "user": end_user(run.idempotency_key) }));
+        match self.send(request).await {
+            Ok(raw) if raw.status.is_success() => StopOutcome::Requested,
+            Ok(raw) => match classify_error(&raw) {
+                Failure::Rejected(e) => StopOutcome::Rejected(e),
+                Failure::Unclear(u) => StopOutcome::Unclear(u),
+            },
+            Err(u) => StopOutcome::Unclear(u),
+        }
+    }
+}
+
+fn is_json(response: &reqwest::Response) -> bool {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// A non-2xx answer, read.
+#[derive(Debug, PartialEq)]
+enum Failure {
+    Rejected(ProviderError),
+    Unclear(Unclear),
+}
+
+/// Dify's error body.
+#[derive(Debug, Default, Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// The rules for an error answer, as a pure function.
+fn classify_error(raw: &RawAnswer) -> Failure {
+    let status = raw.status;
+    let body: ErrorBody = serde_json::from_slice(&raw.body).unwrap_or_default();
+    let code = non_empty(body.code);
+    let message = non_empty(body.message).unwrap_or_else(|| snippet(&raw.body));
+    failure(status.as_u16(), raw.retry_after, code, message, &raw.body)
+}
+
+fn failure(
+    status: u16,
+    retry_after: Option<std::time::Duration>,
+    code: Option<String>,
+    message: String,
+    body: &[u8],
+) -> Failure {
+    let unclear = |reason: String, nothing_created: bool, account_refused: bool| {
+        Failure::Unclear(Unclear {
+            reason,
+            http_status: Some(status),
+            retry_after,
+            account_refused,
+            nothing_created,
+        })
+    };
+    match (status, code.as_deref()) {
+        (401 | 403, _) => unclear(
+            format!("HTTP {status}: the provider refused the API key ({message})"),
+            true,
+            true,
+        ),
+        // Quota, not concurrency: retrying the run cannot help until the
+        // account is topped up, so the profile pauses.
+        (429, Some("rate_limit_error")) => unclear(
+            format!("HTTP 429 rate_limit_error: the account's quota is exhausted ({message})"),
+            true,
+            true,
+        ),
+        (429, _) => unclear(
+            format!("HTTP 429: too many requests ({message})"),
+            true,
+            false,
+        ),
+        (500..=599 | 408 | 409 | 423 | 425, _) => {
+            unclear(format!("HTTP {status}: {message}"), false, false)
+        }
+        (_, code) => Failure::Rejected(ProviderError {
+            code: code
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("HTTP_{status}")),
+            message,
+            detail: serde_json::from_slice(body)
+                .unwrap_or_else(|_| json!({ "body": snippet(body) })),
+            http_status: status,
+        }),
+    }
+}
+
+/// One streamed event, as far as the submit cares.
+enum StreamStart {
+    Started(Accepted),
+    Failed(Failure),
+    Other,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamEvent {
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default)]
+    task_id: Option<String>,
+    #[serde(default)]
+    workflow_run_id: Option<String>,
+    #[serde(default)]
+    data: Option<Value>,
+    #[serde(default)]
+    status: Option<u16>,
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+fn read_stream_event(data: &str) -> StreamStart {
+    let event: StreamEvent = match serde_json::from_str(data) {
+        Ok(event) => event,
+        // A line we cannot read is skipped: the event we wait for names
+        // itself, and a stream that never brings it ends as unclear.
+        Err(_) => return StreamStart::Other,
+    };
+    match event.event.as_deref() {
+        Some("workflow_started") => {
+            let run_id = non_empty(event.workflow_run_id).or_else(|| {
+                event
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get("id"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            });
+            match non_empty(run_id) {
+                Some(provider_run_id) => StreamStart::Started(Accepted {
+                    provider_run_id,
+                    task_id: non_empty(event.task_id),
+                    run_status: Some("running".into()),
+                    raw: audit_copy(data),
+                    ..Accepted::default()
+                }),
+                None => StreamStart::Failed(Failure::Unclear(unreadable(
+                    "workflow_started event",
+                    "no workflow_run_id",
+                ))),
+            }
+        }
+        Some("error") => StreamStart::Failed(failure(
+            event.status.unwrap_or(500),
+            None,
+            non_empty(event.code),
+            non_empty(event.message).unwrap_or_else(|| "error event".into()),
+            data.as_bytes(),
+        )),
+        _ => StreamStart::Other,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct BlockingAnswer {
+    #[serde(default)]
+    workflow_run_id: Option<String>,
+    #[serde(default)]
+    task_id: Option<String>,
+    #[serde(default)]
+    data: Option<RunDetail>,
+}
+
+fn parse_blocking(body: &[u8]) -> Result<Accepted, Unclear> {
+    let answer: BlockingAnswer =
+        serde_json::from_slice(body).map_err(|e| unreadable("run answer", e))?;
+    let provider_run_id = non_empty(answer.workflow_run_id)
+        .ok_or_else(|| unreadable("run answer", "no workflow_run_id"))?;
+    Ok(Accepted {
+        provider_run_id,
+        task_id: non_empty(answer.task_id),
+        run_status: answer.data.and_then(|d| non_empty(d.status)),
+        raw: serde_json::from_slice(body).unwrap_or(Value::Null),
+        ..Accepted::default()
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct LogPage {
+    #[serde(default)]
+    data: Vec<LogEntry>,
+    #[serde(default)]
+    has_more: bool,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+struct LogEntry {
+    workflow_run: LogRun,
+    #[serde(default)]
+    created_by_end_user: Option<EndUser>,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+struct LogRun {
+    id: String,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+struct EndUser {
+    #[serde(default)]
+    session_id: Option<String>,
+}
+
+/// The run to adopt among the log entries of our user (newest first).
+fn adopt(found: Vec<LogEntry>) -> FindOutcome {
+    let count = found.len();
+    // The oldest is the one our first lost submit created; more than one
+    // means somebody submitted again outside wfq (or an earlier version
+    // did): it is named in the event for an operator to look at.
+    let Some(oldest) = found.last() else {
+        return FindOutcome::NotFound;
+    };
+    FindOutcome::Found(Accepted {
+        provider_run_id: oldest.workflow_run.id.clone(),
+        run_status: oldest.workflow_run.status.clone(),
+        raw: json!({
+            "found_in": "workflows/logs",
+            "runs_of_this_user": count,
+            "others": found[..count - 1].iter().map(|e| e.workflow_run.id.clone()).collect::<Vec<_>>(),
+            "workflow_run": serde_json::to_value(&oldest.workflow_run).unwrap_or(Value::Null),
+        }),
+        ..Accepted::default()
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct RunDetail {
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    outputs: Option<Value>,
+    #[serde(default)]
+    error: Option<Value>,
+    #[serde(default)]
+    total_tokens: Option<Value>,
+}
+
+fn parse_run(body: &[u8]) -> Result<RunReport, Unclear> {
+    let run: RunDetail = serde_json::from_slice(body).map_err(|e| unreadable("run detail", e))?;
+    let run_status = non_empty(run.status).ok_or_else(|| unreadable("run detail", "no status"))?;
+    let status = match run_status.as_str() {
+        // `paused` waits for a person (human input): still the run's time.
+        "running" | "paused" | "pending" | "waiting" => RunStatus::Active,
+        "succeeded" | "partial-succeeded" => RunStatus::Succeeded,
+        "failed" | "stopped" => RunStatus::Failed,
+        other => RunStatus::Unknown(other.to_owned()),
+    };
+    let error_message = match run.error {
+        Some(Value::String(s)) if !s.trim().is_empty() => Some(s),
+        Some(Value::Null) | None => None,
+        Some(Value::String(_)) => None,
+        Some(other) => Some(other.to_string()),
+    };
+    let error_code = match run_status.as_str() {
+        "stopped" => Some("PROVIDER_RUN_STOPPED".to_owned()),
+        _ => None,
+    };
+    Ok(RunReport {
+        outputs: match run.outputs {
+            // Some versions send the outputs as a JSON string.
+            Some(Value::String(text)) => serde_json::from_str(&text)
+                .ok()
+                .or(Some(Value::String(text))),
+            Some(Value::Null) | None => None,
+            Some(other) => Some(other),
+        },
+        total_tokens: run.total_tokens.as_ref().and_then(read_count),
+        error_code,
+        error_message,
+        status,
+        run_status: Some(run_status),
+        raw: serde_json::from_slice(body).unwrap_or(Value::Null),
+        ..RunReport::default()
+    })
+}
+
+/// A count sent as a number or as a string of digits.
+fn read_count(value: &Value) -> Option<i64> {
+    match value {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// What the event replay said about money.
+#[derive(Debug, PartialEq)]
+enum Costs {
+    /// The sum of the nodes' prices (`None`: no node named a price).
+    Known {
+        total_price: Option<Decimal>,
+        currency: Option<String>,
+    },
+    /// The replay cannot be had; the price stays unknown for good.
+    Unavailable(String),
+    /// Ask again on the next status check.
+    Unclear(Unclear),
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeFinished {
+    #[serde(default)]
+    event: Option<String>,
+    #[serde(default)]
+    data: Option<NodeData>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NodeData {
+    #[serde(default)]
+    execution_metadata: Option<ExecutionMetadata>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ExecutionMetadata {
+    #[serde(default)]
+    total_price: Option<WireAmount>,
+    #[serde(default)]
+    currency: Option<String>,
+}
+
+fn sum_node_prices(body: &[u8]) -> Costs {
+    let mut reader = EventReader::default();
+    let mut events = reader.push(body);
+    // A body without the closing blank line still holds a last event.
+    events.extend(reader.push(b"\n\n"));
+    let mut total: Option<Decimal> = None;
+    let mut currency = None;
+    for data in events {
+        let Ok(event) = serde_json::from_str::<NodeFinished>(&data) else {
+            continue;
+        };
+        if event.event.as_deref() != Some("node_finished") {
+            continue;
+        }
+        let Some(meta) = event.data.and_then(|d| d.execution_metadata) else {
+            continue;
+        };
+        match parse_amount("total_price", meta.total_price.as_ref()) {
+            Ok(Some(price)) => total = Some(total.unwrap_or_default() + price),
+            Ok(None) => {}
+            Err(e) => return Costs::Unclear(unreadable("node price", e)),
+        }
+        if currency.is_none() {
+            currency = non_empty(meta.currency);
+        }
+    }
+    Costs::Known {
+        total_price: total,
+        currency,
+    }
+}
+
+/// Puts the costs into a final report; the money is final once they are
+/// known (Dify freezes nothing, so what the nodes cost is what is charged).
+fn apply_costs(report: &mut RunReport, costs: Costs) {
+    let note = match costs {
+        Costs::Known {
+            total_price,
+            currency,
+        } => {
+            report.total_cost = total_price;
+            report.final_amount = total_price;
+            report.currency = currency;
+            report.settled = true;
+            json!({ "source": "node_finished execution_metadata", "total_price": total_price.map(|d| d.to_string()) })
+        }
+        Costs::Unavailable(why) => {
+            report.settled = true;
+            json!({ "source": "none", "unavailable": why })
+        }
+        Costs::Unclear(u) => {
+            report.settled = false;
+            json!({ "source": "pending", "unclear": u.reason })
+        }
+    };
+    report.settlement_status = Some(
+        if report.settled {
+            "settled"
+        } else {
+            "unsettled"
+        }
+        .into(),
+    );
+    if let Value::Object(raw) = &mut report.raw {
+        raw.insert("wfq_costs".into(), note);
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Parameters {
+    #[serde(default)]
+    user_input_form: Vec<serde_json::Map<String, Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FormControl {
+    variable: String,
+    #[serde(default)]
+    required: bool,
+    #[serde(default)]
+    options: Vec<String>,
+    #[serde(default)]
+    max_length: Option<u64>,
+}
+
+fn parse_manifest(workflow_id: &str, body: &[u8]) -> Result<Manifest, Unclear> {
+    let parameters: Parameters =
+        serde_json::from_slice(body).map_err(|e| unreadable("app parameters", e))?;
+    let mut out = Vec::new();
+    for item in parameters.user_input_form {
+        // Each item is `{"<control type>": {variable, required, ...}}`.
+        let Some((control, spec)) = item.into_iter().next() else {
+            continue;
+        };
+        let spec: FormControl = serde_json::from_value(spec)
+            .map_err(|e| unreadable("app parameters", format!("{control}: {e}")))?;
+        let kind = match control.as_str() {
+            "text-input" | "paragraph" => ParamKind::String,
+            "select" => ParamKind::Choice(spec.options),
+            "number" => ParamKind::Float,
+            "checkbox" => ParamKind::Bool,
+            other => ParamKind::Other(other.to_owned()),
+        };
+        out.push(Parameter {
+            key: spec.variable,
+            kind,
+            required: spec.required,
+            // Dify fills its own defaults; sending them again adds nothing.
+            default_value: None,
+            max_chars: spec.max_length.filter(|n| *n > 0).map(|n| n as usize),
+        });
+    }
+    Ok(Manifest {
+        workflow_id: workflow_id.to_owned(),
+        revision_id: None,
+        currency: None,
+        quote_amount: None,
+        may_incur_external_cost: false,
+        parameters: out,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::StatusCode;
+
+    fn raw(status: u16, body: &str) -> RawAnswer {
+        RawAnswer {
+            status: StatusCode::from_u16(status).unwrap(),
+            retry_after: None,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn error_answers_are_classified_by_status_and_code() {
+        let table: [(u16, &str, &str); 8] = [
+            (
+                400,
+                r#"{"code":"invalid_param","message":"query is required","status":400}"#,
+                "rejected invalid_param",
+            ),
+            (
+                400,
+                r#"{"code":"provider_not_initialize","message":"no creds","status":400}"#,
+                "rejected provider_not_initialize",
+            ),
+            (
+                404,
+                r#"{"code":"not_found","message":"no","status":404}"#,
+                "rejected not_found",
+            ),
+            (
+                401,
+                r#"{"code":"unauthorized","message":"bad key","status":401}"#,
+                "refused",
+            ),
+            (
+                429,
+                r#"{"code":"rate_limit_error","message":"quota","status":429}"#,
+                "refused",
+            ),
+            (
+                429,
+                r#"{"code":"too_many_requests","message":"busy","status":429}"#,
+                "retry-nothing-created",
+            ),
+            (
+                500,
+                r#"{"code":"internal_server_error","message":"boom","status":500}"#,
+                "retry-maybe-created",
+            ),
+            (502, "<html>bad gateway</html>", "retry-maybe-created"),
+        ];
+        for (status, body, expected) in table {
+            let got = match classify_error(&raw(status, body)) {
+                Failure::Rejected(e) => format!("rejected {}", e.code),
+                Failure::Unclear(u) if u.account_refused => "refused".to_owned(),
+                Failure::Unclear(u) if u.nothing_created => "retry-nothing-created".to_owned(),
+                Failure::Unclear(_) => "retry-maybe-created".to_owned(),
+            };
+            assert_eq!(got, expected, "{status} {body}");
+        }
+    }
+
+    #[test]
+    fn workflow_started_names_the_run_and_an_error_event_is_classified() {
+        let started = r#"{"event":"workflow_started","task_id":"t1","workflow_run_id":"r1","data":{"id":"r1"}}"#;
+        match read_stream_event(started) {
+            StreamStart::Started(a) => {
+                assert_eq!(a.provider_run_id, "r1");
+                assert_eq!(a.task_id.as_deref(), Some("t1"));
+            }
+            _ => panic!("not started"),
+        }
+        let only_data = r#"{"event":"workflow_started","task_id":"t1","data":{"id":"r2"}}"#;
+        assert!(
+            matches!(read_stream_event(only_data), StreamStart::Started(a) if a.provider_run_id == "r2")
+        );
+        let error = r#"{"event":"error","status":400,"code":"invalid_param","message":"bad"}"#;
+        assert!(matches!(
+            read_stream_event(error),
+            StreamStart::Failed(Failure::Rejected(e)) if e.code == "invalid_param"
+        ));
+        assert!(matches!(
+            read_stream_event(r#"{"event":"ping"}"#),
+            StreamStart::Other
+        ));
+    }
+
+    #[test]
+    fn statuses_map_to_the_lifecycle() {
+        let table = [
+            ("running", RunStatus::Active),
+            ("paused", RunStatus::Active),
+            ("succeeded", RunStatus::Succeeded),
+            ("partial-succeeded", RunStatus::Succeeded),
+            ("failed", RunStatus::Failed),
+            ("stopped", RunStatus::Failed),
+            ("exploded", RunStatus::Unknown("exploded".into())),
+        ];
+        for (status, expected) in table {
+            let body = format!(
+                r#"{{"id":"r","status":"{status}","inputs":"{{}}","outputs":null,"error":null,"total_tokens":12,"created_at":"Thu, 18 Jul 2024 03:17:40 -0000"}}"#
+            );
+            let report = parse_run(body.as_bytes()).unwrap();
+            assert_eq!(report.status, expected, "{status}");
+            assert_eq!(report.total_tokens, Some(12));
+        }
+        let stopped = parse_run(br#"{"status":"stopped","error":"stopped by user"}"#).unwrap();
+        assert_eq!(stopped.error_code.as_deref(), Some("PROVIDER_RUN_STOPPED"));
+        assert!(parse_run(br#"{"id":"r"}"#).is_err(), "no status is unclear");
+    }
+
+    #[test]
+    fn node_prices_are_summed_exactly_from_strings_and_numbers() {
+        let body = concat!(
+            "data: {\"event\":\"workflow_started\",\"workflow_run_id\":\"r\"}\n\n",
+            "data: {\"event\":\"node_finished\",\"data\":{\"execution_metadata\":{\"total_price\":\"0.0000001\",\"currency\":\"USD\"}}}\n\n",
+            "data: {\"event\":\"node_finished\",\"data\":{\"execution_metadata\":{\"total_price\":99999999.99999999,\"currency\":\"USD\"}}}\n\n",
+            "data: {\"event\":\"node_finished\",\"data\":{}}\n\n",
+            "data: {\"event\":\"workflow_finished\",\"data\":{\"status\":\"succeeded\"}}",
+        );
+        assert_eq!(
+            sum_node_prices(body.as_bytes()),
+            Costs::Known {
+                total_price: Some(Decimal::from_str_exact("100000000.00000009").unwrap()),
+                currency: Some("USD".into())
+            }
+        );
+        let bad = "data: {\"event\":\"node_finished\",\"data\":{\"execution_metadata\":{\"total_price\":\"lots\"}}}\n\n";
+        assert!(matches!(sum_node_prices(bad.as_bytes()), Costs::Unclear(_)));
+    }
+
+    #[test]
+    fn the_input_form_becomes_a_manifest() {
+        let body = br#"{"user_input_form":[
+            {"paragraph":{"label":"Query","variable":"query","required":true,"default":""}},
+            {"select":{"label":"Tone","variable":"tone","required":false,"default":"","options":["formal","casual"]}},
+            {"number":{"label":"Max","variable":"max_words","required":false}},
+            {"text-input":{"label":"Title","variable":"title","required":false,"max_length":48}},
+            {"file":{"label":"Doc","variable":"doc","required":false}}
+        ],"file_upload":{},"system_parameters":{}}"#;
+        let manifest = parse_manifest("app", body).unwrap();
+        let kinds: Vec<_> = manifest
+            .parameters
+            .iter()
+            .map(|p| (p.key.as_str(), p.kind.clone(), p.required, p.max_chars))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                ("query", ParamKind::String, true, None),
+                (
+                    "tone",
+                    ParamKind::Choice(vec!["formal".into(), "casual".into()]),
+                    false,
+                    None
+                ),
+                ("max_words", ParamKind::Float, false, None),
+                ("title", ParamKind::String, false, Some(48)),
+                ("doc", ParamKind::Other("file".into()), false, None),
+            ]
+        );
+        assert_eq!(manifest.revision_id, None);
+    }
+
+    #[test]
+    fn only_runs_of_our_user_are_adopted_and_the_oldest_wins() {
+        let entry = |id: &str| LogEntry {
+            workflow_run: LogRun {
+                id: id.into(),
+                status: Some("succeeded".into()),
+            },
+            created_by_end_user: Some(EndUser {
+                session_id: Some("wfq-k".into()),
+            }),
+        };
+        assert_eq!(adopt(vec![]), FindOutcome::NotFound);
+        match adopt(vec![entry("newer"), entry("older")]) {
+            FindOutcome::Found(a) => {
+                assert_eq!(a.provider_run_id, "older");
+                assert_eq!(a.raw["runs_of_this_user"], 2);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
