@@ -1115,4 +1115,176 @@ mod tests {
         assert_eq!(humantime(Duration::from_secs(86400)), "24h");
         assert_eq!(humantime(Duration::from_secs(5)), "5s");
     }
+
+    #[test]
+    fn submit_doubt_is_set_before_sending_and_cleared_by_a_clear_answer() {
+        assert_eq!(begin_submit(None, json!({})).doubt, SubmitDoubt::Set);
+        let nothing_created = Unclear {
+            nothing_created: true,
+            ..unclear(None, false)
+        };
+        // (guard, outcome, state, error code, doubt afterwards)
+        let table = [
+            (
+                SubmitGuard::IdempotencyKey,
+                SubmitOutcome::Unclear(unclear(None, false)),
+                RunState::Submitting,
+                None,
+                SubmitDoubt::Keep,
+            ),
+            (
+                SubmitGuard::FindByUser,
+                SubmitOutcome::Unclear(unclear(None, false)),
+                RunState::Submitting,
+                None,
+                SubmitDoubt::Keep,
+            ),
+            (
+                SubmitGuard::Nothing,
+                SubmitOutcome::Unclear(unclear(None, false)),
+                RunState::Failed,
+                Some("SUBMIT_OUTCOME_UNKNOWN"),
+                SubmitDoubt::Keep,
+            ),
+            (
+                SubmitGuard::Nothing,
+                SubmitOutcome::Unclear(nothing_created.clone()),
+                RunState::Submitting,
+                None,
+                SubmitDoubt::Clear,
+            ),
+            (
+                SubmitGuard::FindByUser,
+                SubmitOutcome::Unclear(nothing_created),
+                RunState::Submitting,
+                None,
+                SubmitDoubt::Clear,
+            ),
+            (
+                SubmitGuard::Nothing,
+                SubmitOutcome::Accepted(Accepted {
+                    provider_run_id: "r".into(),
+                    ..Default::default()
+                }),
+                RunState::Running,
+                None,
+                SubmitDoubt::Clear,
+            ),
+        ];
+        for (guard, outcome, state, code, doubt) in table {
+            let t = after_submit(
+                &run(RunState::Submitting, 1, 0),
+                &outcome,
+                guard,
+                &retry(),
+                &poll(),
+                now(),
+                0.5,
+            );
+            assert_eq!(t.to, state, "{guard:?} {outcome:?}");
+            assert_eq!(t.error.as_ref().map(|e| e.code.as_str()), code);
+            assert_eq!(t.doubt, doubt, "{guard:?} {outcome:?}");
+            if code == Some("SUBMIT_OUTCOME_UNKNOWN") {
+                assert!(!t.settled, "money of an unknown submit is not final");
+            }
+        }
+    }
+
+    #[test]
+    fn a_lookup_adopts_waits_within_the_window_then_resubmits() {
+        let doubt = InDoubt {
+            since: now() - chrono::Duration::seconds(60),
+            window: Duration::from_secs(600),
+        };
+        let decide = |outcome: FindOutcome, doubt: InDoubt| {
+            after_find(
+                &run(RunState::Submitting, 1, 0),
+                &outcome,
+                doubt,
+                &retry(),
+                &poll(),
+                now(),
+                0.5,
+            )
+        };
+        let found = FindOutcome::Found(Accepted {
+            provider_run_id: "run-1".into(),
+            ..Default::default()
+        });
+        match decide(found, doubt) {
+            FindDecision::Record(t) => {
+                assert_eq!(t.to, RunState::Running);
+                assert_eq!(t.event.kind, "submit_adopted");
+                assert_eq!(t.doubt, SubmitDoubt::Clear);
+                assert!(t.submitted);
+                assert_eq!(t.facts.provider_run_id.as_deref(), Some("run-1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        match decide(FindOutcome::NotFound, doubt) {
+            FindDecision::Record(t) => {
+                assert_eq!(t.to, RunState::Submitting);
+                assert_eq!(t.event.kind, "submit_not_found_yet");
+                assert_eq!(t.doubt, SubmitDoubt::Keep);
+                assert_eq!(t.attempts_delta, 0, "looking is not submitting");
+                assert_eq!(secs(&t), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Near the end of the window the wait shrinks to what is left.
+        let almost = InDoubt {
+            since: now() - chrono::Duration::seconds(599),
+            ..doubt
+        };
+        match decide(FindOutcome::NotFound, almost) {
+            FindDecision::Record(t) => assert_eq!(secs(&t), 1),
+            other => panic!("{other:?}"),
+        }
+        let over = InDoubt {
+            since: now() - chrono::Duration::seconds(600),
+            ..doubt
+        };
+        assert_eq!(decide(FindOutcome::NotFound, over), FindDecision::Resubmit);
+        match decide(FindOutcome::Unclear(unclear(Some(30), false)), over) {
+            FindDecision::Record(t) => {
+                assert_eq!(t.event.kind, "find_unclear");
+                assert_eq!(secs(&t), 30, "an unclear lookup never resubmits");
+            }
+            other => panic!("{other:?}"),
+        }
+        let again = begin_resubmit(None, json!({}), doubt.since);
+        assert_eq!(again.event.kind, "resubmit_started");
+        assert_eq!((again.attempts_delta, again.doubt), (1, SubmitDoubt::Set));
+    }
+
+    #[test]
+    fn a_stopped_run_with_a_cancel_request_ends_canceled_with_its_money() {
+        let stopped = PollOutcome::Report(Box::new(RunReport {
+            status: RunStatus::Failed,
+            run_status: Some("stopped".into()),
+            error_code: Some("PROVIDER_RUN_STOPPED".into()),
+            settled: true,
+            total_cost: Some(d("0.002")),
+            ..Default::default()
+        }));
+        let r = run(RunState::Running, 1, 2);
+        let t = after_poll(&r, &stopped, true, &poll(), now(), 0.5);
+        assert_eq!(t.to, RunState::Canceled);
+        assert_eq!(t.error.as_ref().unwrap().code, "CANCELED");
+        assert!(t.settled);
+        assert_eq!(t.facts.total_cost, Some(d("0.002")));
+        let t = after_poll(&r, &stopped, false, &poll(), now(), 0.5);
+        assert_eq!(t.to, RunState::Failed);
+        assert_eq!(t.error.unwrap().code, "PROVIDER_RUN_STOPPED");
+        // Finished before the stop arrived: it succeeded, and says so.
+        let t = after_poll(
+            &r,
+            &report(RunStatus::Succeeded, true),
+            true,
+            &poll(),
+            now(),
+            0.5,
+        );
+        assert_eq!(t.to, RunState::Succeeded);
+    }
 }
