@@ -89,6 +89,12 @@ pub struct RunRow {
     pub external_model_cost: Option<Decimal>,
     /// Total cost.
     pub total_cost: Option<Decimal>,
+    /// Tokens used (Dify, GPTBots).
+    pub total_tokens: Option<i64>,
+    /// A submit may be at the provider without its answer since then.
+    pub submit_in_doubt_since: Option<DateTime<Utc>>,
+    /// `wfq cancel` asked for the running run to be stopped.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
     /// Error code.
     pub error_code: Option<String>,
     /// Error message.
@@ -106,7 +112,8 @@ macro_rules! run_columns {
          settled_at, updated_at, provider_run_id, task_id, prompt_id, billing_run_id, run_status, \
          freeze_status, submission_status, settlement_status, outputs, currency, quote_amount, \
          frozen_amount, final_amount, released_amount, compute_cost, external_model_cost, \
-         total_cost, error_code, error_message, error_detail"
+         total_cost, total_tokens, submit_in_doubt_since, cancel_requested_at, error_code, \
+         error_message, error_detail"
     };
 }
 
