@@ -396,17 +396,16 @@ async fn logs(
         Ok(app) => app,
         Err(response) => return response,
     };
-    let number = |name: &str, default: usize| match param(&params, name) {
+    // The error is the parameter's name: a `Response` is too big to carry.
+    let number = |name: &'static str, default: usize| match param(&params, name) {
         "" => Ok(default),
-        text => text
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n >= 1)
-            .ok_or_else(|| invalid_param(&format!("{name} must be a positive integer"))),
+        text => text.parse::<usize>().ok().filter(|n| *n >= 1).ok_or(name),
     };
     let (page, limit) = match (number("page", 1), number("limit", 20)) {
         (Ok(page), Ok(limit)) => (page, limit.min(MAX_LIMIT)),
-        (Err(response), _) | (_, Err(response)) => return response,
+        (Err(name), _) | (_, Err(name)) => {
+            return invalid_param(&format!("{name} must be a positive integer"));
+        }
     };
     let session = param(&params, "created_by_end_user_session_id");
     let status = param(&params, "status");
@@ -433,7 +432,7 @@ async fn logs(
                 && (keyword.is_empty() || mentions(run, &keyword))
         })
         .collect();
-    runs.sort_by(|a, b| b.order.cmp(&a.order));
+    runs.sort_by_key(|run| std::cmp::Reverse(run.order));
     let total = runs.len();
     let data: Vec<Value> = runs
         .iter()

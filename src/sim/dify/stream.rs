@@ -84,9 +84,7 @@ async fn next_chunk(mut cursor: Cursor) -> Option<(Result<Bytes, std::io::Error>
             let chunk: String = due.iter().map(|e| e.frame()).collect();
             return Some((Ok(Bytes::from(chunk)), cursor));
         }
-        let Some(next) = events.get(cursor.sent) else {
-            return None;
-        };
+        let next = events.get(cursor.sent)?;
         let ping_at = cursor.last_write + ping;
         if now >= ping_at {
             cursor.last_write = now;
