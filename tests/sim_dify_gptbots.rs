@@ -807,3 +807,20 @@ async fn gptbots_lost_answer_and_refusals() {
     assert_eq!(dify, json!([]));
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn dify_streams_ping_while_waiting() {
+    let sim = start().await;
+    sim.set_faults(Faults {
+        dify_ping_interval_ms: Some(20),
+        ..Faults::default()
+    });
+    let response = dify_post(&sim, "text", "/workflows/run", &run_body("u", "streaming")).await;
+    let text = response.text().await.expect("whole stream");
+    assert!(text.contains("event: ping\n\n"), "{text}");
+    assert!(
+        text.trim_end().ends_with('}'),
+        "ends with workflow_finished"
+    );
+    sim.shutdown().await;
+}
