@@ -468,7 +468,15 @@ async fn run_sim(args: SimArgs) -> Result<()> {
     });
     println!("chenyu simulator at {}", server.base_url());
     println!(
-        "admin: http://{}/_sim/ledger, /_sim/stats, /_sim/faults (GET, PUT)",
+        "dify at {} (apps: text, fails, partial)",
+        server.dify_base_url("{app}")
+    );
+    println!(
+        "gptbots at {} (workflows: news, fails)",
+        server.gptbots_base_url("{workflow}")
+    );
+    println!(
+        "admin: http://{}/_sim/ledger, /_sim/dify/ledger, /_sim/gptbots/ledger, /_sim/stats, /_sim/faults (GET, PUT)",
         server.local_addr()
     );
     shutdown_signal().await;

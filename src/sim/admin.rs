@@ -20,6 +20,8 @@ pub(crate) fn routes(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/_sim/health", get(|| async { "ok" }))
         .route("/_sim/ledger", get(ledger))
+        .route("/_sim/dify/ledger", get(dify_ledger))
+        .route("/_sim/gptbots/ledger", get(gptbots_ledger))
         .route("/_sim/stats", get(stats))
         .route("/_sim/faults", get(get_faults).put(put_faults))
         .with_state(shared)
@@ -27,6 +29,14 @@ pub(crate) fn routes(shared: Arc<Shared>) -> Router {
 
 async fn ledger(State(shared): State<Arc<Shared>>) -> Response {
     Json(shared.ledger()).into_response()
+}
+
+async fn dify_ledger(State(shared): State<Arc<Shared>>) -> Response {
+    Json(super::dify::ledger(&shared)).into_response()
+}
+
+async fn gptbots_ledger(State(shared): State<Arc<Shared>>) -> Response {
+    Json(super::gptbots::ledger(&shared)).into_response()
 }
 
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {

@@ -11,13 +11,14 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 
 use super::catalog;
 use super::envelope::{self, ApiError};
+use super::gate::{self, Denied};
 use super::state::Shared;
 use super::submit::{self, SubmitOutcome};
 use super::timeline::Phase;
@@ -36,50 +37,14 @@ pub(crate) fn routes(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Applies the configured latency, then checks the bearer token.
+/// The shared gate, rendered in chenyu's envelope.
 async fn gate(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
-    let (latency, refuse_keys) = {
-        let state = shared.lock();
-        (state.faults.latency, state.faults.refuse_keys)
-    };
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
-    if !refuse_keys && authorized(shared.api_key.as_deref(), headers) {
-        let malformed = {
-            let mut state = shared.lock();
-            let left = state.faults.malformed_next_answers;
-            if left > 0 {
-                state.faults.malformed_next_answers = left - 1;
-            }
-            left
-        };
-        if malformed > 0 {
-            return Err(envelope::malformed(malformed));
-        }
-        Ok(())
-    } else {
-        shared.lock().stats.unauthorized += 1;
-        Err(envelope::plain(StatusCode::UNAUTHORIZED, "invalid api key"))
-    }
-}
-
-/// `Authorization: Bearer <token>`, the token non-empty and, when the
-/// simulator has a key, equal to it.
-fn authorized(expected: Option<&str>, headers: &HeaderMap) -> bool {
-    let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    let Some((scheme, token)) = value.trim().split_once(' ') else {
-        return false;
-    };
-    let token = token.trim();
-    scheme.eq_ignore_ascii_case("bearer")
-        && !token.is_empty()
-        && expected.is_none_or(|key| key == token)
+    gate::check(shared, headers)
+        .await
+        .map_err(|denied| match denied {
+            Denied::Unauthorized => envelope::plain(StatusCode::UNAUTHORIZED, "invalid api key"),
+            Denied::Malformed(n) => envelope::malformed(n),
+        })
 }
 
 /// A query parameter, `""` when absent or when the query is unreadable.
@@ -201,30 +166,4 @@ fn run_not_found(run_order_id: &str) -> ApiError {
         "RUN_NOT_FOUND",
         format!("run order {run_order_id:?} does not exist"),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use axum::http::HeaderValue;
-
-    fn headers(auth: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_str(auth).expect("ascii"),
-        );
-        h
-    }
-
-    #[test]
-    fn bearer_rules() {
-        assert!(authorized(None, &headers("Bearer abc")));
-        assert!(authorized(None, &headers("bearer abc")));
-        assert!(!authorized(None, &headers("Bearer ")));
-        assert!(!authorized(None, &headers("Basic abc")));
-        assert!(!authorized(None, &HeaderMap::new()));
-        assert!(authorized(Some("k"), &headers("Bearer k")));
-        assert!(!authorized(Some("k"), &headers("Bearer j")));
-    }
 }

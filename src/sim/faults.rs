@@ -45,6 +45,16 @@ pub struct Faults {
     /// not numbers, an unknown `run_status` with extra fields, an empty body,
     /// and JSON cut off half-way.
     pub malformed_next_answers: u32,
+    /// Dify only: every run request is refused with HTTP 429
+    /// `rate_limit_error` (the quota is spent; retrying does not help).
+    pub dify_quota_exceeded: bool,
+    /// Dify only: `GET /workflows/logs` lists runs that are still running.
+    /// Dify's docs do not say whether it does, so by default the simulator
+    /// takes the harder case for a client and lists finished runs only.
+    pub dify_logs_include_running: bool,
+    /// Dify only: the interval between `ping` events on open streams, in
+    /// milliseconds; `None` is Dify's 10 s.
+    pub dify_ping_interval_ms: Option<u64>,
 }
 
 /// A fault chosen for one request, rendered by `envelope::injected`.

@@ -1,5 +1,6 @@
-//! A stateful simulator of the chenyu open API v2, for developing and
-//! testing against without spending money.
+//! A stateful simulator of the chenyu open API v2, and of the Dify and
+//! GPTBots workflow APIs, for developing and testing against without
+//! spending money.
 //!
 //! It serves `market/info`, `run/submit`, `run/info` and `run/execution`
 //! under `/api/open/v2` with the documented shapes, freezes the quote once
@@ -7,6 +8,11 @@
 //! ledger that proves nobody was charged twice. Faults (5xx, 429, lost
 //! submit answers, latency) are injected on demand through [`Faults`], in
 //! process or via the `/_sim/*` admin endpoints.
+//!
+//! On the same server: Dify's service API under `/dify/{app}/v1` (module
+//! `dify`) and GPTBots' under `/gptbots/{workflow}` (module `gptbots`),
+//! sharing the clock, the faults, the stats and the key check (`gate`),
+//! each with its own ledger.
 //!
 //! Module map: `catalog` (published workflows), `inputs` (input
 //! validation), `money` (amounts and settlement), `timeline` (phase at a
@@ -17,8 +23,11 @@
 mod admin;
 mod api;
 mod catalog;
+mod dify;
 mod envelope;
 mod faults;
+mod gate;
+mod gptbots;
 mod inputs;
 mod money;
 mod run;
@@ -36,7 +45,9 @@ use axum::http::StatusCode;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use dify::DifyLedgerEntry;
 pub use faults::Faults;
+pub use gptbots::GptbotsLedgerEntry;
 pub use run::LedgerEntry;
 pub use state::SimStats;
 
@@ -116,12 +127,28 @@ impl SimServer {
 
     /// The API base URL, e.g. `http://127.0.0.1:PORT/api/open/v2`.
     pub fn base_url(&self) -> String {
+        format!("{}{API_PREFIX}", self.root_url())
+    }
+
+    /// The Dify API base URL of `app`: `http://ADDR/dify/{app}/v1`.
+    pub fn dify_base_url(&self, app: &str) -> String {
+        format!("{}/dify/{app}/v1", self.root_url())
+    }
+
+    /// The GPTBots base URL of `workflow`: `http://ADDR/gptbots/{workflow}`
+    /// (the client appends `/v1/workflow/invoke`, as after the real host).
+    pub fn gptbots_base_url(&self, workflow: &str) -> String {
+        format!("{}/gptbots/{workflow}", self.root_url())
+    }
+
+    /// `http://ADDR`, with a wildcard bind replaced by loopback.
+    fn root_url(&self) -> String {
         let mut addr = self.local_addr;
         // A wildcard bind is reachable on loopback; clients cannot dial 0.0.0.0.
         if addr.ip().is_unspecified() {
             addr.set_ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
         }
-        format!("http://{addr}{API_PREFIX}")
+        format!("http://{addr}")
     }
 
     /// The address actually bound.
@@ -132,6 +159,16 @@ impl SimServer {
     /// The ledger, one entry per idempotency key, sorted by `run_order_id`.
     pub fn ledger(&self) -> Vec<LedgerEntry> {
         self.shared.ledger()
+    }
+
+    /// The Dify ledger, one entry per run created, in creation order.
+    pub fn dify_ledger(&self) -> Vec<DifyLedgerEntry> {
+        dify::ledger(&self.shared)
+    }
+
+    /// The GPTBots ledger, one entry per run created, in creation order.
+    pub fn gptbots_ledger(&self) -> Vec<GptbotsLedgerEntry> {
+        gptbots::ledger(&self.shared)
     }
 
     /// A snapshot of the request counters.
@@ -161,10 +198,12 @@ impl SimServer {
     }
 }
 
-/// The whole application: the API under its prefix, admin at the root.
+/// The whole application: each API under its prefix, admin at the root.
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .nest(API_PREFIX, api::routes(Arc::clone(&shared)))
+        .nest("/dify/{app}/v1", dify::routes(Arc::clone(&shared)))
+        .nest("/gptbots/{workflow}", gptbots::routes(Arc::clone(&shared)))
         .merge(admin::routes(shared))
         .fallback(|| async { envelope::plain(StatusCode::NOT_FOUND, "not found") })
 }

@@ -4,8 +4,25 @@
 //! Everything here is `Decimal`; floats never touch money.
 
 use rust_decimal::Decimal;
+use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
 
 use super::catalog::{Outcome, Workflow};
+
+/// A decimal serialized as an exact JSON number (`0.6928` as written, not
+/// the nearest double), through `RawValue`. Only usable with
+/// `serde_json::to_string`/`to_writer`: a `serde_json::Value` cannot hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ExactNumber(pub Decimal);
+
+impl Serialize for ExactNumber {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // `Decimal`'s Display never uses exponents, so this is valid JSON.
+        let raw = RawValue::from_string(self.0.normalize().to_string())
+            .map_err(serde::ser::Error::custom)?;
+        raw.serialize(s)
+    }
+}
 
 /// Formats an amount the way chenyu does: exactly 8 decimal places.
 ///
@@ -77,6 +94,18 @@ pub(crate) fn settle(wf: &Workflow, idempotency_key: &str) -> Settlement {
 mod tests {
     use super::*;
     use crate::sim::catalog::{CATALOG, find};
+
+    #[test]
+    fn exact_numbers_keep_every_digit() {
+        let text = |d: Decimal| serde_json::to_string(&ExactNumber(d)).expect("serialize");
+        assert_eq!(text(Decimal::new(6928, 4)), "0.6928");
+        assert_eq!(text(Decimal::new(2_468_000, 9)), "0.002468");
+        assert_eq!(
+            text(Decimal::new(123_456_789_012_345_678, 18)),
+            "0.123456789012345678"
+        );
+        assert_eq!(text(Decimal::ZERO), "0");
+    }
 
     #[test]
     fn amount8_always_has_eight_places() {

@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::dify::DifyStore;
 use super::faults::{Faults, Injected};
+use super::gptbots::GptbotsStore;
 use super::run::{LedgerEntry, Run};
 use super::timeline::{Phase, Timing};
 
@@ -42,6 +44,34 @@ pub struct SimStats {
     pub dropped_answers: u64,
     /// Requests refused for a missing or wrong bearer token.
     pub unauthorized: u64,
+    /// Authorised Dify `workflows/run` requests, whatever their outcome.
+    pub dify_run_requests: u64,
+    /// Dify runs created (each one billed separately: Dify has no idempotency).
+    pub dify_runs_created: u64,
+    /// Dify run requests refused by validation (400) or for an unknown app
+    /// or version (404).
+    pub dify_rejected: u64,
+    /// Dify run requests refused by `dify_quota_exceeded`.
+    pub dify_quota_refusals: u64,
+    /// Authorised Dify run-detail requests.
+    pub dify_detail_requests: u64,
+    /// Authorised Dify event-stream (resume) requests.
+    pub dify_event_requests: u64,
+    /// Authorised Dify `workflows/logs` requests.
+    pub dify_log_requests: u64,
+    /// Authorised Dify stop requests.
+    pub dify_stop_requests: u64,
+    /// Stop requests that changed nothing: unknown task, another user's
+    /// task, or a run already finished.
+    pub dify_stops_ignored: u64,
+    /// Authorised GPTBots `workflow/invoke` requests, whatever their outcome.
+    pub gptbots_invoke_requests: u64,
+    /// GPTBots runs created.
+    pub gptbots_runs_created: u64,
+    /// GPTBots invokes refused by validation or for an unknown workflow.
+    pub gptbots_rejected: u64,
+    /// Authorised GPTBots `workflow/query/result` requests.
+    pub gptbots_query_requests: u64,
 }
 
 /// Everything mutable, guarded by `Shared::inner`.
@@ -52,6 +82,8 @@ pub(crate) struct Inner {
     pub by_key: HashMap<(String, String), String>,
     pub stats: SimStats,
     pub faults: Faults,
+    pub dify: DifyStore,
+    pub gptbots: GptbotsStore,
 }
 
 impl Inner {

@@ -1,0 +1,100 @@
+//! The live SSE stream of a run, for `POST /workflows/run` in streaming
+//! mode and for `GET /workflow/{id}/events`: everything already due at
+//! once, then each event when it falls due, pings in between, and the end
+//! of the stream after `workflow_finished`.
+//!
+//! The stream only reads the run; it never drives it. Dropping the
+//! connection changes nothing about the run, as with the real service.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use bytes::Bytes;
+
+use super::events::{PING_FRAME, TimedEvent, timeline};
+use crate::sim::state::Shared;
+
+/// Dify's keep-alive interval.
+const DEFAULT_PING: Duration = Duration::from_secs(10);
+
+/// How often an idle stream looks at the run again, so that a stop shows
+/// up promptly without a notification channel.
+const RECHECK: Duration = Duration::from_millis(25);
+
+/// Where a stream is.
+struct Cursor {
+    shared: Arc<Shared>,
+    run_id: String,
+    /// Events of the timeline already sent.
+    sent: usize,
+    last_write: Instant,
+    done: bool,
+}
+
+/// An SSE response following the run `run_id`.
+pub(crate) fn live(shared: Arc<Shared>, run_id: String) -> Response {
+    let cursor = Cursor {
+        shared,
+        run_id,
+        sent: 0,
+        last_write: Instant::now(),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(cursor, next_chunk);
+    let mut response = Response::new(Body::from_stream(stream));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// The next chunk of the stream, or `None` when it is over.
+async fn next_chunk(mut cursor: Cursor) -> Option<(Result<Bytes, std::io::Error>, Cursor)> {
+    loop {
+        if cursor.done {
+            return None;
+        }
+        let now = Instant::now();
+        let (events, elapsed, ping) = {
+            let inner = cursor.shared.lock();
+            let run = inner.dify.runs.get(&cursor.run_id)?;
+            let ping = inner
+                .faults
+                .dify_ping_interval_ms
+                .map_or(DEFAULT_PING, Duration::from_millis)
+                .max(Duration::from_millis(1));
+            let elapsed = now.saturating_duration_since(run.submitted);
+            (timeline(run, &cursor.shared.timing), elapsed, ping)
+        };
+        let due: Vec<&TimedEvent> = events
+            .iter()
+            .skip(cursor.sent)
+            .take_while(|e| e.at <= elapsed)
+            .collect();
+        if !due.is_empty() {
+            cursor.sent += due.len();
+            cursor.done = cursor.sent >= events.len();
+            cursor.last_write = now;
+            let chunk: String = due.iter().map(|e| e.frame()).collect();
+            return Some((Ok(Bytes::from(chunk)), cursor));
+        }
+        let next = events.get(cursor.sent)?;
+        let ping_at = cursor.last_write + ping;
+        if now >= ping_at {
+            cursor.last_write = now;
+            return Some((Ok(Bytes::from_static(PING_FRAME.as_bytes())), cursor));
+        }
+        let wait = next
+            .at
+            .saturating_sub(elapsed)
+            .min(ping_at - now)
+            .min(RECHECK);
+        tokio::time::sleep(wait).await;
+    }
+}

@@ -1,0 +1,88 @@
+//! The checks every simulated API runs before its handler proper: the
+//! configured latency, the bearer token, and the "malformed answer" fault.
+//!
+//! Shared by the chenyu, Dify and GPTBots APIs, which only differ in how
+//! they render a refusal, so this returns a [`Denied`] for each to render.
+
+use axum::http::{HeaderMap, header};
+
+use super::state::Shared;
+
+/// Why a request was stopped at the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Denied {
+    /// Missing, wrong or refused key (counted in `SimStats::unauthorized`).
+    Unauthorized,
+    /// A `malformed_next_answers` fault fired; the number picks the kind.
+    Malformed(u32),
+}
+
+/// Applies the configured latency, then checks the bearer token, then
+/// consumes a malformed-answer fault if one is pending.
+pub(crate) async fn check(shared: &Shared, headers: &HeaderMap) -> Result<(), Denied> {
+    let (latency, refuse_keys) = {
+        let state = shared.lock();
+        (state.faults.latency, state.faults.refuse_keys)
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    if refuse_keys || !authorized(shared.api_key.as_deref(), headers) {
+        shared.lock().stats.unauthorized += 1;
+        return Err(Denied::Unauthorized);
+    }
+    let malformed = {
+        let mut state = shared.lock();
+        let left = state.faults.malformed_next_answers;
+        state.faults.malformed_next_answers = left.saturating_sub(1);
+        left
+    };
+    if malformed > 0 {
+        return Err(Denied::Malformed(malformed));
+    }
+    Ok(())
+}
+
+/// `Authorization: Bearer <token>`, the token non-empty and, when the
+/// simulator has a key, equal to it.
+pub(crate) fn authorized(expected: Option<&str>, headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, token)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    let token = token.trim();
+    scheme.eq_ignore_ascii_case("bearer")
+        && !token.is_empty()
+        && expected.is_none_or(|key| key == token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(auth: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(auth).expect("ascii"),
+        );
+        h
+    }
+
+    #[test]
+    fn bearer_rules() {
+        assert!(authorized(None, &headers("Bearer abc")));
+        assert!(authorized(None, &headers("bearer abc")));
+        assert!(!authorized(None, &headers("Bearer ")));
+        assert!(!authorized(None, &headers("Basic abc")));
+        assert!(!authorized(None, &HeaderMap::new()));
+        assert!(authorized(Some("k"), &headers("Bearer k")));
+        assert!(!authorized(Some("k"), &headers("Bearer j")));
+    }
+}

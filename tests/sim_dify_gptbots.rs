@@ -1,0 +1,841 @@
+//! The Dify and GPTBots simulators over real HTTP, driven with reqwest like
+//! a client: streams read chunk by chunk, conditions waited on, not slept.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use reqwest::{Client, Response, StatusCode};
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use wfq::sim::{Faults, SimConfig, SimServer};
+
+const TOKEN: &str = "Bearer test-key";
+const QUEUE: Duration = Duration::from_millis(50);
+const RUN: Duration = Duration::from_millis(200);
+
+/// A longer run time, for tests that must act while a run is running even
+/// on a loaded machine.
+const LONG_RUN: Duration = Duration::from_millis(800);
+
+async fn start() -> SimServer {
+    start_with(RUN).await
+}
+
+async fn start_with(run_time: Duration) -> SimServer {
+    let config = SimConfig {
+        queue_time: QUEUE,
+        run_time,
+        settle_delay: Duration::from_millis(10),
+        api_key: None,
+    };
+    let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
+    SimServer::start(addr, config)
+        .await
+        .expect("simulator starts")
+}
+
+async fn body_json(response: Response) -> (StatusCode, Value) {
+    let status = response.status();
+    (status, response.json().await.expect("JSON body"))
+}
+
+async fn dify_post(sim: &SimServer, app: &str, path: &str, body: &Value) -> Response {
+    Client::new()
+        .post(format!("{}{path}", sim.dify_base_url(app)))
+        .header("Authorization", TOKEN)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
+async fn dify_get(sim: &SimServer, app: &str, path: &str) -> (StatusCode, Value) {
+    let response = Client::new()
+        .get(format!("{}{path}", sim.dify_base_url(app)))
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("request sent");
+    body_json(response).await
+}
+
+fn run_body(user: &str, mode: &str) -> Value {
+    json!({"inputs": {"query": "tell me a story", "tone": "casual"}, "response_mode": mode, "user": user})
+}
+
+/// Reads SSE blocks off a response, as a client would.
+struct Sse {
+    response: Response,
+    buffer: String,
+}
+
+impl Sse {
+    fn new(response: Response) -> Sse {
+        assert_eq!(response.status(), StatusCode::OK);
+        let content_type = response.headers()["content-type"].to_str().unwrap_or("");
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        Sse {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next `data:` event (pings skipped); `None` at the end of the stream.
+    async fn next(&mut self) -> Option<Value> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                if let Some(data) = block.trim().strip_prefix("data: ") {
+                    return Some(serde_json::from_str(data).expect("event JSON"));
+                }
+                continue;
+            }
+            let chunk = self.response.chunk().await.expect("stream intact")?;
+            self.buffer
+                .push_str(std::str::from_utf8(&chunk).expect("utf-8"));
+        }
+    }
+
+    async fn rest(&mut self) -> Vec<Value> {
+        let mut events = Vec::new();
+        while let Some(event) = self.next().await {
+            events.push(event);
+        }
+        events
+    }
+}
+
+/// The exact `total_price` of the LLM node in an event's raw text, string
+/// or number.
+fn raw_price(event_json: &str) -> Decimal {
+    let at = event_json.find("\"total_price\":").expect("a price") + "\"total_price\":".len();
+    let rest = &event_json[at..];
+    let end = rest.find([',', '}']).expect("end of value");
+    rest[..end].trim_matches('"').parse().expect("decimal")
+}
+
+/// Polls the run detail until `pred` holds, for at most five seconds.
+async fn wait_detail(
+    sim: &SimServer,
+    app: &str,
+    run_id: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, body) = dify_get(sim, app, &format!("/workflows/run/{run_id}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if pred(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "condition never held: {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn dify_stream_starts_at_once_and_finishes_after_the_timings() {
+    let sim = start().await;
+    let began = Instant::now();
+    let mut sse =
+        Sse::new(dify_post(&sim, "text", "/workflows/run", &run_body("u1", "streaming")).await);
+    let first = sse.next().await.expect("an event");
+    assert!(began.elapsed() < QUEUE + RUN, "workflow_started came late");
+    assert_eq!(first["event"], "workflow_started");
+    let run_id = first["workflow_run_id"]
+        .as_str()
+        .expect("run id")
+        .to_owned();
+    assert_eq!(first["data"]["id"], run_id.as_str());
+    assert_eq!(first["data"]["workflow_id"], "ver-text-1");
+    assert_eq!(first["data"]["sequence_number"], 1);
+    assert!(first["task_id"].is_string());
+    let rest = sse.rest().await;
+    assert!(began.elapsed() >= QUEUE + RUN);
+    let names: Vec<&str> = rest.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "node_started",
+            "node_finished",
+            "node_started",
+            "node_finished",
+            "node_started",
+            "node_finished",
+            "workflow_finished"
+        ]
+    );
+    let finished = &rest[6]["data"];
+    assert_eq!(finished["status"], "succeeded");
+    assert!(
+        finished["outputs"]["text"]
+            .as_str()
+            .unwrap_or("")
+            .contains("casual")
+    );
+    assert!(finished["finished_at"].is_i64());
+    let llm = &rest[3]["data"];
+    assert_eq!(llm["node_type"], "llm");
+    assert_eq!(llm["execution_metadata"]["currency"], "USD");
+    let tokens = llm["execution_metadata"]["total_tokens"]
+        .as_i64()
+        .expect("tokens");
+    assert_eq!(finished["total_tokens"], tokens);
+    let ledger = sim.dify_ledger();
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].workflow_run_id, run_id);
+    assert_eq!(ledger[0].status, "succeeded");
+    assert_eq!(ledger[0].total_tokens, tokens);
+    assert_eq!(
+        ledger[0].total_price,
+        Decimal::from(tokens) * Decimal::new(2, 6)
+    );
+    // Sequence 1: the price is a JSON number, exact.
+    assert!(llm["execution_metadata"]["total_price"].is_number());
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn dify_run_goes_on_when_the_client_drops_the_stream() {
+    let sim = start_with(LONG_RUN).await;
+    let mut sse = Sse::new(
+        dify_post(
+            &sim,
+            "fails",
+            "/workflows/run",
+            &run_body("u1", "streaming"),
+        )
+        .await,
+    );
+    let started = sse.next().await.expect("workflow_started");
+    drop(sse);
+    let run_id = started["workflow_run_id"].as_str().expect("id");
+    let running = wait_detail(&sim, "fails", run_id, |_| true).await;
+    assert_eq!(running["status"], "running");
+    let done = wait_detail(&sim, "fails", run_id, |d| d["status"] != "running").await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["error"], "simulated node failure");
+    assert_eq!(done["outputs"], Value::Null);
+    assert!(done.get("total_price").is_none());
+    let inputs: Value =
+        serde_json::from_str(done["inputs"].as_str().expect("a string")).expect("JSON");
+    assert_eq!(inputs["sys.user_id"], "u1");
+    let entry = &sim.dify_ledger()[0];
+    assert_eq!(entry.status, "failed");
+    assert!(entry.total_price > Decimal::ZERO, "failed runs are billed");
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn dify_lost_stream_creates_a_run_the_client_never_hears_of() {
+    let sim = start().await;
+    sim.set_faults(Faults {
+        drop_next_submit_answers: 1,
+        ..Faults::default()
+    });
+    let sent = Client::new()
+        .post(format!("{}/workflows/run", sim.dify_base_url("text")))
+        .header("Authorization", TOKEN)
+        .json(&run_body("lost-user", "streaming"))
+        .send()
+        .await;
+    // Either the request fails outright or the body breaks: never an event.
+    if let Ok(mut response) = sent {
+        let mut seen = Vec::new();
+        let outcome = loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => seen.extend_from_slice(&chunk),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            }
+        };
+        assert!(outcome.is_err(), "the stream must break, got {seen:?}");
+        assert!(!String::from_utf8_lossy(&seen).contains("workflow_started"));
+    }
+    let ledger = sim.dify_ledger();
+    assert_eq!(ledger.len(), 1, "the run exists");
+    assert_eq!(ledger[0].user, "lost-user");
+    assert_eq!(sim.stats().dropped_answers, 1);
+    // The way back: the logs filtered by the user, once the run is over.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, logs) = dify_get(
+            &sim,
+            "text",
+            "/workflows/logs?created_by_end_user_session_id=lost-user",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        if logs["total"] == 1 {
+            assert_eq!(
+                logs["data"][0]["workflow_run"]["id"],
+                ledger[0].workflow_run_id.as_str()
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never listed: {logs}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn dify_logs_hide_running_runs_by_default_and_filter_by_user() {
+    let sim = start_with(LONG_RUN).await;
+    let mut ids = Vec::new();
+    for user in ["alice", "bob", "alice"] {
+        let mut sse =
+            Sse::new(dify_post(&sim, "text", "/workflows/run", &run_body(user, "streaming")).await);
+        let started = sse.next().await.expect("started");
+        ids.push(started["workflow_run_id"].as_str().expect("id").to_owned());
+    }
+    let (_, logs) = dify_get(&sim, "text", "/workflows/logs").await;
+    assert_eq!(logs["total"], 0, "running runs are hidden: {logs}");
+    sim.set_faults(Faults {
+        dify_logs_include_running: true,
+        ..Faults::default()
+    });
+    let (_, logs) = dify_get(&sim, "text", "/workflows/logs").await;
+    assert_eq!(logs["total"], 3);
+    assert_eq!(logs["data"][0]["workflow_run"]["status"], "running");
+    sim.set_faults(Faults::default());
+    for id in &ids {
+        wait_detail(&sim, "text", id, |d| d["status"] == "succeeded").await;
+    }
+    let (status, logs) = dify_get(
+        &sim,
+        "text",
+        "/workflows/logs?created_by_end_user_session_id=alice&limit=1",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        (logs["total"].as_u64(), logs["has_more"].as_bool()),
+        (Some(2), Some(true))
+    );
+    let entry = &logs["data"][0];
+    assert_eq!(entry["workflow_run"]["id"], ids[2].as_str(), "newest first");
+    assert_eq!(entry["created_by_end_user"]["session_id"], "alice");
+    assert_eq!(entry["created_from"], "service-api");
+    assert_eq!(entry["created_by_account"], Value::Null);
+    let (_, page2) = dify_get(
+        &sim,
+        "text",
+        "/workflows/logs?created_by_end_user_session_id=alice&limit=1&page=2",
+    )
+    .await;
+    assert_eq!(page2["data"][0]["workflow_run"]["id"], ids[0].as_str());
+    let (_, failed) = dify_get(&sim, "text", "/workflows/logs?status=failed").await;
+    assert_eq!(failed["total"], 0);
+    let (_, other_app) = dify_get(&sim, "partial", "/workflows/logs").await;
+    assert_eq!(other_app["total"], 0);
+    let (status, bad) = dify_get(&sim, "text", "/workflows/logs?page=zero").await;
+    assert_eq!(
+        (status, bad["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_param"))
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn dify_stop_ends_the_run_for_its_user_only() {
+    let sim = start_with(LONG_RUN).await;
+    let mut sse = Sse::new(
+        dify_post(
+            &sim,
+            "text",
+            "/workflows/run",
+            &run_body("owner", "streaming"),
+        )
+        .await,
+    );
+    let started = sse.next().await.expect("started");
+    let task = started["task_id"].as_str().expect("task").to_owned();
+    let run_id = started["workflow_run_id"].as_str().expect("id").to_owned();
+    let stop_path = format!("/workflows/tasks/{task}/stop");
+    // Another user's stop is answered "success" but changes nothing, as in Dify.
+    let (status, body) =
+        body_json(dify_post(&sim, "text", &stop_path, &json!({"user": "intruder"})).await).await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"result": "success"}))
+    );
+    let (_, detail) = dify_get(&sim, "text", &format!("/workflows/run/{run_id}")).await;
+    assert_eq!(detail["status"], "running");
+    let (status, _) = body_json(dify_post(&sim, "text", &stop_path, &json!({})).await).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) =
+        body_json(dify_post(&sim, "text", &stop_path, &json!({"user": "owner"})).await).await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"result": "success"}))
+    );
+    let (_, detail) = dify_get(&sim, "text", &format!("/workflows/run/{run_id}")).await;
+    assert_eq!(detail["status"], "stopped");
+    assert!(!detail["finished_at"].is_null());
+    let rest = sse.rest().await;
+    let last = rest.last().expect("workflow_finished");
+    assert_eq!(
+        (last["event"].as_str(), last["data"]["status"].as_str()),
+        (Some("workflow_finished"), Some("stopped"))
+    );
+    assert_eq!(sim.dify_ledger()[0].status, "stopped");
+    // Stopping again: still "success", nothing changes.
+    let (status, _) =
+        body_json(dify_post(&sim, "text", &stop_path, &json!({"user": "owner"})).await).await;
+    assert_eq!(status, StatusCode::OK);
+    let stats = sim.stats();
+    assert_eq!((stats.dify_stop_requests, stats.dify_stops_ignored), (4, 2));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn dify_events_replay_with_both_price_forms() {
+    let sim = start().await;
+    let mut prices = Vec::new();
+    for user in ["p1", "p2"] {
+        let (status, blocking) = body_json(
+            dify_post(
+                &sim,
+                "partial",
+                "/workflows/run",
+                &run_body(user, "blocking"),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{blocking}");
+        assert_eq!(blocking["data"]["status"], "partial-succeeded");
+        let run_id = blocking["workflow_run_id"].as_str().expect("id");
+        let response = Client::new()
+            .get(format!(
+                "{}/workflow/{run_id}/events?user={user}",
+                sim.dify_base_url("partial")
+            ))
+            .header("Authorization", TOKEN)
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status(), StatusCode::OK);
+        let text = response.text().await.expect("whole replay");
+        let events: Vec<&str> = text
+            .split("\n\n")
+            .filter_map(|b| b.strip_prefix("data: "))
+            .collect();
+        assert!(events[0].contains("\"workflow_started\""));
+        assert!(
+            events
+                .last()
+                .expect("events")
+                .contains("\"workflow_finished\"")
+        );
+        let llm = events
+            .iter()
+            .find(|e| e.contains("\"node_type\":\"llm\"") && e.contains("node_finished"))
+            .expect("llm");
+        assert!(llm.contains("\"status\":\"exception\""));
+        prices.push((llm.contains("\"total_price\":\""), raw_price(llm)));
+        let (status, wrong) = dify_get(
+            &sim,
+            "partial",
+            &format!("/workflow/{run_id}/events?user=someone-else"),
+        )
+        .await;
+        assert_eq!(
+            (status, wrong["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found"))
+        );
+    }
+    assert_eq!(
+        (prices[0].0, prices[1].0),
+        (false, true),
+        "a number, then a string"
+    );
+    let ledger = sim.dify_ledger();
+    assert_eq!(ledger[0].total_price, prices[0].1);
+    assert_eq!(ledger[1].total_price, prices[1].1);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn dify_refusals_have_dify_shapes() {
+    let sim = start().await;
+    let (status, params) = dify_get(&sim, "text", "/parameters").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        params["user_input_form"][1]["select"]["options"],
+        json!(["formal", "casual"])
+    );
+    let cases = [
+        (
+            json!({"inputs": {}, "response_mode": "blocking", "user": "u"}),
+            "query is required in input form",
+        ),
+        (
+            json!({"inputs": {"query": "q", "tone": "angry"}, "user": "u"}),
+            "",
+        ),
+        (
+            json!({"inputs": {"query": "q", "max_words": "lots"}, "user": "u"}),
+            "",
+        ),
+        (
+            json!({"inputs": {"query": "q", "title": "t".repeat(49)}, "user": "u"}),
+            "",
+        ),
+        (json!({"inputs": {"query": "q"}}), ""),
+        (json!({"inputs": "q", "user": "u"}), ""),
+    ];
+    for (body, message) in cases {
+        let (status, error) =
+            body_json(dify_post(&sim, "text", "/workflows/run", &body).await).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(
+            (error["code"].as_str(), error["status"].as_u64()),
+            (Some("invalid_param"), Some(400))
+        );
+        if !message.is_empty() {
+            assert_eq!(error["message"], message);
+        }
+    }
+    let (status, error) =
+        body_json(dify_post(&sim, "nope", "/workflows/run", &run_body("u", "blocking")).await)
+            .await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (status, _) = dify_get(&sim, "nope", "/parameters").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = dify_get(&sim, "text", "/workflows/run/no-such-run").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = body_json(
+        dify_post(
+            &sim,
+            "text",
+            "/workflows/ver-text-0/run",
+            &run_body("u", "blocking"),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(sim.dify_ledger().is_empty(), "nothing was created");
+
+    sim.set_faults(Faults {
+        rate_limit_next_submits: 1,
+        fail_next_submits: 1,
+        retry_after_secs: Some(3),
+        ..Faults::default()
+    });
+    let response = dify_post(&sim, "text", "/workflows/run", &run_body("u", "blocking")).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let response = dify_post(&sim, "text", "/workflows/run", &run_body("u", "blocking")).await;
+    assert_eq!(response.headers()["retry-after"], "3");
+    let (status, error) = body_json(response).await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("too_many_requests"))
+    );
+    sim.set_faults(Faults {
+        dify_quota_exceeded: true,
+        ..Faults::default()
+    });
+    let (status, error) =
+        body_json(dify_post(&sim, "text", "/workflows/run", &run_body("u", "streaming")).await)
+            .await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("rate_limit_error"))
+    );
+    sim.set_faults(Faults {
+        refuse_keys: true,
+        ..Faults::default()
+    });
+    let (status, error) = dify_get(&sim, "text", "/parameters").await;
+    assert_eq!(
+        (status, error["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unauthorized"))
+    );
+    sim.set_faults(Faults::default());
+    assert!(sim.dify_ledger().is_empty(), "nothing was created");
+
+    let (status, done) = body_json(
+        dify_post(
+            &sim,
+            "text",
+            "/workflows/ver-text-1/run",
+            &run_body("u", "blocking"),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(done["data"]["status"], "succeeded");
+    let stats = sim.stats();
+    assert_eq!((stats.dify_runs_created, stats.dify_quota_refusals), (1, 1));
+    assert_eq!(sim.dify_ledger().len(), 1);
+    sim.shutdown().await;
+}
+
+async fn gptbots(sim: &SimServer, workflow: &str, path: &str, body: &Value) -> Response {
+    Client::new()
+        .post(format!("{}{path}", sim.gptbots_base_url(workflow)))
+        .header("Authorization", TOKEN)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
+async fn query(sim: &SimServer, workflow: &str, run_id: &str) -> (StatusCode, String) {
+    let response = gptbots(
+        sim,
+        workflow,
+        "/v1/workflow/query/result",
+        &json!({"workflowRunId": run_id}),
+    )
+    .await;
+    (response.status(), response.text().await.expect("body"))
+}
+
+/// The exact `totalCost` in a raw body.
+fn raw_cost(text: &str) -> Decimal {
+    let at = text.find("\"totalCost\":").expect("totalCost") + "\"totalCost\":".len();
+    let rest = &text[at..];
+    rest[..rest.find([',', '}']).expect("end")]
+        .parse()
+        .expect("a bare number")
+}
+
+#[tokio::test]
+async fn gptbots_async_invoke_then_query_until_succeed() {
+    let sim = start().await;
+    let (status, pending) = body_json(
+        gptbots(
+            &sim,
+            "news",
+            "/v1/workflow/invoke",
+            &json!({"userId": "u7", "input": {"topic": "Hawaii"}, "isAsync": true}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(pending["status"], "PENDING");
+    assert_eq!(pending["workflowName"], "todayNews");
+    let run_id = pending["workflowRunId"].as_str().expect("id").to_owned();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let (status, text) = query(&sim, "news", &run_id).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let body: Value = serde_json::from_str(&text).expect("JSON");
+        let s = body["status"].as_str().expect("status").to_owned();
+        if seen.last() != Some(&s) {
+            seen.push(s.clone());
+        }
+        if s == "SUCCEED" {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "never succeeded: {text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    // In order, each at most once; PENDING and RUNNING may be missed on a
+    // loaded machine (the unit tests pin the clock).
+    let order = ["PENDING", "RUNNING", "SUCCEED"];
+    let ranks: Vec<usize> = seen
+        .iter()
+        .map(|s| order.iter().position(|o| o == s).expect("a known status"))
+        .collect();
+    assert!(ranks.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    let body: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(body["input"], json!({"topic": "Hawaii"}));
+    assert!(
+        body["output"]["news"][0]["title"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Hawaii")
+    );
+    assert!(body["endTime"].as_i64() > body["startTime"].as_i64());
+    assert!(body.get("errorMessage").is_none());
+    let ledger = sim.gptbots_ledger();
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(ledger[0].user_id.as_deref(), Some("u7"));
+    assert_eq!(ledger[0].status, "SUCCEED");
+    assert_eq!(raw_cost(&text), ledger[0].total_cost);
+    assert_eq!(body["totalTokens"], ledger[0].total_tokens);
+    assert_eq!(
+        ledger[0].total_cost,
+        Decimal::from(ledger[0].total_tokens) * Decimal::new(4, 4)
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn gptbots_sync_invoke_of_a_failing_workflow() {
+    let sim = start().await;
+    let began = Instant::now();
+    let response = gptbots(
+        &sim,
+        "fails",
+        "/v1/workflow/invoke",
+        &json!({"input": {"topic": "x"}}),
+    )
+    .await;
+    assert!(
+        began.elapsed() >= QUEUE + RUN,
+        "a sync invoke waits for the end"
+    );
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["status"], "FAILED");
+    assert_eq!(body["output"], Value::Null);
+    assert_eq!(body["errorMessage"], "simulated workflow failure");
+    assert_eq!(sim.gptbots_ledger()[0].user_id, None);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn gptbots_lost_answer_and_refusals() {
+    let sim = start().await;
+    sim.set_faults(Faults {
+        drop_next_submit_answers: 1,
+        ..Faults::default()
+    });
+    let sent = Client::new()
+        .post(format!(
+            "{}/v1/workflow/invoke",
+            sim.gptbots_base_url("news")
+        ))
+        .header("Authorization", TOKEN)
+        .json(&json!({"input": {"topic": "x"}, "isAsync": true}))
+        .send()
+        .await;
+    if let Ok(response) = sent {
+        assert!(
+            response.json::<Value>().await.is_err(),
+            "the answer must be broken"
+        );
+    }
+    let ledger = sim.gptbots_ledger();
+    assert_eq!(ledger.len(), 1, "the run exists all the same");
+
+    let cases = [
+        (json!({"input": {}}), "input.topic is required"),
+        (json!({"input": "x"}), "input must be an object"),
+        (
+            json!({"input": {"topic": 1}}),
+            "input.topic must be a string",
+        ),
+    ];
+    for (body, message) in cases {
+        let (status, error) =
+            body_json(gptbots(&sim, "news", "/v1/workflow/invoke", &body).await).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(error, json!({"code": 400_001, "message": message}));
+    }
+    let (status, text) = query(&sim, "news", "ffffffffffffffffffffffff").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).expect("JSON")["code"],
+        404_001
+    );
+    let (status, _) = query(&sim, "fails", &ledger[0].workflow_run_id).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "another workflow's run");
+    let (status, _) = body_json(
+        gptbots(
+            &sim,
+            "nope",
+            "/v1/workflow/invoke",
+            &json!({"input": {"topic": "x"}}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    sim.set_faults(Faults {
+        rate_limit_next_submits: 1,
+        fail_next_polls: 1,
+        retry_after_secs: Some(2),
+        ..Faults::default()
+    });
+    let response = gptbots(
+        &sim,
+        "news",
+        "/v1/workflow/invoke",
+        &json!({"input": {"topic": "x"}}),
+    )
+    .await;
+    assert_eq!(response.headers()["retry-after"], "2");
+    let (status, error) = body_json(response).await;
+    assert_eq!(
+        (status, error["code"].as_u64()),
+        (StatusCode::TOO_MANY_REQUESTS, Some(429_000))
+    );
+    let (status, _) = query(&sim, "news", &ledger[0].workflow_run_id).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let (status, _) = query(&sim, "news", &ledger[0].workflow_run_id).await;
+    assert_eq!(status, StatusCode::OK);
+    sim.set_faults(Faults {
+        refuse_keys: true,
+        ..Faults::default()
+    });
+    let (status, error) = body_json(
+        gptbots(
+            &sim,
+            "news",
+            "/v1/workflow/invoke",
+            &json!({"input": {"topic": "x"}}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (status, error["code"].as_u64()),
+        (StatusCode::UNAUTHORIZED, Some(401_001))
+    );
+    assert_eq!(sim.gptbots_ledger().len(), 1);
+
+    let admin = format!("http://{}", sim.local_addr());
+    let ledger: Value = Client::new()
+        .get(format!("{admin}/_sim/gptbots/ledger"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(ledger.as_array().map(Vec::len), Some(1));
+    let dify: Value = Client::new()
+        .get(format!("{admin}/_sim/dify/ledger"))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(dify, json!([]));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn dify_streams_ping_while_waiting() {
+    let sim = start().await;
+    sim.set_faults(Faults {
+        dify_ping_interval_ms: Some(20),
+        ..Faults::default()
+    });
+    let response = dify_post(&sim, "text", "/workflows/run", &run_body("u", "streaming")).await;
+    let text = response.text().await.expect("whole stream");
+    assert!(text.contains("event: ping\n\n"), "{text}");
+    assert!(
+        text.trim_end().ends_with('}'),
+        "ends with workflow_finished"
+    );
+    sim.shutdown().await;
+}
