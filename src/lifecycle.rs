@@ -585,7 +585,7 @@ pub struct InDoubt {
 #[derive(Debug, Clone, PartialEq)]
 pub enum FindDecision {
     /// Record this (adopted, or wait and look again).
-    Record(Transition),
+    Record(Box<Transition>),
     /// Nothing was found for long enough: send the submit again.
     Resubmit,
 }
@@ -604,16 +604,16 @@ pub fn after_find(
     unit: f64,
 ) -> FindDecision {
     let look_again = |kind: &'static str, wait: Duration, detail: Value| {
-        FindDecision::Record(Transition {
+        FindDecision::Record(Box::new(Transition {
             due_at: Some(later(now, wait.max(Duration::from_secs(1)))),
             ..Transition::new(RunState::Submitting, Event { kind, detail })
-        })
+        }))
     };
     match outcome {
         FindOutcome::Found(a) => {
             let mut t = decide_submit(
                 run,
-                &SubmitOutcome::Accepted(a.clone()),
+                &SubmitOutcome::Accepted((**a).clone()),
                 SubmitGuard::FindByUser,
                 retry,
                 poll,
@@ -622,7 +622,7 @@ pub fn after_find(
             );
             t.doubt = SubmitDoubt::Clear;
             t.event.kind = "submit_adopted";
-            FindDecision::Record(t)
+            FindDecision::Record(Box::new(t))
         }
         FindOutcome::NotFound => {
             let deadline = later(doubt.since, doubt.window);
@@ -1207,10 +1207,10 @@ mod tests {
                 0.5,
             )
         };
-        let found = FindOutcome::Found(Accepted {
+        let found = FindOutcome::Found(Box::new(Accepted {
             provider_run_id: "run-1".into(),
             ..Default::default()
-        });
+        }));
         match decide(found, doubt) {
             FindDecision::Record(t) => {
                 assert_eq!(t.to, RunState::Running);

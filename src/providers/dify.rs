@@ -492,7 +492,7 @@ fn adopt(found: Vec<LogEntry>) -> FindOutcome {
     let Some(oldest) = found.last() else {
         return FindOutcome::NotFound;
     };
-    FindOutcome::Found(Accepted {
+    FindOutcome::Found(Box::new(Accepted {
         provider_run_id: oldest.workflow_run.id.clone(),
         run_status: oldest.workflow_run.status.clone(),
         raw: json!({
@@ -502,7 +502,7 @@ fn adopt(found: Vec<LogEntry>) -> FindOutcome {
             "workflow_run": serde_json::to_value(&oldest.workflow_run).unwrap_or(Value::Null),
         }),
         ..Accepted::default()
-    })
+    }))
 }
 
 #[derive(Debug, Deserialize)]

@@ -302,8 +302,9 @@ pub struct PollRequest<'a> {
 /// What a provider can find out about a submit whose answer was lost.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FindOutcome {
-    /// The provider holds a run submitted under this key: adopt it.
-    Found(Accepted),
+    /// The provider holds a run submitted under this key: adopt it
+    /// (boxed: it is much larger than the others).
+    Found(Box<Accepted>),
     /// The provider lists no such run (yet).
     NotFound,
     /// No usable answer this time.
@@ -359,6 +360,15 @@ impl ProviderClient {
             ProviderClient::Chenyu(_) => SubmitGuard::IdempotencyKey,
             ProviderClient::Dify(_) => SubmitGuard::FindByUser,
             ProviderClient::Gptbots(_) => SubmitGuard::Nothing,
+        }
+    }
+
+    /// Provider calls one status check can make (each bounded by
+    /// `http.timeout`): Dify reads a finished run's costs with a second one.
+    pub fn calls_per_poll(&self) -> u32 {
+        match self {
+            ProviderClient::Dify(_) => 2,
+            ProviderClient::Chenyu(_) | ProviderClient::Gptbots(_) => 1,
         }
     }
 

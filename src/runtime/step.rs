@@ -17,7 +17,8 @@ use super::Engine;
 use crate::inputs::complete_inputs;
 use crate::lifecycle::{self, FindDecision, InDoubt, RunProgress, RunState, Transition};
 use crate::providers::{
-    FindOutcome, PollRequest, StopOutcome, SubmitGuard, SubmitOutcome, SubmitRequest,
+    FindOutcome, PollOutcome, PollRequest, StopOutcome, SubmitGuard, SubmitOutcome, SubmitRequest,
+    Unclear,
 };
 use crate::store::{self, ClaimedRun};
 
@@ -310,7 +311,7 @@ async fn settle_doubt(
     let found = match client.submit_guard() {
         SubmitGuard::IdempotencyKey => return Ok(DoubtSettled::Repeat),
         SubmitGuard::Nothing => None,
-        SubmitGuard::FindByUser if !lease.allows(engine.call_timeout * 2) => {
+        SubmitGuard::FindByUser if !lease.allows(engine.call_timeout) => {
             lease_ran_out("find the lost submit")?;
             return Ok(DoubtSettled::Done);
         }
@@ -453,14 +454,9 @@ async fn poll_step(engine: &Engine, run: ClaimedRun, lease: LeaseClock) -> Resul
         task_id: run.task_id.as_deref(),
         idempotency_key: &run.idempotency_key,
     };
-    let stopping = run.cancel_requested && client.can_stop();
-    // A status check may take two calls (Dify reads the costs of a finished
-    // run), a stop one more.
-    let calls = if stopping { 3 } else { 2 };
-    if !lease.allows(engine.call_timeout * calls) {
-        return lease_ran_out("status check");
-    }
-    let stop = match stopping {
+    // Each call is started only if it ends before the lease does.
+    let stop = match run.cancel_requested && client.can_stop() {
+        true if !lease.allows(engine.call_timeout) => return lease_ran_out("stop"),
         true => client.stop(&request).await,
         false => None,
     };
@@ -475,15 +471,24 @@ async fn poll_step(engine: &Engine, run: ClaimedRun, lease: LeaseClock) -> Resul
             }
         }
     }
-    let outcome = client.poll(&request).await;
-    if let crate::providers::PollOutcome::Unclear(u) = &outcome
+    let poll_budget = engine.call_timeout * client.calls_per_poll();
+    let outcome = match lease.allows(poll_budget) {
+        true => client.poll(&request).await,
+        // The stop took most of the lease: record it, check on schedule.
+        false if stop.is_some() => PollOutcome::Unclear(Unclear::new(
+            "no time left in the lease for a status check after the stop request",
+            None,
+        )),
+        false => return lease_ran_out("status check"),
+    };
+    if let PollOutcome::Unclear(u) = &outcome
         && u.account_refused
     {
         engine
             .provider_refused_key(&run.provider, &run.workflow_id, &u.reason)
             .await;
     }
-    if let crate::providers::PollOutcome::Report(report) = &outcome
+    if let PollOutcome::Report(report) = &outcome
         && report.settled
         && crate::money::settlement_balances(
             report.quote_amount,

@@ -213,3 +213,51 @@ pub async fn event_kinds(pool: &PgPool, id: i64) -> Vec<String> {
         .map(|e| e.kind)
         .collect()
 }
+
+/// TOML for Dify and GPTBots profiles on `sim` (all with the test key):
+/// `dify` (app `text`), `dify_fails`, `gptbots` (workflow `news`),
+/// `gptbots_fails`. Pass it as `extra` to [`config`].
+pub fn other_providers(sim: &SimServer) -> String {
+    let profile = |name: &str, kind: &str, url: String, more: &str| {
+        format!(
+            "\n[providers.{name}]\nkind = \"{kind}\"\nbase_url = \"{url}\"\napi_key_env = \"TEST_CHENYU_KEY\"\n{more}\n"
+        )
+    };
+    [
+        profile(
+            "dify",
+            "dify",
+            sim.dify_base_url("text"),
+            "find_window = \"2s\"",
+        ),
+        profile(
+            "dify_fails",
+            "dify",
+            sim.dify_base_url("fails"),
+            "find_window = \"2s\"",
+        ),
+        profile("gptbots", "gptbots", sim.gptbots_base_url("news"), ""),
+        profile(
+            "gptbots_fails",
+            "gptbots",
+            sim.gptbots_base_url("fails"),
+            "",
+        ),
+    ]
+    .concat()
+}
+
+/// Enqueues a run of `workflow` on provider profile `provider`.
+pub async fn enqueue_on(pool: &PgPool, provider: &str, workflow: &str, inputs: Value) -> i64 {
+    store::enqueue_run(
+        pool,
+        &NewRun {
+            provider: Some(provider.to_owned()),
+            workflow_id: workflow.to_owned(),
+            inputs,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("enqueue")
+}
