@@ -211,6 +211,23 @@ fn demo_runs() -> Vec<(&'static str, NewRun)> {
             "a typo in an input key (never submitted)",
             run("wf_861ef31e94dcfb10e6e7", json!({"n6_txt": "typo"})),
         ),
+        (
+            "a Dify workflow app (tokens and price from its nodes)",
+            NewRun {
+                provider: Some("dify".into()),
+                ..run(
+                    "summarize",
+                    json!({"query": "summarise the release notes", "tone": "formal"}),
+                )
+            },
+        ),
+        (
+            "a GPTBots workflow (credits)",
+            NewRun {
+                provider: Some("gptbots".into()),
+                ..run("news", json!({"topic": "Hawaii"}))
+            },
+        ),
     ]
 }
 
@@ -230,6 +247,14 @@ pub async fn run_demo() -> Result<(), DemoError> {
     )
     .await?;
     println!("simulator: chenyu open API v2 at {}", sim.base_url());
+    println!(
+        "           Dify app `text` at {}",
+        sim.dify_base_url("text")
+    );
+    println!(
+        "           GPTBots workflow `news` at {}",
+        sim.gptbots_base_url("news")
+    );
 
     let toml = format!(
         r#"
@@ -244,8 +269,18 @@ pub async fn run_demo() -> Result<(), DemoError> {
         kind = "chenyu"
         base_url = "{}"
         api_key_env = "WFQ_DEMO_KEY"
+        [providers.dify]
+        kind = "dify"
+        base_url = "{}"
+        api_key_env = "WFQ_DEMO_KEY"
+        [providers.gptbots]
+        kind = "gptbots"
+        base_url = "{}"
+        api_key_env = "WFQ_DEMO_KEY"
         "#,
-        sim.base_url()
+        sim.base_url(),
+        sim.dify_base_url("text"),
+        sim.gptbots_base_url("news"),
     );
     let env = DemoEnv(HashMap::from([
         ("WFQ_DEMO_KEY", DEMO_API_KEY.to_owned()),
@@ -336,13 +371,15 @@ async fn print_runs(pool: &PgPool) -> Result<(), DemoError> {
             };
             vec![
                 r.id.to_string(),
+                r.provider.clone(),
                 r.state.clone(),
-                r.provider_run_id.clone().unwrap_or_else(|| "-".into()),
+                table::truncate(r.provider_run_id.as_deref().unwrap_or("-"), 26),
+                r.currency.clone().unwrap_or_else(|| "-".into()),
                 money(r.quote_amount),
                 money(r.frozen_amount),
                 money(r.final_amount),
                 money(r.released_amount),
-                table::truncate(&result, 70),
+                table::truncate(&result, 60),
             ]
         })
         .collect();
@@ -351,8 +388,10 @@ async fn print_runs(pool: &PgPool) -> Result<(), DemoError> {
         table::render(
             &[
                 "id",
+                "provider",
                 "state",
                 "provider run",
+                "currency",
                 "quote",
                 "frozen",
                 "final",

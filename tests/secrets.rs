@@ -99,7 +99,7 @@ async fn api_keys_appear_in_no_log_row_or_error(_: PgPoolOptions, connect: PgCon
     .await
     .unwrap();
     assert!(
-        everything.contains("unauthorized"),
+        everything.contains("\"account_refused\": true"),
         "the refusal is recorded"
     );
     for key in [API_KEY, WRONG_KEY] {
