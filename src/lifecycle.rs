@@ -560,7 +560,7 @@ pub fn submit_outcome_unknown(reason: &str, detail: Option<Value>) -> Transition
         ..Transition::failed(
             "SUBMIT_OUTCOME_UNKNOWN",
             format!(
-                "a submit was sent but its answer was lost ({reason}); the provider has no idempotency key and no way to find the run, so wfq does not send it again (that could be a second charge). Check the provider's console; `wfq retry` submits it again"
+                "a submit was sent but its answer was lost ({reason}); the provider has no idempotency key and the run could not be found, so wfq does not send it again (that could be a second charge). Check the provider's console; `wfq retry` submits it again"
             ),
             detail.clone(),
             Event {
@@ -635,6 +635,19 @@ pub fn after_find(
                 retry.delay(run.attempts.max(1), unit).min(left),
                 json!({ "in_doubt_since": doubt.since, "resubmit_after": deadline }),
             )
+        }
+        // Unanswered lookups cannot go on for ever (a Dify without a
+        // usable logs endpoint would keep the run here): well past the
+        // window the outcome is declared unknown rather than guessed.
+        FindOutcome::Unclear(u) if now >= later(doubt.since, doubt.window * 2) => {
+            FindDecision::Record(Box::new(submit_outcome_unknown(
+                &format!(
+                    "the provider's run list could not be read for {}: {}",
+                    humantime(doubt.window * 2),
+                    u.reason
+                ),
+                Some(unclear_detail(u)),
+            )))
         }
         FindOutcome::Unclear(u) => look_again(
             "find_unclear",
@@ -1249,6 +1262,18 @@ mod tests {
             FindDecision::Record(t) => {
                 assert_eq!(t.event.kind, "find_unclear");
                 assert_eq!(secs(&t), 30, "an unclear lookup never resubmits");
+            }
+            other => panic!("{other:?}"),
+        }
+        let long_over = InDoubt {
+            since: now() - chrono::Duration::seconds(1200),
+            ..doubt
+        };
+        match decide(FindOutcome::Unclear(unclear(None, false)), long_over) {
+            FindDecision::Record(t) => {
+                assert_eq!(t.to, RunState::Failed);
+                assert_eq!(t.error.unwrap().code, "SUBMIT_OUTCOME_UNKNOWN");
+                assert!(!t.settled);
             }
             other => panic!("{other:?}"),
         }

@@ -230,30 +230,79 @@ impl DifyClient {
     }
 
     /// Reads the run's events again (`GET /workflow/{id}/events`) and adds
-    /// up the prices of its nodes: the run detail carries no price.
+    /// up the prices of its nodes: the run detail carries no price. Read up
+    /// to `workflow_finished` only, so a stream kept open after the end
+    /// cannot hold the step until the timeout.
     async fn costs(&self, run: &PollRequest<'_>) -> Costs {
-        let request = self
+        let sent = self
             .http
             .get(format!(
                 "{}/workflow/{}/events",
                 self.base_url, run.provider_run_id
             ))
-            .query(&[("user", end_user(run.idempotency_key))]);
-        let raw = match self.send(request).await {
-            Ok(raw) => raw,
-            Err(u) => return Costs::Unclear(u),
+            .query(&[("user", end_user(run.idempotency_key))])
+            .bearer_auth(self.api_key.expose())
+            .send()
+            .await;
+        let mut response = match sent {
+            Ok(response) => response,
+            Err(e) => return Costs::Unclear(Unclear::from_transport(e)),
         };
-        match raw.status.as_u16() {
-            200..=299 => sum_node_prices(&raw.body),
-            // An older Dify without the endpoint, or one that forgot the
-            // run's events: the run is over, its price cannot be learned.
-            400 | 404 | 405 | 410 => {
-                Costs::Unavailable(format!("HTTP {}: {}", raw.status, snippet(&raw.body)))
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = super::wire::retry_after(response.headers());
+            let body = response
+                .bytes()
+                .await
+                .map(|b| b.to_vec())
+                .unwrap_or_default();
+            let raw = RawAnswer {
+                status,
+                retry_after,
+                body,
+            };
+            return match status.as_u16() {
+                // An older Dify without the endpoint, or one that forgot the
+                // run's events: the run is over, its price cannot be learned.
+                400 | 404 | 405 | 410 => {
+                    Costs::Unavailable(format!("HTTP {}: {}", raw.status, snippet(&raw.body)))
+                }
+                _ => Costs::Unclear(match classify_error(&raw) {
+                    Failure::Unclear(u) => u,
+                    Failure::Rejected(e) => Unclear::new(e.message, Some(e.http_status)),
+                }),
+            };
+        }
+        let mut reader = EventReader::default();
+        let mut sum = PriceSum::default();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    for data in reader.push(&chunk) {
+                        match sum.add(&data) {
+                            Ok(true) => return sum.known(),
+                            Ok(false) => {}
+                            Err(u) => return Costs::Unclear(u),
+                        }
+                    }
+                }
+                // The replay ended without `workflow_finished`: a last event
+                // may lack its blank line; what was read is all there is.
+                Ok(None) => {
+                    for data in reader.push(b"\n\n") {
+                        if let Err(u) = sum.add(&data) {
+                            return Costs::Unclear(u);
+                        }
+                    }
+                    return sum.known();
+                }
+                Err(e) => {
+                    return Costs::Unclear(Unclear {
+                        http_status: Some(status.as_u16()),
+                        ..Unclear::from_transport(e)
+                    });
+                }
             }
-            _ => Costs::Unclear(match classify_error(&raw) {
-                Failure::Unclear(u) => u,
-                Failure::Rejected(e) => Unclear::new(e.message, Some(e.http_status)),
-            }),
         }
     }
 
@@ -601,36 +650,60 @@ struct ExecutionMetadata {
     currency: Option<String>,
 }
 
+/// The prices of a run's nodes, added up as its events are read.
+#[derive(Debug, Default)]
+struct PriceSum {
+    total: Option<Decimal>,
+    currency: Option<String>,
+}
+
+impl PriceSum {
+    /// Adds one event; `Ok(true)` once the run's last event has been read.
+    fn add(&mut self, data: &str) -> Result<bool, Unclear> {
+        let Ok(event) = serde_json::from_str::<NodeFinished>(data) else {
+            return Ok(false);
+        };
+        match event.event.as_deref() {
+            Some("workflow_finished") => return Ok(true),
+            Some("node_finished") => {}
+            _ => return Ok(false),
+        }
+        let Some(meta) = event.data.and_then(|d| d.execution_metadata) else {
+            return Ok(false);
+        };
+        if let Some(price) = parse_amount("total_price", meta.total_price.as_ref())
+            .map_err(|e| unreadable("node price", e))?
+        {
+            self.total = Some(self.total.unwrap_or_default() + price);
+        }
+        if self.currency.is_none() {
+            self.currency = non_empty(meta.currency);
+        }
+        Ok(false)
+    }
+
+    fn known(self) -> Costs {
+        Costs::Known {
+            total_price: self.total,
+            currency: self.currency,
+        }
+    }
+}
+
+#[cfg(test)]
 fn sum_node_prices(body: &[u8]) -> Costs {
     let mut reader = EventReader::default();
     let mut events = reader.push(body);
-    // A body without the closing blank line still holds a last event.
     events.extend(reader.push(b"\n\n"));
-    let mut total: Option<Decimal> = None;
-    let mut currency = None;
+    let mut sum = PriceSum::default();
     for data in events {
-        let Ok(event) = serde_json::from_str::<NodeFinished>(&data) else {
-            continue;
-        };
-        if event.event.as_deref() != Some("node_finished") {
-            continue;
-        }
-        let Some(meta) = event.data.and_then(|d| d.execution_metadata) else {
-            continue;
-        };
-        match parse_amount("total_price", meta.total_price.as_ref()) {
-            Ok(Some(price)) => total = Some(total.unwrap_or_default() + price),
-            Ok(None) => {}
-            Err(e) => return Costs::Unclear(unreadable("node price", e)),
-        }
-        if currency.is_none() {
-            currency = non_empty(meta.currency);
+        match sum.add(&data) {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(u) => return Costs::Unclear(u),
         }
     }
-    Costs::Known {
-        total_price: total,
-        currency,
-    }
+    sum.known()
 }
 
 /// Puts the costs into a final report; the money is final once they are
