@@ -167,6 +167,11 @@ pub struct WorkerConfig {
     pub auth_probe: Duration,
     /// The name written to `lease_owner`; unique per process.
     pub id: String,
+    /// The zone whose midnight starts a `daily_budget` day (any name
+    /// PostgreSQL knows, e.g. `UTC`, `Asia/Shanghai`).
+    pub budget_timezone: String,
+    /// How often a run held back by a spend limit is checked again.
+    pub budget_recheck: Duration,
 }
 
 /// HTTP client limits.
@@ -252,6 +257,12 @@ pub struct ProviderProfile {
     /// Dify: how long after a submit whose answer was lost its run may take
     /// to show up in the logs; only then is the submit sent again.
     pub find_window: Duration,
+    /// Money limits (the spend guard).
+    pub spend: crate::spend::SpendLimits,
+    /// Most provider requests per second from one worker process.
+    pub requests_per_second: Option<f64>,
+    /// Most submit requests in flight at once from one worker process.
+    pub max_submits_in_flight: Option<usize>,
 }
 
 /// A provider API key. It has no `Display`, and `Debug` prints `***`, so it
@@ -323,6 +334,8 @@ struct RawWorker {
     fail_unknown_providers: Option<bool>,
     auth_probe: Option<String>,
     id: Option<String>,
+    budget_timezone: Option<String>,
+    budget_recheck: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -360,6 +373,39 @@ struct RawProvider {
     api_key_env: String,
     manifest_ttl: Option<String>,
     find_window: Option<String>,
+    max_outstanding_frozen: Option<RawAmount>,
+    daily_budget: Option<RawAmount>,
+    requests_per_second: Option<f64>,
+    max_submits_in_flight: Option<usize>,
+}
+
+/// A money amount in TOML: a string (`"12.50"`) or a whole number. A TOML
+/// float is refused: it cannot hold money exactly.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawAmount {
+    Text(String),
+    Whole(i64),
+    Float(f64),
+}
+
+impl RawAmount {
+    fn parse(&self) -> Result<rust_decimal::Decimal, String> {
+        let text = match self {
+            RawAmount::Text(text) => text.trim().to_owned(),
+            RawAmount::Whole(n) => n.to_string(),
+            RawAmount::Float(f) => {
+                return Err(format!(
+                    "write amounts as strings, e.g. \"{f}\" (a TOML float cannot hold money exactly)"
+                ));
+            }
+        };
+        match text.parse::<rust_decimal::Decimal>() {
+            Ok(d) if d >= rust_decimal::Decimal::ZERO => Ok(d),
+            Ok(_) => Err(format!("`{text}` is negative")),
+            Err(_) => Err(format!("`{text}` is not a decimal amount")),
+        }
+    }
 }
 
 /// The default database when neither the file nor the environment names one.
@@ -484,6 +530,15 @@ impl Config {
                 Duration::from_secs(30),
             )?,
             id: raw.worker.id.unwrap_or_else(default_worker_id),
+            budget_timezone: raw
+                .worker
+                .budget_timezone
+                .unwrap_or_else(|| "UTC".to_owned()),
+            budget_recheck: duration(
+                "worker.budget_recheck",
+                &raw.worker.budget_recheck,
+                Duration::from_secs(30),
+            )?,
         };
         // One step is at most a manifest read, a write and a submit; the lease
         // must outlive that or a slow provider hands the run to a second worker.
@@ -585,6 +640,39 @@ impl Config {
                         &raw.find_window,
                         Duration::from_secs(30 * 60),
                     )?,
+                },
+                spend: crate::spend::SpendLimits {
+                    max_outstanding_frozen: raw
+                        .max_outstanding_frozen
+                        .as_ref()
+                        .map(|a| {
+                            a.parse()
+                                .map_err(|m| invalid(&key("max_outstanding_frozen"), m))
+                        })
+                        .transpose()?,
+                    daily_budget: raw
+                        .daily_budget
+                        .as_ref()
+                        .map(|a| a.parse().map_err(|m| invalid(&key("daily_budget"), m)))
+                        .transpose()?,
+                },
+                requests_per_second: match raw.requests_per_second {
+                    Some(rps) if !(rps > 0.0 && rps.is_finite()) => {
+                        return Err(invalid(
+                            &key("requests_per_second"),
+                            format!("must be a positive number, got {rps}"),
+                        ));
+                    }
+                    rps => rps,
+                },
+                max_submits_in_flight: match raw.max_submits_in_flight {
+                    Some(0) => {
+                        return Err(invalid(
+                            &key("max_submits_in_flight"),
+                            "must be at least 1".into(),
+                        ));
+                    }
+                    n => n,
                 },
             };
             providers.insert(name, profile);
@@ -754,6 +842,18 @@ mod tests {
             (
                 "[providers.x]\nkind = \"chenyu\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"\nfind_window = \"1m\"",
                 "providers.x.find_window",
+            ),
+            (
+                "[providers.x]\nkind = \"chenyu\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"\ndaily_budget = 12.5",
+                "`providers.x.daily_budget`: write amounts as strings",
+            ),
+            (
+                "[providers.x]\nkind = \"chenyu\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"\nmax_outstanding_frozen = \"lots\"",
+                "providers.x.max_outstanding_frozen",
+            ),
+            (
+                "[providers.x]\nkind = \"chenyu\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"\nrequests_per_second = 0",
+                "providers.x.requests_per_second",
             ),
         ];
         for (text, key) in cases {

@@ -15,6 +15,7 @@ pub mod providers;
 pub mod runtime;
 pub mod scratch_postgres;
 pub mod sim;
+pub mod spend;
 pub mod store;
 pub mod table;
 pub mod telemetry;

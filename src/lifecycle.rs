@@ -372,6 +372,22 @@ pub fn missing_provider_run_id(now: DateTime<Utc>) -> Transition {
     }
 }
 
+/// The provider profile is too busy in this process (its request rate or
+/// submit slots): the run keeps its state and comes back after `wait`.
+/// Nothing was sent, so nothing counts against the run.
+pub fn throttled(state: RunState, wait: Duration, now: DateTime<Utc>) -> Transition {
+    Transition {
+        due_at: Some(later(now, wait)),
+        ..Transition::new(
+            state,
+            Event {
+                kind: "throttled",
+                detail: json!({ "wait_ms": wait.as_millis() as u64 }),
+            },
+        )
+    }
+}
+
 /// The row names a provider profile this worker does not have.
 pub fn unknown_provider(profile: &str, known: &[String]) -> Transition {
     let message = format!(

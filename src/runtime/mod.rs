@@ -8,6 +8,7 @@ mod manifests;
 mod pauses;
 mod retention;
 mod step;
+mod throttle;
 mod wake;
 
 use std::collections::BTreeMap;
@@ -28,6 +29,7 @@ pub use fetcher::{Fetcher, FetcherConfig, RunJob};
 pub use manifests::ManifestCache;
 pub use pauses::ProviderPauses;
 pub use step::{LeaseClock, StepError, run_step};
+pub use throttle::{Admission, RateState, Throttles};
 pub use wake::Wake;
 
 use crate::backoff::{PollPolicy, RetryPolicy};
@@ -58,6 +60,12 @@ pub struct Engine {
     pub manifests: ManifestCache,
     /// The claim loop's alarm clock.
     pub wake: Arc<Wake>,
+    /// Request rates and submit slots per profile.
+    pub throttles: Throttles,
+    /// The zone of the `daily_budget` day.
+    pub budget_timezone: String,
+    /// How often a run held by a spend limit is checked again.
+    pub budget_recheck: Duration,
 }
 
 /// One configured provider profile, as the steps use it.
@@ -68,6 +76,8 @@ pub struct Profile {
     pub manifest_ttl: Duration,
     /// How long a lost submit's run may take to show up (Dify).
     pub find_window: Duration,
+    /// Its money limits.
+    pub spend: crate::spend::SpendLimits,
 }
 
 /// The worker could not start or stop cleanly.
@@ -90,7 +100,13 @@ impl Engine {
     /// Builds the provider clients of `config`.
     pub fn new(config: &Config, pool: PgPool) -> Result<Engine, WorkerError> {
         let mut providers = BTreeMap::new();
+        let mut throttles = Throttles::default();
         for (name, profile) in &config.providers {
+            throttles.add(
+                name,
+                profile.requests_per_second,
+                profile.max_submits_in_flight,
+            );
             let (url, key, http) = (&profile.base_url, profile.api_key.clone(), &config.http);
             let client = match profile.kind {
                 ProviderKind::Chenyu => {
@@ -111,6 +127,7 @@ impl Engine {
                     client,
                     manifest_ttl: profile.manifest_ttl,
                     find_window: profile.find_window,
+                    spend: profile.spend.clone(),
                 },
             );
         }
@@ -127,6 +144,9 @@ impl Engine {
             providers,
             manifests: ManifestCache::default(),
             wake: Arc::new(Wake::default()),
+            throttles,
+            budget_timezone: config.worker.budget_timezone.clone(),
+            budget_recheck: config.worker.budget_recheck,
         })
     }
 
@@ -220,6 +240,16 @@ where
     S: Future<Output = ()> + Send + 'static,
 {
     let engine = Arc::new(Engine::new(config, pool.clone())?);
+    if config.providers.values().any(|p| p.spend.any()) {
+        crate::store::check_timezone(&pool, &engine.budget_timezone)
+            .await
+            .map_err(|e| {
+                WorkerError::Runtime(format!(
+                    "worker.budget_timezone `{}` is not a time zone PostgreSQL knows: {e}",
+                    engine.budget_timezone
+                ))
+            })?;
+    }
     let fetcher_config = FetcherConfig {
         concurrency: config.worker.concurrency,
         claim_batch: config.worker.claim_batch,

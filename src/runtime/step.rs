@@ -13,7 +13,7 @@ use chrono::Utc;
 use serde_json::{Map, Value};
 use tracing::Instrument;
 
-use super::Engine;
+use super::{Admission, Engine};
 use crate::inputs::complete_inputs;
 use crate::lifecycle::{self, FindDecision, InDoubt, RunProgress, RunState, Transition};
 use crate::providers::{
@@ -207,10 +207,14 @@ async fn submit_step(
     // reuses the recorded inputs instead of re-reading a manifest that may
     // have changed since (also after an operator reset the row to queued).
     let recorded = match &run.sent_inputs {
-        Some(Value::Object(sent)) => Some((run.revision_id.clone(), sent.clone())),
+        Some(Value::Object(sent)) => Some(Prepared {
+            revision_id: run.revision_id.clone(),
+            sent_inputs: sent.clone(),
+            quote: None,
+        }),
         _ => None,
     };
-    let (revision_id, sent_inputs) = match recorded {
+    let prepared = match recorded {
         Some(recorded) => recorded,
         None if !lease.allows(engine.call_timeout) => return lease_ran_out("manifest"),
         None => match prepare(engine, &run, profile).await {
@@ -222,8 +226,17 @@ async fn submit_step(
         },
     };
 
+    let Prepared {
+        revision_id,
+        sent_inputs,
+        quote,
+    } = prepared;
     let mut begin =
         lifecycle::begin_submit(revision_id.as_deref(), Value::Object(sent_inputs.clone()));
+    if let Some(quote) = &quote {
+        begin.facts.quote_amount = quote.amount;
+        begin.facts.currency = quote.currency.clone();
+    }
     if let Some(since) = run.submit_in_doubt_since {
         match settle_doubt(engine, &run, profile, since, &lease).await? {
             DoubtSettled::Done => return Ok(()),
@@ -238,8 +251,23 @@ async fn submit_step(
         }
     }
 
+    // Limits of this process first (a wait here must fit the lease), then
+    // the money limits shared by every process, checked as `submitting` is
+    // recorded.
+    let max_wait = engine.lease / 4;
+    if let Admission::Defer(wait) = engine.throttles.admit(&run.provider, max_wait).await {
+        return defer(engine, &run, wait).await;
+    }
+    let Ok(_submit_slot) = engine.throttles.submit_slot(&run.provider, max_wait).await else {
+        return defer(engine, &run, engine.submit.initial).await;
+    };
     let renewed_at = Instant::now();
-    let Some(version) = record(engine, &run, run.state, run.version, &begin).await? else {
+    let recorded = if run.state == RunState::Queued && profile.spend.any() {
+        begin_within_limits(engine, &run, profile, quote.as_ref(), &begin).await?
+    } else {
+        record(engine, &run, run.state, run.version, &begin).await?
+    };
+    let Some(version) = recorded else {
         return Ok(());
     };
     // Recording `submitting` renewed the lease: the run is progressing.
@@ -257,6 +285,14 @@ async fn submit_step(
             accept_external_cost_risk: run.accept_external_cost_risk,
         })
         .await;
+    engine.throttles.observe(
+        &run.provider,
+        match &outcome {
+            SubmitOutcome::Accepted(_) => Some(200),
+            SubmitOutcome::Rejected(e) => Some(e.http_status),
+            SubmitOutcome::Unclear(u) => u.http_status,
+        },
+    );
     match &outcome {
         SubmitOutcome::Accepted(a) => {
             tracing::info!(provider_run_id = %a.provider_run_id, replay = a.idempotent_replay, "submit accepted");
@@ -284,6 +320,87 @@ async fn submit_step(
     );
     record(engine, &run, RunState::Submitting, version, &t).await?;
     Ok(())
+}
+
+/// What a submit sends, once the inputs passed (or were recorded).
+struct Prepared {
+    revision_id: Option<String>,
+    sent_inputs: Map<String, Value>,
+    /// The manifest's quote, for the spend guard (`None` when the inputs
+    /// were recorded earlier or the provider quotes nothing).
+    quote: Option<Quote>,
+}
+
+/// A workflow's quote from its manifest.
+struct Quote {
+    amount: Option<rust_decimal::Decimal>,
+    currency: Option<String>,
+}
+
+/// The profile is too busy for this step: the run goes back, due later.
+async fn defer(engine: &Engine, run: &ClaimedRun, wait: Duration) -> Result<(), StepError> {
+    tracing::debug!(wait = ?wait, "provider profile throttled; run deferred");
+    let t = lifecycle::throttled(run.state, wait, Utc::now());
+    record(engine, run, run.state, run.version, &t).await?;
+    Ok(())
+}
+
+/// Records `begin` only if the run's quote fits the profile's money
+/// limits; otherwise holds the run in `queued` with the reason.
+async fn begin_within_limits(
+    engine: &Engine,
+    run: &ClaimedRun,
+    profile: &super::Profile,
+    quote: Option<&Quote>,
+    begin: &Transition,
+) -> Result<Option<i64>, StepError> {
+    let database = |source| StepError::Database {
+        run_id: run.id,
+        event: begin.event.kind,
+        source,
+    };
+    let guarded = store::begin_within_limits(
+        &engine.pool,
+        store::GuardedRun {
+            id: run.id,
+            version: run.version,
+            from: run.state,
+            provider: &run.provider,
+            quote: quote.and_then(|q| q.amount),
+        },
+        &engine.worker_id,
+        engine.lease,
+        begin,
+        &profile.spend,
+        &engine.budget_timezone,
+    )
+    .await
+    .map_err(database)?;
+    match guarded {
+        store::Guarded::Applied(version) => {
+            if version.is_some() {
+                log_transition(run.state, begin);
+            }
+            Ok(version)
+        }
+        store::Guarded::Held(hold) => {
+            tracing::info!(reason = %hold, "run held back by a spend limit");
+            let due = Utc::now()
+                + chrono::Duration::from_std(engine.budget_recheck)
+                    .unwrap_or(chrono::Duration::seconds(30));
+            store::hold_run(
+                &engine.pool,
+                run.id,
+                run.version,
+                &engine.worker_id,
+                &hold.to_string(),
+                due,
+            )
+            .await
+            .map_err(database)?;
+            Ok(None)
+        }
+    }
 }
 
 /// What became of a submit in doubt.
@@ -315,7 +432,17 @@ async fn settle_doubt(
             lease_ran_out("find the lost submit")?;
             return Ok(DoubtSettled::Done);
         }
-        SubmitGuard::FindByUser => client.find_submitted(&run.idempotency_key).await,
+        SubmitGuard::FindByUser => {
+            if let Admission::Defer(wait) = engine
+                .throttles
+                .admit(&run.provider, engine.lease / 4)
+                .await
+            {
+                defer(engine, run, wait).await?;
+                return Ok(DoubtSettled::Done);
+            }
+            client.find_submitted(&run.idempotency_key).await
+        }
     };
     let Some(found) = found else {
         tracing::warn!(in_doubt_since = %since, "a submit was sent without a recorded answer and the provider cannot find runs; failing the run rather than risking a second charge");
@@ -366,7 +493,7 @@ async fn prepare(
     engine: &Engine,
     run: &ClaimedRun,
     profile: &super::Profile,
-) -> Result<(Option<String>, Map<String, Value>), Transition> {
+) -> Result<Prepared, Transition> {
     let manifest = engine
         .manifests
         .get(
@@ -415,8 +542,16 @@ async fn prepare(
     let Some(manifest) = manifest else {
         // No manifest to check against (GPTBots): the provider validates.
         crate::inputs::check_size(inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
-        return Ok((run.revision_id.clone(), inputs.clone()));
+        return Ok(Prepared {
+            revision_id: run.revision_id.clone(),
+            sent_inputs: inputs.clone(),
+            quote: None,
+        });
     };
+    let quote = Some(Quote {
+        amount: manifest.quote_amount,
+        currency: manifest.currency.clone(),
+    });
     let lacks_consent = manifest.may_incur_external_cost && !run.accept_external_cost_risk;
     if let Some(pinned) = &run.revision_id
         && Some(pinned) != manifest.revision_id.as_ref()
@@ -426,14 +561,21 @@ async fn prepare(
             return Err(lifecycle::external_cost_not_accepted(&run.workflow_id));
         }
         tracing::info!(pinned = %pinned, published = ?manifest.revision_id, "run pins an unpublished revision; inputs sent unchecked");
-        return Ok((Some(pinned.clone()), inputs.clone()));
+        return Ok(Prepared {
+            revision_id: Some(pinned.clone()),
+            sent_inputs: inputs.clone(),
+            quote,
+        });
     }
     let sent = complete_inputs(&manifest, inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
     if lacks_consent {
         return Err(lifecycle::external_cost_not_accepted(&run.workflow_id));
     }
-    let revision = run.revision_id.clone().or(manifest.revision_id.clone());
-    Ok((revision, sent))
+    Ok(Prepared {
+        revision_id: run.revision_id.clone().or(manifest.revision_id.clone()),
+        sent_inputs: sent,
+        quote,
+    })
 }
 
 async fn poll_step(engine: &Engine, run: ClaimedRun, lease: LeaseClock) -> Result<(), StepError> {
@@ -454,6 +596,13 @@ async fn poll_step(engine: &Engine, run: ClaimedRun, lease: LeaseClock) -> Resul
         task_id: run.task_id.as_deref(),
         idempotency_key: &run.idempotency_key,
     };
+    if let Admission::Defer(wait) = engine
+        .throttles
+        .admit(&run.provider, engine.lease / 4)
+        .await
+    {
+        return defer(engine, &run, wait).await;
+    }
     // Each call is started only if it ends before the lease does.
     let stop = match run.cancel_requested && client.can_stop() {
         true if !lease.allows(engine.call_timeout) => return lease_ran_out("stop"),
@@ -481,6 +630,14 @@ async fn poll_step(engine: &Engine, run: ClaimedRun, lease: LeaseClock) -> Resul
         )),
         false => return lease_ran_out("status check"),
     };
+    engine.throttles.observe(
+        &run.provider,
+        match &outcome {
+            PollOutcome::Report(_) => Some(200),
+            PollOutcome::Rejected(e) => Some(e.http_status),
+            PollOutcome::Unclear(u) => u.http_status,
+        },
+    );
     if let PollOutcome::Unclear(u) = &outcome
         && u.account_refused
     {

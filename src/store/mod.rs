@@ -8,6 +8,7 @@ mod pauses;
 mod read;
 mod requests;
 mod retention;
+mod spend;
 mod transition;
 
 pub use claim::{
@@ -19,6 +20,7 @@ pub use requests::{
     CancelOutcome, NewRun, RequestError, RetryOutcome, cancel_run, enqueue_run, retry_run,
 };
 pub use retention::prune_finished_runs;
+pub use spend::{Guarded, GuardedRun, begin_within_limits, check_timezone, hold_run};
 pub use transition::apply_transition;
 
 use sqlx::PgPool;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::PgExecutor;
 
 use crate::lifecycle::{RunState, SubmitDoubt, Transition};
 
@@ -13,8 +13,8 @@ use crate::lifecycle::{RunState, SubmitDoubt, Transition};
 /// (canceled, or the lease expired and another worker took it): the caller
 /// then stops handling the run.
 #[tracing::instrument(name = "apply_transition", skip(pool, t), fields(to = %t.to, event = t.event.kind), err)]
-pub async fn apply_transition(
-    pool: &PgPool,
+pub async fn apply_transition<'e>(
+    pool: impl PgExecutor<'e>,
     id: i64,
     version: i64,
     from: RunState,
@@ -62,6 +62,7 @@ pub async fn apply_transition(
                 error_message = COALESCE($32, error_message),
                 error_detail = COALESCE($33, error_detail),
                 total_tokens = COALESCE($38, total_tokens),
+                hold_reason = CASE WHEN $3 = 'queued' THEN hold_reason END,
                 submit_in_doubt_since = CASE $39
                     WHEN 'set' THEN now()
                     WHEN 'clear' THEN NULL

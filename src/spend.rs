@@ -1,0 +1,186 @@
+//! The spend guard: per provider profile, a cap on money frozen and not yet
+//! settled, and a budget per calendar day. A run that would cross a limit
+//! is not submitted; it waits in `queued` with the reason in `hold_reason`.
+//!
+//! The decision is a pure function of what is already committed (read
+//! under a per-profile lock, so workers in many processes see one another)
+//! and the run's quote.
+
+use rust_decimal::Decimal;
+
+/// A profile's money limits; `None` is "no limit".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpendLimits {
+    /// Most money frozen at once and not yet settled.
+    pub max_outstanding_frozen: Option<Decimal>,
+    /// Most money committed per calendar day (`final_amount` of settled
+    /// runs plus what unsettled runs have frozen or are about to).
+    pub daily_budget: Option<Decimal>,
+}
+
+impl SpendLimits {
+    /// Whether any limit is set (without one, no lock is taken).
+    pub fn any(&self) -> bool {
+        self.max_outstanding_frozen.is_some() || self.daily_budget.is_some()
+    }
+}
+
+/// What a profile has committed, as read under its lock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// Frozen (or quoted, for submits in flight) and not yet settled.
+    pub outstanding: Decimal,
+    /// Committed on the current budget day.
+    pub today: Decimal,
+}
+
+/// Why a run waits instead of being submitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpendHold {
+    /// `max_outstanding_frozen` would be crossed.
+    Outstanding {
+        /// The limit.
+        limit: Decimal,
+        /// Already outstanding.
+        outstanding: Decimal,
+        /// The run's quote.
+        quote: Decimal,
+    },
+    /// `daily_budget` would be crossed (or is used up, for a run without
+    /// a quote).
+    Daily {
+        /// The limit.
+        limit: Decimal,
+        /// Already committed today.
+        today: Decimal,
+        /// The run's quote.
+        quote: Decimal,
+    },
+}
+
+impl std::fmt::Display for SpendHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpendHold::Outstanding {
+                limit,
+                outstanding,
+                quote,
+            } => write!(
+                f,
+                "max_outstanding_frozen: {outstanding} frozen and not settled + this run's quote {quote} would exceed {limit}; waiting for runs to settle"
+            ),
+            SpendHold::Daily {
+                limit,
+                today,
+                quote,
+            } => write!(
+                f,
+                "daily_budget: {today} committed today + this run's quote {quote} would exceed {limit}; waiting for the next budget day"
+            ),
+        }
+    }
+}
+
+/// May a run quoted at `quote` (`None`: the provider quotes nothing, e.g.
+/// Dify) be submitted, given what is committed?
+///
+/// A run without a quote adds nothing known in advance, so it passes while
+/// neither limit is used up.
+pub fn check(
+    limits: &SpendLimits,
+    committed: Committed,
+    quote: Option<Decimal>,
+) -> Result<(), SpendHold> {
+    let known = quote.unwrap_or_default();
+    let crosses = |committed: Decimal, limit: Decimal| match quote {
+        Some(quote) => committed + quote > limit,
+        None => committed >= limit,
+    };
+    if let Some(limit) = limits.max_outstanding_frozen
+        && crosses(committed.outstanding, limit)
+    {
+        return Err(SpendHold::Outstanding {
+            limit,
+            outstanding: committed.outstanding,
+            quote: known,
+        });
+    }
+    if let Some(limit) = limits.daily_budget
+        && crosses(committed.today, limit)
+    {
+        return Err(SpendHold::Daily {
+            limit,
+            today: committed.today,
+            quote: known,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str_exact(s).unwrap()
+    }
+
+    #[test]
+    fn limits_table() {
+        let both = SpendLimits {
+            max_outstanding_frozen: Some(d("0.10")),
+            daily_budget: Some(d("1.00")),
+        };
+        let c = |outstanding: &str, today: &str| Committed {
+            outstanding: d(outstanding),
+            today: d(today),
+        };
+        // (limits, committed, quote, allowed, hold kind)
+        let table: Vec<(SpendLimits, Committed, Option<&str>, Option<&str>)> = vec![
+            (SpendLimits::default(), c("99", "99"), Some("5"), None),
+            (both.clone(), c("0", "0"), Some("0.03"), None),
+            (both.clone(), c("0.07", "0.5"), Some("0.03"), None),
+            (
+                both.clone(),
+                c("0.08", "0.5"),
+                Some("0.03"),
+                Some("outstanding"),
+            ),
+            (both.clone(), c("0", "0.98"), Some("0.03"), Some("daily")),
+            (both.clone(), c("0", "0.97"), Some("0.03"), None),
+            // Unquoted runs pass until a limit is used up.
+            (both.clone(), c("0.09", "0.99"), None, None),
+            (both.clone(), c("0.10", "0.5"), None, Some("outstanding")),
+            (both.clone(), c("0", "1.00"), None, Some("daily")),
+        ];
+        for (limits, committed, quote, hold) in table {
+            let got = check(&limits, committed, quote.map(d));
+            let kind = match &got {
+                Ok(()) => None,
+                Err(SpendHold::Outstanding { .. }) => Some("outstanding"),
+                Err(SpendHold::Daily { .. }) => Some("daily"),
+            };
+            assert_eq!(kind, hold, "{committed:?} {quote:?} -> {got:?}");
+        }
+    }
+
+    #[test]
+    fn the_reason_names_the_limit_and_the_numbers() {
+        let hold = check(
+            &SpendLimits {
+                max_outstanding_frozen: Some(d("0.10")),
+                daily_budget: None,
+            },
+            Committed {
+                outstanding: d("0.09"),
+                today: d("0"),
+            },
+            Some(d("0.03")),
+        )
+        .unwrap_err();
+        assert_eq!(
+            hold.to_string(),
+            "max_outstanding_frozen: 0.09 frozen and not settled + this run's quote 0.03 would exceed 0.10; waiting for runs to settle"
+        );
+    }
+}

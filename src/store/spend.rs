@@ -1,0 +1,152 @@
+//! The spend guard's statements: read what a profile has committed under a
+//! per-profile lock, and either record the submit or hold the run.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+
+use crate::lifecycle::{RunState, Transition};
+use crate::spend::{self, Committed, SpendHold, SpendLimits};
+
+/// What `begin_within_limits` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Guarded {
+    /// The transition was applied (the new version), or the row had moved
+    /// on without us (`None`).
+    Applied(Option<i64>),
+    /// A limit would be crossed: nothing was written.
+    Held(SpendHold),
+}
+
+/// The run the guard decides about.
+#[derive(Debug, Clone, Copy)]
+pub struct GuardedRun<'a> {
+    /// `wfq.runs.id`.
+    pub id: i64,
+    /// Its version at claim time.
+    pub version: i64,
+    /// Its state at claim time.
+    pub from: RunState,
+    /// Its provider profile.
+    pub provider: &'a str,
+    /// Its quote (`None`: the provider quotes nothing).
+    pub quote: Option<Decimal>,
+}
+
+/// Applies the `begin_submit` transition `t` only if the run's quote fits
+/// the profile's limits. The per-profile advisory lock makes the read and
+/// the write one decision for every worker process at once: two workers
+/// racing for the last of a budget cannot both pass.
+#[tracing::instrument(name = "begin_within_limits", skip(pool, t, limits), fields(run_id = run.id), err)]
+#[allow(clippy::too_many_arguments)]
+pub async fn begin_within_limits(
+    pool: &PgPool,
+    run: GuardedRun<'_>,
+    worker: &str,
+    lease: Duration,
+    t: &Transition,
+    limits: &SpendLimits,
+    timezone: &str,
+) -> Result<Guarded, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('wfq.spend/' || $1, 0))")
+        .bind(run.provider)
+        .execute(&mut *tx)
+        .await?;
+    let committed = committed(&mut tx, run.provider, timezone).await?;
+    if let Err(hold) = spend::check(limits, committed, run.quote) {
+        tx.rollback().await?;
+        return Ok(Guarded::Held(hold));
+    }
+    let applied =
+        super::apply_transition(&mut *tx, run.id, run.version, run.from, worker, lease, t).await?;
+    tx.commit().await?;
+    Ok(Guarded::Applied(applied))
+}
+
+/// What `provider` has outstanding and committed on the current budget day
+/// (midnight to midnight in `timezone`, any name PostgreSQL knows).
+async fn committed(
+    tx: &mut sqlx::PgConnection,
+    provider: &str,
+    timezone: &str,
+) -> Result<Committed, sqlx::Error> {
+    let (outstanding, today): (Decimal, Decimal) = sqlx::query_as(
+        r#"
+        WITH day AS (
+            SELECT date_trunc('day', now() AT TIME ZONE $2) AT TIME ZONE $2 AS start
+        )
+        SELECT
+            (SELECT coalesce(sum(coalesce(frozen_amount, quote_amount, 0)), 0)
+             FROM wfq.runs
+             WHERE provider = $1 AND settled_at IS NULL AND state <> 'queued'),
+            (SELECT coalesce(sum(CASE WHEN settled_at IS NOT NULL THEN coalesce(final_amount, 0)
+                                      ELSE coalesce(frozen_amount, quote_amount, 0) END), 0)
+             FROM wfq.runs, day
+             WHERE provider = $1
+               AND (submitted_at >= day.start
+                    OR (submitted_at IS NULL AND settled_at IS NULL AND state <> 'queued')))
+        "#,
+    )
+    .bind(provider)
+    .bind(timezone)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(Committed { outstanding, today })
+}
+
+/// Gives a held run back with its reason, due again at `due_at`. The event
+/// is written only when the reason changes, so a run held all day leaves
+/// one line in its audit trail, not one per check.
+#[tracing::instrument(name = "hold_run", skip(pool), err)]
+pub async fn hold_run(
+    pool: &PgPool,
+    id: i64,
+    version: i64,
+    worker: &str,
+    reason: &str,
+    due_at: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    let held: Option<i64> = sqlx::query_scalar(
+        r#"
+        WITH old AS (
+            SELECT hold_reason FROM wfq.runs WHERE id = $1
+        ),
+        held AS (
+            UPDATE wfq.runs
+            SET hold_reason = $4, due_at = $5, lease_owner = NULL, lease_expires_at = NULL,
+                version = version + 1, updated_at = now()
+            WHERE id = $1 AND version = $2 AND lease_owner = $3 AND state = 'queued'
+            RETURNING id
+        ),
+        event AS (
+            INSERT INTO wfq.run_events (run_id, kind, from_state, to_state, worker, detail)
+            SELECT held.id, 'spend_hold', 'queued', 'queued', $3, jsonb_build_object('reason', $4::text)
+            -- The numbers change at every check; the limit named first does not.
+            FROM held, old
+            WHERE split_part(old.hold_reason, ':', 1) IS DISTINCT FROM split_part($4::text, ':', 1)
+        )
+        SELECT id FROM held
+        "#,
+    )
+    .bind(id)
+    .bind(version)
+    .bind(worker)
+    .bind(reason)
+    .bind(due_at)
+    .fetch_optional(pool)
+    .await?;
+    Ok(held.is_some())
+}
+
+/// Checks that PostgreSQL knows `timezone` (the budget day's zone), so a
+/// typo fails at start-up, not at the first submit.
+pub async fn check_timezone(pool: &PgPool, timezone: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT now() AT TIME ZONE $1")
+        .bind(timezone)
+        .execute(pool)
+        .await?;
+    Ok(())
+}

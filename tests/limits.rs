@@ -1,0 +1,227 @@
+//! Spend guard and rate limits: money limits hold across many worker
+//! processes at once; request rates and submits in flight are capped per
+//! profile.
+
+mod common;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use common::*;
+use wfq::sim::Faults;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn pool(connect: &PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(12)
+        .connect_with(connect.clone())
+        .await
+        .expect("test database")
+}
+
+fn d(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+async fn enqueue_many(pool: &PgPool, n: i64) {
+    sqlx::query(
+        "INSERT INTO wfq.runs (workflow_id, inputs) \
+         SELECT 'wf_861ef31e94dcfb10e6e7', jsonb_build_object('n3_seed', g) FROM generate_series(1, $1) g",
+    )
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Eight workers, each with its own connection pool like separate
+/// processes, race for a cap of five runs' worth of frozen money: exactly
+/// five are submitted, the rest wait in `queued` with the reason, and the
+/// reason is recorded once per run however often it is checked again.
+#[sqlx::test]
+async fn eight_workers_racing_for_the_last_of_the_money_never_cross_the_cap(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    // Nothing settles during the test, so the outstanding money only grows.
+    let sim = start_sim(0, 60_000, 60_000).await;
+    enqueue_many(&pool, 40).await;
+    let mut workers = Vec::new();
+    for n in 0..8 {
+        let mut cfg = config(
+            &sim,
+            &format!("w{n}"),
+            "max_outstanding_frozen = \"0.15\"", // 5 x the quote of 0.03
+        );
+        cfg.worker.budget_recheck = Duration::from_millis(100);
+        workers.push(start_worker(cfg, self::pool(&connect).await));
+    }
+    wait_for(
+        &pool,
+        "(SELECT count(*) FROM wfq.runs WHERE state = 'queued' AND hold_reason IS NOT NULL) = 35",
+        LIMIT,
+    )
+    .await;
+    // Let the held runs be checked again a few times.
+    wait_for(
+        &pool,
+        "(SELECT min(version) FROM wfq.runs WHERE hold_reason IS NOT NULL) >= 8",
+        LIMIT,
+    )
+    .await;
+    for worker in workers {
+        worker.stop().await;
+    }
+    let ledger = sim.ledger();
+    assert_eq!(ledger.len(), 5, "exactly five runs were submitted");
+    assert_eq!(ledger.iter().map(|e| e.frozen).sum::<Decimal>(), d("0.15"));
+    let (submitted, outstanding): (i64, Decimal) = sqlx::query_as(
+        "SELECT count(*), sum(coalesce(frozen_amount, quote_amount)) FROM wfq.runs WHERE state <> 'queued'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((submitted, outstanding), (5, d("0.15")));
+    let reason: String = sqlx::query_scalar(
+        "SELECT hold_reason FROM wfq.runs WHERE hold_reason IS NOT NULL LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        reason.starts_with("max_outstanding_frozen: 0.15") && reason.contains("exceed 0.15"),
+        "{reason}"
+    );
+    let most_holds: i64 = sqlx::query_scalar(
+        "SELECT max(n) FROM (SELECT count(*) AS n FROM wfq.run_events WHERE kind = 'spend_hold' GROUP BY run_id) e",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        most_holds, 1,
+        "one audit line per held run, not one per check"
+    );
+    sim.shutdown().await;
+}
+
+/// The day's budget counts money frozen by unsettled runs (and charged by
+/// settled ones) on the budget day of the configured zone: three quotes of
+/// 0.03 fit into 0.10, the fourth run waits with the reason.
+#[sqlx::test]
+async fn the_daily_budget_holds_the_run_that_would_cross_it(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 60_000, 60_000).await;
+    enqueue_many(&pool, 4).await;
+    let mut cfg = config(&sim, "w1", "daily_budget = \"0.10\"");
+    cfg.worker.budget_recheck = Duration::from_millis(100);
+    cfg.worker.budget_timezone = "Asia/Shanghai".into();
+    let worker = start_worker(cfg, pool.clone());
+    wait_for(
+        &pool,
+        "(SELECT count(*) FROM wfq.runs WHERE state = 'running') = 3 \
+         AND EXISTS (SELECT 1 FROM wfq.runs WHERE state = 'queued' AND hold_reason LIKE 'daily_budget: 0.09%')",
+        LIMIT,
+    )
+    .await;
+    worker.stop().await;
+    assert_eq!(sim.ledger().len(), 3);
+    let reason: String =
+        sqlx::query_scalar("SELECT hold_reason FROM wfq.runs WHERE state = 'queued'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(reason.contains("would exceed 0.10"), "{reason}");
+    sim.shutdown().await;
+}
+
+/// A worker refuses to start with a budget day in a zone nobody knows.
+#[sqlx::test]
+async fn an_unknown_budget_timezone_stops_the_worker_at_start(pool: PgPool) {
+    let sim = start_sim(0, 100, 50).await;
+    let mut cfg = config(&sim, "w1", "daily_budget = \"1\"");
+    cfg.worker.budget_timezone = "Mars/Olympus_Mons".into();
+    let err = wfq::runtime::run_worker(&cfg, pool, async {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("Mars/Olympus_Mons"), "{err}");
+    sim.shutdown().await;
+}
+
+/// More runs than the profile's request rate lets through within a lease
+/// are deferred (recorded as `throttled`), none fails, all finish.
+#[sqlx::test]
+async fn a_request_rate_defers_runs_instead_of_failing_them(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 50, 20).await;
+    enqueue_many(&pool, 20).await;
+    work_until_idle(&pool, config(&sim, "w1", "requests_per_second = 5.0")).await;
+    let (succeeded, throttled): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM wfq.runs WHERE state = 'succeeded'), \
+                (SELECT count(*) FROM wfq.run_events WHERE kind = 'throttled')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(succeeded, 20);
+    assert!(
+        throttled > 0,
+        "20 runs at once exceed 5 requests/s within a lease"
+    );
+    assert!(sim.ledger().iter().all(|e| e.charges == 1));
+    sim.shutdown().await;
+}
+
+/// At most `max_submits_in_flight` submits of a profile are on the wire at
+/// once: no three of the submit windows (from `submit_started` to its
+/// answer, both recorded while the slot is held) overlap.
+#[sqlx::test]
+async fn submits_in_flight_are_capped(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 50, 20).await;
+    sim.set_faults(Faults {
+        latency: Duration::from_millis(150),
+        ..Default::default()
+    });
+    enqueue_many(&pool, 8).await;
+    work_until_idle(&pool, config(&sim, "w1", "max_submits_in_flight = 2")).await;
+    let most_at_once: i64 = sqlx::query_scalar(
+        r#"
+        WITH windows AS (
+            SELECT s.run_id, s.at AS started,
+                   (SELECT min(a.at) FROM wfq.run_events a
+                    WHERE a.run_id = s.run_id AND a.id > s.id AND a.kind LIKE 'submit_%') AS answered
+            FROM wfq.run_events s WHERE s.kind = 'submit_started'
+        )
+        SELECT max((SELECT count(*) FROM windows o WHERE o.started <= w.started AND o.answered > w.started))
+        FROM windows w
+        "#,
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        most_at_once <= 2,
+        "{most_at_once} submits in flight at once"
+    );
+    assert!(most_at_once >= 1);
+    let succeeded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM wfq.runs WHERE state = 'succeeded'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(succeeded, 8);
+    sim.shutdown().await;
+}
