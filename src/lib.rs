@@ -18,3 +18,4 @@ pub mod sim;
 pub mod store;
 pub mod table;
 pub mod telemetry;
+pub mod terminal;

@@ -8,6 +8,7 @@ mod pauses;
 mod read;
 mod requests;
 mod retention;
+mod stats;
 mod transition;
 
 pub use claim::{
@@ -19,6 +20,7 @@ pub use requests::{
     CancelOutcome, NewRun, RequestError, RetryOutcome, cancel_run, enqueue_run, retry_run,
 };
 pub use retention::prune_finished_runs;
+pub use stats::{StateCount, queue_stats};
 pub use transition::apply_transition;
 
 use sqlx::PgPool;
