@@ -19,3 +19,4 @@ pub mod spend;
 pub mod store;
 pub mod table;
 pub mod telemetry;
+pub mod terminal;

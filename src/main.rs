@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use wfq::config::{Config, DatabaseConfig, ProcessEnvironment, parse_duration};
 use wfq::store::{self, NewRun};
-use wfq::{demo, sim, table, telemetry};
+use wfq::{demo, sim, table, telemetry, terminal};
 
 /// A durable PostgreSQL queue and worker for paid workflow-run APIs.
 #[derive(Debug, Parser)]
@@ -75,6 +75,15 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         batch: i64,
     },
+    /// Live counts of runs by provider and state, refreshed in place.
+    Top {
+        /// Print one snapshot and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        /// Time between refreshes.
+        #[arg(long, default_value = "1s")]
+        interval: String,
+    },
     /// Run the chenyu simulator.
     Sim(SimArgs),
     /// Run the whole thing against the built-in simulator and print the results.
@@ -110,6 +119,13 @@ struct EnqueueArgs {
     /// Your own JSON, stored and never sent.
     #[arg(long)]
     metadata: Option<String>,
+    /// Follow the run until it is final (progress on stderr), print it, and
+    /// exit 0 if it succeeded, 2 if it failed, 3 if it was canceled.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: print the final run as JSON (like `wfq show --json`).
+    #[arg(long, requires = "wait")]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -202,9 +218,15 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Enqueue(args) => {
             let pool = connect(cli.config.as_deref()).await?;
+            let (wait, json) = (args.wait, args.json);
             let run = new_run(args)?;
             let id = store::enqueue_run(&pool, &run).await?;
-            println!("{id}");
+            if wait {
+                let provider = run.provider.as_deref().unwrap_or("chenyu");
+                wait_for_run(cli.config.as_deref(), &pool, id, provider, json).await?;
+            } else {
+                println!("{id}");
+            }
         }
         Command::Show { id, json } => {
             let pool = connect(cli.config.as_deref()).await?;
@@ -280,6 +302,18 @@ async fn run(cli: Cli) -> Result<()> {
             let deleted = store::prune_finished_runs(&pool, age, batch.max(1)).await?;
             println!("deleted {deleted} finished runs and their events");
         }
+        Command::Top { once, interval } => {
+            let interval =
+                parse_duration(&interval).map_err(|e| anyhow::anyhow!("--interval: {e}"))?;
+            let pool = connect(cli.config.as_deref()).await?;
+            let mut stdout = std::io::stdout();
+            let options = terminal::top::TopOptions {
+                interval,
+                once,
+                terminal: std::io::IsTerminal::is_terminal(&stdout),
+            };
+            terminal::top::run_top(&pool, options, &mut stdout, shutdown_signal()).await?;
+        }
         Command::Sim(args) => run_sim(args).await?,
         Command::Demo => demo::run_demo().await?,
     }
@@ -352,6 +386,8 @@ fn new_run(args: EnqueueArgs) -> Result<NewRun> {
 }
 
 /// A run as `field  value` lines (empty fields left out), then its events.
+/// Outputs and the error message are shown whole: they are what one reads
+/// `show` for (and what `enqueue --wait` prints).
 fn print_show(run: &Value, events: &[store::EventRow]) {
     let fields: Vec<Vec<String>> = run
         .as_object()
@@ -363,7 +399,11 @@ fn print_show(run: &Value, events: &[store::EventRow]) {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
-            vec![k.clone(), table::truncate(&text, 100)]
+            let text = match k.as_str() {
+                "outputs" | "error_message" => text,
+                _ => table::truncate(&text, 100),
+            };
+            vec![k.clone(), text]
         })
         .collect();
     println!("{}\n", table::render(&["field", "value"], &fields));
@@ -400,18 +440,20 @@ fn print_list(runs: &[store::RunRow]) {
                 r.id.to_string(),
                 r.state.clone(),
                 r.provider.clone(),
-                r.workflow_id.clone(),
-                r.attempts.to_string(),
-                r.polls.to_string(),
-                r.provider_run_id.clone().unwrap_or_default(),
-                r.final_amount.map(|d| d.to_string()).unwrap_or_default(),
-                table::truncate(
-                    &r.error_code
-                        .clone()
-                        .map(|c| format!("{c}: {}", r.error_message.as_deref().unwrap_or("")))
-                        .unwrap_or_default(),
-                    60,
-                ),
+                table::truncate(&r.workflow_id, 28),
+                format!("{}/{}", r.attempts, r.polls),
+                table::truncate(r.provider_run_id.as_deref().unwrap_or("-"), 28),
+                r.currency.clone().unwrap_or_else(|| "-".into()),
+                amount(r.frozen_amount),
+                // What was charged; Dify and GPTBots report only a total.
+                amount(r.final_amount.or(r.total_cost)),
+                match &r.error_code {
+                    Some(code) => table::truncate(
+                        &format!("{code}: {}", r.error_message.as_deref().unwrap_or("")),
+                        60,
+                    ),
+                    None => String::new(),
+                },
             ]
         })
         .collect();
@@ -423,15 +465,83 @@ fn print_list(runs: &[store::RunRow]) {
                 "state",
                 "provider",
                 "workflow",
-                "attempts",
-                "polls",
+                "tries/polls",
                 "provider run",
+                "currency",
+                "frozen",
                 "final",
                 "error"
             ],
             &rows
         )
     );
+}
+
+/// `wfq enqueue --wait`: follows run `id` with a progress line on stderr,
+/// prints the final run on stdout and exits with its outcome (0 succeeded,
+/// 2 failed, 3 canceled, 130 when Ctrl-C ended the wait).
+async fn wait_for_run(
+    config: Option<&Path>,
+    pool: &sqlx::PgPool,
+    id: i64,
+    provider: &str,
+    json: bool,
+) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    let mut stderr = std::io::stderr();
+    let is_terminal = stderr.is_terminal();
+    eprintln!("run {id} enqueued; waiting until it is final (Ctrl-C stops the wait, not the run)");
+    // Progress needs the profile's key; without it the state alone is shown.
+    let client =
+        match config_text(config)
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|(text, origin)| {
+                terminal::wait::progress_client(&text, &origin, provider, &ProcessEnvironment)
+            }) {
+            Ok(client) => client,
+            Err(why) => {
+                eprintln!("note: no progress from the provider ({why}); showing the state only");
+                None
+            }
+        };
+    let end = terminal::wait::follow_run(
+        pool,
+        id,
+        client.as_ref(),
+        &mut stderr,
+        is_terminal,
+        shutdown_signal(),
+    )
+    .await?;
+    let run = match end {
+        terminal::wait::WaitEnd::Final(run) => run,
+        terminal::wait::WaitEnd::Interrupted(run) => {
+            eprintln!(
+                "stopped waiting: run {id} is {} and goes on; `wfq show {id}` shows it later",
+                run.state
+            );
+            std::process::exit(130);
+        }
+    };
+    let events = store::run_events(pool, id).await?;
+    let mut shown = serde_json::to_value(&run)?;
+    if json {
+        shown["events"] = serde_json::to_value(events)?;
+        println!("{}", serde_json::to_string_pretty(&shown)?);
+    } else {
+        print_show(&shown, &events);
+    }
+    let code = match run.state.as_str() {
+        "succeeded" => return Ok(()),
+        "canceled" => 3,
+        _ => 2,
+    };
+    std::io::stdout().flush()?;
+    std::process::exit(code);
+}
+
+fn amount(value: Option<rust_decimal::Decimal>) -> String {
+    value.map_or_else(|| "-".to_owned(), |d| d.to_string())
 }
 
 async fn run_sim(args: SimArgs) -> Result<()> {

@@ -1,4 +1,5 @@
-//! chenyu open API v2: `market/info`, `run/submit`, `run/info`.
+//! chenyu open API v2: `market/info`, `run/submit`, `run/info`, and
+//! `run/execution` for progress displays ([`ChenyuClient::progress`]).
 //!
 //! Every body is `{code, msg, data}` and the body decides, not the status
 //! line: a non-zero `code` can arrive with HTTP 200. What cannot be read with
@@ -19,6 +20,9 @@ use super::{
 };
 use crate::config::{ApiKey, HttpConfig};
 use crate::money::{WireAmount, parse_amount};
+
+mod progress;
+pub use progress::{ProgressError, RunProgressReport};
 
 /// A client for one chenyu provider profile.
 #[derive(Debug, Clone)]

@@ -9,6 +9,7 @@ mod read;
 mod requests;
 mod retention;
 mod spend;
+mod stats;
 mod transition;
 
 pub use claim::{
@@ -21,6 +22,7 @@ pub use requests::{
 };
 pub use retention::prune_finished_runs;
 pub use spend::{Guarded, GuardedRun, begin_within_limits, check_timezone, hold_run};
+pub use stats::{StateCount, queue_stats};
 pub use transition::apply_transition;
 
 use sqlx::PgPool;
