@@ -221,7 +221,7 @@ async fn metrics_and_health_of_a_working_worker(_: PgPoolOptions, connect: PgCon
     let pool = pool(&connect).await;
     // The worker gets a pool of its own, so closing it cuts only the worker off.
     let worker_pool = self::pool(&connect).await;
-    let sim = start_sim(50, 1500, 100).await;
+    let sim = start_sim(50, 2500, 100).await;
     let worker = start(config(&sim, "w-metrics", METRICS_ON), worker_pool.clone());
     let addr = tokio::time::timeout(LIMIT, worker.metrics.bound_addr())
         .await
@@ -402,4 +402,76 @@ async fn no_metrics_section_no_server_and_a_taken_port_is_an_error(
     let err = worker.join.await.unwrap().expect_err("cannot listen");
     assert!(matches!(err, WorkerError::Metrics { .. }), "{err}");
     assert!(err.to_string().contains(&port.to_string()), "{err}");
+}
+
+#[sqlx::test]
+async fn provider_trouble_is_counted_by_outcome_and_code(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    sim.set_faults(wfq::sim::Faults {
+        fail_next_submits: 1,
+        drop_next_submit_answers: 1,
+        fail_next_polls: 1,
+        ..Default::default()
+    });
+    let ok = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    let worker = start(config(&sim, "w-trouble", METRICS_ON), pool.clone());
+    let base = format!("http://{}", worker.metrics.bound_addr().await);
+    wait_all_final(&pool, LIMIT).await;
+    let fails = enqueue(&pool, ALWAYS_FAILS, json!({})).await;
+    wait_all_final(&pool, LIMIT).await;
+    assert_eq!(run(&pool, ok).await.state, "succeeded");
+    assert_eq!(run(&pool, fails).await.state, "failed");
+
+    let samples = scrape(&reqwest::Client::new(), &base).await;
+    let chenyu = ("provider", "chenyu");
+    // 503, then a lost answer, then chenyu replays the key; the failing
+    // workflow is accepted at once.
+    let submits = |outcome| {
+        number(
+            &samples,
+            "wfq_submits_total",
+            &[chenyu, ("outcome", outcome)],
+        )
+    };
+    assert_eq!(submits("unclear"), 2.0);
+    assert_eq!(submits("replayed"), 1.0);
+    assert_eq!(submits("accepted"), 1.0);
+    let submit_calls = histogram_count(
+        &samples,
+        "wfq_provider_request_duration_seconds",
+        &[chenyu, ("call", "submit")],
+    );
+    assert_eq!(submit_calls, 4);
+    // One 503 on a submit, one on a status check.
+    assert_eq!(
+        number(
+            &samples,
+            "wfq_provider_errors_total",
+            &[chenyu, ("code", "HTTP_503")]
+        ),
+        2.0
+    );
+    assert!(
+        number(
+            &samples,
+            "wfq_polls_total",
+            &[chenyu, ("outcome", "unclear")]
+        ) >= 1.0
+    );
+    assert!(
+        number(
+            &samples,
+            "wfq_polls_total",
+            &[chenyu, ("outcome", "failed")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        number(&samples, "wfq_runs", &[chenyu, ("state", "failed")]),
+        1.0
+    );
+    worker.stop().await;
 }
