@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::backoff::{PollPolicy, RetryPolicy};
+pub use crate::metrics::MetricsConfig;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// Periodic deletion of old finished runs (off unless configured).
     pub retention: Option<RetentionConfig>,
+    /// `/metrics`, `/healthz` and `/readyz` (no server unless configured).
+    pub metrics: Option<MetricsConfig>,
     /// Provider profiles by name (the value of `wfq.runs.provider`).
     pub providers: BTreeMap<String, ProviderProfile>,
 }
@@ -303,6 +306,8 @@ struct RawConfig {
     http: RawHttp,
     #[serde(default)]
     retention: Option<RawRetention>,
+    #[serde(default)]
+    metrics: Option<crate::metrics::RawMetricsConfig>,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
 }
@@ -603,6 +608,11 @@ impl Config {
             }),
         };
 
+        let metrics = raw
+            .metrics
+            .map(|m| m.parse().map_err(|e| invalid("metrics.listen", e)));
+        let metrics = metrics.transpose()?;
+
         let mut providers = BTreeMap::new();
         for (name, raw) in raw.providers {
             let key = |k: &str| format!("providers.{name}.{k}");
@@ -685,6 +695,7 @@ impl Config {
             poll,
             http,
             retention,
+            metrics,
             providers,
         })
     }
@@ -839,6 +850,7 @@ mod tests {
                 "providers.x.kind",
             ),
             ("[worker]\nconcurency = 3", "concurency"),
+            ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
             (
                 "[providers.x]\nkind = \"chenyu\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"\nfind_window = \"1m\"",
                 "providers.x.find_window",

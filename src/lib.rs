@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod inputs;
 pub mod lifecycle;
+pub mod metrics;
 pub mod money;
 pub mod providers;
 pub mod runtime;

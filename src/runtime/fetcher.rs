@@ -72,7 +72,8 @@ impl Fetcher {
             if self.drained {
                 self.sleep_until_due().await;
             }
-            let Ok(first) = self.slots.clone().acquire_owned().await else {
+            let free_slot = self.slots.clone().acquire_owned();
+            let Ok(first) = self.engine.metrics.waiting_for_slot(free_slot).await else {
                 // The semaphore is never closed; wait for shutdown instead of spinning.
                 std::future::pending::<()>().await;
                 unreachable!()
@@ -96,6 +97,8 @@ impl Fetcher {
             .await
             {
                 Ok(runs) => {
+                    let rescued = runs.iter().filter(|r| r.rescued_from.is_some()).count();
+                    engine.metrics.claimed(runs.len(), rescued);
                     if self.db_failures > 0 {
                         tracing::info!("database is back; claiming again");
                         self.db_failures = 0;

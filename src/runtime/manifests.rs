@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::providers::{Manifest, ManifestError, ProviderClient};
+use super::MeteredClient;
+use crate::providers::{Manifest, ManifestError};
 
 /// (provider profile, workflow id) -> (fetched at, manifest).
 type Entries = HashMap<(String, String), (Instant, Arc<Manifest>)>;
@@ -21,7 +22,7 @@ impl ManifestCache {
     pub async fn get(
         &self,
         profile: &str,
-        client: &ProviderClient,
+        client: &MeteredClient,
         workflow_id: &str,
         ttl: Duration,
     ) -> Result<Option<Arc<Manifest>>, ManifestError> {

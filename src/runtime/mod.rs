@@ -4,7 +4,9 @@
 //! custom apalis backend turns the claim loop into apalis' task stream.
 
 mod fetcher;
+mod health;
 mod manifests;
+mod metrics;
 mod pauses;
 mod retention;
 mod step;
@@ -27,6 +29,7 @@ use sqlx::PgPool;
 
 pub use fetcher::{Fetcher, FetcherConfig, RunJob};
 pub use manifests::ManifestCache;
+pub use metrics::MeteredClient;
 pub use pauses::ProviderPauses;
 pub use step::{LeaseClock, StepError, run_step};
 pub use throttle::{Admission, RateState, Throttles};
@@ -66,12 +69,14 @@ pub struct Engine {
     pub budget_timezone: String,
     /// How often a run held by a spend limit is checked again.
     pub budget_recheck: Duration,
+    /// This process's metrics (`/metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// One configured provider profile, as the steps use it.
 pub struct Profile {
     /// Its client.
-    pub client: ProviderClient,
+    pub client: MeteredClient,
     /// How long a manifest is cached.
     pub manifest_ttl: Duration,
     /// How long a lost submit's run may take to show up (Dify).
@@ -94,11 +99,28 @@ pub enum WorkerError {
     /// apalis reported an error.
     #[error("worker runtime: {0}")]
     Runtime(String),
+    /// `[metrics] listen` could not be bound.
+    #[error("metrics.listen {listen}: {source}")]
+    Metrics {
+        /// The configured address.
+        listen: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 impl Engine {
     /// Builds the provider clients of `config`.
     pub fn new(config: &Config, pool: PgPool) -> Result<Engine, WorkerError> {
+        Self::with_metrics(config, pool, Arc::default())
+    }
+
+    /// [`Engine::new`], recording into `metrics`.
+    pub fn with_metrics(
+        config: &Config,
+        pool: PgPool,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Engine, WorkerError> {
         let mut providers = BTreeMap::new();
         let mut throttles = Throttles::default();
         for (name, profile) in &config.providers {
@@ -124,7 +146,7 @@ impl Engine {
             providers.insert(
                 name.clone(),
                 Profile {
-                    client,
+                    client: MeteredClient::new(client, name, metrics.clone()),
                     manifest_ttl: profile.manifest_ttl,
                     find_window: profile.find_window,
                     spend: profile.spend.clone(),
@@ -147,6 +169,7 @@ impl Engine {
             throttles,
             budget_timezone: config.worker.budget_timezone.clone(),
             budget_recheck: config.worker.budget_recheck,
+            metrics,
         })
     }
 
@@ -224,6 +247,7 @@ async fn probe_paused_profiles(engine: Arc<Engine>) {
 
 async fn handle(job: RunJob, engine: Data<Arc<Engine>>) -> Result<(), StepError> {
     let RunJob { run, slot, lease } = job;
+    let _in_flight = engine.metrics.step_started();
     let result = run_step(engine.0.clone(), run, lease).await;
     drop(slot);
     if let Err(e) = &result {
@@ -239,7 +263,22 @@ pub async fn run_worker<S>(config: &Config, pool: PgPool, shutdown: S) -> Result
 where
     S: Future<Output = ()> + Send + 'static,
 {
-    let engine = Arc::new(Engine::new(config, pool.clone())?);
+    run_worker_with_metrics(config, pool, Arc::default(), shutdown).await
+}
+
+/// [`run_worker`], recording into `metrics`, whose
+/// [`bound_addr`](crate::metrics::Metrics::bound_addr) tells where
+/// `[metrics] listen` serves (its port when the configured one is 0).
+pub async fn run_worker_with_metrics<S>(
+    config: &Config,
+    pool: PgPool,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: S,
+) -> Result<(), WorkerError>
+where
+    S: Future<Output = ()> + Send + 'static,
+{
+    let engine = Arc::new(Engine::with_metrics(config, pool.clone(), metrics)?);
     if config.providers.values().any(|p| p.spend.any()) {
         crate::store::check_timezone(&pool, &engine.budget_timezone)
             .await
@@ -250,6 +289,7 @@ where
                 ))
             })?;
     }
+    let metrics_server = health::start(config, engine.clone()).await?;
     let fetcher_config = FetcherConfig {
         concurrency: config.worker.concurrency,
         claim_batch: config.worker.claim_batch,
@@ -316,9 +356,11 @@ where
         })
         .shutdown_timeout(config.worker.shutdown_grace);
 
+    let metrics = engine.metrics.clone();
     let result = monitor
         .run_with_signal(async move {
             shutdown.await;
+            metrics.shutting_down();
             tracing::info!("shutting down: no new claims; waiting for steps in flight");
             Ok(())
         })
@@ -336,6 +378,9 @@ where
         Err(e) => {
             tracing::warn!(error = %e, "could not give back leases; they expire by themselves")
         }
+    }
+    if let Some(server) = metrics_server {
+        server.stop().await;
     }
     tracing::info!("worker stopped");
     result.map_err(|e| WorkerError::Runtime(e.to_string()))

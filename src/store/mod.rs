@@ -4,6 +4,7 @@
 //! database; the integration tests run each of them against PostgreSQL.
 
 mod claim;
+mod metrics;
 mod pauses;
 mod read;
 mod requests;
@@ -15,6 +16,7 @@ mod transition;
 pub use claim::{
     ClaimScope, ClaimedRun, claim_due_runs, next_due_in, record_rescue, release_leases,
 };
+pub use metrics::{count_runs, outstanding_frozen, ping};
 pub use pauses::{ProviderPause, pause_provider, paused_providers, resume_provider};
 pub use read::{EventRow, RunRow, list_runs, run_events, show_run};
 pub use requests::{

@@ -1,0 +1,504 @@
+//! The worker's metrics: a small registry of atomics and fixed-bucket
+//! histograms, shared by the steps, the claim loop and the `/metrics`
+//! endpoint (see `runtime::health`), written in the Prometheus text format.
+//!
+//! Labels are few and bounded: provider profile names (from the
+//! configuration), fixed outcome and call names, and provider error codes
+//! capped per profile. Never a run id.
+
+pub mod text;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use text::{Exposition, HistogramSnapshot, Kind};
+
+/// `[metrics]`: where the worker serves `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Address to listen on; port 0 picks a free port (see [`Metrics::bound_addr`]).
+    pub listen: SocketAddr,
+}
+
+/// The `[metrics]` table as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMetricsConfig {
+    listen: String,
+}
+
+impl RawMetricsConfig {
+    /// Checks the table; `Err` is the message for `metrics.listen`.
+    pub(crate) fn parse(self) -> Result<MetricsConfig, String> {
+        let listen = self.listen.trim().parse().map_err(|_| {
+            format!(
+                "`{}` is not an IP address with a port (e.g. \"127.0.0.1:9187\", \"0.0.0.0:9187\")",
+                self.listen
+            )
+        })?;
+        Ok(MetricsConfig { listen })
+    }
+}
+
+/// Distinct error codes kept per provider profile; the rest count as `other`.
+pub const MAX_ERROR_CODES_PER_PROVIDER: usize = 50;
+
+/// Upper bounds of `wfq_provider_request_duration_seconds`.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Upper bounds of `wfq_claim_batch_size` (`0`: a claim that found nothing).
+pub const BATCH_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
+
+/// A monotonic count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The count.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Observations counted into fixed buckets.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// One per bound, plus the `+Inf` rest.
+    counts: Box<[AtomicU64]>,
+    sum_bits: AtomicU64,
+}
+
+impl Histogram {
+    /// An empty histogram with these ascending upper bounds.
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_bits: AtomicU64::new(0f64.to_bits()),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, value: f64) {
+        let bucket = self
+            .bounds
+            .iter()
+            .position(|b| value <= *b)
+            .unwrap_or(self.bounds.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        let _ = self
+            .sum_bits
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + value).to_bits())
+            });
+    }
+
+    /// The current state (the count is the sum of the buckets, so `+Inf`
+    /// and `_count` always agree).
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            bounds: self.bounds,
+            counts: self
+                .counts
+                .iter()
+                .map(|c| c.load(Ordering::Relaxed))
+                .collect(),
+            sum: f64::from_bits(self.sum_bits.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// One metric's series by label values (in the order of its label names).
+#[derive(Debug)]
+struct Family<T> {
+    labels: &'static [&'static str],
+    series: Mutex<BTreeMap<Vec<String>, Arc<T>>>,
+}
+
+impl<T> Family<T> {
+    fn new(labels: &'static [&'static str]) -> Self {
+        Family {
+            labels,
+            series: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<String>, Arc<T>>> {
+        // Every change is one insert: a panic cannot leave the map half-written.
+        self.series.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The series of `values`, created with `make` if new.
+    fn get(&self, values: &[&str], make: impl FnOnce() -> T) -> Arc<T> {
+        let key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
+        self.lock()
+            .entry(key)
+            .or_insert_with(|| Arc::new(make()))
+            .clone()
+    }
+
+    fn each(&self, mut f: impl FnMut(&[(&str, &str)], &T)) {
+        for (values, series) in self.lock().iter() {
+            let labels: Vec<(&str, &str)> = self
+                .labels
+                .iter()
+                .copied()
+                .zip(values.iter().map(String::as_str))
+                .collect();
+            f(&labels, series);
+        }
+    }
+}
+
+/// A provider call whose duration is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    /// The parameter manifest (chenyu `market/info`, Dify `/parameters`).
+    Manifest,
+    /// A run request.
+    Submit,
+    /// A status check.
+    Poll,
+    /// Looking for the run of a lost submit (Dify logs).
+    Find,
+    /// A stop request (Dify).
+    Stop,
+}
+
+impl Call {
+    fn as_str(self) -> &'static str {
+        match self {
+            Call::Manifest => "manifest",
+            Call::Submit => "submit",
+            Call::Poll => "poll",
+            Call::Find => "find",
+            Call::Stop => "stop",
+        }
+    }
+}
+
+/// The registry of one worker process.
+#[derive(Debug)]
+pub struct Metrics {
+    submits: Family<Counter>,
+    polls: Family<Counter>,
+    provider_errors: Family<Counter>,
+    request_duration: Family<Histogram>,
+    claim_batch_size: Histogram,
+    lease_rescues: Counter,
+    steps_in_flight: AtomicI64,
+    started: Instant,
+    /// Milliseconds after `started` of the last successful claim, plus one
+    /// (0: none yet).
+    last_claim: AtomicU64,
+    waiting_for_slot: AtomicBool,
+    stopping: AtomicBool,
+    bound: watch::Sender<Option<SocketAddr>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            submits: Family::new(&["provider", "outcome"]),
+            polls: Family::new(&["provider", "outcome"]),
+            provider_errors: Family::new(&["provider", "code"]),
+            request_duration: Family::new(&["provider", "call"]),
+            claim_batch_size: Histogram::new(BATCH_BUCKETS),
+            lease_rescues: Counter::default(),
+            steps_in_flight: AtomicI64::new(0),
+            started: Instant::now(),
+            last_claim: AtomicU64::new(0),
+            waiting_for_slot: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            bound: watch::Sender::new(None),
+        }
+    }
+}
+
+/// Counts a step in flight until dropped.
+#[must_use = "the step counts as in flight until this is dropped"]
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a AtomicI64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    /// Counts a submit's outcome (`accepted`, `replayed`, `rejected`,
+    /// `unclear`, `adopted`).
+    pub fn submit_outcome(&self, provider: &str, outcome: &'static str) {
+        self.submits
+            .get(&[provider, outcome], Counter::default)
+            .add(1);
+    }
+
+    /// Counts a status check's outcome.
+    pub fn poll_outcome(&self, provider: &str, outcome: &'static str) {
+        self.polls
+            .get(&[provider, outcome], Counter::default)
+            .add(1);
+    }
+
+    /// Counts a provider error; past [`MAX_ERROR_CODES_PER_PROVIDER`]
+    /// distinct codes of one profile, new codes count as `other`.
+    pub fn provider_error(&self, provider: &str, code: &str) {
+        let code: String = code.chars().take(64).collect();
+        let counter = {
+            let mut series = self.provider_errors.lock();
+            let key = vec![provider.to_owned(), code];
+            let key = if series.contains_key(&key)
+                || series.keys().filter(|k| k[0] == provider).count() < MAX_ERROR_CODES_PER_PROVIDER
+            {
+                key
+            } else {
+                vec![provider.to_owned(), "other".to_owned()]
+            };
+            series.entry(key).or_default().clone()
+        };
+        counter.add(1);
+    }
+
+    /// Records how long a provider call took.
+    pub fn request_duration(&self, provider: &str, call: Call, took: Duration) {
+        self.request_duration
+            .get(&[provider, call.as_str()], || {
+                Histogram::new(DURATION_BUCKETS)
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// A claim statement succeeded with `batch` runs, `rescued` of them
+    /// taken over from an expired lease. The claim loop is alive.
+    pub fn claimed(&self, batch: usize, rescued: usize) {
+        self.claim_batch_size.observe(batch as f64);
+        self.lease_rescues.add(rescued as u64);
+        let now = self.started.elapsed().as_millis() as u64 + 1;
+        self.last_claim.store(now, Ordering::Relaxed);
+    }
+
+    /// Awaits `wait` (the claim loop waiting for a free slot) while telling
+    /// `/readyz` that the loop is busy, not stuck.
+    pub async fn waiting_for_slot<F: Future>(&self, wait: F) -> F::Output {
+        self.waiting_for_slot.store(true, Ordering::Relaxed);
+        let out = wait.await;
+        self.waiting_for_slot.store(false, Ordering::Relaxed);
+        out
+    }
+
+    /// Counts a step as in flight until the guard is dropped.
+    pub fn step_started(&self) -> InFlight<'_> {
+        self.steps_in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(&self.steps_in_flight)
+    }
+
+    /// The worker stopped claiming: `/readyz` answers 503 from now on.
+    pub fn shutting_down(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// The claim loop's state for `/readyz`.
+    pub fn claim_loop(&self) -> ClaimLoop {
+        if self.stopping.load(Ordering::Relaxed) {
+            return ClaimLoop::Stopping;
+        }
+        if self.waiting_for_slot.load(Ordering::Relaxed) {
+            return ClaimLoop::WaitingForSlot;
+        }
+        match self.last_claim.load(Ordering::Relaxed) {
+            0 => ClaimLoop::NotYet,
+            at => {
+                let at = Duration::from_millis(at - 1);
+                ClaimLoop::LastClaim(self.started.elapsed().saturating_sub(at))
+            }
+        }
+    }
+
+    /// Publishes where the metrics server listens.
+    pub fn set_bound_addr(&self, addr: SocketAddr) {
+        self.bound.send_replace(Some(addr));
+    }
+
+    /// Where the metrics server listens, once it does (`None`: not yet, or
+    /// no `[metrics]` section).
+    pub fn listening(&self) -> Option<SocketAddr> {
+        *self.bound.borrow()
+    }
+
+    /// Waits until the metrics server listens and returns its address (the
+    /// real port when `listen` asked for port 0).
+    pub async fn bound_addr(&self) -> SocketAddr {
+        let mut rx = self.bound.subscribe();
+        let addr = rx
+            .wait_for(Option::is_some)
+            .await
+            .expect("sender lives in self");
+        addr.expect("waited for Some")
+    }
+
+    /// Writes the series this process keeps in memory.
+    pub fn encode(&self, out: &mut Exposition) {
+        out.header("wfq_build_info", Kind::Gauge, "Always 1; the wfq version.");
+        out.sample(
+            "wfq_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+            1,
+        );
+        let counters = [
+            (
+                "wfq_submits_total",
+                "Submits by outcome: accepted, replayed (the provider replayed the key), rejected, unclear (retried), adopted (a lost submit's run found).",
+                &self.submits,
+            ),
+            (
+                "wfq_polls_total",
+                "Status checks by outcome: active, succeeded, failed, unknown_status, rejected, unclear.",
+                &self.polls,
+            ),
+            (
+                "wfq_provider_errors_total",
+                "Provider errors by code: the provider's code, HTTP_<status>, UNREADABLE_ANSWER or NO_ANSWER; capped per provider, the rest as other.",
+                &self.provider_errors,
+            ),
+        ];
+        for (name, help, family) in counters {
+            out.header(name, Kind::Counter, help);
+            family.each(|labels, c| out.sample(name, labels, c.get()));
+        }
+        let name = "wfq_provider_request_duration_seconds";
+        out.header(
+            name,
+            Kind::Histogram,
+            "Duration of provider calls by call: manifest, submit, poll, find, stop.",
+        );
+        self.request_duration
+            .each(|labels, h| out.histogram(name, labels, &h.snapshot()));
+        out.header(
+            "wfq_claim_batch_size",
+            Kind::Histogram,
+            "Runs claimed per claim statement (0: nothing was due).",
+        );
+        out.histogram(
+            "wfq_claim_batch_size",
+            &[],
+            &self.claim_batch_size.snapshot(),
+        );
+        out.header(
+            "wfq_lease_rescues_total",
+            Kind::Counter,
+            "Runs this worker took over after another worker's lease expired.",
+        );
+        out.sample("wfq_lease_rescues_total", &[], self.lease_rescues.get());
+        out.header(
+            "wfq_steps_in_flight",
+            Kind::Gauge,
+            "Steps of runs being handled by this worker now.",
+        );
+        out.sample(
+            "wfq_steps_in_flight",
+            &[],
+            self.steps_in_flight.load(Ordering::Relaxed),
+        );
+    }
+}
+
+/// What the claim loop is doing, as far as `/readyz` cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimLoop {
+    /// No claim has succeeded yet.
+    NotYet,
+    /// The last successful claim was this long ago.
+    LastClaim(Duration),
+    /// Every slot is busy; the loop claims again when one frees up.
+    WaitingForSlot,
+    /// The worker is shutting down.
+    Stopping,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_are_capped_per_provider() {
+        let m = Metrics::default();
+        for i in 0..MAX_ERROR_CODES_PER_PROVIDER + 10 {
+            m.provider_error("a", &format!("CODE_{i}"));
+        }
+        m.provider_error("a", "CODE_0");
+        m.provider_error("b", "CODE_X");
+        let mut out = Exposition::new();
+        m.encode(&mut out);
+        let text = out.finish();
+        let a_codes = text
+            .lines()
+            .filter(|l| l.starts_with("wfq_provider_errors_total{provider=\"a\""))
+            .count();
+        assert_eq!(a_codes, MAX_ERROR_CODES_PER_PROVIDER + 1, "{text}");
+        assert!(text.contains("wfq_provider_errors_total{provider=\"a\",code=\"other\"} 10\n"));
+        assert!(text.contains("wfq_provider_errors_total{provider=\"a\",code=\"CODE_0\"} 2\n"));
+        assert!(text.contains("wfq_provider_errors_total{provider=\"b\",code=\"CODE_X\"} 1\n"));
+    }
+
+    #[test]
+    fn histogram_observations_land_in_their_buckets() {
+        let h = Histogram::new(&[1.0, 2.0]);
+        for v in [0.5, 1.0, 1.5, 3.0, 100.0] {
+            h.observe(v);
+        }
+        let s = h.snapshot();
+        assert_eq!(s.counts, vec![2, 1, 2]);
+        assert_eq!(s.sum, 106.0);
+    }
+
+    #[test]
+    fn claim_loop_state() {
+        let m = Metrics::default();
+        assert_eq!(m.claim_loop(), ClaimLoop::NotYet);
+        m.claimed(3, 1);
+        assert!(matches!(m.claim_loop(), ClaimLoop::LastClaim(d) if d < Duration::from_secs(5)));
+        {
+            let _a = m.step_started();
+            let _b = m.step_started();
+            assert_eq!(m.steps_in_flight.load(Ordering::Relaxed), 2);
+        }
+        assert_eq!(m.steps_in_flight.load(Ordering::Relaxed), 0);
+        m.shutting_down();
+        assert_eq!(m.claim_loop(), ClaimLoop::Stopping);
+        let mut out = Exposition::new();
+        m.encode(&mut out);
+        let text = out.finish();
+        assert!(text.contains("wfq_lease_rescues_total 1\n"), "{text}");
+        assert!(text.contains("wfq_claim_batch_size_count 1\n"), "{text}");
+        assert!(text.contains("wfq_claim_batch_size_sum 3\n"), "{text}");
+    }
+
+    #[test]
+    fn listen_addresses() {
+        let ok = RawMetricsConfig {
+            listen: "127.0.0.1:0".into(),
+        };
+        assert_eq!(ok.parse().unwrap().listen.port(), 0);
+        let bad = RawMetricsConfig {
+            listen: "localhost".into(),
+        };
+        assert!(bad.parse().unwrap_err().contains("localhost"));
+    }
+}
