@@ -7,18 +7,24 @@
 //! and a submit whose answer was lost is looked for in the logs filtered by
 //! that user before anything is sent again (see `find_submitted`).
 //!
-//! Why submit in streaming mode and then poll: the stream's first event,
-//! `workflow_started`, names the run, and the step records it at once. The
-//! worker then lets go of the connection and follows the run with
-//! `GET /workflows/run/{id}` on the durable schedule. Holding the stream to
-//! `workflow_finished` would tie the run to one process and one connection
-//! for as long as the workflow runs (a restart would lose the stream), and
-//! blocking mode is cut at 100 s by Dify cloud's proxy. Dify keeps running a
-//! workflow whose stream was closed; the stop endpoint is what ends it.
+//! Why the submit holds the stream: `workflow_started`, the stream's first
+//! event, names the run, and the step records it at once (`running`). The
+//! step then keeps reading the same stream to `workflow_finished`, renewing
+//! its lease, and records the result and the nodes' prices from it. Several
+//! Dify versions tie a workflow's progress to its stream: when the client
+//! goes away the run stays `running` for good and is never logged (Dify
+//! issues #12798, #19548, #20237, #23654, #26169), so letting go of the
+//! stream would lose the run. Blocking mode is cut at 100 s by Dify cloud.
+//! If the stream breaks anyway (network, worker restart), the run is
+//! followed with `GET /workflows/run/{id}` on the durable schedule, which is
+//! all a Dify that keeps running detached workflows needs.
 
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{Value, json};
+
+use std::collections::VecDeque;
+use std::time::Duration;
 
 use super::sse::EventReader;
 use super::wire::{RawAnswer, audit_copy, non_empty, snippet, unreadable};
@@ -33,10 +39,18 @@ use crate::money::{WireAmount, parse_amount};
 /// Log pages read when looking for a lost submit (100 entries each).
 const LOG_PAGES: u32 = 5;
 
+/// Longest silence on a run's stream before it counts as lost (Dify sends
+/// a `ping` every 10 s).
+pub const STREAM_IDLE: Duration = Duration::from_secs(45);
+
 /// A client for one Dify app (its API key selects the app).
 #[derive(Debug, Clone)]
 pub struct DifyClient {
     http: reqwest::Client,
+    /// Without a whole-request timeout: a run's stream lasts as long as the
+    /// run. Its parts are bounded one by one instead.
+    stream_http: reqwest::Client,
+    call_timeout: Duration,
     base_url: String,
     api_key: ApiKey,
 }
@@ -46,6 +60,12 @@ impl DifyClient {
     pub fn new(base_url: &str, api_key: ApiKey, http: &HttpConfig) -> Result<Self, reqwest::Error> {
         Ok(Self {
             http: super::wire::http_client(http)?,
+            stream_http: reqwest::Client::builder()
+                .connect_timeout(http.connect_timeout)
+                .pool_idle_timeout(Duration::from_secs(60))
+                .user_agent(concat!("wfq/", env!("CARGO_PKG_VERSION")))
+                .build()?,
+            call_timeout: http.timeout,
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key,
         })
@@ -72,8 +92,25 @@ impl DifyClient {
     }
 
     /// `POST /workflows/run` (or `/workflows/{revision}/run`) in streaming
-    /// mode, read up to `workflow_started`.
-    pub async fn submit(&self, run: &SubmitRequest<'_>) -> SubmitOutcome {
+    /// mode, read up to `workflow_started` within `http.timeout`; the rest
+    /// of the stream comes back with an accepted run, to be followed.
+    pub async fn submit(&self, run: &SubmitRequest<'_>) -> (SubmitOutcome, Option<RunStream>) {
+        match tokio::time::timeout(self.call_timeout, self.submit_until_started(run)).await {
+            Ok(answer) => answer,
+            Err(_) => (
+                SubmitOutcome::Unclear(Unclear::new(
+                    "timed out before workflow_started; the run may exist",
+                    Some(200),
+                )),
+                None,
+            ),
+        }
+    }
+
+    async fn submit_until_started(
+        &self,
+        run: &SubmitRequest<'_>,
+    ) -> (SubmitOutcome, Option<RunStream>) {
         let url = match run.revision_id {
             Some(revision) => format!("{}/workflows/{revision}/run", self.base_url),
             None => format!("{}/workflows/run", self.base_url),
@@ -84,7 +121,7 @@ impl DifyClient {
             "user": end_user(run.idempotency_key),
         });
         let sent = self
-            .http
+            .stream_http
             .post(url)
             .bearer_auth(self.api_key.expose())
             .json(&body)
@@ -92,35 +129,24 @@ impl DifyClient {
             .await;
         let mut response = match sent {
             Ok(response) => response,
-            Err(e) => return SubmitOutcome::Unclear(Unclear::from_transport(e)),
+            Err(e) => return (SubmitOutcome::Unclear(Unclear::from_transport(e)), None),
         };
         let status = response.status();
         if !status.is_success() || is_json(&response) {
-            let retry_after = super::wire::retry_after(response.headers());
-            let body = match response.bytes().await {
-                Ok(body) => body.to_vec(),
-                Err(e) => {
-                    return SubmitOutcome::Unclear(Unclear {
-                        http_status: Some(status.as_u16()),
-                        ..Unclear::from_transport(e)
-                    });
-                }
-            };
-            let raw = RawAnswer {
-                status,
-                retry_after,
-                body,
+            let raw = match read_answer(response).await {
+                Ok(raw) => raw,
+                Err(u) => return (SubmitOutcome::Unclear(u), None),
             };
             if !status.is_success() {
                 return match classify_error(&raw) {
-                    Failure::Rejected(e) => SubmitOutcome::Rejected(e),
-                    Failure::Unclear(u) => SubmitOutcome::Unclear(u),
+                    Failure::Rejected(e) => (SubmitOutcome::Rejected(e), None),
+                    Failure::Unclear(u) => (SubmitOutcome::Unclear(u), None),
                 };
             }
             // A JSON answer to a streaming request: a blocking-style body.
             return match parse_blocking(&raw.body) {
-                Ok(accepted) => SubmitOutcome::Accepted(accepted),
-                Err(u) => SubmitOutcome::Unclear(u),
+                Ok(accepted) => (SubmitOutcome::Accepted(accepted), None),
+                Err(u) => (SubmitOutcome::Unclear(u), None),
             };
         }
         let mut reader = EventReader::default();
@@ -128,25 +154,38 @@ impl DifyClient {
             let chunk = match response.chunk().await {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => {
-                    return SubmitOutcome::Unclear(Unclear::new(
+                    let u = Unclear::new(
                         "the stream ended before workflow_started; the run may exist",
                         Some(status.as_u16()),
-                    ));
+                    );
+                    return (SubmitOutcome::Unclear(u), None);
                 }
                 Err(e) => {
-                    return SubmitOutcome::Unclear(Unclear {
+                    let u = Unclear {
                         http_status: Some(status.as_u16()),
                         ..Unclear::from_transport(e)
-                    });
+                    };
+                    return (SubmitOutcome::Unclear(u), None);
                 }
             };
-            for data in reader.push(&chunk) {
+            let mut events: VecDeque<String> = reader.push(&chunk).into();
+            while let Some(data) = events.pop_front() {
                 match read_stream_event(&data) {
-                    StreamStart::Started(accepted) => return SubmitOutcome::Accepted(accepted),
-                    StreamStart::Failed(Failure::Rejected(e)) => {
-                        return SubmitOutcome::Rejected(e);
+                    StreamStart::Started(accepted) => {
+                        let stream = RunStream {
+                            response,
+                            reader,
+                            pending: events,
+                            prices: PriceSum::default(),
+                        };
+                        return (SubmitOutcome::Accepted(accepted), Some(stream));
                     }
-                    StreamStart::Failed(Failure::Unclear(u)) => return SubmitOutcome::Unclear(u),
+                    StreamStart::Failed(Failure::Rejected(e)) => {
+                        return (SubmitOutcome::Rejected(e), None);
+                    }
+                    StreamStart::Failed(Failure::Unclear(u)) => {
+                        return (SubmitOutcome::Unclear(u), None);
+                    }
                     StreamStart::Other => {}
                 }
             }
@@ -286,15 +325,20 @@ impl DifyClient {
                         }
                     }
                 }
-                // The replay ended without `workflow_finished`: a last event
-                // may lack its blank line; what was read is all there is.
+                // The replay ended without `workflow_finished` (cut short,
+                // or expired): a partial sum is no price; ask again later.
                 Ok(None) => {
                     for data in reader.push(b"\n\n") {
-                        if let Err(u) = sum.add(&data) {
-                            return Costs::Unclear(u);
+                        match sum.add(&data) {
+                            Ok(true) => return sum.known(),
+                            Ok(false) => {}
+                            Err(u) => return Costs::Unclear(u),
                         }
                     }
-                    return sum.known();
+                    return Costs::Unclear(Unclear::new(
+                        "the event replay ended before workflow_finished",
+                        Some(status.as_u16()),
+                    ));
                 }
                 Err(e) => {
                     return Costs::Unclear(Unclear {
@@ -329,6 +373,103 @@ impl DifyClient {
             Err(u) => StopOutcome::Unclear(u),
         }
     }
+}
+
+/// The rest of a run's stream after `workflow_started`.
+pub struct RunStream {
+    response: reqwest::Response,
+    reader: EventReader,
+    pending: VecDeque<String>,
+    prices: PriceSum,
+}
+
+impl std::fmt::Debug for RunStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunStream")
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a followed stream ended.
+#[derive(Debug)]
+pub enum StreamEnd {
+    /// `workflow_finished`: the run's result with its money.
+    Finished(Box<RunReport>),
+    /// The stream broke, ended early or went quiet for [`STREAM_IDLE`]: the
+    /// run is followed by status checks from here.
+    Lost(Unclear),
+}
+
+impl RunStream {
+    /// Reads to `workflow_finished`. Safe to poll from a `select!` loop as
+    /// long as the same future is polled again (it keeps its place).
+    pub async fn follow(&mut self) -> StreamEnd {
+        loop {
+            while let Some(data) = self.pending.pop_front() {
+                if let Err(u) = self.prices.add(&data) {
+                    return StreamEnd::Lost(u);
+                }
+                if let Some(finished) = finished_report(&data) {
+                    return match finished {
+                        Ok(mut report) => {
+                            let prices = std::mem::take(&mut self.prices);
+                            apply_costs(&mut report, prices.known());
+                            StreamEnd::Finished(Box::new(report))
+                        }
+                        Err(u) => StreamEnd::Lost(u),
+                    };
+                }
+            }
+            match tokio::time::timeout(STREAM_IDLE, self.response.chunk()).await {
+                Ok(Ok(Some(chunk))) => self.pending.extend(self.reader.push(&chunk)),
+                Ok(Ok(None)) => {
+                    return StreamEnd::Lost(Unclear::new(
+                        "the run's stream ended before workflow_finished",
+                        Some(200),
+                    ));
+                }
+                Ok(Err(e)) => return StreamEnd::Lost(Unclear::from_transport(e)),
+                Err(_) => {
+                    return StreamEnd::Lost(Unclear::new(
+                        format!("the run's stream was silent for {STREAM_IDLE:?}"),
+                        Some(200),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The report in a `workflow_finished` event (`None` for other events).
+fn finished_report(data: &str) -> Option<Result<RunReport, Unclear>> {
+    let event: StreamEvent = serde_json::from_str(data).ok()?;
+    if event.event.as_deref() != Some("workflow_finished") {
+        return None;
+    }
+    let Some(detail) = event.data else {
+        return Some(Err(unreadable("workflow_finished event", "no data")));
+    };
+    let text = detail.to_string();
+    Some(parse_run(text.as_bytes()).map(|mut report| {
+        report.raw = serde_json::from_str(data).unwrap_or(Value::Null);
+        report
+    }))
+}
+
+/// Reads a whole (error or JSON) answer.
+async fn read_answer(response: reqwest::Response) -> Result<RawAnswer, Unclear> {
+    let status = response.status();
+    let retry_after = super::wire::retry_after(response.headers());
+    let body = response.bytes().await.map_err(|e| Unclear {
+        http_status: Some(status.as_u16()),
+        ..Unclear::from_transport(e)
+    })?;
+    Ok(RawAnswer {
+        status,
+        retry_after,
+        body: body.to_vec(),
+    })
 }
 
 fn is_json(response: &reqwest::Response) -> bool {
@@ -640,6 +781,20 @@ struct NodeFinished {
 struct NodeData {
     #[serde(default)]
     execution_metadata: Option<ExecutionMetadata>,
+    #[serde(default)]
+    iteration_id: Option<Value>,
+    #[serde(default)]
+    loop_id: Option<Value>,
+}
+
+impl NodeData {
+    fn is_inside_iteration_or_loop(&self) -> bool {
+        let set = |v: &Option<Value>| v.as_ref().is_some_and(|v| !v.is_null());
+        let meta = self.execution_metadata.as_ref();
+        set(&self.iteration_id)
+            || set(&self.loop_id)
+            || meta.is_some_and(|m| set(&m.iteration_id) || set(&m.loop_id))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -648,6 +803,10 @@ struct ExecutionMetadata {
     total_price: Option<WireAmount>,
     #[serde(default)]
     currency: Option<String>,
+    #[serde(default)]
+    iteration_id: Option<Value>,
+    #[serde(default)]
+    loop_id: Option<Value>,
 }
 
 /// The prices of a run's nodes, added up as its events are read.
@@ -655,6 +814,8 @@ struct ExecutionMetadata {
 struct PriceSum {
     total: Option<Decimal>,
     currency: Option<String>,
+    /// Nodes priced in a second currency: no single total exists.
+    mixed: bool,
 }
 
 impl PriceSum {
@@ -668,21 +829,39 @@ impl PriceSum {
             Some("node_finished") => {}
             _ => return Ok(false),
         }
-        let Some(meta) = event.data.and_then(|d| d.execution_metadata) else {
+        let Some(node) = event.data else {
+            return Ok(false);
+        };
+        // Iteration and loop nodes report the total of their inner nodes,
+        // which report their own prices too: count the inner ones once.
+        if node.is_inside_iteration_or_loop() {
+            return Ok(false);
+        }
+        let Some(meta) = node.execution_metadata else {
             return Ok(false);
         };
         if let Some(price) = parse_amount("total_price", meta.total_price.as_ref())
             .map_err(|e| unreadable("node price", e))?
         {
-            self.total = Some(self.total.unwrap_or_default() + price);
+            let total = self
+                .total
+                .unwrap_or_default()
+                .checked_add(price)
+                .ok_or_else(|| unreadable("node prices", "their sum overflows"))?;
+            self.total = Some(total);
         }
-        if self.currency.is_none() {
-            self.currency = non_empty(meta.currency);
+        match (non_empty(meta.currency), &self.currency) {
+            (Some(currency), None) => self.currency = Some(currency),
+            (Some(currency), Some(seen)) if currency != *seen => self.mixed = true,
+            _ => {}
         }
         Ok(false)
     }
 
     fn known(self) -> Costs {
+        if self.mixed {
+            return Costs::Unavailable("the nodes are priced in more than one currency".into());
+        }
         Costs::Known {
             total_price: self.total,
             currency: self.currency,

@@ -13,7 +13,7 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
 pub use chenyu::ChenyuClient;
-pub use dify::DifyClient;
+pub use dify::{DifyClient, RunStream, StreamEnd};
 pub use gptbots::GptbotsClient;
 
 /// A workflow's published parameter manifest, as the worker needs it.
@@ -288,6 +288,16 @@ pub enum ManifestError {
     Unclear(Unclear),
 }
 
+/// A submit's answer and, for a provider whose runs are followed on their
+/// stream (Dify), the rest of that stream.
+#[derive(Debug)]
+pub struct Submitted {
+    /// What the answer means.
+    pub outcome: SubmitOutcome,
+    /// The accepted run's event stream, to be read to its end.
+    pub stream: Option<RunStream>,
+}
+
 /// What a status check needs to know about the run.
 #[derive(Debug, Clone, Copy)]
 pub struct PollRequest<'a> {
@@ -410,12 +420,13 @@ impl ProviderClient {
     }
 
     /// Submits a run.
-    pub async fn submit(&self, request: &SubmitRequest<'_>) -> SubmitOutcome {
-        match self {
-            ProviderClient::Chenyu(c) => c.submit(request).await,
+    pub async fn submit(&self, request: &SubmitRequest<'_>) -> Submitted {
+        let (outcome, stream) = match self {
+            ProviderClient::Chenyu(c) => (c.submit(request).await, None),
             ProviderClient::Dify(c) => c.submit(request).await,
-            ProviderClient::Gptbots(c) => c.submit(request).await,
-        }
+            ProviderClient::Gptbots(c) => (c.submit(request).await, None),
+        };
+        Submitted { outcome, stream }
     }
 
     /// Looks for a run submitted under `idempotency_key` whose answer was

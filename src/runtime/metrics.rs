@@ -13,7 +13,7 @@ use crate::metrics::text::{Exposition, Kind};
 use crate::metrics::{Call, Metrics};
 use crate::providers::{
     FindOutcome, Manifest, ManifestError, PollOutcome, PollRequest, ProviderClient, RunStatus,
-    StopOutcome, SubmitGuard, SubmitOutcome, SubmitRequest, Unclear,
+    StopOutcome, SubmitGuard, SubmitOutcome, SubmitRequest, Submitted, Unclear,
 };
 
 /// A provider profile's client that records every call's duration, outcome
@@ -71,11 +71,11 @@ impl MeteredClient {
     }
 
     /// See [`ProviderClient::submit`].
-    pub async fn submit(&self, request: &SubmitRequest<'_>) -> SubmitOutcome {
+    pub async fn submit(&self, request: &SubmitRequest<'_>) -> Submitted {
         let started = Instant::now();
-        let outcome = self.inner.submit(request).await;
+        let submitted = self.inner.submit(request).await;
         self.took(Call::Submit, started);
-        let label = match &outcome {
+        let label = match &submitted.outcome {
             SubmitOutcome::Accepted(a) if a.idempotent_replay => "replayed",
             SubmitOutcome::Accepted(_) => "accepted",
             SubmitOutcome::Rejected(e) => {
@@ -88,7 +88,7 @@ impl MeteredClient {
             }
         };
         self.metrics.submit_outcome(&self.profile, label);
-        outcome
+        submitted
     }
 
     /// See [`ProviderClient::find_submitted`]; an adopted run counts as a

@@ -17,8 +17,8 @@ use super::{Admission, Engine};
 use crate::inputs::complete_inputs;
 use crate::lifecycle::{self, FindDecision, InDoubt, RunProgress, RunState, Transition};
 use crate::providers::{
-    FindOutcome, PollOutcome, PollRequest, StopOutcome, SubmitGuard, SubmitOutcome, SubmitRequest,
-    Unclear,
+    FindOutcome, PollOutcome, PollRequest, RunStream, StopOutcome, StreamEnd, SubmitGuard,
+    SubmitOutcome, SubmitRequest, Submitted, Unclear,
 };
 use crate::store::{self, ClaimedRun};
 
@@ -276,7 +276,7 @@ async fn submit_step(
         return lease_ran_out("submit");
     }
 
-    let outcome = client
+    let Submitted { outcome, stream } = client
         .submit(&SubmitRequest {
             workflow_id: &run.workflow_id,
             revision_id: revision_id.as_deref(),
@@ -309,7 +309,7 @@ async fn submit_step(
         attempts: run.attempts + 1,
         ..progress(&run)
     };
-    let t = lifecycle::after_submit(
+    let mut t = lifecycle::after_submit(
         &progress,
         &outcome,
         client.submit_guard(),
@@ -318,8 +318,168 @@ async fn submit_step(
         Utc::now(),
         unit(),
     );
-    record(engine, &run, RunState::Submitting, version, &t).await?;
+    // A run followed on its stream stays ours while we read it.
+    let stream = stream.filter(|_| t.to == RunState::Running);
+    t.keep_lease = stream.is_some();
+    let renewed_at = Instant::now();
+    let recorded = record(engine, &run, RunState::Submitting, version, &t).await?;
+    if let (Some(stream), Some(version), SubmitOutcome::Accepted(accepted)) =
+        (stream, recorded, &outcome)
+    {
+        let followed = Followed {
+            version,
+            provider_run_id: &accepted.provider_run_id,
+            task_id: accepted.task_id.as_deref(),
+            lease_from: renewed_at,
+        };
+        follow_stream(engine, &run, profile, followed, stream).await?;
+    }
     Ok(())
+}
+
+/// The run whose stream a step follows.
+struct Followed<'a> {
+    /// The row's version after `running` was recorded.
+    version: i64,
+    provider_run_id: &'a str,
+    task_id: Option<&'a str>,
+    /// When the lease was last renewed.
+    lease_from: Instant,
+}
+
+/// Ends a background task with the step that started it, also when the
+/// step itself is dropped (a worker stopping mid-stream).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the lease heartbeat tells the step reading a stream.
+enum Heartbeat {
+    /// `wfq cancel` asked for the run to be stopped.
+    CancelRequested,
+    /// The lease could not be renewed: the run is no longer ours.
+    Lost,
+}
+
+/// Reads a Dify run's stream to its end, renewing the lease meanwhile, and
+/// records the result (or, when the stream is lost, a status check due on
+/// the schedule, so polling takes over).
+async fn follow_stream(
+    engine: &Engine,
+    run: &ClaimedRun,
+    profile: &super::Profile,
+    followed: Followed<'_>,
+    mut stream: RunStream,
+) -> Result<(), StepError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let heartbeat = AbortOnDrop(tokio::spawn(renew_while_streaming(
+        engine.pool.clone(),
+        run.id,
+        followed.version,
+        engine.worker_id.clone(),
+        engine.lease,
+        followed.lease_from,
+        tx,
+    )));
+    let request = PollRequest {
+        provider_run_id: followed.provider_run_id,
+        task_id: followed.task_id,
+        idempotency_key: &run.idempotency_key,
+    };
+    let mut cancel_requested = false;
+    let end = {
+        let follow = stream.follow();
+        tokio::pin!(follow);
+        loop {
+            tokio::select! {
+                end = &mut follow => break Some(end),
+                signal = rx.recv() => match signal {
+                    Some(Heartbeat::CancelRequested) if !cancel_requested => {
+                        cancel_requested = true;
+                        if let Some(stop) = profile.client.stop(&request).await {
+                            tracing::info!(stop = %stop_detail(&stop), "asked the provider to stop the run");
+                        }
+                    }
+                    Some(Heartbeat::CancelRequested) => {}
+                    Some(Heartbeat::Lost) | None => break None,
+                },
+            }
+        }
+    };
+    drop(heartbeat);
+    let Some(end) = end else {
+        tracing::warn!(
+            "lease lost while reading the run's stream; leaving the run to its new holder"
+        );
+        return Ok(());
+    };
+    let outcome = match end {
+        StreamEnd::Finished(report) => PollOutcome::Report(report),
+        StreamEnd::Lost(u) => {
+            tracing::warn!(reason = %u.reason, "the run's stream was lost; following it with status checks");
+            PollOutcome::Unclear(u)
+        }
+    };
+    let progress = RunProgress {
+        state: RunState::Running,
+        submitted_at: run.submitted_at.or(Some(Utc::now())),
+        ..progress(run)
+    };
+    let t = lifecycle::after_poll(
+        &progress,
+        &outcome,
+        cancel_requested || run.cancel_requested,
+        &engine.poll,
+        Utc::now(),
+        unit(),
+    );
+    record(engine, run, RunState::Running, followed.version, &t).await?;
+    Ok(())
+}
+
+/// Renews the lease of a run whose stream is being read, a third of a lease
+/// after the last renewal, until told to stop (the task is aborted) or the
+/// lease is lost; passes on cancel requests.
+async fn renew_while_streaming(
+    pool: sqlx::PgPool,
+    id: i64,
+    version: i64,
+    worker: String,
+    lease: Duration,
+    mut renewed: Instant,
+    signals: tokio::sync::mpsc::Sender<Heartbeat>,
+) {
+    let mut told_cancel = false;
+    loop {
+        tokio::time::sleep_until((renewed + lease / 3).into()).await;
+        let attempt = Instant::now();
+        match store::renew_lease(&pool, id, version, &worker, lease).await {
+            Ok(Some(cancel_requested)) => {
+                renewed = attempt;
+                if cancel_requested && !told_cancel {
+                    told_cancel = true;
+                    let _ = signals.send(Heartbeat::CancelRequested).await;
+                }
+            }
+            Ok(None) => {
+                let _ = signals.send(Heartbeat::Lost).await;
+                return;
+            }
+            // A database blip: try again soon, while the lease still runs.
+            Err(e) => {
+                tracing::warn!(error = %e, "could not renew the lease of a streamed run");
+                if attempt + lease / 3 >= renewed + lease {
+                    let _ = signals.send(Heartbeat::Lost).await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 }
 
 /// What a submit sends, once the inputs passed (or were recorded).

@@ -238,3 +238,30 @@ pub async fn record_rescue(
     .await?;
     Ok(())
 }
+
+/// Extends the lease of a run whose step is still working on it (reading a
+/// Dify run's stream), if `worker` still holds it at `version`. Returns
+/// whether a cancel was requested meanwhile; `None` when the run is no
+/// longer ours.
+#[tracing::instrument(name = "renew_lease", skip(pool), err, level = "debug")]
+pub async fn renew_lease(
+    pool: &PgPool,
+    id: i64,
+    version: i64,
+    worker: &str,
+    lease: Duration,
+) -> Result<Option<bool>, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"
+        UPDATE wfq.runs SET lease_expires_at = now() + make_interval(secs => $4)
+        WHERE id = $1 AND version = $2 AND lease_owner = $3
+        RETURNING cancel_requested_at IS NOT NULL
+        "#,
+    )
+    .bind(id)
+    .bind(version)
+    .bind(worker)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+}

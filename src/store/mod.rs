@@ -14,7 +14,7 @@ mod stats;
 mod transition;
 
 pub use claim::{
-    ClaimScope, ClaimedRun, claim_due_runs, next_due_in, record_rescue, release_leases,
+    ClaimScope, ClaimedRun, claim_due_runs, next_due_in, record_rescue, release_leases, renew_lease,
 };
 pub use metrics::{count_runs, outstanding_frozen, ping};
 pub use pauses::{ProviderPause, pause_provider, paused_providers, resume_provider};
