@@ -110,6 +110,9 @@ struct EnqueueArgs {
     /// Your own JSON, stored and never sent.
     #[arg(long)]
     metadata: Option<String>,
+    /// POST the finished run here as signed JSON (needs [callbacks] in the worker's config).
+    #[arg(long)]
+    callback_url: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -348,6 +351,7 @@ fn new_run(args: EnqueueArgs) -> Result<NewRun> {
             .metadata
             .map(|m| parse_json("metadata", &m))
             .transpose()?,
+        callback_url: args.callback_url,
     })
 }
 

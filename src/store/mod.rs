@@ -3,6 +3,7 @@
 //! Queries are built at runtime (`sqlx::query`), so a build never needs a live
 //! database; the integration tests run each of them against PostgreSQL.
 
+mod callbacks;
 mod claim;
 mod pauses;
 mod read;
@@ -10,6 +11,10 @@ mod requests;
 mod retention;
 mod transition;
 
+pub use callbacks::{
+    CallbackAttempt, ClaimedCallback, claim_due_callbacks, pending_callbacks,
+    record_callback_attempts,
+};
 pub use claim::{
     ClaimScope, ClaimedRun, claim_due_runs, next_due_in, record_rescue, release_leases,
 };
