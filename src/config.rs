@@ -52,6 +52,14 @@ pub enum ConfigError {
         /// The environment variable that was read.
         variable: String,
     },
+    /// `[callbacks]` names a secret that is missing from the environment.
+    #[error(
+        "[callbacks]: environment variable {variable} is not set (it holds the HMAC secret that signs callbacks; callbacks are never sent unsigned)"
+    )]
+    MissingCallbackSecret {
+        /// The environment variable that was read.
+        variable: String,
+    },
 }
 
 /// The whole, validated configuration of a wfq process.
@@ -71,6 +79,8 @@ pub struct Config {
     pub retention: Option<RetentionConfig>,
     /// `/metrics`, `/healthz` and `/readyz` (no server unless configured).
     pub metrics: Option<MetricsConfig>,
+    /// Delivery of completion callbacks (off unless configured).
+    pub callbacks: Option<CallbacksConfig>,
     /// Provider profiles by name (the value of `wfq.runs.provider`).
     pub providers: BTreeMap<String, ProviderProfile>,
 }
@@ -197,6 +207,19 @@ pub struct RetentionConfig {
     pub batch: i64,
 }
 
+/// `[callbacks]`: the worker POSTs finished runs to their `callback_url`.
+#[derive(Debug, Clone)]
+pub struct CallbacksConfig {
+    /// The HMAC-SHA256 key that signs every callback (redacted in Debug output).
+    pub secret: ApiKey,
+    /// Attempts and the durable schedule between them.
+    pub retry: RetryPolicy,
+    /// Whole-request timeout of one attempt.
+    pub timeout: Duration,
+    /// Callbacks delivered at once (and claimed per statement) by one process.
+    pub concurrency: usize,
+}
+
 /// Which API a provider profile speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProviderKind {
@@ -308,6 +331,7 @@ struct RawConfig {
     retention: Option<RawRetention>,
     #[serde(default)]
     metrics: Option<crate::metrics::RawMetricsConfig>,
+    callbacks: Option<RawCallbacks>,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
 }
@@ -318,6 +342,19 @@ struct RawRetention {
     finished_before: String,
     every: Option<String>,
     batch: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCallbacks {
+    secret_env: String,
+    max_attempts: Option<u32>,
+    initial: Option<String>,
+    max: Option<String>,
+    multiplier: Option<f64>,
+    jitter: Option<f64>,
+    timeout: Option<String>,
+    concurrency: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -612,6 +649,56 @@ impl Config {
             .metrics
             .map(|m| m.parse().map_err(|e| invalid("metrics.listen", e)));
         let metrics = metrics.transpose()?;
+        let callbacks = match raw.callbacks {
+            None => None,
+            Some(c) => {
+                let secret =
+                    env.var(&c.secret_env)
+                        .ok_or_else(|| ConfigError::MissingCallbackSecret {
+                            variable: c.secret_env.clone(),
+                        })?;
+                if secret.len() < MIN_CALLBACK_SECRET_BYTES {
+                    return Err(invalid(
+                        "callbacks.secret_env",
+                        format!(
+                            "the secret in {} is shorter than {MIN_CALLBACK_SECRET_BYTES} bytes",
+                            c.secret_env
+                        ),
+                    ));
+                }
+                let retry = RetryPolicy {
+                    max_attempts: c.max_attempts.unwrap_or(10),
+                    initial: duration("callbacks.initial", &c.initial, Duration::from_secs(10))?,
+                    max: duration("callbacks.max", &c.max, Duration::from_secs(3600))?,
+                    multiplier: c.multiplier.unwrap_or(2.0),
+                    jitter: c.jitter.unwrap_or(0.2),
+                };
+                check_schedule("callbacks", retry.multiplier, retry.jitter, origin)?;
+                if retry.max_attempts == 0 {
+                    return Err(invalid(
+                        "callbacks.max_attempts",
+                        "must be at least 1".into(),
+                    ));
+                }
+                let timeout = duration("callbacks.timeout", &c.timeout, Duration::from_secs(10))?;
+                if timeout.is_zero() {
+                    return Err(invalid("callbacks.timeout", "must be above zero".into()));
+                }
+                let concurrency = c.concurrency.unwrap_or(8);
+                if concurrency == 0 {
+                    return Err(invalid(
+                        "callbacks.concurrency",
+                        "must be at least 1".into(),
+                    ));
+                }
+                Some(CallbacksConfig {
+                    secret: ApiKey::new(secret),
+                    retry,
+                    timeout,
+                    concurrency,
+                })
+            }
+        };
 
         let mut providers = BTreeMap::new();
         for (name, raw) in raw.providers {
@@ -696,10 +783,14 @@ impl Config {
             http,
             retention,
             metrics,
+            callbacks,
             providers,
         })
     }
 }
+
+/// A callback secret shorter than this is refused: it would be guessable.
+pub const MIN_CALLBACK_SECRET_BYTES: usize = 16;
 
 fn check_schedule(
     section: &str,
@@ -871,6 +962,72 @@ mod tests {
         for (text, key) in cases {
             let err = Config::from_toml(text, "worker.toml", &env).unwrap_err();
             assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn callbacks_section() {
+        let env = FakeEnv(vec![
+            ("CHENYU_API_KEY", "k"),
+            ("HOOK_SECRET", "whsec-0123456789abcdef"),
+            ("SHORT", "abc"),
+        ]);
+        let config = Config::from_toml(SAMPLE, "worker.toml", &env).unwrap();
+        assert!(config.callbacks.is_none());
+
+        let text = format!("{SAMPLE}\n[callbacks]\nsecret_env = \"HOOK_SECRET\"\n");
+        let callbacks = Config::from_toml(&text, "worker.toml", &env)
+            .unwrap()
+            .callbacks
+            .unwrap();
+        assert_eq!(callbacks.secret.expose(), "whsec-0123456789abcdef");
+        assert_eq!(callbacks.retry.max_attempts, 10);
+        assert_eq!(callbacks.retry.initial, Duration::from_secs(10));
+        assert_eq!(callbacks.retry.max, Duration::from_secs(3600));
+        assert_eq!(callbacks.timeout, Duration::from_secs(10));
+        assert_eq!(callbacks.concurrency, 8);
+        assert!(!format!("{callbacks:?}").contains("whsec"));
+
+        let text = format!(
+            "{SAMPLE}\n[callbacks]\nsecret_env = \"HOOK_SECRET\"\nmax_attempts = 3\ninitial = \"1s\"\nmax = \"5s\"\nmultiplier = 3.0\njitter = 0.0\ntimeout = \"2s\"\nconcurrency = 2\n"
+        );
+        let callbacks = Config::from_toml(&text, "worker.toml", &env)
+            .unwrap()
+            .callbacks
+            .unwrap();
+        assert_eq!(callbacks.retry.delay(2, 0.5), Duration::from_secs(3));
+        assert_eq!(
+            (callbacks.concurrency, callbacks.retry.max_attempts),
+            (2, 3)
+        );
+
+        let cases = [
+            ("secret_env = \"NOT_SET\"", "NOT_SET"),
+            ("secret_env = \"SHORT\"", "callbacks.secret_env"),
+            ("max_attempts = 1", "secret_env"),
+            (
+                "secret_env = \"HOOK_SECRET\"\nmax_attempts = 0",
+                "callbacks.max_attempts",
+            ),
+            (
+                "secret_env = \"HOOK_SECRET\"\nconcurrency = 0",
+                "callbacks.concurrency",
+            ),
+            (
+                "secret_env = \"HOOK_SECRET\"\njitter = 2.0",
+                "callbacks.jitter",
+            ),
+            (
+                "secret_env = \"HOOK_SECRET\"\ntimeout = \"0s\"",
+                "callbacks.timeout",
+            ),
+            ("secret_env = \"HOOK_SECRET\"\nsecret = \"x\"", "secret"),
+        ];
+        for (body, key) in cases {
+            let text = format!("{SAMPLE}\n[callbacks]\n{body}\n");
+            let err = Config::from_toml(&text, "worker.toml", &env).unwrap_err();
+            assert!(err.to_string().contains(key), "{body}: {err}");
+            assert!(!err.to_string().contains("abc\""), "{err}");
         }
     }
 

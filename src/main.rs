@@ -126,6 +126,9 @@ struct EnqueueArgs {
     /// With --wait: print the final run as JSON (like `wfq show --json`).
     #[arg(long, requires = "wait")]
     json: bool,
+    /// POST the finished run here as signed JSON (needs [callbacks] in the worker's config).
+    #[arg(long)]
+    callback_url: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -382,6 +385,7 @@ fn new_run(args: EnqueueArgs) -> Result<NewRun> {
             .metadata
             .map(|m| parse_json("metadata", &m))
             .transpose()?,
+        callback_url: args.callback_url,
     })
 }
 

@@ -304,6 +304,22 @@ where
         .retention
         .clone()
         .map(|r| tokio::spawn(retention::prune_periodically(pool.clone(), r)));
+    // Completion callbacks: stopped with the claim loop; the batch in flight
+    // is finished and recorded.
+    let (stop_callbacks, callbacks_stop) = tokio::sync::watch::channel(false);
+    let callbacks = match &config.callbacks {
+        Some(c) => Some(tokio::spawn(crate::callbacks::deliver_callbacks(
+            pool.clone(),
+            c.clone(),
+            config.worker.id.clone(),
+            config.worker.listen,
+            callbacks_stop,
+        ))),
+        None => {
+            tokio::spawn(crate::callbacks::warn_if_undelivered(pool.clone()));
+            None
+        }
+    };
     // A pause recorded by an earlier process says nothing about this one's
     // keys; it is recorded again if this process is refused too.
     for profile in engine.provider_names() {
@@ -361,6 +377,7 @@ where
         .run_with_signal(async move {
             shutdown.await;
             metrics.shutting_down();
+            let _ = stop_callbacks.send(true);
             tracing::info!("shutting down: no new claims; waiting for steps in flight");
             Ok(())
         })
@@ -371,6 +388,15 @@ where
     prober.abort();
     if let Some(pruner) = pruner {
         pruner.abort();
+    }
+    if let (Some(mut task), Some(c)) = (callbacks, &config.callbacks) {
+        // Normally done already: it stopped together with the claim loop.
+        if tokio::time::timeout(c.timeout + Duration::from_secs(5), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
     }
     match crate::store::release_leases(&engine.pool, &engine.worker_id).await {
         Ok(0) => {}

@@ -3,6 +3,7 @@
 //! Queries are built at runtime (`sqlx::query`), so a build never needs a live
 //! database; the integration tests run each of them against PostgreSQL.
 
+mod callbacks;
 mod claim;
 mod metrics;
 mod pauses;
@@ -13,6 +14,10 @@ mod spend;
 mod stats;
 mod transition;
 
+pub use callbacks::{
+    CallbackAttempt, ClaimedCallback, claim_due_callbacks, pending_callbacks,
+    record_callback_attempts,
+};
 pub use claim::{
     ClaimScope, ClaimedRun, claim_due_runs, next_due_in, record_rescue, release_leases, renew_lease,
 };

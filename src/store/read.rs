@@ -116,6 +116,7 @@ macro_rules! run_columns {
          error_message, error_detail"
     };
 }
+pub(crate) use run_columns;
 
 /// One run, or `None`.
 pub async fn show_run(pool: &PgPool, id: i64) -> Result<Option<RunRow>, sqlx::Error> {

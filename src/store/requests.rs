@@ -26,6 +26,8 @@ pub struct NewRun {
     pub not_before: Option<DateTime<Utc>>,
     /// The producer's own data, never sent.
     pub metadata: Option<Value>,
+    /// POSTed the run as signed JSON once it is final (`[callbacks]`).
+    pub callback_url: Option<String>,
 }
 
 /// Why a request was refused.
@@ -55,9 +57,10 @@ pub async fn enqueue_run(pool: &PgPool, run: &NewRun) -> Result<i64, RequestErro
     let id = sqlx::query_scalar(
         r#"
         INSERT INTO wfq.runs (provider, workflow_id, revision_id, inputs, idempotency_key,
-                              accept_external_cost_risk, priority, not_before, metadata)
+                              accept_external_cost_risk, priority, not_before, metadata,
+                              callback_url)
         VALUES (COALESCE($1, 'chenyu'), $2, $3, $4, COALESCE($5, gen_random_uuid()::text),
-                $6, $7, $8, $9)
+                $6, $7, $8, $9, $10)
         RETURNING id
         "#,
     )
@@ -70,6 +73,7 @@ pub async fn enqueue_run(pool: &PgPool, run: &NewRun) -> Result<i64, RequestErro
     .bind(run.priority)
     .bind(run.not_before)
     .bind(&run.metadata)
+    .bind(&run.callback_url)
     .fetch_one(pool)
     .await?;
     Ok(id)
@@ -220,9 +224,10 @@ pub async fn retry_run(pool: &PgPool, id: i64) -> Result<RetryOutcome, RequestEr
         r#"
         WITH copy AS (
             INSERT INTO wfq.runs (provider, workflow_id, revision_id, inputs,
-                                  accept_external_cost_risk, priority, metadata, retry_of)
+                                  accept_external_cost_risk, priority, metadata, retry_of,
+                                  callback_url)
             SELECT provider, workflow_id, revision_id, inputs,
-                   accept_external_cost_risk, priority, metadata, id
+                   accept_external_cost_risk, priority, metadata, id, callback_url
             FROM wfq.runs
             WHERE id = $1 AND state IN ('failed', 'canceled') AND settled_at IS NOT NULL
             RETURNING id, retry_of

@@ -7,7 +7,8 @@ use sqlx::PgPool;
 /// Deletes runs that finished more than `older_than` ago, `batch` rows per
 /// statement so the queue is never blocked for long. Runs whose money is
 /// not settled (`SUBMIT_RETRIES_EXHAUSTED`, `POLL_DEADLINE`) are kept: they
-/// are the open questions of a billing dispute. Returns how many were deleted.
+/// are the open questions of a billing dispute; so are runs whose callback
+/// is still being delivered. Returns how many were deleted.
 #[tracing::instrument(name = "prune_finished_runs", skip(pool), err)]
 pub async fn prune_finished_runs(
     pool: &PgPool,
@@ -22,6 +23,7 @@ pub async fn prune_finished_runs(
                 SELECT id FROM wfq.runs
                 WHERE state IN ('succeeded', 'failed', 'canceled')
                   AND settled_at IS NOT NULL
+                  AND callback_state IS DISTINCT FROM 'pending'
                   AND finished_at < now() - make_interval(secs => $1)
                 ORDER BY finished_at
                 LIMIT $2
