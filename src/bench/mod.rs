@@ -39,11 +39,11 @@ pub struct BenchArgs {
     /// Rows of the enqueue-rate figure (one batch INSERT).
     #[arg(long, default_value_t = 100_000)]
     pub enqueue: u32,
-    /// Worker concurrency (`worker.concurrency`) for every figure.
-    #[arg(long, default_value_t = 64)]
+    /// Worker concurrency (`worker.concurrency`) for every figure (and the peers).
+    #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
     /// Worker pool size (`database.max_connections`).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 20)]
     pub max_connections: u32,
     /// Only these figures (comma separated: lifecycle, pickup, inflight, polls, enqueue, peers).
     #[arg(long, value_delimiter = ',')]
@@ -97,7 +97,7 @@ impl Plan {
             args.pickup = args.pickup.min(50);
             args.inflight = args.inflight.min(300);
             args.enqueue = args.enqueue.min(2_000);
-            inflight_duration = inflight_duration.min(Duration::from_secs(3));
+            inflight_duration = inflight_duration.min(Duration::from_secs(2));
             pgbench_seconds = 1;
         }
         Ok(Plan {
