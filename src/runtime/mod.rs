@@ -9,6 +9,7 @@ mod pauses;
 mod retention;
 mod step;
 mod wake;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -29,6 +30,7 @@ pub use manifests::ManifestCache;
 pub use pauses::ProviderPauses;
 pub use step::{LeaseClock, StepError, run_step};
 pub use wake::Wake;
+pub use writer::TransitionWriter;
 
 use crate::backoff::{PollPolicy, RetryPolicy};
 use crate::config::{Config, ProviderKind};
@@ -58,6 +60,8 @@ pub struct Engine {
     pub manifests: ManifestCache,
     /// The claim loop's alarm clock.
     pub wake: Arc<Wake>,
+    /// Writes step outcomes, many runs per commit.
+    pub transitions: TransitionWriter,
 }
 
 /// One configured provider profile, as the steps use it.
@@ -118,7 +122,6 @@ impl Engine {
             pauses: ProviderPauses::default(),
             auth_probe: config.worker.auth_probe,
             fail_unknown_providers: config.worker.fail_unknown_providers,
-            pool,
             worker_id: config.worker.id.clone(),
             lease: config.worker.lease,
             call_timeout: config.http.timeout,
@@ -127,6 +130,14 @@ impl Engine {
             providers,
             manifests: ManifestCache::default(),
             wake: Arc::new(Wake::default()),
+            // Leave connections for the claim loop, LISTEN and the rest.
+            transitions: TransitionWriter::start(
+                pool.clone(),
+                config.worker.id.clone(),
+                config.worker.lease,
+                (config.database.max_connections as usize / 2).max(1),
+            ),
+            pool,
         })
     }
 

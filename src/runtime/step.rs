@@ -108,17 +108,7 @@ async fn record(
 ) -> Result<Option<i64>, StepError> {
     // A short blip (failover, restart, pool exhausted) is retried here, so
     // it costs milliseconds instead of a lease period.
-    let apply = || {
-        store::apply_transition(
-            &engine.pool,
-            run.id,
-            version,
-            from,
-            &engine.worker_id,
-            engine.lease,
-            t,
-        )
-    };
+    let apply = || engine.transitions.apply(run.id, version, from, t);
     let applied = apply
         .retry(
             ExponentialBuilder::default()

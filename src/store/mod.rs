@@ -19,7 +19,7 @@ pub use requests::{
     CancelOutcome, NewRun, RequestError, RetryOutcome, cancel_run, enqueue_run, retry_run,
 };
 pub use retention::prune_finished_runs;
-pub use transition::apply_transition;
+pub use transition::{TransitionWrite, apply_transition, apply_transitions};
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
