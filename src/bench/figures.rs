@@ -498,6 +498,13 @@ pub(crate) async fn inflight(plan: &Plan, url: &str, pool: &PgPool) -> Result<()
         .iter()
         .map(|s| schedule_points_between(&policy, t0 - s, t1 - s))
         .sum();
+    // Over each run's whole life so far: a worker that fell behind polls
+    // late and then catches up inside the window, so the window alone can
+    // exceed the schedule while the totals cannot.
+    let schedule_total: u64 = submitted
+        .iter()
+        .map(|s| schedule_points_between(&policy, 0.0, t1 - s))
+        .sum();
     let secs = (t1 - t0).max(1e-9);
     let polls_per_s = (polls1 - polls0) as f64 / secs;
     let expected_per_s = expected as f64 / secs;
@@ -521,7 +528,9 @@ pub(crate) async fn inflight(plan: &Plan, url: &str, pool: &PgPool) -> Result<()
         format!("{polls_per_s:.1}"),
         "polls/s",
         &format!("~{expected_per_s:.1} (schedule)"),
-        &format!("sim_status_requests_per_s={info_per_s:.1} runs_in_flight={n}"),
+        &format!(
+            "sim_status_requests_per_s={info_per_s:.1} runs_in_flight={n} total_polls={polls1} schedule_total={schedule_total}"
+        ),
     );
     figure(
         "inflight_db_commits_per_s",
