@@ -6,6 +6,7 @@
 //! writes outputs and money back. See README.md and DESIGN.md.
 
 pub mod backoff;
+pub mod bench;
 pub mod callbacks;
 pub mod config;
 pub mod demo;

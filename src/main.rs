@@ -88,6 +88,8 @@ enum Command {
     Sim(SimArgs),
     /// Run the whole thing against the built-in simulator and print the results.
     Demo,
+    /// Measure wfq (and the peers in benches/peers) on its own database; see BENCHMARKS.md.
+    Bench(wfq::bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -319,6 +321,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Sim(args) => run_sim(args).await?,
         Command::Demo => demo::run_demo().await?,
+        Command::Bench(args) => wfq::bench::run(args).await?,
     }
     Ok(())
 }

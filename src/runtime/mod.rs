@@ -12,6 +12,7 @@ mod retention;
 mod step;
 mod throttle;
 mod wake;
+mod writer;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -34,6 +35,7 @@ pub use pauses::ProviderPauses;
 pub use step::{LeaseClock, StepError, run_step};
 pub use throttle::{Admission, RateState, Throttles};
 pub use wake::Wake;
+pub use writer::TransitionWriter;
 
 use crate::backoff::{PollPolicy, RetryPolicy};
 use crate::config::{Config, ProviderKind};
@@ -71,6 +73,8 @@ pub struct Engine {
     pub budget_recheck: Duration,
     /// This process's metrics (`/metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Writes step outcomes, many runs per commit.
+    pub transitions: TransitionWriter,
 }
 
 /// One configured provider profile, as the steps use it.
@@ -157,7 +161,6 @@ impl Engine {
             pauses: ProviderPauses::default(),
             auth_probe: config.worker.auth_probe,
             fail_unknown_providers: config.worker.fail_unknown_providers,
-            pool,
             worker_id: config.worker.id.clone(),
             lease: config.worker.lease,
             call_timeout: config.http.timeout,
@@ -170,6 +173,14 @@ impl Engine {
             budget_timezone: config.worker.budget_timezone.clone(),
             budget_recheck: config.worker.budget_recheck,
             metrics,
+            // Leave connections for the claim loop, LISTEN and the rest.
+            transitions: TransitionWriter::start(
+                pool.clone(),
+                config.worker.id.clone(),
+                config.worker.lease,
+                (config.database.max_connections as usize / 2).max(1),
+            ),
+            pool,
         })
     }
 

@@ -7,8 +7,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
-
 use chrono::Utc;
 use serde_json::{Map, Value};
 use tracing::Instrument;
@@ -107,35 +105,17 @@ async fn record(
     version: i64,
     t: &Transition,
 ) -> Result<Option<i64>, StepError> {
-    // A short blip (failover, restart, pool exhausted) is retried here, so
-    // it costs milliseconds instead of a lease period.
-    let apply = || {
-        store::apply_transition(
-            &engine.pool,
-            run.id,
-            version,
-            from,
-            &engine.worker_id,
-            engine.lease,
-            t,
-        )
-    };
-    let applied = apply
-        .retry(
-            ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(100))
-                .with_max_delay(Duration::from_secs(2))
-                .with_max_times(4)
-                .with_jitter(),
-        )
-        .when(is_transient)
-        .notify(|e, wait| tracing::warn!(error = %e, retry_in = ?wait, "recording the step failed; retrying"))
+    // The writer retries a database that is briefly away (failover,
+    // restart, pool exhausted), for all waiting steps at once.
+    let applied = engine
+        .transitions
+        .apply(run.id, version, from, t)
         .await
         .map_err(|source| StepError::Database {
-        run_id: run.id,
-        event: t.event.kind,
-        source,
-    })?;
+            run_id: run.id,
+            event: t.event.kind,
+            source,
+        })?;
     match applied {
         Some(_) => {
             log_transition(from, t);
@@ -149,19 +129,6 @@ async fn record(
         ),
     }
     Ok(applied)
-}
-
-/// Errors worth repeating the same statement for: the connection, not the
-/// statement, was the problem.
-fn is_transient(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception; 57P01..03: server shutting down / unavailable; 40001: serialization
-            code.starts_with("08") || code.starts_with("57P") || code == "40001"
-        }),
-        _ => false,
-    }
 }
 
 fn log_transition(from: RunState, t: &Transition) {

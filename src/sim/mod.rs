@@ -171,6 +171,19 @@ impl SimServer {
         gptbots::ledger(&self.shared)
     }
 
+    /// When each accepted submit arrived (wall clock), by idempotency key:
+    /// the end of the pick-up path that `wfq bench` measures.
+    pub fn submit_arrivals(
+        &self,
+    ) -> std::collections::HashMap<String, chrono::DateTime<chrono::Utc>> {
+        self.shared
+            .lock()
+            .runs
+            .values()
+            .map(|run| (run.idempotency_key.clone(), run.created_at))
+            .collect()
+    }
+
     /// A snapshot of the request counters.
     pub fn stats(&self) -> SimStats {
         self.shared.lock().stats.clone()

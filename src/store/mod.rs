@@ -30,7 +30,7 @@ pub use requests::{
 pub use retention::prune_finished_runs;
 pub use spend::{Guarded, GuardedRun, begin_within_limits, check_timezone, hold_run};
 pub use stats::{StateCount, queue_stats};
-pub use transition::apply_transition;
+pub use transition::{TransitionWrite, apply_transition, apply_transitions};
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -52,4 +52,17 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
 /// Applies the migrations in `migrations/` (idempotent).
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     sqlx::migrate!("./migrations").run(pool).await
+}
+
+/// Errors worth repeating the same statement for: the connection, not the
+/// statement, was the problem.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 57P01..03: server shutting down / unavailable; 40001: serialization
+            code.starts_with("08") || code.starts_with("57P") || code == "40001"
+        }),
+        _ => false,
+    }
 }

@@ -1,4 +1,5 @@
-//! Writing one step's [`Transition`] and its event in a single statement.
+//! Writing steps' [`Transition`]s and their events, one statement for a
+//! whole batch of runs.
 
 use std::time::Duration;
 
@@ -7,14 +8,14 @@ use sqlx::PgExecutor;
 use crate::lifecycle::{RunState, SubmitDoubt, Transition};
 
 /// Applies `t` to run `id` if this worker still holds it at `version`
-/// (compare-and-set), and appends the event in the same statement.
+/// (compare-and-set), and appends the event in the same statement: a batch
+/// of one for [`apply_transitions`].
 ///
 /// Returns the new version, or `None` when the row moved on without us
 /// (canceled, or the lease expired and another worker took it): the caller
 /// then stops handling the run.
-#[tracing::instrument(name = "apply_transition", skip(pool, t), fields(to = %t.to, event = t.event.kind), err)]
 pub async fn apply_transition<'e>(
-    pool: impl PgExecutor<'e>,
+    executor: impl PgExecutor<'e>,
     id: i64,
     version: i64,
     from: RunState,
@@ -22,104 +23,169 @@ pub async fn apply_transition<'e>(
     lease: Duration,
     t: &Transition,
 ) -> Result<Option<i64>, sqlx::Error> {
-    let f = &t.facts;
-    let error = t.error.as_ref();
-    sqlx::query_scalar(
+    let write = TransitionWrite {
+        id,
+        version,
+        from,
+        transition: t.clone(),
+    };
+    let applied = apply_transitions(executor, worker, lease, std::slice::from_ref(&write)).await?;
+    Ok(applied.into_iter().next().flatten())
+}
+
+/// One transition of a batch: run `id` at `version`, moving from `from`.
+#[derive(Debug, Clone)]
+pub struct TransitionWrite {
+    /// The run.
+    pub id: i64,
+    /// The version this worker holds.
+    pub version: i64,
+    /// The state the step started from (for the event).
+    pub from: RunState,
+    /// What to write.
+    pub transition: Transition,
+}
+
+/// Applies many runs' transitions, each with its own compare-and-set and
+/// event, in one statement (and one commit, outside a transaction): one
+/// round trip and one WAL flush per batch instead of per run.
+/// The result lists the new version per write, in order (`None`: that run
+/// moved on without us). A batch never holds one run twice (a run has one
+/// step at a time).
+#[tracing::instrument(name = "apply_transitions", skip(pool, writes), fields(batch = writes.len()), err)]
+pub async fn apply_transitions<'e>(
+    pool: impl PgExecutor<'e>,
+    worker: &str,
+    lease: Duration,
+    writes: &[TransitionWrite],
+) -> Result<Vec<Option<i64>>, sqlx::Error> {
+    fn col<T, F: Fn(&TransitionWrite) -> T>(writes: &[TransitionWrite], f: F) -> Vec<T> {
+        writes.iter().map(f).collect()
+    }
+    let facts = |w: &TransitionWrite| w.transition.facts.clone();
+    let all_facts: Vec<_> = writes.iter().map(facts).collect();
+    let fact = |f: fn(&crate::lifecycle::ProviderFacts) -> Option<String>| -> Vec<Option<String>> {
+        all_facts.iter().map(f).collect()
+    };
+    let amount = |f: fn(&crate::lifecycle::ProviderFacts) -> Option<rust_decimal::Decimal>| {
+        all_facts.iter().map(f).collect::<Vec<_>>()
+    };
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
         r#"
-        WITH updated AS (
-            UPDATE wfq.runs SET
-                state = $3,
-                version = version + 1,
+        WITH input AS (
+            SELECT * FROM unnest(
+                $1::int8[], $2::int8[], $3::text[], $4::int4[], $5::int4[], $6::timestamptz[],
+                $7::bool[], $8::bool[], $9::bool[], $10::text[], $11::text[], $12::jsonb[],
+                $13::text[], $14::text[], $15::text[], $16::text[], $17::text[], $18::text[],
+                $19::text[], $20::text[], $21::jsonb[], $22::text[], $23::numeric[], $24::numeric[],
+                $25::numeric[], $26::numeric[], $27::numeric[], $28::numeric[], $29::numeric[],
+                $30::text[], $31::text[], $32::jsonb[], $33::text[], $34::text[], $35::jsonb[],
+                $36::int8[], $37::text[]
+            ) AS i(id, version, state, attempts_delta, polls_delta, due_at,
+                   keep_lease, submitted, settled, pin_revision, revision_id, sent_inputs,
+                   provider_run_id, task_id, prompt_id, billing_run_id, run_status, freeze_status,
+                   submission_status, settlement_status, outputs, currency, quote_amount, frozen_amount,
+                   final_amount, released_amount, compute_cost, external_model_cost, total_cost,
+                   error_code, error_message, error_detail, kind, from_state, detail,
+                   total_tokens, doubt)
+        ),
+        updated AS (
+            UPDATE wfq.runs r SET
+                state = i.state,
+                version = r.version + 1,
                 updated_at = now(),
-                attempts = attempts + $4,
-                polls = polls + $5,
-                due_at = COALESCE($6, due_at),
-                lease_owner = CASE WHEN $7 THEN lease_owner END,
-                lease_expires_at = CASE WHEN $7 THEN now() + make_interval(secs => $8) END,
-                submitted_at = CASE WHEN $9 THEN COALESCE(submitted_at, now()) ELSE submitted_at END,
-                finished_at = CASE WHEN $3 IN ('succeeded', 'failed', 'canceled') THEN now() ELSE finished_at END,
-                settled_at = CASE WHEN $10 THEN COALESCE(settled_at, now()) ELSE settled_at END,
-                revision_id = COALESCE(revision_id, $11, $12),
-                sent_inputs = COALESCE($13, sent_inputs),
-                provider_run_id = COALESCE($14, provider_run_id),
-                task_id = COALESCE($15, task_id),
-                prompt_id = COALESCE($16, prompt_id),
-                billing_run_id = COALESCE($17, billing_run_id),
-                run_status = COALESCE($18, run_status),
-                freeze_status = COALESCE($19, freeze_status),
-                submission_status = COALESCE($20, submission_status),
-                settlement_status = COALESCE($21, settlement_status),
-                outputs = COALESCE($22, outputs),
-                currency = COALESCE($23, currency),
-                quote_amount = COALESCE($24, quote_amount),
-                frozen_amount = COALESCE($25, frozen_amount),
-                final_amount = COALESCE($26, final_amount),
-                released_amount = COALESCE($27, released_amount),
-                compute_cost = COALESCE($28, compute_cost),
-                external_model_cost = COALESCE($29, external_model_cost),
-                total_cost = COALESCE($30, total_cost),
-                error_code = COALESCE($31, error_code),
-                error_message = COALESCE($32, error_message),
-                error_detail = COALESCE($33, error_detail),
-                total_tokens = COALESCE($38, total_tokens),
-                hold_reason = CASE WHEN $3 = 'queued' THEN hold_reason END,
-                submit_in_doubt_since = CASE $39
+                attempts = r.attempts + i.attempts_delta,
+                polls = r.polls + i.polls_delta,
+                due_at = COALESCE(i.due_at, r.due_at),
+                lease_owner = CASE WHEN i.keep_lease THEN r.lease_owner END,
+                lease_expires_at = CASE WHEN i.keep_lease THEN now() + make_interval(secs => $39) END,
+                submitted_at = CASE WHEN i.submitted THEN COALESCE(r.submitted_at, now()) ELSE r.submitted_at END,
+                finished_at = CASE WHEN i.state IN ('succeeded', 'failed', 'canceled') THEN now() ELSE r.finished_at END,
+                settled_at = CASE WHEN i.settled THEN COALESCE(r.settled_at, now()) ELSE r.settled_at END,
+                revision_id = COALESCE(r.revision_id, i.pin_revision, i.revision_id),
+                sent_inputs = COALESCE(i.sent_inputs, r.sent_inputs),
+                provider_run_id = COALESCE(i.provider_run_id, r.provider_run_id),
+                task_id = COALESCE(i.task_id, r.task_id),
+                prompt_id = COALESCE(i.prompt_id, r.prompt_id),
+                billing_run_id = COALESCE(i.billing_run_id, r.billing_run_id),
+                run_status = COALESCE(i.run_status, r.run_status),
+                freeze_status = COALESCE(i.freeze_status, r.freeze_status),
+                submission_status = COALESCE(i.submission_status, r.submission_status),
+                settlement_status = COALESCE(i.settlement_status, r.settlement_status),
+                outputs = COALESCE(i.outputs, r.outputs),
+                currency = COALESCE(i.currency, r.currency),
+                quote_amount = COALESCE(i.quote_amount, r.quote_amount),
+                frozen_amount = COALESCE(i.frozen_amount, r.frozen_amount),
+                final_amount = COALESCE(i.final_amount, r.final_amount),
+                released_amount = COALESCE(i.released_amount, r.released_amount),
+                compute_cost = COALESCE(i.compute_cost, r.compute_cost),
+                external_model_cost = COALESCE(i.external_model_cost, r.external_model_cost),
+                total_cost = COALESCE(i.total_cost, r.total_cost),
+                error_code = COALESCE(i.error_code, r.error_code),
+                error_message = COALESCE(i.error_message, r.error_message),
+                error_detail = COALESCE(i.error_detail, r.error_detail),
+                total_tokens = COALESCE(i.total_tokens, r.total_tokens),
+                hold_reason = CASE WHEN i.state = 'queued' THEN r.hold_reason END,
+                submit_in_doubt_since = CASE i.doubt
                     WHEN 'set' THEN now()
                     WHEN 'clear' THEN NULL
-                    ELSE submit_in_doubt_since END
-            WHERE id = $1 AND version = $2 AND lease_owner = $34
-            RETURNING id, version, state
+                    ELSE r.submit_in_doubt_since END
+            FROM input i
+            WHERE r.id = i.id AND r.version = i.version AND r.lease_owner = $38
+            RETURNING r.id, r.version, r.state, i.kind, i.from_state, i.detail
         ),
         event AS (
             INSERT INTO wfq.run_events (run_id, kind, from_state, to_state, worker, detail)
-            SELECT id, $35, $36, state, $34, $37 FROM updated
+            SELECT id, kind, from_state, state, $38, detail FROM updated ORDER BY id
         )
-        SELECT version FROM updated
+        SELECT id, version FROM updated
         "#,
     )
-    .bind(id)
-    .bind(version)
-    .bind(t.to.as_str())
-    .bind(t.attempts_delta)
-    .bind(i32::from(t.counts_poll))
-    .bind(t.due_at)
-    .bind(t.keep_lease)
-    .bind(lease.as_secs_f64())
-    .bind(t.submitted)
-    .bind(t.settled)
-    .bind(&t.pin_revision)
-    .bind(&f.revision_id)
-    .bind(&t.sent_inputs)
-    .bind(&f.provider_run_id)
-    .bind(&f.task_id)
-    .bind(&f.prompt_id)
-    .bind(&f.billing_run_id)
-    .bind(&f.run_status)
-    .bind(&f.freeze_status)
-    .bind(&f.submission_status)
-    .bind(&f.settlement_status)
-    .bind(&f.outputs)
-    .bind(&f.currency)
-    .bind(f.quote_amount)
-    .bind(f.frozen_amount)
-    .bind(f.final_amount)
-    .bind(f.released_amount)
-    .bind(f.compute_cost)
-    .bind(f.external_model_cost)
-    .bind(f.total_cost)
-    .bind(error.map(|e| e.code.as_str()))
-    .bind(error.map(|e| e.message.as_str()))
-    .bind(error.and_then(|e| e.detail.as_ref()))
-    .bind(worker)
-    .bind(t.event.kind)
-    .bind(from.as_str())
-    .bind(&t.event.detail)
-    .bind(f.total_tokens)
-    .bind(match t.doubt {
+    .bind(col(writes, |w| w.id))
+    .bind(col(writes, |w| w.version))
+    .bind(col(writes, |w| w.transition.to.as_str()))
+    .bind(col(writes, |w| w.transition.attempts_delta))
+    .bind(col(writes, |w| i32::from(w.transition.counts_poll)))
+    .bind(col(writes, |w| w.transition.due_at))
+    .bind(col(writes, |w| w.transition.keep_lease))
+    .bind(col(writes, |w| w.transition.submitted))
+    .bind(col(writes, |w| w.transition.settled))
+    .bind(col(writes, |w| w.transition.pin_revision.clone()))
+    .bind(fact(|f| f.revision_id.clone()))
+    .bind(col(writes, |w| w.transition.sent_inputs.clone()))
+    .bind(fact(|f| f.provider_run_id.clone()))
+    .bind(fact(|f| f.task_id.clone()))
+    .bind(fact(|f| f.prompt_id.clone()))
+    .bind(fact(|f| f.billing_run_id.clone()))
+    .bind(fact(|f| f.run_status.clone()))
+    .bind(fact(|f| f.freeze_status.clone()))
+    .bind(fact(|f| f.submission_status.clone()))
+    .bind(fact(|f| f.settlement_status.clone()))
+    .bind(all_facts.iter().map(|f| f.outputs.clone()).collect::<Vec<_>>())
+    .bind(fact(|f| f.currency.clone()))
+    .bind(amount(|f| f.quote_amount))
+    .bind(amount(|f| f.frozen_amount))
+    .bind(amount(|f| f.final_amount))
+    .bind(amount(|f| f.released_amount))
+    .bind(amount(|f| f.compute_cost))
+    .bind(amount(|f| f.external_model_cost))
+    .bind(amount(|f| f.total_cost))
+    .bind(col(writes, |w| w.transition.error.as_ref().map(|e| e.code.clone())))
+    .bind(col(writes, |w| w.transition.error.as_ref().map(|e| e.message.clone())))
+    .bind(col(writes, |w| w.transition.error.as_ref().and_then(|e| e.detail.clone())))
+    .bind(col(writes, |w| w.transition.event.kind))
+    .bind(col(writes, |w| w.from.as_str()))
+    .bind(col(writes, |w| w.transition.event.detail.clone()))
+    .bind(all_facts.iter().map(|f| f.total_tokens).collect::<Vec<_>>())
+    .bind(col(writes, |w| match w.transition.doubt {
         SubmitDoubt::Keep => "keep",
         SubmitDoubt::Set => "set",
         SubmitDoubt::Clear => "clear",
-    })
-    .fetch_optional(pool)
-    .await
+    }))
+    .bind(worker)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await?;
+    let applied: std::collections::HashMap<i64, i64> = rows.into_iter().collect();
+    Ok(writes.iter().map(|w| applied.get(&w.id).copied()).collect())
 }
