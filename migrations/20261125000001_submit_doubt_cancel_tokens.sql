@@ -21,12 +21,16 @@ COMMENT ON COLUMN wfq.runs.cancel_requested_at IS
 ALTER TABLE wfq.runs ADD COLUMN total_tokens bigint;
 COMMENT ON COLUMN wfq.runs.total_tokens IS 'tokens the provider reports the run used';
 
--- stuck_runs also names submits whose outcome has been unknown for long.
+-- stuck_runs also names submits whose outcome has been unknown for over ten
+-- minutes: a Dify run being looked for is touched every few seconds, so its
+-- updated_at never looks old.
 CREATE OR REPLACE VIEW wfq.stuck_runs AS
 SELECT id, provider, workflow_id, state, attempts, polls, provider_run_id,
        lease_owner, lease_expires_at, due_at, submitted_at, updated_at,
        CASE
            WHEN lease_owner IS NOT NULL AND lease_expires_at < now() THEN 'lease expired'
+           WHEN submit_in_doubt_since < now() - interval '10 minutes'
+               THEN 'submit outcome unknown for over 10 minutes'
            WHEN state = 'submitting' THEN 'submit not confirmed for over 10 minutes'
            ELSE 'running for over an hour'
        END AS reason,
@@ -34,5 +38,6 @@ SELECT id, provider, workflow_id, state, attempts, polls, provider_run_id,
 FROM wfq.runs
 WHERE state IN ('queued', 'submitting', 'running')
   AND ((lease_owner IS NOT NULL AND lease_expires_at < now())
+       OR submit_in_doubt_since < now() - interval '10 minutes'
        OR (state = 'submitting' AND updated_at < now() - interval '10 minutes')
        OR (state = 'running' AND submitted_at < now() - interval '1 hour'));

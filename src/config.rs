@@ -732,11 +732,24 @@ impl Config {
                             "only a dify profile looks for lost submits (chenyu replays keys; gptbots cannot find runs)".into(),
                         ));
                     }
-                    _ => duration(
+                    _ => match duration(
                         &key("find_window"),
                         &raw.find_window,
                         Duration::from_secs(30 * 60),
-                    )?,
+                    )? {
+                        // Shorter than one call, "not found" would mean
+                        // nothing and every lost answer would be resent.
+                        w if w < http.timeout.max(Duration::from_secs(1)) => {
+                            return Err(invalid(
+                                &key("find_window"),
+                                format!(
+                                    "must be at least http.timeout ({:?}); set it above the app's longest run",
+                                    http.timeout
+                                ),
+                            ));
+                        }
+                        w => w,
+                    },
                 },
                 spend: crate::spend::SpendLimits {
                     max_outstanding_frozen: raw
@@ -944,6 +957,10 @@ mod tests {
             ("[metrics]\nlisten = \"localhost\"", "metrics.listen"),
             (
                 "[providers.x]\nkind = \"chenyu\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"\nfind_window = \"1m\"",
+                "providers.x.find_window",
+            ),
+            (
+                "[providers.x]\nkind = \"dify\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"\nfind_window = \"0s\"",
                 "providers.x.find_window",
             ),
             (

@@ -536,6 +536,23 @@ fn decide_submit(
                 },
             )
         },
+        // The run may exist: the next step looks for it by its end user
+        // (bounded by the find window), whatever the attempts so far.
+        SubmitOutcome::Unclear(u) if !u.nothing_created && guard == SubmitGuard::FindByUser => {
+            Transition {
+                due_at: Some(later(
+                    now,
+                    wait_after_unclear(u, retry.delay(run.attempts, unit), retry.max),
+                )),
+                ..Transition::new(
+                    RunState::Submitting,
+                    Event {
+                        kind: "submit_unclear",
+                        detail: unclear_detail(u),
+                    },
+                )
+            }
+        }
         SubmitOutcome::Unclear(u) if retry.may_retry(run.attempts) => Transition {
             due_at: Some(later(
                 now,
@@ -648,7 +665,7 @@ pub fn after_find(
             let left = (deadline - now).to_std().unwrap_or_default();
             look_again(
                 "submit_not_found_yet",
-                retry.delay(run.attempts.max(1), unit).min(left),
+                lookup_pause(doubt, retry, now).min(left),
                 json!({ "in_doubt_since": doubt.since, "resubmit_after": deadline }),
             )
         }
@@ -667,10 +684,23 @@ pub fn after_find(
         }
         FindOutcome::Unclear(u) => look_again(
             "find_unclear",
-            wait_after_unclear(u, retry.delay(run.attempts.max(1), unit), retry.max),
+            wait_after_unclear(u, lookup_pause(doubt, retry, now), retry.max),
             unclear_detail(u),
         ),
     }
+}
+
+/// How long to wait before looking for a lost submit's run again: a
+/// quarter of the time it has been in doubt (at least 2 s, at most the
+/// retry cap). A run that has not shown up for a while will not show up in
+/// the next second either, so the lookups thin out instead of costing a
+/// claim and an event every two seconds for the whole window.
+fn lookup_pause(doubt: InDoubt, retry: &RetryPolicy, now: DateTime<Utc>) -> Duration {
+    let in_doubt = (now - doubt.since).to_std().unwrap_or_default();
+    (in_doubt / 4).clamp(
+        Duration::from_secs(2),
+        retry.max.max(Duration::from_secs(2)),
+    )
 }
 
 /// Decides what a status check means for the run.
@@ -1220,6 +1250,23 @@ mod tests {
     }
 
     #[test]
+    fn a_run_that_can_be_found_is_looked_for_instead_of_given_up() {
+        // Attempts are used up, but a Dify run may exist: no
+        // SUBMIT_RETRIES_EXHAUSTED, the next step looks for it.
+        let t = after_submit(
+            &run(RunState::Submitting, 3, 0),
+            &SubmitOutcome::Unclear(unclear(None, false)),
+            SubmitGuard::FindByUser,
+            &retry(),
+            &poll(),
+            now(),
+            0.5,
+        );
+        assert_eq!(t.to, RunState::Submitting);
+        assert_eq!(t.doubt, SubmitDoubt::Keep);
+    }
+
+    #[test]
     fn a_lookup_adopts_waits_within_the_window_then_resubmits() {
         let doubt = InDoubt {
             since: now() - chrono::Duration::seconds(60),
@@ -1256,7 +1303,7 @@ mod tests {
                 assert_eq!(t.event.kind, "submit_not_found_yet");
                 assert_eq!(t.doubt, SubmitDoubt::Keep);
                 assert_eq!(t.attempts_delta, 0, "looking is not submitting");
-                assert_eq!(secs(&t), 2);
+                assert_eq!(secs(&t), 15, "a quarter of the minute in doubt");
             }
             other => panic!("{other:?}"),
         }
@@ -1277,7 +1324,12 @@ mod tests {
         match decide(FindOutcome::Unclear(unclear(Some(30), false)), over) {
             FindDecision::Record(t) => {
                 assert_eq!(t.event.kind, "find_unclear");
-                assert_eq!(secs(&t), 30, "an unclear lookup never resubmits");
+                assert_eq!(
+                    t.to,
+                    RunState::Submitting,
+                    "an unclear lookup never resubmits"
+                );
+                assert_eq!(secs(&t), 150, "a quarter of the ten minutes in doubt");
             }
             other => panic!("{other:?}"),
         }

@@ -283,8 +283,14 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Retry { id } => {
+            let (text, origin) = config_text(cli.config.as_deref())?;
+            let unfindable: Vec<String> = wfq::config::ProviderKind::of_profiles(&text, &origin)?
+                .into_iter()
+                .filter(|(_, kind)| *kind == wfq::config::ProviderKind::Gptbots)
+                .map(|(name, _)| name)
+                .collect();
             let pool = connect(cli.config.as_deref()).await?;
-            match store::retry_run(&pool, id).await? {
+            match store::retry_run(&pool, id, &unfindable).await? {
                 store::RetryOutcome::NewRun(new_id) => {
                     eprintln!("run {new_id} repeats run {id} with a new idempotency key");
                     println!("{new_id}");

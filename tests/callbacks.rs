@@ -284,7 +284,8 @@ async fn every_final_state_gets_one_signed_callback_with_the_run(
     );
 
     // `wfq retry` of the failed run keeps its callback_url.
-    let store::RetryOutcome::NewRun(again) = store::retry_run(&pool, failed).await.unwrap() else {
+    let store::RetryOutcome::NewRun(again) = store::retry_run(&pool, failed, &[]).await.unwrap()
+    else {
         panic!("a settled failure is retried as a new run");
     };
     let copied: Option<String> =

@@ -665,7 +665,8 @@ async fn cancel_only_withdraws_a_run_that_was_not_submitted(
     ));
 
     // A canceled run can be retried: a new row, a new key, pointing back.
-    let store::RetryOutcome::NewRun(again) = store::retry_run(&pool, later).await.unwrap() else {
+    let store::RetryOutcome::NewRun(again) = store::retry_run(&pool, later, &[]).await.unwrap()
+    else {
         panic!("a canceled run is repeated as a new run");
     };
     let copy = run(&pool, again).await;
@@ -673,7 +674,7 @@ async fn cancel_only_withdraws_a_run_that_was_not_submitted(
     assert_eq!(copy.state, "queued");
     assert_ne!(copy.idempotency_key, canceled.idempotency_key);
     assert!(matches!(
-        store::retry_run(&pool, now).await,
+        store::retry_run(&pool, now, &[]).await,
         Err(RequestError::WrongState { .. })
     ));
     sim.shutdown().await;
@@ -740,7 +741,7 @@ async fn exhausted_submit_retries_fail_unsettled_and_retry_resumes_with_the_same
     );
 
     // A retry must not be a new charge: the same row and key go on.
-    let outcome = store::retry_run(&pool, id).await.unwrap();
+    let outcome = store::retry_run(&pool, id, &[]).await.unwrap();
     assert_eq!(outcome, store::RetryOutcome::Resumed(id));
     wait_all_final(&pool, LIMIT).await;
     worker.stop().await;

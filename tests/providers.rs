@@ -403,7 +403,9 @@ async fn a_worker_that_died_between_recording_and_sending_leaves_no_second_run(
             assert_eq!(row.error_code.as_deref(), Some("SUBMIT_OUTCOME_UNKNOWN"));
             assert!(runs.is_empty());
             // The operator checked the provider and asks for it to be sent.
-            let outcome = store::retry_run(&pool, id).await.unwrap();
+            let outcome = store::retry_run(&pool, id, &["gptbots".to_owned()])
+                .await
+                .unwrap();
             assert_eq!(outcome, store::RetryOutcome::Resumed(id));
             work_until_idle(&pool, test_config(&sim, "w2")).await;
             let row = run(&pool, id).await;
@@ -473,11 +475,23 @@ async fn a_killed_workers_run_is_finished_by_another(kind: Kind, pool: PgPool) {
     )
     .await;
     first.kill().await;
+    // Killed holding the lease (mid-poll, or reading a Dify run's stream).
+    assert_eq!(run(&pool, id).await.lease_owner.as_deref(), Some("doomed"));
     sim.set_faults(Faults::default());
     work_until_idle(&pool, test_config(&sim, "rescuer")).await;
     let row = run(&pool, id).await;
     assert_eq!(row.state, "succeeded", "{row:?}");
     assert_matches_provider(kind, &row, &kind.provider_runs(&sim));
+    let rescued_from: Option<String> = sqlx::query_scalar(
+        "SELECT detail->>'previous_owner' FROM wfq.run_events \
+         WHERE run_id = $1 AND kind = 'lease_rescued' AND worker = 'rescuer'",
+    )
+    .bind(id)
+    .fetch_optional(&pool)
+    .await
+    .unwrap()
+    .flatten();
+    assert_eq!(rescued_from.as_deref(), Some("doomed"), "{kind:?}");
     sim.shutdown().await;
 }
 
@@ -554,6 +568,44 @@ async fn cancel_stops_a_running_dify_run(_: PgPoolOptions, connect: PgConnectOpt
         matches!(refused, Err(store::RequestError::WrongState { .. })),
         "{refused:?}"
     );
+    sim.shutdown().await;
+}
+
+/// Dify only: on Dify versions where a run stops making progress once its
+/// client leaves the stream, runs still finish, because the worker reads
+/// each run's stream to `workflow_finished` (renewing its lease meanwhile);
+/// a run whose stream is cut is followed by status checks.
+#[sqlx::test]
+async fn dify_runs_that_die_with_their_stream_finish_because_the_stream_is_held(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(connect).await;
+    // Runs longer than the lease (3 s): the stream outlives it.
+    let sim = start_sim(50, 4_000, 50).await;
+    sim.set_faults(Faults {
+        dify_runs_die_with_their_stream: true,
+        dify_ping_interval_ms: Some(200),
+        ..Default::default()
+    });
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(enqueue_request(&pool, &Kind::Dify.good(n)).await);
+    }
+    work_until_idle(&pool, test_config(&sim, "w1")).await;
+    let runs = Kind::Dify.provider_runs(&sim);
+    for id in ids {
+        let row = run(&pool, id).await;
+        assert_eq!(row.state, "succeeded", "{row:?}");
+        assert_matches_provider(Kind::Dify, &row, &runs);
+        assert_eq!(
+            row.polls, 1,
+            "the result came from the stream, not from polling"
+        );
+        let kinds = event_kinds(&pool, id).await;
+        assert!(!kinds.contains(&"lease_rescued".to_owned()), "{kinds:?}");
+    }
+    assert!(sim.dify_ledger().iter().all(|e| e.status == "succeeded"));
     sim.shutdown().await;
 }
 

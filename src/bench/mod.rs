@@ -176,7 +176,7 @@ async fn fresh_database(name: &str) -> Result<(String, PgPool), BenchError> {
 
 /// Empties the queue between figures, so each starts from the same table.
 pub(crate) async fn reset(pool: &PgPool) -> Result<(), BenchError> {
-    sqlx::query("TRUNCATE wfq.run_events, wfq.runs RESTART IDENTITY")
+    sqlx::query("TRUNCATE wfq.run_events, wfq.runs RESTART IDENTITY CASCADE")
         .execute(pool)
         .await?;
     sqlx::query("VACUUM ANALYZE wfq.runs").execute(pool).await?;

@@ -194,10 +194,22 @@ impl DifyClient {
 
     /// `GET /workflows/logs?created_by_end_user_session_id=USER`: a run
     /// submitted under this key whose answer was lost.
-    pub async fn find_submitted(&self, idempotency_key: &str) -> FindOutcome {
+    ///
+    /// Every page is read only if it can end before `deadline` (the lease),
+    /// and "not found" is said only once the whole list was read: a list cut
+    /// short (pages or time ran out) is unclear, never a reason to resubmit.
+    pub async fn find_submitted(
+        &self,
+        idempotency_key: &str,
+        deadline: std::time::Instant,
+    ) -> FindOutcome {
         let user = end_user(idempotency_key);
         let mut found: Vec<LogEntry> = Vec::new();
+        let mut complete = false;
         for page in 1..=LOG_PAGES {
+            if std::time::Instant::now() + self.call_timeout >= deadline {
+                break;
+            }
             let request = self
                 .http
                 .get(format!("{}/workflows/logs", self.base_url))
@@ -234,8 +246,17 @@ impl DifyClient {
                     == Some(user.as_str())
             }));
             if !logs.has_more {
+                complete = true;
                 break;
             }
+        }
+        if found.is_empty() && !complete {
+            return FindOutcome::Unclear(Unclear::new(
+                format!(
+                    "workflows/logs could not be read to the end (at most {LOG_PAGES} pages within the lease); the run may be further down"
+                ),
+                None,
+            ));
         }
         adopt(found)
     }

@@ -64,6 +64,9 @@ impl GptbotsClient {
                 Ok(u) => SubmitOutcome::Unclear(u),
             };
         }
+        if let Some(refusal) = refusal_in_success(&raw) {
+            return SubmitOutcome::Rejected(refusal);
+        }
         match parse_invoked(&raw.body) {
             Ok(accepted) => SubmitOutcome::Accepted(accepted),
             Err(u) => SubmitOutcome::Unclear(u),
@@ -85,6 +88,9 @@ impl GptbotsClient {
                 Err(e) => PollOutcome::Rejected(e),
                 Ok(u) => PollOutcome::Unclear(u),
             };
+        }
+        if let Some(refusal) = refusal_in_success(&raw) {
+            return PollOutcome::Rejected(refusal);
         }
         match parse_result(&raw.body) {
             Ok(report) => PollOutcome::Report(Box::new(report)),
@@ -139,6 +145,39 @@ fn classify_error(raw: &RawAnswer) -> Result<Unclear, ProviderError> {
             http_status: status,
         }),
     }
+}
+
+/// An HTTP 200 whose body is an error object (`{code, message}` and no run
+/// id or status): a refusal, as the same body with a 4xx would be. Seen
+/// with six-digit codes; the status line alone would call it a success.
+fn refusal_in_success(raw: &RawAnswer) -> Option<ProviderError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Probe {
+        #[serde(default)]
+        code: Option<Value>,
+        #[serde(default)]
+        message: Option<String>,
+        #[serde(default)]
+        workflow_run_id: Option<Value>,
+        #[serde(default)]
+        status: Option<Value>,
+    }
+    let probe: Probe = serde_json::from_slice(&raw.body).ok()?;
+    let code = match probe.code? {
+        Value::Number(n) if n.as_i64() != Some(0) => n.to_string(),
+        Value::String(s) if !s.trim().is_empty() && s != "0" => s,
+        _ => return None,
+    };
+    if probe.workflow_run_id.is_some() || probe.status.is_some() {
+        return None;
+    }
+    Some(ProviderError {
+        code,
+        message: non_empty(probe.message).unwrap_or_else(|| snippet(&raw.body)),
+        detail: serde_json::from_slice(&raw.body).unwrap_or(Value::Null),
+        http_status: raw.status.as_u16(),
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -308,6 +347,27 @@ mod tests {
         assert_eq!(odd.status, RunStatus::Unknown("QUEUED_SOMEWHERE".into()));
         assert!(parse_result(br#"{"status":"SUCCEED","totalCost":"many"}"#).is_err());
         assert!(parse_result(b"<html>").is_err());
+    }
+
+    #[test]
+    fn an_error_object_with_http_200_is_a_refusal() {
+        let e = refusal_in_success(&raw(
+            200,
+            r#"{"code":403200,"message":"workflow not published"}"#,
+        ))
+        .unwrap();
+        assert_eq!((e.code.as_str(), e.http_status), ("403200", 200));
+        assert!(
+            refusal_in_success(&raw(200, r#"{"workflowRunId":"r","status":"PENDING"}"#)).is_none()
+        );
+        assert!(
+            refusal_in_success(&raw(
+                200,
+                r#"{"code":0,"message":"ok","workflowRunId":"r"}"#
+            ))
+            .is_none()
+        );
+        assert!(refusal_in_success(&raw(200, "<html>")).is_none());
     }
 
     #[test]

@@ -193,7 +193,9 @@ impl Unclear {
         } else {
             "request failed"
         };
-        let nothing_created = e.is_connect() && !e.is_timeout();
+        // A connection that never opened (refused, or timed out while
+        // connecting) carried no request bytes.
+        let nothing_created = e.is_connect();
         Unclear {
             nothing_created,
             // Without the URL: a query string has no business in the logs.
@@ -430,10 +432,15 @@ impl ProviderClient {
     }
 
     /// Looks for a run submitted under `idempotency_key` whose answer was
-    /// lost; `None` when the provider offers no way to (see [`SubmitGuard`]).
-    pub async fn find_submitted(&self, idempotency_key: &str) -> Option<FindOutcome> {
+    /// lost, starting no call that could end after `deadline`; `None` when
+    /// the provider offers no way to (see [`SubmitGuard`]).
+    pub async fn find_submitted(
+        &self,
+        idempotency_key: &str,
+        deadline: std::time::Instant,
+    ) -> Option<FindOutcome> {
         match self {
-            ProviderClient::Dify(c) => Some(c.find_submitted(idempotency_key).await),
+            ProviderClient::Dify(c) => Some(c.find_submitted(idempotency_key, deadline).await),
             ProviderClient::Chenyu(_) | ProviderClient::Gptbots(_) => None,
         }
     }

@@ -4,53 +4,51 @@
 /// Collects bytes and hands out each event's data once its blank line arrived.
 #[derive(Debug, Default)]
 pub(crate) struct EventReader {
+    /// Bytes of events not complete yet, line endings normalised to `\n`.
     pending: Vec<u8>,
+    /// How far `pending` is known to hold no blank line.
+    scanned: usize,
+    /// The last byte pushed was `\r` (its `\n` may start the next chunk).
+    after_cr: bool,
 }
 
 impl EventReader {
     /// Adds a chunk of the body; returns the data of every event it completed.
     /// Events without a `data` field (comments, bare `event:` lines) yield nothing.
     pub(crate) fn push(&mut self, chunk: &[u8]) -> Vec<String> {
-        self.pending.extend_from_slice(chunk);
-        let mut events = Vec::new();
-        while let Some(end) = event_end(&self.pending) {
-            let block: Vec<u8> = self.pending.drain(..end.next_start).collect();
-            if let Some(data) = data_of(&block[..end.block_len]) {
-                events.push(data);
+        // `\r\n`, `\r` and `\n` all end a line (the SSE rules).
+        for &byte in chunk {
+            match byte {
+                b'\n' if self.after_cr => {}
+                b'\r' => self.pending.push(b'\n'),
+                other => self.pending.push(other),
             }
+            self.after_cr = byte == b'\r';
         }
+        let mut events = Vec::new();
+        let mut start = 0;
+        let mut i = self.scanned.max(1);
+        while i < self.pending.len() {
+            if self.pending[i] == b'\n' && self.pending[i - 1] == b'\n' && i > start {
+                if let Some(data) = data_of(&self.pending[start..i - 1]) {
+                    events.push(data);
+                }
+                start = i + 1;
+                i = start + 1;
+                continue;
+            }
+            i += 1;
+        }
+        self.pending.drain(..start.min(self.pending.len()));
+        self.scanned = self.pending.len();
         events
     }
-}
-
-struct EventEnd {
-    /// Bytes of the event itself.
-    block_len: usize,
-    /// Where the next event starts (after the blank line).
-    next_start: usize,
-}
-
-/// Finds the first blank line (`\n\n`, `\r\n\r\n` or `\r\r`).
-fn event_end(buffer: &[u8]) -> Option<EventEnd> {
-    let mut i = 0;
-    while i < buffer.len() {
-        for separator in [&b"\r\n\r\n"[..], b"\n\n", b"\r\r"] {
-            if buffer[i..].starts_with(separator) {
-                return Some(EventEnd {
-                    block_len: i,
-                    next_start: i + separator.len(),
-                });
-            }
-        }
-        i += 1;
-    }
-    None
 }
 
 fn data_of(block: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(block);
     let mut data: Option<String> = None;
-    for line in text.split(['\n', '\r']) {
+    for line in text.split('\n') {
         let Some(rest) = line.strip_prefix("data:") else {
             continue;
         };
@@ -82,6 +80,24 @@ mod tests {
             ]
         );
         assert_eq!(reader.push(b"ta: x\r\n\r\n"), vec!["x".to_owned()]);
+    }
+
+    #[test]
+    fn every_line_ending_works_also_split_across_chunks() {
+        let mut reader = EventReader::default();
+        assert_eq!(reader.push(b"data: a\n\r\ndata: b\r"), vec!["a".to_owned()]);
+        assert_eq!(reader.push(b"\n\r\n"), vec!["b".to_owned()]);
+        assert_eq!(
+            reader.push(b"data: c\r\rdata: d\n\n"),
+            vec!["c".to_owned(), "d".to_owned()]
+        );
+        // A long event arriving a byte at a time comes out once, whole.
+        let long = format!("data: {}\n\n", "x".repeat(10_000));
+        let mut out = Vec::new();
+        for byte in long.as_bytes() {
+            out.extend(reader.push(std::slice::from_ref(byte)));
+        }
+        assert_eq!(out, vec!["x".repeat(10_000)]);
     }
 
     #[test]

@@ -93,9 +93,13 @@ impl MeteredClient {
 
     /// See [`ProviderClient::find_submitted`]; an adopted run counts as a
     /// submit with outcome `adopted`.
-    pub async fn find_submitted(&self, idempotency_key: &str) -> Option<FindOutcome> {
+    pub async fn find_submitted(
+        &self,
+        idempotency_key: &str,
+        deadline: std::time::Instant,
+    ) -> Option<FindOutcome> {
         let started = Instant::now();
-        let found = self.inner.find_submitted(idempotency_key).await?;
+        let found = self.inner.find_submitted(idempotency_key, deadline).await?;
         self.took(Call::Find, started);
         match &found {
             FindOutcome::Found(_) => self.metrics.submit_outcome(&self.profile, "adopted"),

@@ -25,22 +25,36 @@ struct Pause {
 #[derive(Debug, Default)]
 pub struct ProviderPauses {
     paused: Mutex<HashMap<String, Pause>>,
+    /// Profiles resumed lately: when and with what probe interval.
+    resumed: Mutex<HashMap<String, (Instant, Duration)>>,
 }
 
 impl ProviderPauses {
     /// Pauses `profile`; the first probe follows after `first_probe`.
     /// True when it was not paused before.
+    ///
+    /// A profile paused again soon after a resume keeps the interval it had
+    /// reached: a probe can pass while runs are still refused (an exhausted
+    /// Dify quota does not show on `/parameters`), and the runs must not be
+    /// tried every `first_probe` for ever.
     pub fn pause(&self, profile: &str, workflow_id: &str, first_probe: Duration) -> bool {
         let mut paused = self.lock();
         if paused.contains_key(profile) {
             return false;
         }
+        let now = Instant::now();
+        let interval = match self.resumed_lock().remove(profile) {
+            Some((at, interval)) if now.duration_since(at) < MAX_PROBE_INTERVAL => {
+                (interval * 2).clamp(first_probe, MAX_PROBE_INTERVAL)
+            }
+            _ => first_probe,
+        };
         paused.insert(
             profile.to_owned(),
             Pause {
                 workflow_id: workflow_id.to_owned(),
-                next_probe: Instant::now() + first_probe,
-                interval: first_probe,
+                next_probe: now + interval,
+                interval,
             },
         );
         true
@@ -68,7 +82,16 @@ impl ProviderPauses {
 
     /// Lifts the pause. True when `profile` was paused.
     pub fn resume(&self, profile: &str) -> bool {
-        self.lock().remove(profile).is_some()
+        let Some(pause) = self.lock().remove(profile) else {
+            return false;
+        };
+        self.resumed_lock()
+            .insert(profile.to_owned(), (Instant::now(), pause.interval));
+        true
+    }
+
+    fn resumed_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Duration)>> {
+        self.resumed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pause>> {
@@ -105,6 +128,16 @@ mod tests {
         assert!(pauses.resume("p"));
         assert!(!pauses.is_paused("p"));
         assert!(!pauses.resume("p"));
+    }
+
+    #[test]
+    fn a_pause_soon_after_a_resume_keeps_growing() {
+        let pauses = ProviderPauses::default();
+        pauses.pause("p", "wf", Duration::from_secs(10));
+        pauses.lock().get_mut("p").unwrap().interval = Duration::from_secs(40);
+        assert!(pauses.resume("p"));
+        assert!(pauses.pause("p", "wf", Duration::from_secs(10)));
+        assert_eq!(pauses.lock()["p"].interval, Duration::from_secs(80));
     }
 
     #[test]

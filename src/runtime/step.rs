@@ -54,6 +54,11 @@ impl LeaseClock {
         }
     }
 
+    /// When the lease ends, on the monotonic clock.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
     /// Whether a provider call of at most `call` ends before the lease does.
     /// A call that might outlive the lease is not started: by then another
     /// worker may hold the run, and two workers must never act on one run.
@@ -568,7 +573,9 @@ async fn settle_doubt(
                 defer(engine, run, wait).await?;
                 return Ok(DoubtSettled::Done);
             }
-            client.find_submitted(&run.idempotency_key).await
+            client
+                .find_submitted(&run.idempotency_key, lease.deadline())
+                .await
         }
     };
     let Some(found) = found else {

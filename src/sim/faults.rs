@@ -52,6 +52,11 @@ pub struct Faults {
     /// Dify's docs do not say whether it does, so by default the simulator
     /// takes the harder case for a client and lists finished runs only.
     pub dify_logs_include_running: bool,
+    /// Dify: a run whose own stream (the run request's) is closed by the
+    /// client before `workflow_finished` stays `running` for good, is never
+    /// logged and bills nothing more, as several Dify versions behave. Also
+    /// applies to runs whose answer was lost.
+    pub dify_runs_die_with_their_stream: bool,
     /// Dify only: the interval between `ping` events on open streams, in
     /// milliseconds; `None` is Dify's 10 s.
     pub dify_ping_interval_ms: Option<u64>,

@@ -187,8 +187,17 @@ pub enum RetryOutcome {
 /// run whose money is *not* settled (`SUBMIT_RETRIES_EXHAUSTED`,
 /// `POLL_DEADLINE`) is resumed in place instead: submitted again with its
 /// own key (the provider replays it if it had accepted it) or polled again.
+///
+/// A `SUBMIT_OUTCOME_UNKNOWN` run of one of the `unfindable` profiles
+/// (providers that can neither replay a key nor find a run: GPTBots) is
+/// sent again: the operator checked the provider. Of other providers it is
+/// looked for first, as after any lost answer.
 #[tracing::instrument(name = "retry_run", skip(pool), err)]
-pub async fn retry_run(pool: &PgPool, id: i64) -> Result<RetryOutcome, RequestError> {
+pub async fn retry_run(
+    pool: &PgPool,
+    id: i64,
+    unfindable: &[String],
+) -> Result<RetryOutcome, RequestError> {
     let resumed: Option<i64> = sqlx::query_scalar(
         r#"
         WITH resumed AS (
@@ -198,6 +207,7 @@ pub async fn retry_run(pool: &PgPool, id: i64) -> Result<RetryOutcome, RequestEr
                 -- SUBMIT_OUTCOME_UNKNOWN: the operator checked the provider
                 -- and asks for the submit to be sent again.
                 submit_in_doubt_since = CASE WHEN error_code = 'SUBMIT_OUTCOME_UNKNOWN'
+                                                  AND provider = ANY($2)
                                              THEN NULL ELSE submit_in_doubt_since END,
                 lease_expires_at = NULL, error_code = NULL, error_message = NULL,
                 error_detail = NULL, version = version + 1, updated_at = now()
@@ -215,6 +225,7 @@ pub async fn retry_run(pool: &PgPool, id: i64) -> Result<RetryOutcome, RequestEr
         "#,
     )
     .bind(id)
+    .bind(unfindable)
     .fetch_optional(pool)
     .await?;
     if let Some(id) = resumed {

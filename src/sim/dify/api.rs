@@ -189,14 +189,26 @@ async fn run(shared: Arc<Shared>, path: Segments, headers: HeaderMap, body: Byte
         Start::Created {
             drop_answer: true,
             streaming,
-            ..
-        } => return lost_answer(streaming),
+            run_id,
+        } => {
+            // Nobody reads this run's stream: where runs die with their
+            // stream, this one never finishes.
+            let timing = shared.timing.clone();
+            let mut inner = shared.lock();
+            if inner.faults.dify_runs_die_with_their_stream
+                && let Some(run) = inner.dify.runs.get_mut(&run_id)
+            {
+                run.abandon(&timing, Duration::ZERO);
+            }
+            drop(inner);
+            return lost_answer(streaming);
+        }
         Start::Created {
             run_id, streaming, ..
         } => (run_id, streaming),
     };
     if streaming {
-        return stream::live(shared, run_id);
+        return stream::live(shared, run_id, true);
     }
     loop {
         let wait = {
@@ -336,7 +348,7 @@ async fn events(
             return not_found("Workflow run not found");
         }
     }
-    stream::live(shared, run_id)
+    stream::live(shared, run_id, false)
 }
 
 /// Stops a run. As in Dify, the answer is `success` whatever happened: an

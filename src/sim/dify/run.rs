@@ -68,16 +68,30 @@ pub(crate) struct DifyRun {
     pub full_tokens: i64,
     /// When (after creation) it was stopped, if a stop came before the end.
     pub stopped_after: Option<Duration>,
+    /// Left by its client on a Dify that stops with the stream: `running` for good.
+    pub abandoned: bool,
     /// The id of its log entry, and of the end user who started it.
     pub log_id: String,
     pub end_user_id: String,
 }
 
 impl DifyRun {
-    /// When, after creation, the run ended or will end.
+    /// When, after creation, the run ended or will end (never, once
+    /// abandoned).
     pub(crate) fn ends_after(&self, timing: &Timing) -> Duration {
+        if self.abandoned {
+            return Duration::MAX;
+        }
         self.stopped_after
             .unwrap_or_else(|| timing.queue.saturating_add(timing.run))
+    }
+
+    /// The client left the run's stream: on Dify versions that tie a run to
+    /// its stream it never finishes (see `dify_runs_die_with_their_stream`).
+    pub(crate) fn abandon(&mut self, timing: &Timing, elapsed: Duration) {
+        if !self.is_over(timing, elapsed) {
+            self.abandoned = true;
+        }
     }
 
     /// Whether the run has ended `elapsed` after creation.
@@ -245,6 +259,7 @@ impl DifyStore {
             submitted: now,
             created_at: Utc::now(),
             stopped_after: None,
+            abandoned: false,
             log_id: uuid::Uuid::new_v4().to_string(),
             end_user_id,
         };

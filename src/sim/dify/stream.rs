@@ -28,17 +28,21 @@ const RECHECK: Duration = Duration::from_millis(25);
 struct Cursor {
     shared: Arc<Shared>,
     run_id: String,
+    /// The run request's own stream (not a replay).
+    origin: bool,
     /// Events of the timeline already sent.
     sent: usize,
     last_write: Instant,
     done: bool,
 }
 
-/// An SSE response following the run `run_id`.
-pub(crate) fn live(shared: Arc<Shared>, run_id: String) -> Response {
+/// An SSE response following the run `run_id`; `origin` for the run
+/// request's own stream.
+pub(crate) fn live(shared: Arc<Shared>, run_id: String, origin: bool) -> Response {
     let cursor = Cursor {
         shared,
         run_id,
+        origin,
         sent: 0,
         last_write: Instant::now(),
         done: false,
@@ -52,6 +56,25 @@ pub(crate) fn live(shared: Arc<Shared>, run_id: String) -> Response {
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
+}
+
+impl Drop for Cursor {
+    /// The client went away from the run's own stream before its end: with
+    /// `dify_runs_die_with_their_stream`, the run stays `running` for good.
+    fn drop(&mut self) {
+        if !self.origin || self.done {
+            return;
+        }
+        let timing = self.shared.timing.clone();
+        let mut inner = self.shared.lock();
+        if !inner.faults.dify_runs_die_with_their_stream {
+            return;
+        }
+        if let Some(run) = inner.dify.runs.get_mut(&self.run_id) {
+            let elapsed = Instant::now().saturating_duration_since(run.submitted);
+            run.abandon(&timing, elapsed);
+        }
+    }
 }
 
 /// The next chunk of the stream, or `None` when it is over.
