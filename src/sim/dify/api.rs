@@ -193,7 +193,7 @@ async fn run(shared: Arc<Shared>, path: Segments, headers: HeaderMap, body: Byte
         } => {
             // Nobody reads this run's stream: where runs die with their
             // stream, this one never finishes.
-            let timing = shared.timing.clone();
+            let timing = shared.timing;
             let mut inner = shared.lock();
             if inner.faults.dify_runs_die_with_their_stream
                 && let Some(run) = inner.dify.runs.get_mut(&run_id)

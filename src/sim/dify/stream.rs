@@ -65,7 +65,7 @@ impl Drop for Cursor {
         if !self.origin || self.done {
             return;
         }
-        let timing = self.shared.timing.clone();
+        let timing = self.shared.timing;
         let mut inner = self.shared.lock();
         if !inner.faults.dify_runs_die_with_their_stream {
             return;
