@@ -533,45 +533,10 @@ fn failure(
     message: String,
     body: &[u8],
 ) -> Failure {
-    let unclear = |reason: String, nothing_created: bool, account_refused: bool| {
-        Failure::Unclear(Unclear {
-            reason,
-            http_status: Some(status),
-            retry_after,
-            account_refused,
-            nothing_created,
-        })
-    };
-    match (status, code.as_deref()) {
-        (401 | 403, _) => unclear(
-            format!("HTTP {status}: the provider refused the API key ({message})"),
-            true,
-            true,
-        ),
-        // Quota, not concurrency: retrying the run cannot help until the
-        // account is topped up, so the profile pauses.
-        (429, Some("rate_limit_error")) => unclear(
-            format!("HTTP 429 rate_limit_error: the account's quota is exhausted ({message})"),
-            true,
-            true,
-        ),
-        (429, _) => unclear(
-            format!("HTTP 429: too many requests ({message})"),
-            true,
-            false,
-        ),
-        (500..=599 | 408 | 409 | 423 | 425, _) => {
-            unclear(format!("HTTP {status}: {message}"), false, false)
-        }
-        (_, code) => Failure::Rejected(ProviderError {
-            code: code
-                .map(str::to_owned)
-                .unwrap_or_else(|| format!("HTTP_{status}")),
-            message,
-            detail: serde_json::from_slice(body)
-                .unwrap_or_else(|_| json!({ "body": snippet(body) })),
-            http_status: status,
-        }),
+    let quota = code.as_deref() == Some("rate_limit_error");
+    match super::wire::classify_error_status(status, retry_after, code, message, quota, body) {
+        Ok(u) => Failure::Unclear(u),
+        Err(e) => Failure::Rejected(e),
     }
 }
 

@@ -109,42 +109,21 @@ struct ErrorBody {
 
 /// A non-2xx answer: `Err` for a definite refusal, `Ok` for an unclear one.
 fn classify_error(raw: &RawAnswer) -> Result<Unclear, ProviderError> {
-    let status = raw.status.as_u16();
     let body: ErrorBody = serde_json::from_slice(&raw.body).unwrap_or_default();
-    let message = non_empty(body.message).unwrap_or_else(|| snippet(&raw.body));
-    let unclear = |reason: String, nothing_created: bool, account_refused: bool| Unclear {
-        reason,
-        http_status: Some(status),
-        retry_after: raw.retry_after,
-        account_refused,
-        nothing_created,
+    let code = match body.code {
+        Some(Value::String(code)) if !code.trim().is_empty() => Some(code),
+        Some(Value::Number(code)) => Some(code.to_string()),
+        _ => None,
     };
-    match status {
-        401 | 403 => Ok(unclear(
-            format!("HTTP {status}: the provider refused the API key ({message})"),
-            true,
-            true,
-        )),
-        429 => Ok(unclear(
-            format!("HTTP 429: rate limited ({message})"),
-            true,
-            false,
-        )),
-        500..=599 | 408 | 409 | 423 | 425 => {
-            Ok(unclear(format!("HTTP {status}: {message}"), false, false))
-        }
-        _ => Err(ProviderError {
-            code: match body.code {
-                Some(Value::String(code)) if !code.trim().is_empty() => code,
-                Some(Value::Number(code)) => code.to_string(),
-                _ => format!("HTTP_{status}"),
-            },
-            message,
-            detail: serde_json::from_slice(&raw.body)
-                .unwrap_or_else(|_| json!({ "body": snippet(&raw.body) })),
-            http_status: status,
-        }),
-    }
+    let message = non_empty(body.message).unwrap_or_else(|| snippet(&raw.body));
+    super::wire::classify_error_status(
+        raw.status.as_u16(),
+        raw.retry_after,
+        code,
+        message,
+        false,
+        &raw.body,
+    )
 }
 
 /// An HTTP 200 whose body is an error object (`{code, message}` and no run

@@ -87,3 +87,54 @@ pub(crate) async fn send(
         body: body.to_vec(),
     })
 }
+
+/// How an error answer reads when its status line decides (Dify, GPTBots):
+/// `Ok` is worth asking again, `Err` a definite refusal. `quota` marks an
+/// answer that says the account may not run anything now (Dify's
+/// `rate_limit_error`), which pauses the profile like a refused key.
+pub(crate) fn classify_error_status(
+    status: u16,
+    retry_after: Option<Duration>,
+    code: Option<String>,
+    message: String,
+    quota: bool,
+    body: &[u8],
+) -> Result<Unclear, super::ProviderError> {
+    let unclear = |reason: String, nothing_created: bool, account_refused: bool| Unclear {
+        reason,
+        http_status: Some(status),
+        retry_after,
+        account_refused,
+        nothing_created,
+    };
+    match status {
+        401 | 403 => Ok(unclear(
+            format!("HTTP {status}: the provider refused the API key ({message})"),
+            true,
+            true,
+        )),
+        // Quota, not concurrency: retrying the run cannot help until the
+        // account is topped up, so the profile pauses.
+        429 if quota => Ok(unclear(
+            format!("HTTP 429: the account's quota is exhausted ({message})"),
+            true,
+            true,
+        )),
+        // Refused before any work, so nothing was created.
+        429 => Ok(unclear(
+            format!("HTTP 429: too many requests ({message})"),
+            true,
+            false,
+        )),
+        500..=599 | 408 | 409 | 423 | 425 => {
+            Ok(unclear(format!("HTTP {status}: {message}"), false, false))
+        }
+        _ => Err(super::ProviderError {
+            code: code.unwrap_or_else(|| format!("HTTP_{status}")),
+            message,
+            detail: serde_json::from_slice(body)
+                .unwrap_or_else(|_| serde_json::json!({ "body": snippet(body) })),
+            http_status: status,
+        }),
+    }
+}
