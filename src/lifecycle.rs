@@ -372,6 +372,22 @@ pub fn missing_provider_run_id(now: DateTime<Utc>) -> Transition {
     }
 }
 
+/// The run's quote alone is above a spend limit of its profile: it could
+/// wait for ever, so it fails (nothing was sent, nothing is owed).
+pub fn quote_above_limit(reason: &str) -> Transition {
+    Transition::failed(
+        "QUOTE_ABOVE_LIMIT",
+        format!(
+            "the run's quote alone exceeds a spend limit ({reason}); raise the limit or split the work"
+        ),
+        None,
+        Event {
+            kind: "spend_refused",
+            detail: json!({ "reason": reason }),
+        },
+    )
+}
+
 /// The provider profile is too busy in this process (its request rate or
 /// submit slots): the run keeps its state and comes back after `wait`.
 /// Nothing was sent, so nothing counts against the run.

@@ -58,6 +58,17 @@ pub enum SpendHold {
     },
 }
 
+impl SpendHold {
+    /// The run's quote alone exceeds the limit: waiting can never help.
+    pub fn never_fits(&self) -> bool {
+        match self {
+            SpendHold::Outstanding { limit, quote, .. } | SpendHold::Daily { limit, quote, .. } => {
+                quote > limit
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for SpendHold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -162,6 +173,26 @@ mod tests {
             };
             assert_eq!(kind, hold, "{committed:?} {quote:?} -> {got:?}");
         }
+    }
+
+    #[test]
+    fn a_quote_above_the_limit_never_fits() {
+        let limits = SpendLimits {
+            max_outstanding_frozen: Some(d("1.00")),
+            daily_budget: None,
+        };
+        let hold = check(&limits, Committed::default(), Some(d("1.50"))).unwrap_err();
+        assert!(hold.never_fits());
+        let hold = check(
+            &limits,
+            Committed {
+                outstanding: d("0.90"),
+                today: d("0"),
+            },
+            Some(d("0.50")),
+        )
+        .unwrap_err();
+        assert!(!hold.never_fits(), "it fits once money settles");
     }
 
     #[test]

@@ -225,3 +225,71 @@ async fn submits_in_flight_are_capped(_: PgPoolOptions, connect: PgConnectOption
     assert_eq!(succeeded, 8);
     sim.shutdown().await;
 }
+
+/// A run whose quote alone exceeds a limit could wait for ever: it fails
+/// `QUOTE_ABOVE_LIMIT` without being submitted.
+#[sqlx::test]
+async fn a_quote_above_the_limit_fails_instead_of_waiting_for_ever(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    enqueue_many(&pool, 1).await;
+    work_until_idle(
+        &pool,
+        config(&sim, "w1", "max_outstanding_frozen = \"0.01\""),
+    )
+    .await;
+    let (state, code, settled): (String, Option<String>, bool) =
+        sqlx::query_as("SELECT state, error_code, settled_at IS NOT NULL FROM wfq.runs")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (state.as_str(), code.as_deref(), settled),
+        ("failed", Some("QUOTE_ABOVE_LIMIT"), true)
+    );
+    assert!(sim.ledger().is_empty(), "nothing was submitted");
+    sim.shutdown().await;
+}
+
+/// A submit slot is held for the submit request only: Dify runs followed on
+/// their stream for a second each still run side by side with one slot.
+#[sqlx::test]
+async fn a_submit_slot_is_not_held_for_a_whole_dify_run(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 1_000, 20).await;
+    for n in 0..3 {
+        enqueue_on(
+            &pool,
+            "dify",
+            "text",
+            serde_json::json!({"query": format!("q{n}")}),
+        )
+        .await;
+    }
+    let extra = other_providers(&sim).replace(
+        "[providers.dify]\nkind = \"dify\"",
+        "[providers.dify]\nkind = \"dify\"\nmax_submits_in_flight = 1",
+    );
+    assert!(extra.contains("max_submits_in_flight = 1"));
+    work_until_idle(&pool, config(&sim, "w1", &extra)).await;
+    let (succeeded, most_at_once): (i64, i64) = sqlx::query_as(
+        r#"
+        SELECT (SELECT count(*) FROM wfq.runs WHERE state = 'succeeded'),
+               (SELECT max((SELECT count(*) FROM wfq.runs o
+                            WHERE o.submitted_at <= r.submitted_at AND o.finished_at > r.submitted_at))
+                FROM wfq.runs r)
+        "#,
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(succeeded, 3);
+    assert!(most_at_once >= 2, "runs overlapped: {most_at_once}");
+    sim.shutdown().await;
+}

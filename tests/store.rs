@@ -355,3 +355,44 @@ async fn pruning_deletes_old_settled_runs_and_their_events_only(pool: PgPool) {
         .unwrap();
     assert_eq!(events, 3, "events go with their runs");
 }
+
+/// A step that outlived its lease and the step of the same worker that took
+/// the run over may land in one batch: only the current version is applied,
+/// and each write gets its own answer (matched by position, not run id).
+#[sqlx::test]
+async fn a_batch_with_two_writes_of_one_run_answers_each_write(pool: PgPool) {
+    let id = insert(&pool, 0, None).await;
+    let old = store::claim_due_runs(&pool, "w1", 1, LEASE, &chenyu())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE wfq.runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let new = store::claim_due_runs(&pool, "w1", 1, LEASE, &chenyu())
+        .await
+        .unwrap();
+    let t = lifecycle::begin_submit(Some("wfr"), json!({}));
+    let write = |version| store::TransitionWrite {
+        id,
+        version,
+        from: RunState::Queued,
+        transition: t.clone(),
+    };
+    let answers = store::apply_transitions(
+        &pool,
+        "w1",
+        LEASE,
+        &[write(new[0].version), write(old[0].version)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(answers, vec![Some(new[0].version + 1), None]);
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM wfq.run_events WHERE run_id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(events, 1, "one transition, one event");
+}

@@ -230,9 +230,16 @@ async fn submit_step(
     if let Admission::Defer(wait) = engine.throttles.admit(&run.provider, max_wait).await {
         return defer(engine, &run, wait).await;
     }
-    let Ok(_submit_slot) = engine.throttles.submit_slot(&run.provider, max_wait).await else {
+    let Ok(submit_slot) = engine.throttles.submit_slot(&run.provider, max_wait).await else {
+        engine.throttles.refund(&run.provider);
         return defer(engine, &run, engine.submit.initial).await;
     };
+    // The waits above count against the lease: a step that outlived it must
+    // not record anything (its successor may hold the run by now).
+    if !lease.allows(engine.call_timeout) {
+        engine.throttles.refund(&run.provider);
+        return lease_ran_out("record the submit");
+    }
     let renewed_at = Instant::now();
     let recorded = if run.state == RunState::Queued && profile.spend.any() {
         begin_within_limits(engine, &run, profile, quote.as_ref(), &begin).await?
@@ -257,6 +264,9 @@ async fn submit_step(
             accept_external_cost_risk: run.accept_external_cost_risk,
         })
         .await;
+    // A slot limits submit requests, not whole runs: a Dify run followed on
+    // its stream must not keep it.
+    drop(submit_slot);
     engine.throttles.observe(
         &run.provider,
         match &outcome {
@@ -362,33 +372,42 @@ async fn follow_stream(
         task_id: followed.task_id,
         idempotency_key: &run.idempotency_key,
     };
+    // Reading the stream changes nothing at the provider, and the final
+    // write is a compare-and-set: so a lease that could not be renewed
+    // (database blip, or the run taken over) does not end the reading,
+    // which on some Dify versions would end the run. Only the stop needs
+    // the run to be ours, and the poll deadline bounds the whole stream.
     let mut cancel_requested = false;
+    let mut stop_sent = false;
+    let mut heartbeat_alive = true;
+    let deadline = tokio::time::Instant::now() + engine.poll.deadline;
     let end = {
         let follow = stream.follow();
         tokio::pin!(follow);
         loop {
             tokio::select! {
-                end = &mut follow => break Some(end),
-                signal = rx.recv() => match signal {
-                    Some(Heartbeat::CancelRequested) if !cancel_requested => {
+                end = &mut follow => break end,
+                _ = tokio::time::sleep_until(deadline) => {
+                    break StreamEnd::Lost(Unclear::new("the run's stream outlived poll.deadline", None));
+                }
+                signal = rx.recv(), if heartbeat_alive => match signal {
+                    Some(Heartbeat::CancelRequested) => {
                         cancel_requested = true;
-                        if let Some(stop) = profile.client.stop(&request).await {
+                        if !stop_sent && let Some(stop) = profile.client.stop(&request).await {
                             tracing::info!(stop = %stop_detail(&stop), "asked the provider to stop the run");
+                            // Asked again on the next renewal unless taken.
+                            stop_sent = matches!(stop, StopOutcome::Requested);
                         }
                     }
-                    Some(Heartbeat::CancelRequested) => {}
-                    Some(Heartbeat::Lost) | None => break None,
+                    Some(Heartbeat::Lost) | None => {
+                        heartbeat_alive = false;
+                        tracing::warn!("could not renew the lease of a streamed run; reading on, the final write decides");
+                    }
                 },
             }
         }
     };
     drop(heartbeat);
-    let Some(end) = end else {
-        tracing::warn!(
-            "lease lost while reading the run's stream; leaving the run to its new holder"
-        );
-        return Ok(());
-    };
     let outcome = match end {
         StreamEnd::Finished(report) => PollOutcome::Report(report),
         StreamEnd::Lost(u) => {
@@ -425,15 +444,21 @@ async fn renew_while_streaming(
     mut renewed: Instant,
     signals: tokio::sync::mpsc::Sender<Heartbeat>,
 ) {
-    let mut told_cancel = false;
     loop {
         tokio::time::sleep_until((renewed + lease / 3).into()).await;
         let attempt = Instant::now();
-        match store::renew_lease(&pool, id, version, &worker, lease).await {
+        let renewal = tokio::time::timeout(
+            lease / 3,
+            store::renew_lease(&pool, id, version, &worker, lease),
+        )
+        .await
+        .unwrap_or_else(|_| Err(sqlx::Error::PoolTimedOut));
+        match renewal {
+            // Every renewal passes a cancel request on, so a stop that got
+            // no clear answer is asked again.
             Ok(Some(cancel_requested)) => {
                 renewed = attempt;
-                if cancel_requested && !told_cancel {
-                    told_cancel = true;
+                if cancel_requested {
                     let _ = signals.send(Heartbeat::CancelRequested).await;
                 }
             }
@@ -515,8 +540,23 @@ async fn begin_within_limits(
             }
             Ok(version)
         }
+        store::Guarded::Busy => {
+            // Another worker holds the profile's spend lock for long: come
+            // back shortly rather than tie up a connection waiting.
+            engine.throttles.refund(&run.provider);
+            let t = lifecycle::throttled(run.state, engine.budget_recheck, Utc::now());
+            record(engine, run, run.state, run.version, &t).await?;
+            Ok(None)
+        }
+        store::Guarded::Held(hold) if hold.never_fits() => {
+            tracing::warn!(reason = %hold, "the run's quote alone exceeds a spend limit; failing it");
+            let t = lifecycle::quote_above_limit(&hold.to_string());
+            record(engine, run, run.state, run.version, &t).await?;
+            Ok(None)
+        }
         store::Guarded::Held(hold) => {
             tracing::info!(reason = %hold, "run held back by a spend limit");
+            engine.throttles.refund(&run.provider);
             let due = Utc::now()
                 + chrono::Duration::from_std(engine.budget_recheck)
                     .unwrap_or(chrono::Duration::seconds(30));

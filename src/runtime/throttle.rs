@@ -37,6 +37,9 @@ pub struct RateState {
     /// force when an unlimited profile meets its first 429.
     window_start: Instant,
     window_count: u32,
+    /// When the rate was last halved: a burst of 429s answering requests
+    /// that were all sent at once halves it once, not once per answer.
+    last_decrease: Option<Instant>,
 }
 
 impl RateState {
@@ -50,6 +53,7 @@ impl RateState {
             refilled: now,
             window_start: now,
             window_count: 0,
+            last_decrease: None,
         }
     }
 
@@ -89,10 +93,17 @@ impl RateState {
         self.window_count = self.window_count.saturating_sub(1);
     }
 
-    /// Learns from an answer: 429 halves the rate, anything else helps it
-    /// recover.
-    pub fn observe(&mut self, rate_limited: bool) {
+    /// Learns from an answer at `now`: 429 halves the rate (once per
+    /// second at most), any other answer helps it recover.
+    pub fn observe(&mut self, rate_limited: bool, now: Instant) {
         if rate_limited {
+            if self
+                .last_decrease
+                .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
+            {
+                return;
+            }
+            self.last_decrease = Some(now);
             let in_force = self
                 .current
                 .unwrap_or_else(|| f64::from(self.window_count.max(1)));
@@ -102,6 +113,8 @@ impl RateState {
             }
             self.current = Some(halved);
             self.tokens = self.tokens.min(0.0);
+            // The bucket starts now: no burst right after a 429.
+            self.refilled = now;
             return;
         }
         let (Some(current), Some(ceiling)) = (self.current, self.ceiling) else {
@@ -187,6 +200,14 @@ impl Throttles {
         Admission::Go
     }
 
+    /// Gives back a request slot taken by [`Throttles::admit`] that was not
+    /// used (the run was deferred or held before its call).
+    pub fn refund(&self, profile: &str) {
+        if let Some(mut rate) = self.rate(profile) {
+            rate.refund();
+        }
+    }
+
     /// A submit slot of `profile` (`Ok(None)`: no cap), waited for up to
     /// `max_wait`; `Err` when none came free in time.
     pub async fn submit_slot(
@@ -203,13 +224,17 @@ impl Throttles {
         }
     }
 
-    /// Learns from an answer of `profile` (its HTTP status, if any).
+    /// Learns from an answer of `profile` (its HTTP status; `None`, no
+    /// answer at all, teaches nothing).
     pub fn observe(&self, profile: &str, http_status: Option<u16>) {
+        let Some(status) = http_status else {
+            return;
+        };
         if let Some(mut rate) = self.rate(profile) {
             let before = rate.rate();
-            rate.observe(http_status == Some(429));
+            rate.observe(status == 429, Instant::now());
             let after = rate.rate();
-            if after != before && http_status == Some(429) {
+            if after != before && status == 429 {
                 tracing::warn!(profile, rate = ?after, "the provider answered 429: slowing this profile down");
             } else if before.is_some() && after.is_none() {
                 tracing::info!(
@@ -254,21 +279,28 @@ mod tests {
     fn a_429_halves_the_rate_and_answers_bring_it_back() {
         let t0 = Instant::now();
         let mut state = RateState::new(Some(10.0), t0);
-        state.observe(true);
+        let second = Duration::from_secs(1);
+        state.observe(true, t0);
         assert_eq!(state.rate(), Some(5.0));
-        state.observe(true);
+        state.observe(true, t0 + Duration::from_millis(10));
+        assert_eq!(
+            state.rate(),
+            Some(5.0),
+            "one halving per second for a burst of 429s"
+        );
+        state.observe(true, t0 + second);
         assert_eq!(state.rate(), Some(2.5));
         for _ in 0..10 {
-            state.observe(false);
+            state.observe(false, t0 + second);
         }
         let rate = state.rate().unwrap();
         assert!((rate - 4.5).abs() < 1e-9, "+ceiling/50 per answer: {rate}");
         for _ in 0..100 {
-            state.observe(false);
+            state.observe(false, t0 + second);
         }
         assert_eq!(state.rate(), Some(10.0), "never above the configured rate");
-        for _ in 0..20 {
-            state.observe(true);
+        for n in 0..20 {
+            state.observe(true, t0 + second * (n + 2));
         }
         assert_eq!(state.rate(), Some(MIN_RATE), "never below the floor");
     }
@@ -280,14 +312,19 @@ mod tests {
         for _ in 0..8 {
             assert_eq!(state.reserve(t0), Duration::ZERO);
         }
-        state.observe(true);
+        state.observe(true, t0);
         assert_eq!(
             state.rate(),
             Some(4.0),
             "half the 8 requests of this second"
         );
+        assert_eq!(
+            state.reserve(t0),
+            Duration::from_millis(250),
+            "no burst right after a 429"
+        );
         for _ in 0..200 {
-            state.observe(false);
+            state.observe(false, t0);
         }
         assert_eq!(
             state.rate(),

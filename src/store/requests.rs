@@ -114,7 +114,8 @@ pub async fn cancel_run(
             UPDATE wfq.runs
             SET state = 'canceled', version = version + 1, updated_at = now(), finished_at = now(),
                 settled_at = now(), lease_owner = NULL, lease_expires_at = NULL,
-                error_code = 'CANCELED', error_message = COALESCE($2, 'canceled before submission')
+                error_code = 'CANCELED', error_message = COALESCE($2, 'canceled before submission'),
+                hold_reason = NULL
             WHERE id = $1 AND state = 'queued'
             RETURNING id
         ),

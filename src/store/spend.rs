@@ -18,7 +18,15 @@ pub enum Guarded {
     Applied(Option<i64>),
     /// A limit would be crossed: nothing was written.
     Held(SpendHold),
+    /// The profile's spend lock was held by another transaction for long
+    /// (`lock_timeout`): nothing was written; try again shortly.
+    Busy,
 }
+
+/// How long a submit waits for the profile's spend lock. A holder that
+/// hangs mid-transaction must not make every submit of every process wait
+/// with a pool connection in hand.
+const LOCK_TIMEOUT: &str = "5s";
 
 /// The run the guard decides about.
 #[derive(Debug, Clone, Copy)]
@@ -51,10 +59,23 @@ pub async fn begin_within_limits(
     timezone: &str,
 ) -> Result<Guarded, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('wfq.spend/' || $1, 0))")
-        .bind(run.provider)
+    sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+        .bind(LOCK_TIMEOUT)
         .execute(&mut *tx)
         .await?;
+    let locked =
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('wfq.spend/' || $1, 0))")
+            .bind(run.provider)
+            .execute(&mut *tx)
+            .await;
+    match locked {
+        Ok(_) => {}
+        // 55P03: lock_not_available, raised by lock_timeout.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+            return Ok(Guarded::Busy);
+        }
+        Err(e) => return Err(e),
+    }
     let committed = committed(&mut tx, run.provider, timezone).await?;
     if let Err(hold) = spend::check(limits, committed, run.quote) {
         tx.rollback().await?;
@@ -87,7 +108,11 @@ async fn committed(
              FROM wfq.runs, day
              WHERE provider = $1
                AND (submitted_at >= day.start
-                    OR (submitted_at IS NULL AND settled_at IS NULL AND state <> 'queued')))
+                    -- Submits in flight, and failures whose money is not
+                    -- known, count on the day they were last touched, not
+                    -- on every day after.
+                    OR (submitted_at IS NULL AND settled_at IS NULL AND state <> 'queued'
+                        AND updated_at >= day.start)))
         "#,
     )
     .bind(provider)

@@ -50,8 +50,9 @@ pub struct TransitionWrite {
 /// event, in one statement (and one commit, outside a transaction): one
 /// round trip and one WAL flush per batch instead of per run.
 /// The result lists the new version per write, in order (`None`: that run
-/// moved on without us). A batch never holds one run twice (a run has one
-/// step at a time).
+/// moved on without us). A batch may hold two writes of one run (a step
+/// that outlived its lease and the one that took over); at most one of
+/// them matches the row's version.
 #[tracing::instrument(name = "apply_transitions", skip(pool, writes), fields(batch = writes.len()), err)]
 pub async fn apply_transitions<'e>(
     pool: impl PgExecutor<'e>,
@@ -81,13 +82,13 @@ pub async fn apply_transitions<'e>(
                 $25::numeric[], $26::numeric[], $27::numeric[], $28::numeric[], $29::numeric[],
                 $30::text[], $31::text[], $32::jsonb[], $33::text[], $34::text[], $35::jsonb[],
                 $36::int8[], $37::text[]
-            ) AS i(id, version, state, attempts_delta, polls_delta, due_at,
+            ) WITH ORDINALITY AS i(id, version, state, attempts_delta, polls_delta, due_at,
                    keep_lease, submitted, settled, pin_revision, revision_id, sent_inputs,
                    provider_run_id, task_id, prompt_id, billing_run_id, run_status, freeze_status,
                    submission_status, settlement_status, outputs, currency, quote_amount, frozen_amount,
                    final_amount, released_amount, compute_cost, external_model_cost, total_cost,
                    error_code, error_message, error_detail, kind, from_state, detail,
-                   total_tokens, doubt)
+                   total_tokens, doubt, n)
         ),
         updated AS (
             UPDATE wfq.runs r SET
@@ -132,13 +133,13 @@ pub async fn apply_transitions<'e>(
                     ELSE r.submit_in_doubt_since END
             FROM input i
             WHERE r.id = i.id AND r.version = i.version AND r.lease_owner = $38
-            RETURNING r.id, r.version, r.state, i.kind, i.from_state, i.detail
+            RETURNING i.n, r.id, r.version, r.state, i.kind, i.from_state, i.detail
         ),
         event AS (
             INSERT INTO wfq.run_events (run_id, kind, from_state, to_state, worker, detail)
             SELECT id, kind, from_state, state, $38, detail FROM updated ORDER BY id
         )
-        SELECT id, version FROM updated
+        SELECT n, version FROM updated
         "#,
     )
     .bind(col(writes, |w| w.id))
@@ -186,6 +187,14 @@ pub async fn apply_transitions<'e>(
     .bind(lease.as_secs_f64())
     .fetch_all(pool)
     .await?;
-    let applied: std::collections::HashMap<i64, i64> = rows.into_iter().collect();
-    Ok(writes.iter().map(|w| applied.get(&w.id).copied()).collect())
+    // By position in the batch, not by run id: two steps of one run (an
+    // old one whose lease ran out, and its successor) may share a batch,
+    // and only the one whose version matched was applied.
+    let mut applied = vec![None; writes.len()];
+    for (n, version) in rows {
+        if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| applied.get_mut(i)) {
+            *slot = Some(version);
+        }
+    }
+    Ok(applied)
 }
