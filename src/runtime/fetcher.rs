@@ -157,9 +157,13 @@ impl Fetcher {
         // else (another worker's claim, a producer's open transaction). Back
         // off exponentially instead of asking again every few milliseconds.
         let wait = match next {
-            Some(n) if n.is_zero() => MIN_PAUSE
-                .saturating_mul(1 << self.empty_claims.min(16))
-                .min(fallback),
+            Some(n) if n.is_zero() => {
+                let pause = MIN_PAUSE
+                    .saturating_mul(1 << self.empty_claims.min(16))
+                    .min(fallback);
+                tracing::debug!(empty_claims = self.empty_claims, pause = ?pause, "a run is due but none could be claimed; pausing");
+                pause
+            }
             Some(n) => {
                 self.empty_claims = 0;
                 n.min(fallback)
