@@ -964,15 +964,7 @@ fn parse_manifest(workflow_id: &str, body: &[u8]) -> Result<Manifest, Unclear> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::StatusCode;
-
-    fn raw(status: u16, body: &str) -> RawAnswer {
-        RawAnswer {
-            status: StatusCode::from_u16(status).unwrap(),
-            retry_after: None,
-            body: body.as_bytes().to_vec(),
-        }
-    }
+    use crate::providers::wire::test_answer as raw;
 
     #[test]
     fn error_answers_are_classified_by_status_and_code() {

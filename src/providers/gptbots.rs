@@ -258,16 +258,8 @@ fn parse_result(body: &[u8]) -> Result<RunReport, Unclear> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::StatusCode;
+    use crate::providers::wire::test_answer as raw;
     use rust_decimal::Decimal;
-
-    fn raw(status: u16, body: &str) -> RawAnswer {
-        RawAnswer {
-            status: StatusCode::from_u16(status).unwrap(),
-            retry_after: None,
-            body: body.as_bytes().to_vec(),
-        }
-    }
 
     #[test]
     fn error_answers_are_classified_by_status() {

@@ -138,3 +138,13 @@ pub(crate) fn classify_error_status(
         }),
     }
 }
+
+/// An answer with `status` and `body`, for the clients' unit tests.
+#[cfg(test)]
+pub(crate) fn test_answer(status: u16, body: &str) -> RawAnswer {
+    RawAnswer {
+        status: reqwest::StatusCode::from_u16(status).expect("a valid status"),
+        retry_after: None,
+        body: body.as_bytes().to_vec(),
+    }
+}
