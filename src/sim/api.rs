@@ -4,13 +4,11 @@
 //! takes the state lock once, briefly, to count, inject faults and read or
 //! write; responses are built after the lock is released where possible.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,13 +16,11 @@ use bytes::Bytes;
 
 use super::catalog;
 use super::envelope::{self, ApiError};
-use super::gate::{self, Denied};
+use super::gate::{self, Denied, Params, param};
 use super::state::Shared;
 use super::submit::{self, SubmitOutcome};
 use super::timeline::Phase;
 use super::views::{self, QueueInfo};
-
-type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
 
 /// The API router; the caller nests it under `/api/open/v2`.
 pub(crate) fn routes(shared: Arc<Shared>) -> Router {
@@ -45,15 +41,6 @@ async fn gate(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
             Denied::Unauthorized => envelope::plain(StatusCode::UNAUTHORIZED, "invalid api key"),
             Denied::Malformed(n) => envelope::malformed(n),
         })
-}
-
-/// A query parameter, `""` when absent or when the query is unreadable.
-fn param<'a>(params: &'a Params, name: &str) -> &'a str {
-    params
-        .as_ref()
-        .ok()
-        .and_then(|Query(map)| map.get(name))
-        .map_or("", String::as_str)
 }
 
 async fn market_info(

@@ -61,6 +61,21 @@ pub(crate) fn authorized(expected: Option<&str>, headers: &HeaderMap) -> bool {
         && expected.is_none_or(|key| key == token)
 }
 
+/// The query string of an API request, as axum hands it over.
+pub(crate) type Params = Result<
+    axum::extract::Query<std::collections::HashMap<String, String>>,
+    axum::extract::rejection::QueryRejection,
+>;
+
+/// A query parameter, `""` when absent or when the query is unreadable.
+pub(crate) fn param<'a>(params: &'a Params, name: &str) -> &'a str {
+    params
+        .as_ref()
+        .ok()
+        .and_then(|axum::extract::Query(map)| map.get(name))
+        .map_or("", String::as_str)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

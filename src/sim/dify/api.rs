@@ -4,12 +4,10 @@
 //! briefly, to count, inject faults and read or write; waiting (blocking
 //! mode, streams) happens outside the lock.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,10 +22,8 @@ use super::request;
 use super::{stream, views};
 use crate::sim::envelope;
 use crate::sim::faults::Injected;
-use crate::sim::gate::{self, Denied};
+use crate::sim::gate::{self, Denied, Params, param};
 use crate::sim::state::Shared;
-
-type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
 
 /// How often a blocking request looks at its run.
 const BLOCKING_RECHECK: Duration = Duration::from_millis(25);
@@ -119,15 +115,6 @@ async fn enter(
             Denied::Malformed(n) => envelope::malformed(n),
         })?;
     apps::find(app).ok_or_else(|| not_found(&format!("App {app:?} not found")))
-}
-
-/// A query parameter, `""` when absent or when the query is unreadable.
-fn param<'a>(params: &'a Params, name: &str) -> &'a str {
-    params
-        .as_ref()
-        .ok()
-        .and_then(|Query(map)| map.get(name))
-        .map_or("", String::as_str)
 }
 
 async fn parameters(
