@@ -143,7 +143,7 @@ async fn a_leased_run_is_rescued_only_after_its_lease_expires(pool: PgPool) {
             .unwrap()
             .is_empty()
     );
-    sqlx::query("UPDATE wfq.runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
+    sqlx::query("UPDATE wfq.runs SET lease_expires_at = now() - interval '1 second', due_at = now() - interval '1 second' WHERE id = $1")
         .bind(id)
         .execute(&pool)
         .await
@@ -365,7 +365,7 @@ async fn a_batch_with_two_writes_of_one_run_answers_each_write(pool: PgPool) {
     let old = store::claim_due_runs(&pool, "w1", 1, LEASE, &chenyu())
         .await
         .unwrap();
-    sqlx::query("UPDATE wfq.runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1")
+    sqlx::query("UPDATE wfq.runs SET lease_expires_at = now() - interval '1 second', due_at = now() - interval '1 second' WHERE id = $1")
         .bind(id)
         .execute(&pool)
         .await

@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::Engine;
 use super::step::LeaseClock;
-use crate::store::{self, ClaimedRun};
+use crate::store::{ClaimConnection, ClaimedRun};
 
 /// One claimed run handed to apalis, with the slot it occupies.
 #[derive(Debug)]
@@ -39,6 +39,8 @@ pub struct FetcherConfig {
 /// The claim loop's state between batches.
 pub struct Fetcher {
     engine: Arc<Engine>,
+    /// Claims and due-time reads go over a connection of their own.
+    db: ClaimConnection,
     slots: Arc<Semaphore>,
     config: FetcherConfig,
     /// The last claim found fewer due runs than it asked for: sleep first.
@@ -56,6 +58,7 @@ impl Fetcher {
     /// A loop over `engine`'s database.
     pub fn new(engine: Arc<Engine>, config: FetcherConfig) -> Self {
         Fetcher {
+            db: ClaimConnection::new(&engine.pool),
             engine,
             slots: Arc::new(Semaphore::new(config.concurrency)),
             config,
@@ -87,14 +90,15 @@ impl Fetcher {
             }
             let engine = &self.engine;
             let taken = Instant::now();
-            match store::claim_due_runs(
-                &engine.pool,
-                &engine.worker_id,
-                slots.len(),
-                engine.lease,
-                &engine.claim_scope(),
-            )
-            .await
+            match self
+                .db
+                .claim(
+                    &engine.worker_id,
+                    slots.len(),
+                    engine.lease,
+                    &engine.claim_scope(),
+                )
+                .await
             {
                 Ok(runs) => {
                     let rescued = runs.iter().filter(|r| r.rescued_from.is_some()).count();
@@ -141,7 +145,7 @@ impl Fetcher {
 
     async fn sleep_until_due(&mut self) {
         let fallback = self.config.fallback_poll;
-        let next = match store::next_due_in(&self.engine.pool, &self.engine.claim_scope()).await {
+        let next = match self.db.next_due_in(&self.engine.claim_scope()).await {
             Ok(next) => next,
             // Not the fallback poll: that may be long, and nothing else
             // wakes the loop when the database comes back.
@@ -157,9 +161,16 @@ impl Fetcher {
         // else (another worker's claim, a producer's open transaction). Back
         // off exponentially instead of asking again every few milliseconds.
         let wait = match next {
+            // The last claim got runs and more have come due since (a
+            // commit that landed after its snapshot, a poll whose time has
+            // come): claim again at once.
+            Some(n) if n.is_zero() && self.empty_claims == 0 => {
+                self.drained = false;
+                return;
+            }
             Some(n) if n.is_zero() => {
                 let pause = MIN_PAUSE
-                    .saturating_mul(1 << self.empty_claims.min(16))
+                    .saturating_mul(1 << self.empty_claims.saturating_sub(1).min(16))
                     .min(fallback);
                 tracing::debug!(empty_claims = self.empty_claims, pause = ?pause, "a run is due but none could be claimed; pausing");
                 pause

@@ -139,7 +139,10 @@ pub async fn cancel_run(
         r#"
         WITH requested AS (
             UPDATE wfq.runs
-            SET cancel_requested_at = COALESCE(cancel_requested_at, now()), due_at = now(),
+            SET cancel_requested_at = COALESCE(cancel_requested_at, now()),
+                -- A leased run stays due at its lease's end: its holder
+                -- sees the request when it renews the lease.
+                due_at = CASE WHEN lease_owner IS NULL THEN now() ELSE due_at END,
                 updated_at = now()
             WHERE id = $1 AND state = 'running' AND provider = ANY($3) AND task_id IS NOT NULL
             RETURNING id

@@ -97,7 +97,12 @@ pub async fn apply_transitions<'e>(
                 updated_at = now(),
                 attempts = r.attempts + i.attempts_delta,
                 polls = r.polls + i.polls_delta,
-                due_at = COALESCE(i.due_at, r.due_at),
+                -- A run this worker keeps is due when its lease ends (see
+                -- claim_due_runs); one it lets go without a schedule is due now.
+                due_at = CASE
+                    WHEN i.keep_lease THEN GREATEST(COALESCE(i.due_at, r.due_at), now() + make_interval(secs => $39))
+                    WHEN i.due_at IS NOT NULL THEN i.due_at
+                    ELSE LEAST(r.due_at, now()) END,
                 lease_owner = CASE WHEN i.keep_lease THEN r.lease_owner END,
                 lease_expires_at = CASE WHEN i.keep_lease THEN now() + make_interval(secs => $39) END,
                 submitted_at = CASE WHEN i.submitted THEN COALESCE(r.submitted_at, now()) ELSE r.submitted_at END,
