@@ -396,3 +396,165 @@ async fn a_batch_with_two_writes_of_one_run_answers_each_write(pool: PgPool) {
         .unwrap();
     assert_eq!(events, 1, "one transition, one event");
 }
+
+async fn due_and_lease_in_secs(pool: &PgPool, id: i64) -> (f64, Option<f64>) {
+    sqlx::query_as(
+        "SELECT extract(epoch FROM due_at - now())::float8, \
+                extract(epoch FROM lease_expires_at - now())::float8 \
+         FROM wfq.runs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test]
+async fn a_leased_run_is_due_when_its_lease_ends_and_due_now_when_let_go(pool: PgPool) {
+    let id = insert(&pool, 0, None).await;
+    // The claim loop's own connection claims like the pool does.
+    let mut claims = store::ClaimConnection::new(&pool);
+    let run = claims
+        .claim("w1", 1, LEASE, &chenyu())
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let (due, lease) = due_and_lease_in_secs(&pool, id).await;
+    assert!((59.0..=60.0).contains(&due), "due in {due}s");
+    assert_eq!(Some(due), lease, "due_at is the lease's end");
+    // Nothing to wake up for: the only run is leased.
+    let next = claims.next_due_in(&chenyu()).await.unwrap();
+    assert!(next.is_none(), "{next:?}");
+
+    // `submitting` keeps the lease: due at the renewed lease's end.
+    let begin = lifecycle::begin_submit(None, json!({}));
+    let version = store::apply_transition(
+        &pool,
+        id,
+        run.version,
+        RunState::Queued,
+        "w1",
+        LEASE,
+        &begin,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let (due, lease) = due_and_lease_in_secs(&pool, id).await;
+    assert!(
+        (59.0..=60.0).contains(&due) && Some(due) == lease,
+        "{due} {lease:?}"
+    );
+
+    // Let go with a schedule: due then; without one: due now.
+    let later = lifecycle::Transition {
+        keep_lease: false,
+        due_at: Some(chrono::Utc::now() + chrono::Duration::seconds(30)),
+        ..begin.clone()
+    };
+    store::apply_transition(
+        &pool,
+        id,
+        version,
+        RunState::Submitting,
+        "w1",
+        LEASE,
+        &later,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let (due, lease) = due_and_lease_in_secs(&pool, id).await;
+    assert!(
+        (29.0..=30.0).contains(&due) && lease.is_none(),
+        "{due} {lease:?}"
+    );
+    assert!(
+        store::claim_due_runs(&pool, "w1", 1, LEASE, &chenyu())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    sqlx::query("UPDATE wfq.runs SET due_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let run = claims
+        .claim("w1", 1, LEASE, &chenyu())
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    let now = lifecycle::Transition {
+        keep_lease: false,
+        ..begin
+    };
+    store::apply_transition(
+        &pool,
+        id,
+        run.version,
+        RunState::Submitting,
+        "w1",
+        LEASE,
+        &now,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let (due, lease) = due_and_lease_in_secs(&pool, id).await;
+    assert!(due <= 0.0 && lease.is_none(), "{due} {lease:?}");
+}
+
+/// A worker that starts on an empty, analysed table and then gets a burst must still
+/// walk the claim index in order: no sort of every due run, no sequential
+/// scan, whatever the statistics and the plan cache say. (Without
+/// `CLAIM_SETTINGS` this plan was a nested loop over a sequential scan.)
+#[sqlx::test]
+async fn the_claim_walks_the_claim_index_after_a_burst_into_an_empty_table(pool: PgPool) {
+    let mut conn = pool.acquire().await.unwrap();
+    // The queue was empty when autovacuum last looked (as after a quiet
+    // night, or a TRUNCATE).
+    sqlx::query("VACUUM ANALYZE wfq.runs")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    for (name, value) in store::CLAIM_SETTINGS {
+        sqlx::query(sqlx::AssertSqlSafe(format!("SET {name} = '{value}'")))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "PREPARE claim (text, int8, float8, text[], bool, text[]) AS {}",
+        store::CLAIM_DUE_RUNS_SQL
+    )))
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let execute = "claim ('w1', 100, 60, '{chenyu}', false, '{chenyu}')";
+    // Enough runs on the empty table for a generic plan to be considered.
+    for _ in 0..8 {
+        sqlx::query(sqlx::AssertSqlSafe(format!("EXECUTE {execute}")))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO wfq.runs (workflow_id, inputs) \
+         SELECT 'wf', jsonb_build_object('n', g) FROM generate_series(1, 20000) g",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let plan: Vec<String> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("EXPLAIN EXECUTE {execute}")))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("Index Scan using runs_claim_idx"), "{plan}");
+    assert!(!plan.contains("Sort"), "{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+}

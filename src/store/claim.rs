@@ -211,15 +211,10 @@ impl ClaimConnection {
     }
 }
 
-async fn claim_on(
-    conn: &mut PgConnection,
-    worker: &str,
-    limit: usize,
-    lease: Duration,
-    scope: &ClaimScope,
-) -> Result<Vec<ClaimedRun>, sqlx::Error> {
-    let rows: Vec<ClaimRow> = sqlx::query_as(
-        r#"
+/// The claim statement (`$1` worker, `$2` limit, `$3` lease in seconds,
+/// `$4` profiles, `$5` take queued runs of unknown profiles, `$6` configured
+/// profiles); public so tests can look at its plan.
+pub const CLAIM_DUE_RUNS_SQL: &str = r#"
         WITH due AS (
             SELECT id, lease_owner AS previous_owner
             FROM wfq.runs
@@ -243,16 +238,24 @@ async fn claim_on(
                   r.version, r.provider_run_id, r.submitted_at, due.previous_owner,
                   r.submit_in_doubt_since, r.cancel_requested_at IS NOT NULL AS cancel_requested,
                   r.task_id
-        "#,
-    )
-    .bind(worker)
-    .bind(limit as i64)
-    .bind(lease.as_secs_f64())
-    .bind(&scope.profiles)
-    .bind(scope.unknown_queued)
-    .bind(&scope.configured)
-    .fetch_all(conn)
-    .await?;
+        "#;
+
+async fn claim_on(
+    conn: &mut PgConnection,
+    worker: &str,
+    limit: usize,
+    lease: Duration,
+    scope: &ClaimScope,
+) -> Result<Vec<ClaimedRun>, sqlx::Error> {
+    let rows: Vec<ClaimRow> = sqlx::query_as(CLAIM_DUE_RUNS_SQL)
+        .bind(worker)
+        .bind(limit as i64)
+        .bind(lease.as_secs_f64())
+        .bind(&scope.profiles)
+        .bind(scope.unknown_queued)
+        .bind(&scope.configured)
+        .fetch_all(conn)
+        .await?;
     Ok(rows
         .into_iter()
         .filter_map(|row| {
@@ -295,7 +298,7 @@ pub async fn next_due_in<'e>(
 ) -> Result<Option<Duration>, sqlx::Error> {
     let seconds: Option<f64> = sqlx::query_scalar(
         r#"
-        SELECT GREATEST(extract(epoch FROM min(due_at) - now()), 0)::float8 FROM wfq.runs
+        SELECT extract(epoch FROM min(due_at) - now())::float8 FROM wfq.runs
         WHERE state IN ('queued', 'submitting', 'running') AND lease_owner IS NULL
           AND (provider = ANY($1) OR ($2 AND state = 'queued' AND provider <> ALL($3)))
         "#,

@@ -19,8 +19,8 @@ pub use callbacks::{
     record_callback_attempts,
 };
 pub use claim::{
-    CLAIM_SETTINGS, ClaimConnection, ClaimScope, ClaimedRun, claim_due_runs, next_due_in,
-    record_rescue, release_leases, renew_lease,
+    CLAIM_DUE_RUNS_SQL, CLAIM_SETTINGS, ClaimConnection, ClaimScope, ClaimedRun, claim_due_runs,
+    next_due_in, record_rescue, release_leases, renew_lease,
 };
 pub use metrics::{count_runs, outstanding_frozen, ping};
 pub use pauses::{ProviderPause, pause_provider, paused_providers, resume_provider};
