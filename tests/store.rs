@@ -96,7 +96,7 @@ async fn a_worker_only_takes_runs_of_its_profiles(pool: PgPool) {
         configured: vec!["chenyu".into(), "other".into()],
         unknown_queued: true,
     };
-    sqlx::query("UPDATE wfq.runs SET lease_owner = NULL, lease_expires_at = NULL")
+    sqlx::query("UPDATE wfq.runs SET lease_owner = NULL, lease_expires_at = NULL, due_at = now()")
         .execute(&pool)
         .await
         .unwrap();

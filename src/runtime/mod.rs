@@ -173,7 +173,8 @@ impl Engine {
             budget_timezone: config.worker.budget_timezone.clone(),
             budget_recheck: config.worker.budget_recheck,
             metrics,
-            // Leave connections for the claim loop, LISTEN and the rest.
+            // Half the pool: LISTEN, lease renewals, the spend guard and the
+            // rest take theirs from it too (the claim loop has its own).
             transitions: TransitionWriter::start(
                 pool.clone(),
                 config.worker.id.clone(),

@@ -194,8 +194,14 @@ impl ClaimConnection {
         let with_settings = self.options.clone().options(CLAIM_SETTINGS);
         let mut conn = match PgConnection::connect_with(&with_settings).await {
             Ok(conn) => conn,
-            // Refused at startup (not unreachable): try without.
-            Err(sqlx::Error::Database(e)) => {
+            // A pooler that refuses startup options (PgBouncer answers
+            // 08P01 "unsupported startup parameter"): try without. Other
+            // errors (unreachable, too many clients, starting up) are
+            // retried with the options on the next call.
+            Err(sqlx::Error::Database(e))
+                if e.code().as_deref() == Some("08P01")
+                    || e.message().contains("startup parameter") =>
+            {
                 tracing::info!(error = %e, "the server refused session settings for claims; setting them per claim");
                 return Ok(Session {
                     conn: PgConnection::connect_with(&self.options).await?,
@@ -229,11 +235,11 @@ impl ClaimConnection {
         let session = match &mut self.conn {
             Some(session) => session,
             None => {
-                let session = self.connect().await?;
+                let session = within_call_timeout("connecting", self.connect()).await?;
                 self.conn.insert(session)
             }
         };
-        let result = f(session).await;
+        let result = within_call_timeout("a claim-loop statement", f(session)).await;
         if result.is_err() {
             // A statement error leaves the session usable, but a broken
             // connection does not say so; a new one costs one connect.
@@ -275,6 +281,24 @@ impl ClaimConnection {
     pub async fn has_session_settings(&mut self) -> Result<bool, sqlx::Error> {
         self.with_session(async |session| Ok(session.has_settings))
             .await
+    }
+}
+
+/// The longest a connect or statement of the claim loop may take: a host
+/// that stopped answering (a failover leaving a half-open connection) must
+/// not stall claiming until TCP gives up.
+const CLAIM_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn within_call_timeout<T>(
+    what: &str,
+    call: impl Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    match tokio::time::timeout(CLAIM_CALL_TIMEOUT, call).await {
+        Ok(result) => result,
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{what} took longer than {CLAIM_CALL_TIMEOUT:?}"),
+        ))),
     }
 }
 
@@ -355,9 +379,9 @@ async fn claim_on(
 
 /// How long until the next unleased run in `scope` becomes due, measured on
 /// the database's clock so a skewed worker clock cannot make the loop spin
-/// (`None`: nothing waiting). Leased runs are left out: their due time has
-/// passed by definition, and a lease that runs out is found by the fallback
-/// poll.
+/// (`None`: nothing waiting). Leased runs are left out (their `due_at` is
+/// their lease's end, or in the past for rows leased by an older wfq); a
+/// lease that runs out is found by the fallback poll.
 #[tracing::instrument(name = "next_due_in", skip(db, scope), err, level = "debug")]
 pub async fn next_due_in<'e>(
     db: impl PgExecutor<'e>,

@@ -140,8 +140,9 @@ pub async fn cancel_run(
         WITH requested AS (
             UPDATE wfq.runs
             SET cancel_requested_at = COALESCE(cancel_requested_at, now()),
-                -- A leased run stays due at its lease's end: its holder
-                -- sees the request when it renews the lease.
+                -- A leased run stays due at its lease's end: a Dify stream's
+                -- holder sees the request when it renews the lease; a poll
+                -- step in flight sends the stop at the run's next poll.
                 due_at = CASE WHEN lease_owner IS NULL THEN now() ELSE due_at END,
                 updated_at = now()
             WHERE id = $1 AND state = 'running' AND provider = ANY($3) AND task_id IS NOT NULL
