@@ -864,3 +864,33 @@ async fn a_stalled_provider_times_out_and_is_retried_without_stalling_other_runs
     assert!(sim.ledger().iter().all(|e| e.charges == 1));
     sim.shutdown().await;
 }
+
+#[sqlx::test]
+async fn a_burst_of_one_workflow_reads_its_manifest_once(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 0, 0).await;
+    // More runs than the worker's 16 slots, all due at once on a cold cache.
+    sqlx::query(
+        "INSERT INTO wfq.runs (workflow_id, inputs) \
+         SELECT $1, jsonb_build_object('n6_text', 'burst ' || g) FROM generate_series(1, 40) g",
+    )
+    .bind(TEXT_TO_IMAGE)
+    .execute(&pool)
+    .await
+    .unwrap();
+    work_until_idle(&pool, config(&sim, "w1", "")).await;
+    let succeeded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM wfq.runs WHERE state = 'succeeded'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(succeeded, 40);
+    assert_eq!(
+        sim.stats().market_requests,
+        1,
+        "one manifest read for 40 runs"
+    );
+}

