@@ -152,10 +152,17 @@ async fn claim_with_settings(
 ///   starts on an empty table otherwise keeps the generic plan it made then
 ///   (a nested loop over a sequential scan: 250-400 ms per claim once
 ///   20,000 runs had arrived).
-pub const CLAIM_SETTINGS: [(&str, &str); 3] = [
+/// - `enable_seqscan`, `enable_hashjoin`, `enable_mergejoin = off`: the
+///   claimed rows are updated through their primary key, one by one. With
+///   a hundred runs to claim and statistics from an emptier table, the
+///   planner otherwise hashed them against a scan of the whole table.
+pub const CLAIM_SETTINGS: [(&str, &str); 6] = [
     ("synchronous_commit", "off"),
     ("enable_sort", "off"),
     ("plan_cache_mode", "force_custom_plan"),
+    ("enable_seqscan", "off"),
+    ("enable_hashjoin", "off"),
+    ("enable_mergejoin", "off"),
 ];
 
 /// The claim loop's own connection, outside the pool: a claim never waits
@@ -306,16 +313,40 @@ async fn within_call_timeout<T>(
 /// `$4` profiles, `$5` take queued runs of unknown profiles, `$6` configured
 /// profiles); public so tests can look at its plan.
 pub const CLAIM_DUE_RUNS_SQL: &str = r#"
-        WITH due AS (
-            SELECT id, lease_owner AS previous_owner
-            FROM wfq.runs
-            WHERE state IN ('queued', 'submitting', 'running')
-              AND due_at <= now()
-              AND (lease_expires_at IS NULL OR lease_expires_at <= now())
-              AND (provider = ANY($4) OR ($5 AND state = 'queued' AND provider <> ALL($6)))
-            ORDER BY priority DESC, due_at, id
+        -- The priorities of active runs, highest first, one index descent
+        -- each (a loose index scan): then each priority's due runs are one
+        -- range of `runs_claim_idx` that ends at the first run not yet due,
+        -- so a claim costs the runs it takes, not every run in flight.
+        WITH RECURSIVE priorities AS (
+            (SELECT priority FROM wfq.runs
+             WHERE state IN ('queued', 'submitting', 'running')
+             ORDER BY priority DESC LIMIT 1)
+            UNION ALL
+            SELECT (SELECT r.priority FROM wfq.runs r
+                    WHERE r.state IN ('queued', 'submitting', 'running') AND r.priority < p.priority
+                    ORDER BY r.priority DESC LIMIT 1)
+            FROM priorities p
+            WHERE p.priority IS NOT NULL
+        ),
+        due AS (
+            SELECT c.id, c.previous_owner
+            FROM priorities p
+            CROSS JOIN LATERAL (
+                SELECT id, lease_owner AS previous_owner
+                FROM wfq.runs
+                WHERE state IN ('queued', 'submitting', 'running')
+                  AND priority = p.priority
+                  AND due_at <= now()
+                  AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+                  AND (provider = ANY($4) OR ($5 AND state = 'queued' AND provider <> ALL($6)))
+                ORDER BY due_at, id
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+            ) c
+            WHERE p.priority IS NOT NULL
+            -- Rows are locked as they are read, priority by priority, so
+            -- stopping here leaves lower priorities untouched.
             LIMIT $2
-            FOR UPDATE SKIP LOCKED
         )
         UPDATE wfq.runs r
         SET lease_owner = $1,
