@@ -143,6 +143,13 @@ async fn the_worker_daemon_runs_until_sigterm_and_never_logs_the_key(
     )
     .unwrap();
     let id = enqueue(&pool, TEXT_TO_IMAGE, serde_json::json!({})).await;
+    // Logs go to a file, not a pipe: nobody reads a pipe until the worker
+    // exits, and a full one (64 KiB of trace lines) would block the worker.
+    let log_path = dir.join(format!(
+        "worker-{}.log",
+        pool.connect_options().get_database().unwrap_or("x")
+    ));
+    let log_file = std::fs::File::create(&log_path).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_wfq"))
         .args(["worker", "--config"])
         .arg(&config)
@@ -151,8 +158,8 @@ async fn the_worker_daemon_runs_until_sigterm_and_never_logs_the_key(
         // Everything, HTTP client internals included: that is where a
         // header would leak.
         .env("RUST_LOG", "trace")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(log_file)
         .spawn()
         .unwrap();
     wait_all_final(&pool, Duration::from_secs(30)).await;
@@ -162,7 +169,7 @@ async fn the_worker_daemon_runs_until_sigterm_and_never_logs_the_key(
         .unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
-    let logs = String::from_utf8_lossy(&out.stderr);
+    let logs = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         out.status.success(),
         "exit 0 after SIGTERM: {:?}\n{logs}",
@@ -184,5 +191,6 @@ async fn the_worker_daemon_runs_until_sigterm_and_never_logs_the_key(
     .unwrap();
     assert_eq!(in_db, 0, "the API key leaked into the events");
     let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_file(&log_path);
     sim.shutdown().await;
 }
