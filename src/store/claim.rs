@@ -206,8 +206,7 @@ impl ClaimConnection {
             // errors (unreachable, too many clients, starting up) are
             // retried with the options on the next call.
             Err(sqlx::Error::Database(e))
-                if e.code().as_deref() == Some("08P01")
-                    || e.message().contains("startup parameter") =>
+                if refuses_startup_options(e.code().as_deref(), e.message()) =>
             {
                 tracing::info!(error = %e, "the server refused session settings for claims; setting them per claim");
                 return Ok(Session {
@@ -242,11 +241,13 @@ impl ClaimConnection {
         let session = match &mut self.conn {
             Some(session) => session,
             None => {
-                let session = within_call_timeout("connecting", self.connect()).await?;
+                let session =
+                    within_call_timeout(CLAIM_CALL_TIMEOUT, "connecting", self.connect()).await?;
                 self.conn.insert(session)
             }
         };
-        let result = within_call_timeout("a claim-loop statement", f(session)).await;
+        let result =
+            within_call_timeout(CLAIM_CALL_TIMEOUT, "a claim-loop statement", f(session)).await;
         if result.is_err() {
             // A statement error leaves the session usable, but a broken
             // connection does not say so; a new one costs one connect.
@@ -297,16 +298,24 @@ impl ClaimConnection {
 const CLAIM_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn within_call_timeout<T>(
+    limit: Duration,
     what: &str,
     call: impl Future<Output = Result<T, sqlx::Error>>,
 ) -> Result<T, sqlx::Error> {
-    match tokio::time::timeout(CLAIM_CALL_TIMEOUT, call).await {
+    match tokio::time::timeout(limit, call).await {
         Ok(result) => result,
         Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!("{what} took longer than {CLAIM_CALL_TIMEOUT:?}"),
+            format!("{what} took longer than {limit:?}"),
         ))),
     }
+}
+
+/// Whether a connect error means the server (a pooler) will not take
+/// startup options, as opposed to being away or busy: PgBouncer answers
+/// 08P01 "unsupported startup parameter: options".
+fn refuses_startup_options(code: Option<&str>, message: &str) -> bool {
+    code == Some("08P01") || message.contains("startup parameter")
 }
 
 /// The claim statement (`$1` worker, `$2` limit, `$3` lease in seconds,
@@ -515,4 +524,57 @@ pub async fn renew_lease(
     .bind(lease.as_secs_f64())
     .fetch_optional(pool)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refused_startup_option_turns_session_settings_off() {
+        let cases = [
+            (
+                Some("08P01"),
+                "unsupported startup parameter: options",
+                true,
+            ),
+            (None, "unsupported startup parameter: options", true),
+            (Some("08P01"), "protocol violation", true),
+            (Some("53300"), "sorry, too many clients already", false),
+            (Some("57P03"), "the database system is starting up", false),
+            (Some("28P01"), "password authentication failed", false),
+            (None, "connection refused", false),
+        ];
+        for (code, message, refused) in cases {
+            assert_eq!(
+                refuses_startup_options(code, message),
+                refused,
+                "{code:?} {message}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_claim_loop_call_that_hangs_ends_in_a_timeout_error() {
+        let hung = std::future::pending::<Result<(), sqlx::Error>>();
+        let err = tokio::time::timeout(
+            Duration::from_secs(5),
+            within_call_timeout(Duration::from_millis(20), "a claim", hung),
+        )
+        .await
+        .expect("the call limit ends the wait, not this test's")
+        .unwrap_err();
+        let sqlx::Error::Io(io) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(io.kind(), std::io::ErrorKind::TimedOut);
+        assert!(
+            err.to_string().contains("a claim took longer than"),
+            "{err}"
+        );
+        // A call that answers in time passes its answer through.
+        let answered =
+            within_call_timeout(Duration::from_secs(5), "a claim", async { Ok(7) }).await;
+        assert_eq!(answered.unwrap(), 7);
+    }
 }
