@@ -33,6 +33,19 @@ async fn insert(pool: &PgPool, priority: i32, not_before_secs: Option<i64>) -> i
     .unwrap()
 }
 
+/// Ends run `id`'s lease a second ago; a leased run is due when its lease
+/// ends, so it is due again too.
+async fn expire_lease(pool: &PgPool, id: i64) {
+    sqlx::query(
+        "UPDATE wfq.runs SET lease_expires_at = now() - interval '1 second', \
+         due_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(id)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 #[sqlx::test]
 async fn claims_take_due_runs_by_priority_and_skip_future_ones(pool: PgPool) {
     let low = insert(&pool, -5, None).await;
@@ -143,11 +156,7 @@ async fn a_leased_run_is_rescued_only_after_its_lease_expires(pool: PgPool) {
             .unwrap()
             .is_empty()
     );
-    sqlx::query("UPDATE wfq.runs SET lease_expires_at = now() - interval '1 second', due_at = now() - interval '1 second' WHERE id = $1")
-        .bind(id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    expire_lease(&pool, id).await;
     let rescued = store::claim_due_runs(&pool, "w2", 1, LEASE, &chenyu())
         .await
         .unwrap();
@@ -365,11 +374,7 @@ async fn a_batch_with_two_writes_of_one_run_answers_each_write(pool: PgPool) {
     let old = store::claim_due_runs(&pool, "w1", 1, LEASE, &chenyu())
         .await
         .unwrap();
-    sqlx::query("UPDATE wfq.runs SET lease_expires_at = now() - interval '1 second', due_at = now() - interval '1 second' WHERE id = $1")
-        .bind(id)
-        .execute(&pool)
-        .await
-        .unwrap();
+    expire_lease(&pool, id).await;
     let new = store::claim_due_runs(&pool, "w1", 1, LEASE, &chenyu())
         .await
         .unwrap();
