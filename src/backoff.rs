@@ -53,6 +53,12 @@ pub struct PollPolicy {
     pub jitter: f64,
     /// A run still not final and settled this long after its submit fails with `POLL_DEADLINE`.
     pub deadline: Duration,
+    /// A run whose provider keeps answering with a status wfq does not
+    /// know fails `UNKNOWN_RUN_STATUS` after this long.
+    pub unknown_status_limit: Duration,
+    /// A run the provider reports over but whose money it does not settle
+    /// is recorded final after this long, its money unknown.
+    pub settle_wait: Duration,
 }
 
 impl PollPolicy {
@@ -97,6 +103,8 @@ mod tests {
             multiplier: 2.0,
             jitter: 0.2,
             deadline: Duration::from_secs(3600),
+            unknown_status_limit: Duration::from_secs(3600),
+            settle_wait: Duration::from_secs(3600),
         }
     }
 

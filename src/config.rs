@@ -185,6 +185,10 @@ pub struct WorkerConfig {
     pub budget_timezone: String,
     /// How often a run held back by a spend limit is checked again.
     pub budget_recheck: Duration,
+    /// Dify run streams read at once by one process (each an open
+    /// connection and a task, not a slot of `concurrency`); a run beyond
+    /// it is followed by status checks.
+    pub max_streams: usize,
 }
 
 /// HTTP client limits.
@@ -283,6 +287,13 @@ pub struct ProviderProfile {
     /// Dify: how long after a submit whose answer was lost its run may take
     /// to show up in the logs; only then is the submit sent again.
     pub find_window: Duration,
+    /// How long a run of the app can take at most (Dify; its
+    /// `WORKFLOW_MAX_EXECUTION_TIME` plus queueing): `find_window` must be
+    /// longer.
+    pub max_run_time: Duration,
+    /// How often a lost submit whose run cannot be found is sent again
+    /// before the run fails `SUBMIT_OUTCOME_UNKNOWN` (Dify).
+    pub max_resubmits: u32,
     /// Money limits (the spend guard).
     pub spend: crate::spend::SpendLimits,
     /// Most provider requests per second from one worker process.
@@ -378,6 +389,7 @@ struct RawWorker {
     id: Option<String>,
     budget_timezone: Option<String>,
     budget_recheck: Option<String>,
+    max_streams: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -398,6 +410,8 @@ struct RawPoll {
     multiplier: Option<f64>,
     jitter: Option<f64>,
     deadline: Option<String>,
+    unknown_status_limit: Option<String>,
+    settle_wait: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -415,6 +429,8 @@ struct RawProvider {
     api_key_env: String,
     manifest_ttl: Option<String>,
     find_window: Option<String>,
+    max_run_time: Option<String>,
+    max_resubmits: Option<u32>,
     max_outstanding_frozen: Option<RawAmount>,
     daily_budget: Option<RawAmount>,
     requests_per_second: Option<f64>,
@@ -581,6 +597,10 @@ impl Config {
                 &raw.worker.budget_recheck,
                 Duration::from_secs(30),
             )?,
+            max_streams: match raw.worker.max_streams.unwrap_or(256) {
+                0 => return Err(invalid("worker.max_streams", "must be at least 1".into())),
+                n => n,
+            },
         };
         // One step is at most a manifest read, a write and a submit; the lease
         // must outlive that or a slow provider hands the run to a second worker.
@@ -619,6 +639,16 @@ impl Config {
                 "poll.deadline",
                 &raw.poll.deadline,
                 Duration::from_secs(24 * 3600),
+            )?,
+            unknown_status_limit: duration(
+                "poll.unknown_status_limit",
+                &raw.poll.unknown_status_limit,
+                Duration::from_secs(3600),
+            )?,
+            settle_wait: duration(
+                "poll.settle_wait",
+                &raw.poll.settle_wait,
+                Duration::from_secs(3600),
             )?,
         };
         check_schedule("poll", poll.multiplier, poll.jitter, origin)?;
@@ -710,6 +740,27 @@ impl Config {
                     format!("`{}` is not an http(s) URL", raw.base_url),
                 ));
             }
+            let dify_only = |k: &str, set: bool| {
+                if set && kind != ProviderKind::Dify {
+                    return Err(invalid(
+                        &key(k),
+                        "only a dify profile looks for lost submits (chenyu replays keys; gptbots cannot find runs)".into(),
+                    ));
+                }
+                Ok(())
+            };
+            dify_only("find_window", raw.find_window.is_some())?;
+            dify_only("max_run_time", raw.max_run_time.is_some())?;
+            dify_only("max_resubmits", raw.max_resubmits.is_some())?;
+            // Dify's own bound on a run (WORKFLOW_MAX_EXECUTION_TIME, 1200 s
+            // by default): older Dify versions list a run in their logs only
+            // once it ends, so a lost answer cannot be told from "no run"
+            // before then.
+            let max_run_time = duration(
+                &key("max_run_time"),
+                &raw.max_run_time,
+                Duration::from_secs(20 * 60),
+            )?;
             let api_key = env
                 .var(&raw.api_key_env)
                 .ok_or_else(|| ConfigError::MissingSecret {
@@ -725,32 +776,38 @@ impl Config {
                     &raw.manifest_ttl,
                     Duration::from_secs(300),
                 )?,
-                find_window: match (&raw.find_window, kind) {
-                    (Some(_), ProviderKind::Chenyu | ProviderKind::Gptbots) => {
+                find_window: match duration(
+                    &key("find_window"),
+                    &raw.find_window,
+                    Duration::from_secs(30 * 60),
+                )? {
+                    // Shorter than one call, "not found" would mean
+                    // nothing and every lost answer would be resent.
+                    w if w < http.timeout.max(Duration::from_secs(1)) => {
                         return Err(invalid(
                             &key("find_window"),
-                            "only a dify profile looks for lost submits (chenyu replays keys; gptbots cannot find runs)".into(),
+                            format!(
+                                "must be at least http.timeout ({:?}); set it above the app's longest run",
+                                http.timeout
+                            ),
                         ));
                     }
-                    _ => match duration(
-                        &key("find_window"),
-                        &raw.find_window,
-                        Duration::from_secs(30 * 60),
-                    )? {
-                        // Shorter than one call, "not found" would mean
-                        // nothing and every lost answer would be resent.
-                        w if w < http.timeout.max(Duration::from_secs(1)) => {
-                            return Err(invalid(
-                                &key("find_window"),
-                                format!(
-                                    "must be at least http.timeout ({:?}); set it above the app's longest run",
-                                    http.timeout
-                                ),
-                            ));
-                        }
-                        w => w,
-                    },
+                    // A run still going when the window ends is not in
+                    // older Dify's logs yet: sending it again would bill it
+                    // twice.
+                    w if kind == ProviderKind::Dify && w <= max_run_time => {
+                        return Err(invalid(
+                            &key("find_window"),
+                            format!(
+                                "must be longer than max_run_time ({}): older Dify versions list a run only once it has finished, so a lost answer of a run still going when find_window ends would be sent a second time. Set max_run_time to the longest a run of this app can take (Dify's WORKFLOW_MAX_EXECUTION_TIME, 1200 s by default, plus queueing) and find_window above it",
+                                crate::lifecycle::humantime(max_run_time)
+                            ),
+                        ));
+                    }
+                    w => w,
                 },
+                max_run_time,
+                max_resubmits: raw.max_resubmits.unwrap_or(1),
                 spend: crate::spend::SpendLimits {
                     max_outstanding_frozen: raw
                         .max_outstanding_frozen
@@ -910,12 +967,14 @@ mod tests {
     #[test]
     fn dify_and_gptbots_profiles() {
         let env = FakeEnv(vec![("DIFY_KEY", "app-1"), ("GPTBOTS_KEY", "g-1")]);
-        let text = "[providers.summarize]\nkind = \"dify\"\nbase_url = \"https://api.dify.ai/v1/\"\napi_key_env = \"DIFY_KEY\"\nfind_window = \"5m\"\n\n[providers.news]\nkind = \"gptbots\"\nbase_url = \"https://api-sg.gptbots.ai\"\napi_key_env = \"GPTBOTS_KEY\"";
+        let text = "[providers.summarize]\nkind = \"dify\"\nbase_url = \"https://api.dify.ai/v1/\"\napi_key_env = \"DIFY_KEY\"\nfind_window = \"5m\"\nmax_run_time = \"4m\"\nmax_resubmits = 2\n\n[providers.news]\nkind = \"gptbots\"\nbase_url = \"https://api-sg.gptbots.ai\"\napi_key_env = \"GPTBOTS_KEY\"";
         let config = Config::from_toml(text, "worker.toml", &env).unwrap();
         let dify = &config.providers["summarize"];
         assert_eq!(dify.kind, ProviderKind::Dify);
         assert_eq!(dify.base_url, "https://api.dify.ai/v1");
         assert_eq!(dify.find_window, Duration::from_secs(300));
+        assert_eq!(dify.max_run_time, Duration::from_secs(240));
+        assert_eq!(dify.max_resubmits, 2);
         assert_eq!(config.providers["news"].kind, ProviderKind::Gptbots);
         assert_eq!(
             config.providers["news"].find_window,
@@ -963,6 +1022,15 @@ mod tests {
                 "[providers.x]\nkind = \"dify\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"\nfind_window = \"0s\"",
                 "providers.x.find_window",
             ),
+            (
+                "[providers.x]\nkind = \"dify\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"\nfind_window = \"10m\"",
+                "must be longer than max_run_time (20m)",
+            ),
+            (
+                "[providers.x]\nkind = \"gptbots\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"\nmax_resubmits = 3",
+                "providers.x.max_resubmits",
+            ),
+            ("[poll]\nsettle_wait = \"soon\"", "poll.settle_wait"),
             (
                 "[providers.x]\nkind = \"chenyu\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"\ndaily_budget = 12.5",
                 "`providers.x.daily_budget`: write amounts as strings",

@@ -330,8 +330,14 @@ async fn a_submit_refused_before_any_work_is_safe_to_repeat(kind: Kind, pool: Pg
     let row = run(&pool, id).await;
     assert_eq!(row.state, "succeeded", "{row:?}");
     assert_eq!(
-        row.attempts, 3,
-        "two refused submits, then the one that ran"
+        row.attempts, 1,
+        "the two 429s do not count against the run: a busy provider never fails runs"
+    );
+    let kinds = event_kinds(&pool, id).await;
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "submit_rate_limited").count(),
+        2,
+        "{kinds:?}"
     );
     assert_matches_provider(kind, &row, &kind.provider_runs(&sim));
     sim.shutdown().await;

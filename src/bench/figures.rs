@@ -220,6 +220,8 @@ fn default_poll() -> PollPolicy {
         multiplier: 2.0,
         jitter: 0.2,
         deadline: Duration::from_secs(24 * 3600),
+        unknown_status_limit: Duration::from_secs(3600),
+        settle_wait: Duration::from_secs(3600),
     }
 }
 

@@ -49,7 +49,13 @@ pub struct Fetcher {
     /// row-locked by someone else): each doubles the next pause.
     empty_claims: u32,
     db_failures: u32,
+    /// When the profiles with active runs were last looked up.
+    profiles_seen: Option<Instant>,
 }
+
+/// How often the claim loop looks for queued runs of profiles it does not
+/// have (a loose index scan: one descent per profile with active runs).
+const PROFILE_DISCOVERY: Duration = Duration::from_secs(5);
 
 /// The shortest pause after a claim that found nothing.
 const MIN_PAUSE: Duration = Duration::from_millis(5);
@@ -65,6 +71,7 @@ impl Fetcher {
             drained: false,
             empty_claims: 0,
             db_failures: 0,
+            profiles_seen: None,
         }
     }
 
@@ -88,6 +95,7 @@ impl Fetcher {
                     Err(_) => break,
                 }
             }
+            self.discover_profiles().await;
             let engine = &self.engine;
             let taken = Instant::now();
             match self
@@ -132,6 +140,25 @@ impl Fetcher {
                     tracing::warn!(error = %e, retry_in = ?pause, "claiming runs failed; is the database reachable?");
                     tokio::time::sleep(pause).await;
                 }
+            }
+        }
+    }
+
+    /// Looks up the profiles with active runs now and then, so that queued
+    /// runs of profiles this worker does not have come into its claims.
+    async fn discover_profiles(&mut self) {
+        if !self.engine.fails_unknown_providers()
+            || self
+                .profiles_seen
+                .is_some_and(|at| at.elapsed() < PROFILE_DISCOVERY)
+        {
+            return;
+        }
+        self.profiles_seen = Some(Instant::now());
+        match self.db.active_profiles().await {
+            Ok(profiles) => self.engine.saw_active_profiles(profiles),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not look up the profiles with active runs")
             }
         }
     }

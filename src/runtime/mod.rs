@@ -9,6 +9,7 @@ mod manifests;
 mod metrics;
 mod pauses;
 mod retention;
+mod shutdown;
 mod step;
 mod throttle;
 mod wake;
@@ -32,7 +33,8 @@ pub use fetcher::{Fetcher, FetcherConfig, RunJob};
 pub use manifests::ManifestCache;
 pub use metrics::MeteredClient;
 pub use pauses::ProviderPauses;
-pub use step::{LeaseClock, StepError, run_step};
+pub use shutdown::{InFlight, InFlightGuard, Shutdown};
+pub use step::{LeaseClock, Slot, StepError, run_step};
 pub use throttle::{Admission, RateState, Throttles};
 pub use wake::Wake;
 pub use writer::TransitionWriter;
@@ -75,6 +77,16 @@ pub struct Engine {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Writes step outcomes, many runs per commit.
     pub transitions: TransitionWriter,
+    /// Whether the worker is stopping (no new submit starts then).
+    pub shutdown: Shutdown,
+    /// Submits sent and not recorded yet: waited for before the leases are
+    /// given back at shutdown.
+    pub submits_in_flight: InFlight,
+    /// The stream budget (`worker.max_streams`).
+    pub streams: Arc<tokio::sync::Semaphore>,
+    /// Profiles with queued runs that this worker does not have, found by
+    /// the claim loop from time to time (to fail those runs).
+    unknown_profiles: std::sync::Mutex<Vec<String>>,
 }
 
 /// One configured provider profile, as the steps use it.
@@ -85,6 +97,8 @@ pub struct Profile {
     pub manifest_ttl: Duration,
     /// How long a lost submit's run may take to show up (Dify).
     pub find_window: Duration,
+    /// How often a lost submit whose run cannot be found is sent again.
+    pub max_resubmits: u32,
     /// Its money limits.
     pub spend: crate::spend::SpendLimits,
 }
@@ -153,6 +167,7 @@ impl Engine {
                     client: MeteredClient::new(client, name, metrics.clone()),
                     manifest_ttl: profile.manifest_ttl,
                     find_window: profile.find_window,
+                    max_resubmits: profile.max_resubmits,
                     spend: profile.spend.clone(),
                 },
             );
@@ -182,6 +197,10 @@ impl Engine {
                 (config.database.max_connections as usize / 2).max(1),
             ),
             pool,
+            shutdown: Shutdown::default(),
+            submits_in_flight: InFlight::default(),
+            streams: Arc::new(tokio::sync::Semaphore::new(config.worker.max_streams)),
+            unknown_profiles: std::sync::Mutex::default(),
         })
     }
 
@@ -193,18 +212,46 @@ impl Engine {
         self.providers.keys().cloned().collect()
     }
 
-    /// Which runs to claim now: those of the profiles that are not paused.
+    /// Which runs to claim now: every state of the profiles that are not
+    /// paused, and the queued runs of profiles this worker does not have
+    /// (to fail them `UNKNOWN_PROVIDER`, when so configured).
     pub fn claim_scope(&self) -> crate::store::ClaimScope {
-        let configured = self.provider_names();
-        crate::store::ClaimScope {
-            profiles: configured
-                .iter()
-                .filter(|p| !self.pauses.is_paused(p))
-                .cloned()
-                .collect(),
-            configured,
-            unknown_queued: self.fail_unknown_providers,
+        let active: Vec<String> = self
+            .providers
+            .keys()
+            .filter(|p| !self.pauses.is_paused(p))
+            .cloned()
+            .collect();
+        let mut scope = crate::store::ClaimScope::all_of(&active);
+        if self.fail_unknown_providers {
+            for profile in self.lock_unknown().iter() {
+                scope.add(profile, &[crate::lifecycle::RunState::Queued]);
+            }
         }
+        scope
+    }
+
+    /// Whether queued runs of profiles this worker does not have are
+    /// failed (`worker.fail_unknown_providers`).
+    pub fn fails_unknown_providers(&self) -> bool {
+        self.fail_unknown_providers
+    }
+
+    /// Records which profiles have active runs (the claim loop reads them
+    /// now and then), keeping those this worker does not have.
+    pub fn saw_active_profiles(&self, profiles: Vec<String>) {
+        let unknown = profiles
+            .into_iter()
+            .filter(|p| !self.providers.contains_key(p))
+            .collect();
+        *self.lock_unknown() = unknown;
+    }
+
+    fn lock_unknown(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
+        // A list replaced in one go: poison is harmless.
+        self.unknown_profiles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// The provider refused the key of `profile`: pause the profile (once)
@@ -260,8 +307,7 @@ async fn probe_paused_profiles(engine: Arc<Engine>) {
 async fn handle(job: RunJob, engine: Data<Arc<Engine>>) -> Result<(), StepError> {
     let RunJob { run, slot, lease } = job;
     let _in_flight = engine.metrics.step_started();
-    let result = run_step(engine.0.clone(), run, lease).await;
-    drop(slot);
+    let result = run_step(engine.0.clone(), run, lease, slot).await;
     if let Err(e) = &result {
         tracing::warn!(error = %e, "step not recorded; the run returns when its lease expires");
     }
@@ -385,9 +431,11 @@ where
         .shutdown_timeout(config.worker.shutdown_grace);
 
     let metrics = engine.metrics.clone();
+    let stopping = engine.clone();
     let result = monitor
         .run_with_signal(async move {
             shutdown.await;
+            stopping.shutdown.begin();
             metrics.shutting_down();
             let _ = stop_callbacks.send(true);
             tracing::info!("shutting down: no new claims; waiting for steps in flight");
@@ -408,6 +456,26 @@ where
             .is_err()
         {
             task.abort();
+        }
+    }
+    // A submit that was sent is answered and recorded before its lease is
+    // given back: released under it, its answer could not be recorded.
+    // Bounded: the request's own timeout and a database write.
+    let sent = engine.submits_in_flight.count();
+    if sent > 0 {
+        tracing::info!(
+            submits = sent,
+            "waiting for submits in flight to be answered and recorded"
+        );
+        let bound = config.http.timeout + Duration::from_secs(10);
+        if tokio::time::timeout(bound, engine.submits_in_flight.idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                submits = engine.submits_in_flight.count(),
+                "submits still unrecorded after their timeout; their runs stay in doubt and are settled by the next worker"
+            );
         }
     }
     match crate::store::release_leases(&engine.pool, &engine.worker_id).await {

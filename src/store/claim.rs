@@ -48,6 +48,34 @@ pub struct ClaimedRun {
     pub cancel_requested: bool,
     /// The provider's task id (Dify stops runs by it).
     pub task_id: Option<String>,
+    /// How often a lost submit was sent again (`resubmits`).
+    pub resubmits: u32,
+    /// How long things have been so, measured by the database at the claim
+    /// (the clock that wrote the timestamps), not by this worker's clock.
+    pub ages: RunAges,
+}
+
+/// How long ago something happened to a run, on the database's clock at
+/// claim time; [`RunAges::now`] adds the time since the claim.
+#[derive(Debug, Clone, Copy)]
+pub struct RunAges {
+    /// When the claim's statement was sent (this worker's monotonic clock).
+    pub claimed: std::time::Instant,
+    /// Since `submitted_at`, or since `wfq retry` resumed the run.
+    pub since_submit: Option<Duration>,
+    /// Since `submit_in_doubt_since`.
+    pub in_doubt_for: Option<Duration>,
+    /// Since `unknown_status_since`.
+    pub unknown_status_for: Option<Duration>,
+    /// Since `provider_finished_at` while the money is not settled.
+    pub unsettled_for: Option<Duration>,
+}
+
+impl RunAges {
+    /// `age` as of now: what the database measured, plus the time since.
+    pub fn now(&self, age: Option<Duration>) -> Option<Duration> {
+        age.map(|a| a + self.claimed.elapsed())
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -70,19 +98,51 @@ struct ClaimRow {
     submit_in_doubt_since: Option<DateTime<Utc>>,
     cancel_requested: bool,
     task_id: Option<String>,
+    resubmits: i32,
+    since_submit: Option<f64>,
+    in_doubt_for: Option<f64>,
+    unknown_status_for: Option<f64>,
+    unsettled_for: Option<f64>,
 }
 
-/// Which runs a worker may take: those of its active provider profiles, and
-/// (to fail them) queued runs of profiles it does not have at all.
-#[derive(Debug, Clone, Default)]
+/// Which runs a worker may take, as lanes of (provider profile, state):
+/// every state of its active profiles; only submitted runs (to poll them)
+/// of a profile that may not submit now (its balance, a breaker); only
+/// queued runs (to fail them `UNKNOWN_PROVIDER`) of profiles it does not
+/// have at all. Each lane is one range of `runs_claim_lane_idx` per
+/// priority, so runs outside every lane cost a claim nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClaimScope {
-    /// The profiles whose runs are claimed (configured and not paused).
-    pub profiles: Vec<String>,
-    /// Every configured profile, paused or not.
-    pub configured: Vec<String>,
-    /// Also take queued runs of profiles not configured here (they fail
-    /// `UNKNOWN_PROVIDER`).
-    pub unknown_queued: bool,
+    /// The lanes to claim from.
+    pub lanes: Vec<(String, RunState)>,
+}
+
+impl ClaimScope {
+    /// Every active state of each of `profiles`.
+    pub fn all_of(profiles: &[String]) -> Self {
+        let mut scope = ClaimScope::default();
+        for profile in profiles {
+            scope.add(
+                profile,
+                &[RunState::Queued, RunState::Submitting, RunState::Running],
+            );
+        }
+        scope
+    }
+
+    /// Adds the lanes of `profile` in `states`.
+    pub fn add(&mut self, profile: &str, states: &[RunState]) {
+        for &state in states {
+            self.lanes.push((profile.to_owned(), state));
+        }
+    }
+
+    fn columns(&self) -> (Vec<String>, Vec<&'static str>) {
+        self.lanes
+            .iter()
+            .map(|(profile, state)| (profile.clone(), state.as_str()))
+            .unzip()
+    }
 }
 
 /// Leases up to `limit` due runs for `worker`, highest priority first, then
@@ -156,13 +216,17 @@ async fn claim_with_settings(
 ///   claimed rows are updated through their primary key, one by one. With
 ///   a hundred runs to claim and statistics from an emptier table, the
 ///   planner otherwise hashed them against a scan of the whole table.
-pub const CLAIM_SETTINGS: [(&str, &str); 6] = [
+/// - `jit = off`: the one sort left (of the few candidates the lanes
+///   yield) carries the "disabled" cost of `enable_sort = off`, which would
+///   otherwise make every claim compile its plan to machine code.
+pub const CLAIM_SETTINGS: [(&str, &str); 7] = [
     ("synchronous_commit", "off"),
     ("enable_sort", "off"),
     ("plan_cache_mode", "force_custom_plan"),
     ("enable_seqscan", "off"),
     ("enable_hashjoin", "off"),
     ("enable_mergejoin", "off"),
+    ("jit", "off"),
 ];
 
 /// The claim loop's own connection, outside the pool: a claim never waits
@@ -284,6 +348,12 @@ impl ClaimConnection {
             .await
     }
 
+    /// [`active_profiles`] on this connection.
+    pub async fn active_profiles(&mut self) -> Result<Vec<String>, sqlx::Error> {
+        self.with_session(async |session| active_profiles(&mut session.conn).await)
+            .await
+    }
+
     /// Whether claims run with session-wide settings (one round trip) or set
     /// them per claim. Opens the connection if needed.
     pub async fn has_session_settings(&mut self) -> Result<bool, sqlx::Error> {
@@ -319,56 +389,81 @@ fn refuses_startup_options(code: Option<&str>, message: &str) -> bool {
 }
 
 /// The claim statement (`$1` worker, `$2` limit, `$3` lease in seconds,
-/// `$4` profiles, `$5` take queued runs of unknown profiles, `$6` configured
-/// profiles); public so tests can look at its plan.
+/// `$4`/`$5` the lanes' profiles and states); public so tests can look at
+/// its plan.
 pub const CLAIM_DUE_RUNS_SQL: &str = r#"
-        -- The priorities of active runs, highest first, one index descent
-        -- each (a loose index scan): then each priority's due runs are one
-        -- range of `runs_claim_idx` that ends at the first run not yet due,
-        -- so a claim costs the runs it takes, not every run in flight.
-        WITH RECURSIVE priorities AS (
-            (SELECT priority FROM wfq.runs
-             WHERE state IN ('queued', 'submitting', 'running')
-             ORDER BY priority DESC LIMIT 1)
+        -- Each lane's priorities, highest first, one index descent each (a
+        -- loose index scan); then each (lane, priority) is one range of
+        -- `runs_claim_lane_idx` that ends at the first run not yet due, so a
+        -- claim costs the runs it looks at, not every run in flight, and
+        -- nothing for runs outside its lanes.
+        WITH RECURSIVE lanes AS (
+            SELECT * FROM unnest($4::text[], $5::text[]) AS l(provider, state)
+        ),
+        priorities AS (
+            SELECT l.provider, l.state,
+                   (SELECT r.priority FROM wfq.runs r
+                    WHERE r.provider = l.provider AND r.state = l.state
+                      AND r.state IN ('queued', 'submitting', 'running')
+                    ORDER BY r.priority DESC LIMIT 1) AS priority
+            FROM lanes l
             UNION ALL
-            SELECT (SELECT r.priority FROM wfq.runs r
-                    WHERE r.state IN ('queued', 'submitting', 'running') AND r.priority < p.priority
+            SELECT p.provider, p.state,
+                   (SELECT r.priority FROM wfq.runs r
+                    WHERE r.provider = p.provider AND r.state = p.state
+                      AND r.state IN ('queued', 'submitting', 'running')
+                      AND r.priority < p.priority
                     ORDER BY r.priority DESC LIMIT 1)
             FROM priorities p
             WHERE p.priority IS NOT NULL
         ),
-        due AS (
-            SELECT c.id, c.previous_owner
+        -- Rows are locked as they are read, so that claims running at once
+        -- each skip what the others took and go on to the next runs. NO KEY
+        -- UPDATE is enough (the key never changes) and does not block the
+        -- key-share locks that inserts of run_events take on the row. A
+        -- lane's rows read but not chosen stay locked until this claim
+        -- commits (a few milliseconds).
+        candidates AS (
+            SELECT c.id, c.priority, c.due_at, c.previous_owner
             FROM priorities p
             CROSS JOIN LATERAL (
-                SELECT id, lease_owner AS previous_owner
-                FROM wfq.runs
-                WHERE state IN ('queued', 'submitting', 'running')
-                  AND priority = p.priority
-                  AND due_at <= now()
-                  AND (lease_expires_at IS NULL OR lease_expires_at <= now())
-                  AND (provider = ANY($4) OR ($5 AND state = 'queued' AND provider <> ALL($6)))
-                ORDER BY due_at, id
+                SELECT r.id, r.priority, r.due_at, r.lease_owner AS previous_owner
+                FROM wfq.runs r
+                WHERE r.provider = p.provider AND r.state = p.state
+                  AND r.state IN ('queued', 'submitting', 'running')
+                  AND r.priority = p.priority
+                  AND r.due_at <= now()
+                  AND (r.lease_expires_at IS NULL OR r.lease_expires_at <= now())
+                ORDER BY r.due_at, r.id
                 LIMIT $2
-                FOR UPDATE SKIP LOCKED
+                FOR NO KEY UPDATE SKIP LOCKED
             ) c
             WHERE p.priority IS NOT NULL
-            -- Rows are locked as they are read, priority by priority, so
-            -- stopping here leaves lower priorities untouched.
-            LIMIT $2
-        )
-        UPDATE wfq.runs r
-        SET lease_owner = $1,
-            lease_expires_at = now() + make_interval(secs => $3),
-            due_at = now() + make_interval(secs => $3),
-            version = r.version + 1
-        FROM due
-        WHERE r.id = due.id
-        RETURNING r.id, r.provider, r.workflow_id, r.revision_id, r.inputs, r.sent_inputs,
+        ),
+        due AS (
+            SELECT id, priority, due_at AS was_due, previous_owner
+            FROM candidates ORDER BY priority DESC, due_at, id LIMIT $2
+        ),
+        claimed AS (
+            UPDATE wfq.runs r
+            SET lease_owner = $1,
+                lease_expires_at = now() + make_interval(secs => $3),
+                due_at = now() + make_interval(secs => $3),
+                version = r.version + 1
+            FROM due
+            WHERE r.id = due.id
+            RETURNING due.priority, due.was_due, r.id, r.provider, r.workflow_id, r.revision_id, r.inputs, r.sent_inputs,
                   r.idempotency_key, r.accept_external_cost_risk, r.state, r.attempts, r.polls,
                   r.version, r.provider_run_id, r.submitted_at, due.previous_owner,
                   r.submit_in_doubt_since, r.cancel_requested_at IS NOT NULL AS cancel_requested,
-                  r.task_id
+                  r.task_id, r.resubmits,
+                  extract(epoch FROM now() - GREATEST(r.submitted_at, r.resumed_at))::float8 AS since_submit,
+                  extract(epoch FROM now() - r.submit_in_doubt_since)::float8 AS in_doubt_for,
+                  extract(epoch FROM now() - r.unknown_status_since)::float8 AS unknown_status_for,
+                  extract(epoch FROM now() - r.provider_finished_at)::float8 AS unsettled_for
+        )
+        -- Handed out in claim order: highest priority, then longest due.
+        SELECT * FROM claimed ORDER BY priority DESC, was_due, id
         "#;
 
 async fn claim_on(
@@ -378,15 +473,17 @@ async fn claim_on(
     lease: Duration,
     scope: &ClaimScope,
 ) -> Result<Vec<ClaimedRun>, sqlx::Error> {
+    let (profiles, states) = scope.columns();
+    let claimed = std::time::Instant::now();
     let rows: Vec<ClaimRow> = sqlx::query_as(CLAIM_DUE_RUNS_SQL)
         .bind(worker)
         .bind(limit as i64)
         .bind(lease.as_secs_f64())
-        .bind(&scope.profiles)
-        .bind(scope.unknown_queued)
-        .bind(&scope.configured)
+        .bind(profiles)
+        .bind(states)
         .fetch_all(conn)
         .await?;
+    let age = |secs: Option<f64>| secs.map(|s| Duration::from_secs_f64(s.clamp(0.0, 1e9)));
     Ok(rows
         .into_iter()
         .filter_map(|row| {
@@ -412,6 +509,14 @@ async fn claim_on(
                 submit_in_doubt_since: row.submit_in_doubt_since,
                 cancel_requested: row.cancel_requested,
                 task_id: row.task_id,
+                resubmits: row.resubmits.max(0) as u32,
+                ages: RunAges {
+                    claimed,
+                    since_submit: age(row.since_submit),
+                    in_doubt_for: age(row.in_doubt_for),
+                    unknown_status_for: age(row.unknown_status_for),
+                    unsettled_for: age(row.unsettled_for),
+                },
             })
         })
         .collect())
@@ -420,26 +525,79 @@ async fn claim_on(
 /// How long until the next unleased run in `scope` becomes due, measured on
 /// the database's clock so a skewed worker clock cannot make the loop spin
 /// (`None`: nothing waiting). Leased runs are left out (their `due_at` is
-/// their lease's end, or in the past for rows leased by an older wfq); a
-/// lease that runs out is found by the fallback poll.
+/// their lease's end); a lease that runs out is found by the fallback poll.
+/// Walks the claim lanes like the claim: one index descent per (lane,
+/// priority).
 #[tracing::instrument(name = "next_due_in", skip(db, scope), err, level = "debug")]
 pub async fn next_due_in<'e>(
     db: impl PgExecutor<'e>,
     scope: &ClaimScope,
 ) -> Result<Option<Duration>, sqlx::Error> {
+    let (profiles, states) = scope.columns();
     let seconds: Option<f64> = sqlx::query_scalar(
         r#"
-        SELECT extract(epoch FROM min(due_at) - now())::float8 FROM wfq.runs
-        WHERE state IN ('queued', 'submitting', 'running') AND lease_owner IS NULL
-          AND (provider = ANY($1) OR ($2 AND state = 'queued' AND provider <> ALL($3)))
+        WITH RECURSIVE lanes AS (
+            SELECT * FROM unnest($1::text[], $2::text[]) AS l(provider, state)
+        ),
+        priorities AS (
+            SELECT l.provider, l.state,
+                   (SELECT r.priority FROM wfq.runs r
+                    WHERE r.provider = l.provider AND r.state = l.state
+                      AND r.state IN ('queued', 'submitting', 'running')
+                    ORDER BY r.priority DESC LIMIT 1) AS priority
+            FROM lanes l
+            UNION ALL
+            SELECT p.provider, p.state,
+                   (SELECT r.priority FROM wfq.runs r
+                    WHERE r.provider = p.provider AND r.state = p.state
+                      AND r.state IN ('queued', 'submitting', 'running')
+                      AND r.priority < p.priority
+                    ORDER BY r.priority DESC LIMIT 1)
+            FROM priorities p
+            WHERE p.priority IS NOT NULL
+        )
+        SELECT extract(epoch FROM min(f.due_at) - now())::float8
+        FROM priorities p
+        CROSS JOIN LATERAL (
+            SELECT r.due_at FROM wfq.runs r
+            WHERE r.provider = p.provider AND r.state = p.state
+              AND r.state IN ('queued', 'submitting', 'running')
+              AND r.priority = p.priority AND r.lease_owner IS NULL
+            ORDER BY r.due_at LIMIT 1
+        ) f
+        WHERE p.priority IS NOT NULL
         "#,
     )
-    .bind(&scope.profiles)
-    .bind(scope.unknown_queued)
-    .bind(&scope.configured)
+    .bind(profiles)
+    .bind(states)
     .fetch_one(db)
     .await?;
     Ok(seconds.map(|s| Duration::from_secs_f64(s.clamp(0.0, 86_400.0))))
+}
+
+/// The provider profiles that have active runs, one index descent each
+/// (a loose scan of `runs_claim_lane_idx`): how a worker finds queued runs
+/// of profiles it does not have, to fail them `UNKNOWN_PROVIDER`.
+#[tracing::instrument(name = "active_profiles", skip(db), err, level = "debug")]
+pub async fn active_profiles<'e>(db: impl PgExecutor<'e>) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"
+        WITH RECURSIVE profiles AS (
+            (SELECT provider FROM wfq.runs
+             WHERE state IN ('queued', 'submitting', 'running')
+             ORDER BY provider LIMIT 1)
+            UNION ALL
+            SELECT (SELECT r.provider FROM wfq.runs r
+                    WHERE r.state IN ('queued', 'submitting', 'running') AND r.provider > p.provider
+                    ORDER BY r.provider LIMIT 1)
+            FROM profiles p
+            WHERE p.provider IS NOT NULL
+        )
+        SELECT provider FROM profiles WHERE provider IS NOT NULL
+        "#,
+    )
+    .fetch_all(db)
+    .await
 }
 
 /// Gives back every lease `worker` still holds, so another worker can go on

@@ -19,8 +19,8 @@ pub use callbacks::{
     record_callback_attempts,
 };
 pub use claim::{
-    CLAIM_DUE_RUNS_SQL, CLAIM_SETTINGS, ClaimConnection, ClaimScope, ClaimedRun, claim_due_runs,
-    next_due_in, record_rescue, release_leases, renew_lease,
+    CLAIM_DUE_RUNS_SQL, CLAIM_SETTINGS, ClaimConnection, ClaimScope, ClaimedRun, RunAges,
+    active_profiles, claim_due_runs, next_due_in, record_rescue, release_leases, renew_lease,
 };
 pub use metrics::{count_runs, outstanding_frozen, ping};
 pub use pauses::{ProviderPause, pause_provider, paused_providers, resume_provider};
@@ -31,7 +31,7 @@ pub use requests::{
 pub use retention::prune_finished_runs;
 pub use spend::{Guarded, GuardedRun, begin_within_limits, check_timezone, hold_run};
 pub use stats::{StateCount, queue_stats};
-pub use transition::{TransitionWrite, apply_transition, apply_transitions};
+pub use transition::{TransitionWrite, apply_transition, apply_transitions, written_transitions};
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -50,9 +50,72 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
         .await
 }
 
-/// Applies the migrations in `migrations/` (idempotent).
+/// Applies the migrations in `migrations/` (idempotent), safely on a live,
+/// large table: migrations take their locks with a short `lock_timeout`
+/// (waiting behind a long transaction would queue every producer and
+/// worker behind the migration), so one that times out is tried again
+/// after a pause; and an index left invalid by an interrupted
+/// `CREATE INDEX CONCURRENTLY` is dropped first, so its migration builds
+/// it again instead of keeping a useless index.
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
-    sqlx::migrate!("./migrations").run(pool).await
+    const TRIES: u32 = 30;
+    let mut pause = std::time::Duration::from_secs(1);
+    for attempt in 1.. {
+        drop_invalid_indexes(pool).await?;
+        match sqlx::migrate!("./migrations").run(pool).await {
+            Err(e) if attempt < TRIES && timed_out_on_a_lock(&e) => {
+                tracing::warn!(error = %e, retry_in = ?pause, "a migration waited too long for a lock (a long transaction holds the table); trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(30));
+            }
+            other => return other,
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+fn timed_out_on_a_lock(e: &sqlx::migrate::MigrateError) -> bool {
+    use sqlx::migrate::MigrateError;
+    let (MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _)) = e else {
+        return false;
+    };
+    // 55P03: lock_not_available (lock_timeout).
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("55P03"))
+}
+
+/// Drops the indexes of the `wfq` schema that an interrupted concurrent
+/// build left invalid (none is being built right now).
+async fn drop_invalid_indexes(pool: &PgPool) -> Result<(), sqlx::Error> {
+    let invalid: Vec<String> = sqlx::query_scalar(
+        r#"
+        SELECT format('%I.%I', n.nspname, c.relname)
+        FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indexrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'wfq' AND NOT i.indisvalid
+          AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_create_index p
+                          WHERE p.index_relid = i.indexrelid)
+        "#,
+    )
+    .fetch_all(pool)
+    .await?;
+    for index in invalid {
+        tracing::warn!(index = %index, "dropping an index an interrupted build left invalid; the migration builds it again");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP INDEX CONCURRENTLY IF EXISTS {index}"
+        )))
+        .execute(pool)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Errors where PostgreSQL refused the data itself (a NUL character, a
+/// value too large, a number out of range): repeating the same write can
+/// never succeed. Class 22 is "data exception", 54 "program limit exceeded".
+pub fn is_data_error(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().is_some_and(|code| code.starts_with("22") || code.starts_with("54")))
 }
 
 /// Errors worth repeating the same statement for: the connection, not the

@@ -209,6 +209,10 @@ pub async fn retry_run(
             UPDATE wfq.runs
             SET state = CASE WHEN provider_run_id IS NULL THEN 'submitting' ELSE 'running' END,
                 attempts = 0, due_at = now(), finished_at = NULL, lease_owner = NULL,
+                -- A fresh poll deadline, lookup window and status clocks:
+                -- the operator asked for the run to be followed again.
+                resumed_at = now(), resubmits = 0, unknown_status_since = NULL,
+                provider_finished_at = NULL,
                 -- SUBMIT_OUTCOME_UNKNOWN: the operator checked the provider
                 -- and asks for the submit to be sent again.
                 submit_in_doubt_since = CASE WHEN error_code = 'SUBMIT_OUTCOME_UNKNOWN'

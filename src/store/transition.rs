@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use sqlx::PgExecutor;
+use uuid::Uuid;
 
-use crate::lifecycle::{RunState, SubmitDoubt, Transition};
+use crate::lifecycle::{Mark, RunState, Transition};
 
 /// Applies `t` to run `id` if this worker still holds it at `version`
 /// (compare-and-set), and appends the event in the same statement: a batch
@@ -28,6 +29,7 @@ pub async fn apply_transition<'e>(
         version,
         from,
         transition: t.clone(),
+        token: Uuid::new_v4(),
     };
     let applied = apply_transitions(executor, worker, lease, std::slice::from_ref(&write)).await?;
     Ok(applied.into_iter().next().flatten())
@@ -44,6 +46,10 @@ pub struct TransitionWrite {
     pub from: RunState,
     /// What to write.
     pub transition: Transition,
+    /// Identifies this write: stored in `last_write`, so that after an
+    /// error that leaves open whether the write landed (a lost COMMIT
+    /// answer) the row can be read back instead of guessed about.
+    pub token: Uuid,
 }
 
 /// Applies many runs' transitions, each with its own compare-and-set and
@@ -81,20 +87,23 @@ pub async fn apply_transitions<'e>(
                 $19::text[], $20::text[], $21::jsonb[], $22::text[], $23::numeric[], $24::numeric[],
                 $25::numeric[], $26::numeric[], $27::numeric[], $28::numeric[], $29::numeric[],
                 $30::text[], $31::text[], $32::jsonb[], $33::text[], $34::text[], $35::jsonb[],
-                $36::int8[], $37::text[]
+                $36::int8[], $37::text[], $40::uuid[], $41::bool[], $42::text[], $43::text[],
+                $44::bool[]
             ) WITH ORDINALITY AS i(id, version, state, attempts_delta, polls_delta, due_at,
                    keep_lease, submitted, settled, pin_revision, revision_id, sent_inputs,
                    provider_run_id, task_id, prompt_id, billing_run_id, run_status, freeze_status,
                    submission_status, settlement_status, outputs, currency, quote_amount, frozen_amount,
                    final_amount, released_amount, compute_cost, external_model_cost, total_cost,
                    error_code, error_message, error_detail, kind, from_state, detail,
-                   total_tokens, doubt, n)
+                   total_tokens, doubt, token, resubmitted, unknown_status, provider_finished,
+                   estimate_cost, n)
         ),
         updated AS (
             UPDATE wfq.runs r SET
                 state = i.state,
                 version = r.version + 1,
                 updated_at = now(),
+                last_write = i.token,
                 attempts = r.attempts + i.attempts_delta,
                 polls = r.polls + i.polls_delta,
                 -- A run this worker keeps is due when its lease ends (see
@@ -135,7 +144,24 @@ pub async fn apply_transitions<'e>(
                 submit_in_doubt_since = CASE i.doubt
                     WHEN 'set' THEN now()
                     WHEN 'clear' THEN NULL
-                    ELSE r.submit_in_doubt_since END
+                    ELSE r.submit_in_doubt_since END,
+                resubmits = r.resubmits + CASE WHEN i.resubmitted THEN 1 ELSE 0 END,
+                unknown_status_since = CASE i.unknown_status
+                    WHEN 'set' THEN COALESCE(r.unknown_status_since, now())
+                    WHEN 'clear' THEN NULL
+                    ELSE r.unknown_status_since END,
+                provider_finished_at = CASE i.provider_finished
+                    WHEN 'set' THEN COALESCE(r.provider_finished_at, now())
+                    WHEN 'clear' THEN NULL
+                    ELSE r.provider_finished_at END,
+                -- The highest cost a settled run of the same workflow had
+                -- lately: a stand-in the spend guard can count, where the
+                -- provider reported none (rare: only then is it looked up).
+                cost_estimate = CASE WHEN i.estimate_cost THEN (
+                    SELECT max(o.final_amount) FROM wfq.runs o
+                    WHERE o.provider = r.provider AND o.submitted_at > now() - interval '30 days'
+                      AND o.workflow_id = r.workflow_id AND o.settled_at IS NOT NULL
+                ) ELSE r.cost_estimate END
             FROM input i
             WHERE r.id = i.id AND r.version = i.version AND r.lease_owner = $38
             RETURNING i.n, r.id, r.version, r.state, i.kind, i.from_state, i.detail
@@ -183,13 +209,14 @@ pub async fn apply_transitions<'e>(
     .bind(col(writes, |w| w.from.as_str()))
     .bind(col(writes, |w| w.transition.event.detail.clone()))
     .bind(all_facts.iter().map(|f| f.total_tokens).collect::<Vec<_>>())
-    .bind(col(writes, |w| match w.transition.doubt {
-        SubmitDoubt::Keep => "keep",
-        SubmitDoubt::Set => "set",
-        SubmitDoubt::Clear => "clear",
-    }))
+    .bind(col(writes, |w| mark(w.transition.doubt)))
     .bind(worker)
     .bind(lease.as_secs_f64())
+    .bind(col(writes, |w| w.token))
+    .bind(col(writes, |w| w.transition.resubmitted))
+    .bind(col(writes, |w| mark(w.transition.unknown_status)))
+    .bind(col(writes, |w| mark(w.transition.provider_finished)))
+    .bind(col(writes, |w| w.transition.estimate_cost))
     .fetch_all(pool)
     .await?;
     // By position in the batch, not by run id: two steps of one run (an
@@ -202,4 +229,43 @@ pub async fn apply_transitions<'e>(
         }
     }
     Ok(applied)
+}
+
+fn mark(mark: Mark) -> &'static str {
+    match mark {
+        Mark::Keep => "keep",
+        Mark::Set => "set",
+        Mark::Clear => "clear",
+    }
+}
+
+/// Which of `writes` are in the database: after an error that leaves open
+/// whether a write landed (the connection broke after the COMMIT was sent),
+/// the row tells, by the write's token. The result lists, per write in
+/// order, the version it produced (`None`: not applied).
+#[tracing::instrument(name = "written_transitions", skip(db, writes), fields(batch = writes.len()), err)]
+pub async fn written_transitions<'e>(
+    db: impl PgExecutor<'e>,
+    writes: &[TransitionWrite],
+) -> Result<Vec<Option<i64>>, sqlx::Error> {
+    let ids: Vec<i64> = writes.iter().map(|w| w.id).collect();
+    let tokens: Vec<Uuid> = writes.iter().map(|w| w.token).collect();
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        r#"
+        SELECT i.n, r.version
+        FROM unnest($1::int8[], $2::uuid[]) WITH ORDINALITY AS i(id, token, n)
+        JOIN wfq.runs r ON r.id = i.id AND r.last_write = i.token
+        "#,
+    )
+    .bind(ids)
+    .bind(tokens)
+    .fetch_all(db)
+    .await?;
+    let mut written = vec![None; writes.len()];
+    for (n, version) in rows {
+        if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| written.get_mut(i)) {
+            *slot = Some(version);
+        }
+    }
+    Ok(written)
 }

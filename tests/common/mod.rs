@@ -228,13 +228,13 @@ pub fn other_providers(sim: &SimServer) -> String {
             "dify",
             "dify",
             sim.dify_base_url("text"),
-            "find_window = \"2s\"",
+            "find_window = \"2s\"\nmax_run_time = \"1s\"",
         ),
         profile(
             "dify_fails",
             "dify",
             sim.dify_base_url("fails"),
-            "find_window = \"2s\"",
+            "find_window = \"2s\"\nmax_run_time = \"1s\"",
         ),
         profile("gptbots", "gptbots", sim.gptbots_base_url("news"), ""),
         profile(

@@ -1,0 +1,447 @@
+//! What a status check means for the run.
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use super::*;
+use crate::backoff::PollPolicy;
+use crate::providers::{PollOutcome, RunStatus};
+
+/// Decides what a status check means for the run.
+pub fn after_poll(
+    run: &RunProgress,
+    outcome: &PollOutcome,
+    cancel_requested: bool,
+    poll: &PollPolicy,
+    now: DateTime<Utc>,
+    unit: f64,
+) -> Transition {
+    let next = later(now, poll.delay(run.polls + 1, unit));
+    let mut transition = match outcome {
+        PollOutcome::Report(report) => after_report(run, report, cancel_requested, poll, next),
+        // The provider accepted this run earlier, so "not found" now is as
+        // likely a glitch as the truth: keep asking until the deadline.
+        PollOutcome::Rejected(e) => Transition {
+            due_at: Some(next),
+            ..Transition::new(
+                RunState::Running,
+                Event {
+                    kind: "poll_rejected",
+                    detail: provider_error_detail(e),
+                },
+            )
+        },
+        PollOutcome::Unclear(u) => {
+            let wait = wait_after_unclear(u, poll.delay(run.polls + 1, unit), poll.max);
+            Transition {
+                due_at: Some(later(now, wait)),
+                ..Transition::new(
+                    RunState::Running,
+                    Event {
+                        kind: "poll_unclear",
+                        detail: unclear_detail(u),
+                    },
+                )
+            }
+        }
+    };
+    transition.counts_poll = true;
+    // Measured on the database's clock from the submit, or from `wfq retry`
+    // resuming the run (which gives it a deadline of its own).
+    let past_deadline = run.since_submit.is_some_and(|d| d >= poll.deadline);
+    if past_deadline && transition.to == RunState::Running {
+        let message = format!(
+            "not final and settled {} after submit (poll.deadline); last provider status: {}",
+            humantime(poll.deadline),
+            match outcome {
+                PollOutcome::Report(r) => format!(
+                    "run_status={}, settlement_status={}",
+                    r.run_status.as_deref().unwrap_or("?"),
+                    r.settlement_status.as_deref().unwrap_or("?")
+                ),
+                PollOutcome::Rejected(e) => e.message.clone(),
+                PollOutcome::Unclear(u) => u.reason.clone(),
+            }
+        );
+        transition.to = RunState::Failed;
+        transition.due_at = None;
+        transition.settled = false;
+        transition.error = Some(RunError {
+            code: "POLL_DEADLINE".to_owned(),
+            message,
+            detail: Some(transition.event.detail.clone()),
+        });
+    }
+    transition
+}
+
+/// A readable status report.
+fn after_report(
+    run: &RunProgress,
+    report: &RunReport,
+    cancel_requested: bool,
+    poll: &PollPolicy,
+    next: DateTime<Utc>,
+) -> Transition {
+    let facts = ProviderFacts::from_report(report);
+    if let RunStatus::Unknown(status) = &report.status {
+        let detail = json!({ "status": status, "answer": report.raw });
+        // A status nobody documented may mean "still going" or "over":
+        // keep asking for a while, then say so instead of polling to the
+        // deadline. The money is not known.
+        if run
+            .unknown_status_for
+            .is_some_and(|d| d >= poll.unknown_status_limit)
+        {
+            return Transition {
+                settled: false,
+                facts,
+                ..Transition::failed(
+                    "UNKNOWN_RUN_STATUS",
+                    format!(
+                        "the provider has reported the status `{status}`, which wfq does not know, for {} (poll.unknown_status_limit); check the run at the provider",
+                        humantime(poll.unknown_status_limit)
+                    ),
+                    Some(detail.clone()),
+                    Event {
+                        kind: "unknown_status",
+                        detail,
+                    },
+                )
+            };
+        }
+        return Transition {
+            due_at: Some(next),
+            facts,
+            unknown_status: Mark::Set,
+            ..Transition::new(
+                RunState::Running,
+                Event {
+                    kind: "unknown_status",
+                    detail,
+                },
+            )
+        };
+    }
+    if report.status.is_final() && report.settled {
+        return finished(report, cancel_requested, facts, "run_finished");
+    }
+    if report.status.is_final() {
+        // Over at the provider, money not final yet: settlement follows
+        // (chenyu settles shortly after the end). A provider that never
+        // settles, or reports no cost at all, must not keep the run
+        // polling to the deadline: after `settle_wait` the run is
+        // recorded final with its money unknown, and its cost estimated
+        // for the spend guard when the provider gave none.
+        if run.unsettled_for.is_some_and(|d| d >= poll.settle_wait) {
+            let mut t = finished(report, cancel_requested, facts, "finished_unsettled");
+            t.settled = false;
+            t.estimate_cost = report.final_amount.is_none() && report.total_cost.is_none();
+            return t;
+        }
+        return Transition {
+            due_at: Some(next),
+            facts,
+            unknown_status: Mark::Clear,
+            provider_finished: Mark::Set,
+            ..Transition::new(
+                RunState::Running,
+                Event {
+                    kind: "polled",
+                    detail: report.raw.clone(),
+                },
+            )
+        };
+    }
+    Transition {
+        due_at: Some(next),
+        facts,
+        unknown_status: Mark::Clear,
+        ..Transition::new(
+            RunState::Running,
+            Event {
+                kind: "polled",
+                detail: report.raw.clone(),
+            },
+        )
+    }
+}
+
+/// The provider's run is over: succeeded, stopped on request, or failed.
+fn finished(
+    report: &RunReport,
+    cancel_requested: bool,
+    facts: ProviderFacts,
+    kind: &'static str,
+) -> Transition {
+    let event = Event {
+        kind,
+        detail: report.raw.clone(),
+    };
+    let mut t = if report.status == RunStatus::Succeeded {
+        Transition::new(RunState::Succeeded, event)
+    } else if cancel_requested {
+        // Stopped on our request (or failed while being stopped): either
+        // way the producer asked for it to end.
+        Transition {
+            error: Some(RunError {
+                code: "CANCELED".to_owned(),
+                message: format!(
+                    "stopped at the provider on request (wfq cancel); provider status `{}`",
+                    report.run_status.as_deref().unwrap_or("?")
+                ),
+                detail: Some(report.raw.clone()),
+            }),
+            ..Transition::new(RunState::Canceled, event)
+        }
+    } else {
+        let code = report
+            .error_code
+            .clone()
+            .unwrap_or_else(|| "PROVIDER_RUN_FAILED".to_owned());
+        let message = report.error_message.clone().unwrap_or_else(|| {
+            format!(
+                "the provider's run ended with status `{}`",
+                report.run_status.as_deref().unwrap_or("failed")
+            )
+        });
+        Transition::failed(&code, message, Some(report.raw.clone()), event)
+    };
+    t.settled = true;
+    t.facts = facts;
+    t.unknown_status = Mark::Clear;
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::test_support::*;
+    fn report(status: RunStatus, settled: bool) -> PollOutcome {
+        PollOutcome::Report(Box::new(RunReport {
+            status,
+            settled,
+            final_amount: settled.then(|| d("0.01")),
+            released_amount: settled.then(|| d("0.02")),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn a_run_past_its_deadline_fails_with_what_was_last_known() {
+        let mut r = run(RunState::Running, 1, 40);
+        r.since_submit = Some(Duration::from_secs(7200));
+        let t = after_poll(
+            &r,
+            &report(RunStatus::Active, false),
+            false,
+            &poll(),
+            now(),
+            0.5,
+        );
+        assert_eq!(t.to, RunState::Failed);
+        assert_eq!(t.error.unwrap().code, "POLL_DEADLINE");
+        // A settled answer arriving at the deadline still wins.
+        let t = after_poll(
+            &r,
+            &report(RunStatus::Succeeded, true),
+            false,
+            &poll(),
+            now(),
+            0.5,
+        );
+        assert_eq!(t.to, RunState::Succeeded);
+    }
+
+    #[test]
+    fn poll_answers_table() {
+        let table: Vec<(PollOutcome, RunState, Option<&str>, Option<i64>)> = vec![
+            (
+                report(RunStatus::Active, false),
+                RunState::Running,
+                None,
+                Some(4),
+            ),
+            (
+                report(RunStatus::Succeeded, false),
+                RunState::Running,
+                None,
+                Some(4),
+            ),
+            (
+                report(RunStatus::Succeeded, true),
+                RunState::Succeeded,
+                None,
+                None,
+            ),
+            (
+                report(RunStatus::Failed, true),
+                RunState::Failed,
+                Some("PROVIDER_RUN_FAILED"),
+                None,
+            ),
+            (
+                report(RunStatus::Failed, false),
+                RunState::Running,
+                None,
+                Some(4),
+            ),
+            (
+                report(RunStatus::Unknown("paused".into()), true),
+                RunState::Running,
+                None,
+                Some(4),
+            ),
+            (
+                PollOutcome::Unclear(unclear(None, false)),
+                RunState::Running,
+                None,
+                Some(4),
+            ),
+            (
+                PollOutcome::Unclear(unclear(Some(9), false)),
+                RunState::Running,
+                None,
+                Some(9),
+            ),
+        ];
+        for (outcome, state, code, due) in table {
+            let t = after_poll(
+                &run(RunState::Running, 1, 1),
+                &outcome,
+                false,
+                &poll(),
+                now(),
+                0.5,
+            );
+            assert_eq!(t.to, state, "{outcome:?}");
+            assert_eq!(
+                t.error.as_ref().map(|e| e.code.as_str()),
+                code,
+                "{outcome:?}"
+            );
+            assert_eq!(t.due_at.map(|_| secs(&t)), due, "{outcome:?}");
+            assert!(t.counts_poll);
+            assert_eq!(t.settled, state.is_final());
+        }
+    }
+
+    #[test]
+    fn a_stopped_run_with_a_cancel_request_ends_canceled_with_its_money() {
+        let stopped = PollOutcome::Report(Box::new(RunReport {
+            status: RunStatus::Failed,
+            run_status: Some("stopped".into()),
+            error_code: Some("PROVIDER_RUN_STOPPED".into()),
+            settled: true,
+            total_cost: Some(d("0.002")),
+            ..Default::default()
+        }));
+        let r = run(RunState::Running, 1, 2);
+        let t = after_poll(&r, &stopped, true, &poll(), now(), 0.5);
+        assert_eq!(t.to, RunState::Canceled);
+        assert_eq!(t.error.as_ref().unwrap().code, "CANCELED");
+        assert!(t.settled);
+        assert_eq!(t.facts.total_cost, Some(d("0.002")));
+        let t = after_poll(&r, &stopped, false, &poll(), now(), 0.5);
+        assert_eq!(t.to, RunState::Failed);
+        assert_eq!(t.error.unwrap().code, "PROVIDER_RUN_STOPPED");
+        // Finished before the stop arrived: it succeeded, and says so.
+        let t = after_poll(
+            &r,
+            &report(RunStatus::Succeeded, true),
+            true,
+            &poll(),
+            now(),
+            0.5,
+        );
+        assert_eq!(t.to, RunState::Succeeded);
+    }
+
+    #[test]
+    fn an_unknown_status_is_polled_for_a_while_then_ends_the_run() {
+        let odd = PollOutcome::Report(Box::new(RunReport {
+            status: RunStatus::Unknown("ARCHIVED".into()),
+            run_status: Some("ARCHIVED".into()),
+            ..Default::default()
+        }));
+        let mut r = run(RunState::Running, 1, 4);
+        let t = after_poll(&r, &odd, false, &poll(), now(), 0.5);
+        assert_eq!(t.to, RunState::Running);
+        assert_eq!(t.event.kind, "unknown_status");
+        assert_eq!(t.unknown_status, Mark::Set, "first seen now");
+        assert!(t.due_at.is_some());
+        r.unknown_status_for = Some(Duration::from_secs(599));
+        assert_eq!(
+            after_poll(&r, &odd, false, &poll(), now(), 0.5).to,
+            RunState::Running
+        );
+        r.unknown_status_for = Some(Duration::from_secs(600));
+        let t = after_poll(&r, &odd, false, &poll(), now(), 0.5);
+        assert_eq!(t.to, RunState::Failed);
+        let error = t.error.unwrap();
+        assert_eq!(error.code, "UNKNOWN_RUN_STATUS");
+        assert!(error.message.contains("ARCHIVED"), "{}", error.message);
+        assert!(!t.settled, "nobody knows what it cost");
+        // A known status again clears the mark.
+        let t = after_poll(
+            &r,
+            &report(RunStatus::Active, false),
+            false,
+            &poll(),
+            now(),
+            0.5,
+        );
+        assert_eq!(t.unknown_status, Mark::Clear);
+    }
+
+    #[test]
+    fn a_finished_run_whose_money_never_settles_ends_after_the_settle_wait() {
+        let over = PollOutcome::Report(Box::new(RunReport {
+            status: RunStatus::Succeeded,
+            settled: false,
+            outputs: Some(json!({"news": []})),
+            ..Default::default()
+        }));
+        let mut r = run(RunState::Running, 1, 4);
+        let t = after_poll(&r, &over, false, &poll(), now(), 0.5);
+        assert_eq!(t.to, RunState::Running, "waiting for settlement");
+        assert_eq!(t.provider_finished, Mark::Set);
+        r.unsettled_for = Some(Duration::from_secs(900));
+        let t = after_poll(&r, &over, false, &poll(), now(), 0.5);
+        assert_eq!(t.to, RunState::Succeeded);
+        assert_eq!(t.event.kind, "finished_unsettled");
+        assert!(!t.settled, "the money is unknown, not zero");
+        assert!(
+            t.estimate_cost,
+            "no cost reported: the spend guard needs an estimate"
+        );
+        assert_eq!(t.facts.final_amount, None);
+        // With a cost but no settlement, nothing needs estimating.
+        let costed = PollOutcome::Report(Box::new(RunReport {
+            status: RunStatus::Failed,
+            settled: false,
+            total_cost: Some(d("0.5")),
+            ..Default::default()
+        }));
+        let t = after_poll(&r, &costed, false, &poll(), now(), 0.5);
+        assert_eq!(t.to, RunState::Failed);
+        assert!(!t.estimate_cost);
+    }
+
+    #[test]
+    fn a_resumed_run_has_a_deadline_of_its_own() {
+        // `since_submit` counts from the resume: an hour and a half after
+        // the original submit but a minute after `wfq retry`, it polls on.
+        let mut r = run(RunState::Running, 1, 30);
+        r.since_submit = Some(Duration::from_secs(60));
+        let t = after_poll(
+            &r,
+            &report(RunStatus::Active, false),
+            false,
+            &poll(),
+            now(),
+            0.5,
+        );
+        assert_eq!(t.to, RunState::Running);
+    }
+}

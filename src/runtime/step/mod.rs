@@ -1,0 +1,260 @@
+//! One step of one run: the I/O around the pure lifecycle decisions, one
+//! file per phase.
+//!
+//! queued -> read the manifest, check the inputs, record `submitting`, submit
+//! (`prepare`, `submit`). submitting -> settle a submit in doubt, or submit
+//! again with the recorded inputs and the same key (`doubt`, `submit`).
+//! running -> check the status (`poll`), or read a Dify run's stream
+//! (`stream`).
+
+mod doubt;
+mod poll;
+mod prepare;
+mod stream;
+mod submit;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::Instrument;
+
+use super::Engine;
+use crate::lifecycle::{self, RunProgress, RunState, Transition};
+use crate::store::{self, ClaimedRun};
+
+/// A step could not record its outcome. The run's lease then runs out and
+/// another worker repeats the step, which is safe: submits carry the run's
+/// idempotency key and polls change nothing at the provider.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    /// The database refused or was unreachable.
+    #[error("run {run_id}: could not record `{event}`: {source}")]
+    Database {
+        /// The run.
+        run_id: i64,
+        /// The event that was being recorded.
+        event: &'static str,
+        /// The database error.
+        source: sqlx::Error,
+    },
+}
+
+/// This worker's view of when its lease on a run ends, on the monotonic
+/// clock (which keeps running while the process is stopped or starved, so a
+/// worker that was frozen past its lease knows it).
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseClock {
+    deadline: Instant,
+}
+
+impl LeaseClock {
+    /// A lease taken at `taken` (measured before the claim, so the local
+    /// deadline is never later than the database's) for `lease`.
+    pub fn new(taken: Instant, lease: Duration) -> Self {
+        LeaseClock {
+            deadline: taken + lease,
+        }
+    }
+
+    /// When the lease ends, on the monotonic clock.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Whether a provider call of at most `call` ends before the lease does.
+    /// A call that might outlive the lease is not started: by then another
+    /// worker may hold the run, and two workers must never act on one run.
+    fn allows(&self, call: Duration) -> bool {
+        Instant::now() + call < self.deadline
+    }
+}
+
+/// The slot in the worker's concurrency a claimed run occupies; a step that
+/// goes on to read a Dify run's stream gives it back (streams have a budget
+/// of their own), so long runs of one profile cannot take every slot.
+pub type Slot = OwnedSemaphorePermit;
+
+/// Handles one claimed run. Returns once its outcome is recorded.
+pub async fn run_step(
+    engine: Arc<Engine>,
+    run: ClaimedRun,
+    lease: LeaseClock,
+    slot: Slot,
+) -> Result<(), StepError> {
+    let span = tracing::info_span!("run", run_id = run.id, provider = %run.provider, workflow_id = %run.workflow_id);
+    async move {
+        if let Some(previous) = &run.rescued_from {
+            tracing::info!(previous_owner = %previous, state = %run.state, "took over a run whose lease expired");
+            // Audit only: a failure here must not stop the step.
+            if let Err(e) = store::record_rescue(&engine.pool, run.id, run.state, previous, &engine.worker_id).await {
+                tracing::warn!(error = %e, "could not record the rescue");
+            }
+        }
+        match run.state {
+            RunState::Queued | RunState::Submitting => {
+                submit::submit_step(&engine, run, lease, slot).await
+            }
+            RunState::Running => poll::poll_step(&engine, run, lease).await,
+            // Claims only return active runs.
+            RunState::Succeeded | RunState::Failed | RunState::Canceled => Ok(()),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// What the lifecycle needs to know about `run`, with its ages as of now
+/// (database clock at the claim, plus the time since).
+fn progress(run: &ClaimedRun) -> RunProgress {
+    let ages = &run.ages;
+    RunProgress {
+        state: run.state,
+        attempts: run.attempts,
+        polls: run.polls,
+        since_submit: ages.now(ages.since_submit),
+        unknown_status_for: ages.now(ages.unknown_status_for),
+        unsettled_for: ages.now(ages.unsettled_for),
+    }
+}
+
+/// How hard a step tries to record its outcome.
+#[derive(Debug, Clone, Copy)]
+enum Persistence {
+    /// The writer's own retries (a database away for a few seconds): a
+    /// lost write is repeated by whoever takes the run next.
+    Normal,
+    /// An answer the provider acted on: keep trying until this instant
+    /// (the lease's end), resolving lost COMMIT answers by reading back.
+    Durable(Instant),
+}
+
+/// Writes a transition; `None` when the run moved on without us.
+async fn record(
+    engine: &Engine,
+    run: &ClaimedRun,
+    from: RunState,
+    version: i64,
+    t: &Transition,
+) -> Result<Option<i64>, StepError> {
+    write(engine, run, from, version, t, Persistence::Normal).await
+}
+
+/// [`record`] for an answer the provider acted on (an accepted submit, a
+/// run found again): tried until the lease ends.
+async fn record_durably(
+    engine: &Engine,
+    run: &ClaimedRun,
+    from: RunState,
+    version: i64,
+    t: &Transition,
+    until: Instant,
+) -> Result<Option<i64>, StepError> {
+    write(engine, run, from, version, t, Persistence::Durable(until)).await
+}
+
+async fn write(
+    engine: &Engine,
+    run: &ClaimedRun,
+    from: RunState,
+    version: i64,
+    t: &Transition,
+    persistence: Persistence,
+) -> Result<Option<i64>, StepError> {
+    let database = |source| StepError::Database {
+        run_id: run.id,
+        event: t.event.kind,
+        source,
+    };
+    let applied = match persistence {
+        Persistence::Normal => engine.transitions.apply(run.id, version, from, t).await,
+        Persistence::Durable(until) => {
+            engine
+                .transitions
+                .apply_durably(run.id, version, from, t, until)
+                .await
+        }
+    };
+    let applied = match applied {
+        // PostgreSQL refused the answer's data itself. Repeating the same
+        // write can never succeed, and the next step would bring the same
+        // data: the run fails with what can be kept, instead of being
+        // retried for ever.
+        Err(e) if store::is_data_error(&e) => {
+            tracing::error!(error = %e, event = t.event.kind, "the database refused the provider's answer; failing the run UNSTORABLE_ANSWER");
+            let unstorable = lifecycle::unstorable_answer(t, &e.to_string());
+            engine
+                .transitions
+                .apply(run.id, version, from, &unstorable)
+                .await
+                .map_err(database)?
+        }
+        other => other.map_err(database)?,
+    };
+    match applied {
+        Some(_) => {
+            log_transition(from, t);
+            if let Some(due) = t.due_at {
+                engine.wake.due_at(due);
+            }
+        }
+        None => tracing::info!(
+            event = t.event.kind,
+            "run changed under us (canceled, or taken over after the lease expired); leaving it"
+        ),
+    }
+    Ok(applied)
+}
+
+fn log_transition(from: RunState, t: &Transition) {
+    match &t.error {
+        Some(e) => {
+            tracing::warn!(from = %from, to = %t.to, event = t.event.kind, error_code = %e.code, error = %e.message, "run failed")
+        }
+        None if t.to.is_final() => {
+            tracing::info!(from = %from, to = %t.to, event = t.event.kind, "run finished")
+        }
+        None if from != t.to => {
+            tracing::info!(from = %from, to = %t.to, event = t.event.kind, "run moved")
+        }
+        None => {
+            tracing::debug!(state = %t.to, event = t.event.kind, due_at = ?t.due_at, "run rescheduled")
+        }
+    }
+}
+
+fn unit() -> f64 {
+    fastrand::f64()
+}
+
+fn lease_ran_out(call: &str) -> Result<(), StepError> {
+    tracing::warn!(
+        call,
+        "lease would end before the provider call could; leaving the run to whoever holds it next"
+    );
+    Ok(())
+}
+
+/// The profile is too busy for this step: the run goes back, due later.
+async fn defer(engine: &Engine, run: &ClaimedRun, wait: Duration) -> Result<(), StepError> {
+    tracing::debug!(wait = ?wait, "provider profile throttled; run deferred");
+    let t = lifecycle::throttled(run.state, wait, Utc::now());
+    record(engine, run, run.state, run.version, &t).await?;
+    Ok(())
+}
+
+/// The run names a profile this worker does not have. Only a queued run is
+/// claimed in that case (see `ClaimScope`), and failing it is safe because
+/// nothing was sent. A submitted run is left alone: it may hold money.
+async fn unknown_provider(engine: &Engine, run: &ClaimedRun) -> Result<(), StepError> {
+    if run.state != RunState::Queued || run.sent_inputs.is_some() {
+        tracing::error!(
+            "run of an unconfigured provider profile was claimed after submission; leaving it"
+        );
+        return Ok(());
+    }
+    let t = lifecycle::unknown_provider(&run.provider, &engine.provider_names());
+    record(engine, run, run.state, run.version, &t).await?;
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! Before a submit: the manifest, the inputs, consent, and the money limits.
+
+use chrono::Utc;
+use serde_json::{Map, Value};
+
+use super::{Engine, StepError, log_transition, progress, record, unit};
+use crate::inputs::complete_inputs;
+use crate::lifecycle::{self, Transition};
+use crate::store::{self, ClaimedRun};
+
+/// What a submit sends, once the inputs passed (or were recorded).
+pub(super) struct Prepared {
+    pub(super) revision_id: Option<String>,
+    pub(super) sent_inputs: Map<String, Value>,
+    /// The manifest's quote, for the spend guard (`None` when the inputs
+    /// were recorded earlier or the provider quotes nothing).
+    pub(super) quote: Option<Quote>,
+}
+
+/// A workflow's quote from its manifest.
+pub(super) struct Quote {
+    pub(super) amount: Option<rust_decimal::Decimal>,
+    pub(super) currency: Option<String>,
+}
+
+/// Records `begin` only if the run's quote fits the profile's money
+/// limits; otherwise holds the run in `queued` with the reason.
+pub(super) async fn begin_within_limits(
+    engine: &Engine,
+    run: &ClaimedRun,
+    profile: &crate::runtime::Profile,
+    quote: Option<&Quote>,
+    begin: &Transition,
+) -> Result<Option<i64>, StepError> {
+    let database = |source| StepError::Database {
+        run_id: run.id,
+        event: begin.event.kind,
+        source,
+    };
+    let guarded = store::begin_within_limits(
+        &engine.pool,
+        store::GuardedRun {
+            id: run.id,
+            version: run.version,
+            from: run.state,
+            provider: &run.provider,
+            quote: quote.and_then(|q| q.amount),
+        },
+        &engine.worker_id,
+        engine.lease,
+        begin,
+        &profile.spend,
+        &engine.budget_timezone,
+    )
+    .await
+    .map_err(database)?;
+    match guarded {
+        store::Guarded::Applied(version) => {
+            if version.is_some() {
+                log_transition(run.state, begin);
+            }
+            Ok(version)
+        }
+        store::Guarded::Busy => {
+            // Another worker holds the profile's spend lock for long: come
+            // back shortly rather than tie up a connection waiting.
+            engine.throttles.refund(&run.provider);
+            let t = lifecycle::throttled(run.state, engine.budget_recheck, Utc::now());
+            record(engine, run, run.state, run.version, &t).await?;
+            Ok(None)
+        }
+        store::Guarded::Held(hold) if hold.never_fits() => {
+            tracing::warn!(reason = %hold, "the run's quote alone exceeds a spend limit; failing it");
+            let t = lifecycle::quote_above_limit(&hold.to_string());
+            record(engine, run, run.state, run.version, &t).await?;
+            Ok(None)
+        }
+        store::Guarded::Held(hold) => {
+            tracing::info!(reason = %hold, "run held back by a spend limit");
+            engine.throttles.refund(&run.provider);
+            let due = Utc::now()
+                + chrono::Duration::from_std(engine.budget_recheck)
+                    .unwrap_or(chrono::Duration::seconds(30));
+            store::hold_run(
+                &engine.pool,
+                run.id,
+                run.version,
+                &engine.worker_id,
+                &hold.to_string(),
+                due,
+            )
+            .await
+            .map_err(database)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Reads the manifest and checks the inputs. `Err` is the transition that
+/// ends this step without a submit.
+pub(super) async fn prepare(
+    engine: &Engine,
+    run: &ClaimedRun,
+    profile: &crate::runtime::Profile,
+) -> Result<Prepared, Transition> {
+    let manifest = engine
+        .manifests
+        .get(
+            &run.provider,
+            &profile.client,
+            &run.workflow_id,
+            profile.manifest_ttl,
+        )
+        .await;
+    if let Err(crate::providers::ManifestError::Unclear(u)) = &manifest
+        && u.account_refused
+    {
+        engine
+            .provider_refused_key(&run.provider, &run.workflow_id, &u.reason)
+            .await;
+    }
+    let manifest = manifest.map_err(|e| {
+        lifecycle::manifest_failed(
+            &progress(run),
+            &run.workflow_id,
+            &e,
+            &engine.submit,
+            Utc::now(),
+            unit(),
+        )
+    })?;
+    let inputs = match &run.inputs {
+        Value::Object(inputs) => inputs,
+        // The CHECK constraint rules this out; fail the row, not the worker.
+        other => {
+            return Err(lifecycle::reject_inputs(
+                &crate::inputs::InputError::WrongType {
+                    key: "(inputs)".into(),
+                    expected: "a JSON object".into(),
+                    got: other.to_string(),
+                },
+            ));
+        }
+    };
+    // market/info describes only the published revision. A run pinned to
+    // another one is sent as the producer wrote it: checking it against a
+    // manifest it does not follow could refuse a valid run, and the provider
+    // still validates (its refusal fails the run with its own code).
+    // Consent is checked after the inputs, so a run with both problems
+    // reports the input problem (the one the producer must fix in the data).
+    let Some(manifest) = manifest else {
+        // No manifest to check against (GPTBots): the provider validates.
+        crate::inputs::check_size(inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
+        return Ok(Prepared {
+            revision_id: run.revision_id.clone(),
+            sent_inputs: inputs.clone(),
+            quote: None,
+        });
+    };
+    let quote = Some(Quote {
+        amount: manifest.quote_amount,
+        currency: manifest.currency.clone(),
+    });
+    let lacks_consent = manifest.may_incur_external_cost && !run.accept_external_cost_risk;
+    if let Some(pinned) = &run.revision_id
+        && Some(pinned) != manifest.revision_id.as_ref()
+    {
+        crate::inputs::check_size(inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
+        if lacks_consent {
+            return Err(lifecycle::external_cost_not_accepted(&run.workflow_id));
+        }
+        tracing::info!(pinned = %pinned, published = ?manifest.revision_id, "run pins an unpublished revision; inputs sent unchecked");
+        return Ok(Prepared {
+            revision_id: Some(pinned.clone()),
+            sent_inputs: inputs.clone(),
+            quote,
+        });
+    }
+    let sent = complete_inputs(&manifest, inputs).map_err(|e| lifecycle::reject_inputs(&e))?;
+    if lacks_consent {
+        return Err(lifecycle::external_cost_not_accepted(&run.workflow_id));
+    }
+    Ok(Prepared {
+        revision_id: run.revision_id.clone().or(manifest.revision_id.clone()),
+        sent_inputs: sent,
+        quote,
+    })
+}

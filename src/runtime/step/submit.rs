@@ -1,0 +1,292 @@
+//! Submitting: the process's throttles, `submitting` recorded (with the
+//! money limits, when the profile has any), the request sent and its answer
+//! recorded.
+//!
+//! Once `submitting` is recorded, sending and recording run as a task of
+//! their own: a worker that begins to stop waits for it (bounded) before it
+//! gives its leases back, so no submit is cut off between the provider's
+//! answer and its record. Before that point a stopping worker starts no
+//! submit at all.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::Utc;
+use serde_json::Value;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::doubt::{self, DoubtSettled};
+use super::prepare::{Prepared, begin_within_limits, prepare};
+use super::stream::{self, Follow};
+use super::{
+    Engine, LeaseClock, Slot, StepError, defer, lease_ran_out, progress, record, record_durably,
+    unit, unknown_provider,
+};
+use crate::lifecycle::{self, RunProgress, RunState};
+use crate::providers::{SubmitOutcome, SubmitRequest, Submitted};
+use crate::runtime::Admission;
+use crate::runtime::shutdown::InFlightGuard;
+use crate::store::ClaimedRun;
+
+pub(super) async fn submit_step(
+    engine: &Arc<Engine>,
+    run: ClaimedRun,
+    lease: LeaseClock,
+    slot: Slot,
+) -> Result<(), StepError> {
+    // Its lease is given back as the worker exits; nothing was sent.
+    if engine.shutdown.has_begun() {
+        return Ok(());
+    }
+    let Some(profile) = engine.provider(&run.provider) else {
+        return unknown_provider(engine, &run).await;
+    };
+
+    // A repeated submit must send exactly what the first one sent, so it
+    // reuses the recorded inputs instead of re-reading a manifest that may
+    // have changed since (also after an operator reset the row to queued).
+    let recorded = match &run.sent_inputs {
+        Some(Value::Object(sent)) => Some(Prepared {
+            revision_id: run.revision_id.clone(),
+            sent_inputs: sent.clone(),
+            quote: None,
+        }),
+        _ => None,
+    };
+    let prepared = match recorded {
+        Some(recorded) => recorded,
+        None if !lease.allows(engine.call_timeout) => return lease_ran_out("manifest"),
+        None => match prepare(engine, &run, profile).await {
+            Ok(prepared) => prepared,
+            Err(t) => {
+                record(engine, &run, run.state, run.version, &t).await?;
+                return Ok(());
+            }
+        },
+    };
+
+    let Prepared {
+        revision_id,
+        sent_inputs,
+        quote,
+    } = prepared;
+    let mut begin =
+        lifecycle::begin_submit(revision_id.as_deref(), Value::Object(sent_inputs.clone()));
+    if let Some(quote) = &quote {
+        begin.facts.quote_amount = quote.amount;
+        begin.facts.currency = quote.currency.clone();
+    }
+    if let Some(since) = run.submit_in_doubt_since {
+        match doubt::settle_doubt(engine, &run, profile, since, &lease).await? {
+            DoubtSettled::Done => return Ok(()),
+            DoubtSettled::Resubmit => {
+                begin = lifecycle::begin_resubmit(
+                    revision_id.as_deref(),
+                    Value::Object(sent_inputs.clone()),
+                    since,
+                );
+            }
+            DoubtSettled::Repeat => {}
+        }
+    }
+
+    // Limits of this process first (a wait here must fit the lease, and
+    // ends when the worker begins to stop), then the money limits shared
+    // by every process, checked as `submitting` is recorded.
+    let max_wait = engine.lease / 4;
+    let admitted = tokio::select! {
+        admitted = engine.throttles.admit(&run.provider, max_wait) => admitted,
+        () = engine.shutdown.begun() => return Ok(()),
+    };
+    if let Admission::Defer(wait) = admitted {
+        return defer(engine, &run, wait).await;
+    }
+    let submit_slot = tokio::select! {
+        slot = engine.throttles.submit_slot(&run.provider, max_wait) => slot,
+        () = engine.shutdown.begun() => {
+            engine.throttles.refund(&run.provider);
+            return Ok(());
+        }
+    };
+    let Ok(submit_slot) = submit_slot else {
+        engine.throttles.refund(&run.provider);
+        return defer(engine, &run, engine.submit.initial).await;
+    };
+    // The waits above count against the lease: a step that outlived it must
+    // not record anything (its successor may hold the run by now).
+    if !lease.allows(engine.call_timeout) {
+        engine.throttles.refund(&run.provider);
+        return lease_ran_out("record the submit");
+    }
+    // No new `submitting` once the worker is stopping: this submit could
+    // be cut off between the provider's answer and its record.
+    if engine.shutdown.has_begun() {
+        engine.throttles.refund(&run.provider);
+        return Ok(());
+    }
+    let renewed_at = Instant::now();
+    let recorded = if run.state == RunState::Queued && profile.spend.any() {
+        begin_within_limits(engine, &run, profile, quote.as_ref(), &begin).await?
+    } else {
+        record(engine, &run, run.state, run.version, &begin).await?
+    };
+    let Some(version) = recorded else {
+        return Ok(());
+    };
+    // Recording `submitting` renewed the lease: the run is progressing.
+    let lease = LeaseClock::new(renewed_at, engine.lease);
+    if !lease.allows(engine.call_timeout) {
+        return lease_ran_out("submit");
+    }
+
+    let send = Send {
+        version,
+        revision_id,
+        sent_inputs,
+        submit_slot,
+        lease,
+    };
+    let in_flight = engine.submits_in_flight.enter();
+    let task = tokio::spawn(send_and_record(
+        engine.clone(),
+        run.clone(),
+        send,
+        in_flight,
+    ));
+    let follow = match task.await {
+        Ok(follow) => follow?,
+        Err(e) => {
+            tracing::error!(error = %e, "the submit task ended abnormally; the run is left to whoever takes it next");
+            return Ok(());
+        }
+    };
+    if let Some(follow) = follow {
+        stream::follow_stream(engine, &run, profile, follow, slot).await?;
+    }
+    Ok(())
+}
+
+/// A submit about to be sent, with `submitting` recorded at `version`.
+struct Send {
+    version: i64,
+    revision_id: Option<String>,
+    sent_inputs: serde_json::Map<String, Value>,
+    /// Held until the request is answered (`max_submits_in_flight`).
+    submit_slot: Option<OwnedSemaphorePermit>,
+    /// Renewed by recording `submitting`.
+    lease: LeaseClock,
+}
+
+/// Sends the submit and records its answer; the run's stream, when it is to
+/// be read on. Runs as a task of its own, counted by `in_flight`.
+async fn send_and_record(
+    engine: Arc<Engine>,
+    run: ClaimedRun,
+    send: Send,
+    in_flight: InFlightGuard,
+) -> Result<Option<Follow>, StepError> {
+    let _in_flight = in_flight;
+    let Some(profile) = engine.provider(&run.provider) else {
+        return Ok(None);
+    };
+    let client = &profile.client;
+    let Submitted { outcome, stream } = client
+        .submit(&SubmitRequest {
+            workflow_id: &run.workflow_id,
+            revision_id: send.revision_id.as_deref(),
+            inputs: &send.sent_inputs,
+            idempotency_key: &run.idempotency_key,
+            accept_external_cost_risk: run.accept_external_cost_risk,
+        })
+        .await;
+    // A slot limits submit requests, not whole runs: a Dify run followed on
+    // its stream must not keep it.
+    drop(send.submit_slot);
+    engine.throttles.observe(
+        &run.provider,
+        match &outcome {
+            SubmitOutcome::Accepted(_) => Some(200),
+            SubmitOutcome::Rejected(e) => Some(e.http_status),
+            SubmitOutcome::Unclear(u) => u.http_status,
+        },
+    );
+    match &outcome {
+        SubmitOutcome::Accepted(a) => {
+            tracing::info!(provider_run_id = %a.provider_run_id, replay = a.idempotent_replay, "submit accepted");
+        }
+        SubmitOutcome::Unclear(u) if u.account_refused => {
+            engine
+                .provider_refused_key(&run.provider, &run.workflow_id, &u.reason)
+                .await;
+        }
+        _ => {}
+    }
+    let progress = RunProgress {
+        state: RunState::Submitting,
+        attempts: run.attempts + 1,
+        ..progress(&run)
+    };
+    let mut t = lifecycle::after_submit(
+        &progress,
+        &outcome,
+        client.submit_guard(),
+        &engine.submit,
+        &engine.poll,
+        Utc::now(),
+        unit(),
+    );
+    // A run followed on its stream stays ours while we read it, if the
+    // worker's stream budget has room; otherwise it is followed by status
+    // checks like any other.
+    let stream = stream.filter(|_| t.to == RunState::Running);
+    let permit = match &stream {
+        Some(_) => match engine.streams.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                tracing::info!(
+                    "every stream slot is taken (worker.max_streams); following the run by status checks"
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let stream = stream.filter(|_| permit.is_some());
+    t.keep_lease = stream.is_some();
+    let renewed_at = Instant::now();
+    let recorded = record_durably(
+        &engine,
+        &run,
+        RunState::Submitting,
+        send.version,
+        &t,
+        send.lease.deadline(),
+    )
+    .await;
+    let recorded = match recorded {
+        Ok(recorded) => recorded,
+        Err(e) => {
+            if let SubmitOutcome::Accepted(a) = &outcome {
+                tracing::error!(
+                    provider_run_id = %a.provider_run_id,
+                    error = %e,
+                    "the provider accepted the run but its answer could not be recorded within the lease; the worker that takes the run next replays it (chenyu), looks for it (Dify) or fails it SUBMIT_OUTCOME_UNKNOWN (GPTBots): this provider run id is the one to look for"
+                );
+            }
+            return Err(e);
+        }
+    };
+    match (stream, permit, recorded, outcome) {
+        (Some(stream), Some(permit), Some(version), SubmitOutcome::Accepted(accepted)) => {
+            Ok(Some(Follow {
+                version,
+                provider_run_id: accepted.provider_run_id,
+                task_id: accepted.task_id,
+                lease_from: renewed_at,
+                stream,
+                permit,
+            }))
+        }
+        _ => Ok(None),
+    }
+}
