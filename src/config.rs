@@ -220,8 +220,11 @@ pub struct CallbacksConfig {
     pub retry: RetryPolicy,
     /// Whole-request timeout of one attempt.
     pub timeout: Duration,
-    /// Callbacks delivered at once (and claimed per statement) by one process.
+    /// Callbacks delivered at once by one process.
     pub concurrency: usize,
+    /// Of those, at most this many to one receiver (scheme, host and port),
+    /// so a receiver that hangs until `timeout` holds only its share.
+    pub per_receiver: usize,
 }
 
 /// Which API a provider profile speaks.
@@ -366,6 +369,7 @@ struct RawCallbacks {
     jitter: Option<f64>,
     timeout: Option<String>,
     concurrency: Option<usize>,
+    per_receiver: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -721,11 +725,21 @@ impl Config {
                         "must be at least 1".into(),
                     ));
                 }
+                // Half the slots: a hanging receiver leaves the other half to
+                // everyone else.
+                let per_receiver = c.per_receiver.unwrap_or((concurrency / 2).max(1));
+                if !(1..=concurrency).contains(&per_receiver) {
+                    return Err(invalid(
+                        "callbacks.per_receiver",
+                        format!("must be between 1 and callbacks.concurrency ({concurrency})"),
+                    ));
+                }
                 Some(CallbacksConfig {
                     secret: ApiKey::new(secret),
                     retry,
                     timeout,
                     concurrency,
+                    per_receiver,
                 })
             }
         };
@@ -1071,6 +1085,7 @@ mod tests {
         assert_eq!(callbacks.retry.max, Duration::from_secs(3600));
         assert_eq!(callbacks.timeout, Duration::from_secs(10));
         assert_eq!(callbacks.concurrency, 8);
+        assert_eq!(callbacks.per_receiver, 4);
         assert!(!format!("{callbacks:?}").contains("whsec"));
 
         let text = format!(
@@ -1082,9 +1097,26 @@ mod tests {
             .unwrap();
         assert_eq!(callbacks.retry.delay(2, 0.5), Duration::from_secs(3));
         assert_eq!(
-            (callbacks.concurrency, callbacks.retry.max_attempts),
-            (2, 3)
+            (
+                callbacks.concurrency,
+                callbacks.per_receiver,
+                callbacks.retry.max_attempts
+            ),
+            (2, 1, 3)
         );
+        // One slot: the receiver's share is that slot; a share may be all.
+        for (keys, expected) in [
+            ("concurrency = 1", (1, 1)),
+            ("concurrency = 16\nper_receiver = 16", (16, 16)),
+            ("concurrency = 16\nper_receiver = 3", (16, 3)),
+        ] {
+            let text = format!("{SAMPLE}\n[callbacks]\nsecret_env = \"HOOK_SECRET\"\n{keys}\n");
+            let callbacks = Config::from_toml(&text, "worker.toml", &env)
+                .unwrap()
+                .callbacks
+                .unwrap();
+            assert_eq!((callbacks.concurrency, callbacks.per_receiver), expected);
+        }
 
         let cases = [
             ("secret_env = \"NOT_SET\"", "NOT_SET"),
@@ -1097,6 +1129,14 @@ mod tests {
             (
                 "secret_env = \"HOOK_SECRET\"\nconcurrency = 0",
                 "callbacks.concurrency",
+            ),
+            (
+                "secret_env = \"HOOK_SECRET\"\nper_receiver = 0",
+                "callbacks.per_receiver",
+            ),
+            (
+                "secret_env = \"HOOK_SECRET\"\nconcurrency = 4\nper_receiver = 5",
+                "callbacks.per_receiver",
             ),
             (
                 "secret_env = \"HOOK_SECRET\"\njitter = 2.0",

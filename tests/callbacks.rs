@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use sha2::Sha256;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::watch;
 
 use common::*;
 use wfq::backoff::RetryPolicy;
@@ -114,7 +115,8 @@ async fn start_receiver() -> (Arc<Receiver>, String) {
     (receiver, url)
 }
 
-/// The test configuration plus `[callbacks]` with a fast schedule.
+/// The test configuration plus `[callbacks]` with a fast schedule; each
+/// receiver gets half the slots, as by default.
 fn with_callbacks(mut config: Config, max_attempts: u32, concurrency: usize) -> Config {
     config.callbacks = Some(CallbacksConfig {
         secret: ApiKey::new(SECRET),
@@ -127,6 +129,7 @@ fn with_callbacks(mut config: Config, max_attempts: u32, concurrency: usize) -> 
         },
         timeout: Duration::from_secs(2),
         concurrency,
+        per_receiver: (concurrency / 2).max(1),
     });
     config
 }
@@ -614,4 +617,322 @@ async fn pruning_keeps_runs_whose_callback_is_pending(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(store::prune_finished_runs(&pool, day, 10).await.unwrap(), 1);
+}
+
+/// A receiver that holds every request open until the test releases it:
+/// it counts what arrived and what is still held, so a test can tell that
+/// other deliveries went on while it hung.
+struct Hanging {
+    /// Run ids in the order their requests arrived.
+    arrived: watch::Sender<Vec<i64>>,
+    /// Requests held open right now, and the most ever at once.
+    held: Mutex<(usize, usize)>,
+    /// Turned true by the test: every held request (and any later one) is
+    /// answered 200.
+    release: watch::Sender<bool>,
+}
+
+impl Hanging {
+    /// Waits until `n` requests have arrived (bounded, in case they never do).
+    async fn wait_for_arrivals(&self, n: usize) {
+        let mut arrived = self.arrived.subscribe();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            arrived.wait_for(|ids| ids.len() >= n),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{n} requests never reached the hanging receiver"))
+        .expect("receiver alive");
+    }
+
+    fn arrived(&self) -> Vec<i64> {
+        self.arrived.borrow().clone()
+    }
+
+    fn held(&self) -> (usize, usize) {
+        *self.held.lock().unwrap()
+    }
+}
+
+/// Counts a held request until its handler returns or is dropped.
+struct Held<'a>(&'a Hanging);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.held.lock().unwrap().0 -= 1;
+    }
+}
+
+async fn hang(State(hanging): State<Arc<Hanging>>, headers: HeaderMap) -> StatusCode {
+    let run_id: i64 = headers["wfq-run-id"].to_str().unwrap().parse().unwrap();
+    let mut release = hanging.release.subscribe();
+    let _held = {
+        let mut held = hanging.held.lock().unwrap();
+        held.0 += 1;
+        held.1 = held.1.max(held.0);
+        Held(&hanging)
+    };
+    hanging.arrived.send_modify(|ids| ids.push(run_id));
+    let _ = release.wait_for(|released| *released).await;
+    StatusCode::OK
+}
+
+/// Starts a hanging receiver on a port of its own (so a receiver of its own).
+async fn start_hanging_receiver() -> (Arc<Hanging>, String) {
+    let hanging = Arc::new(Hanging {
+        arrived: watch::channel(Vec::new()).0,
+        held: Mutex::new((0, 0)),
+        release: watch::channel(false).0,
+    });
+    let app = Router::new()
+        .route("/hook", post(hang))
+        .with_state(hanging.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (hanging, url)
+}
+
+/// `n` runs with `url`, made final by hand in one statement: their
+/// callbacks are due together, after those of runs finished before.
+async fn finished_runs(pool: &PgPool, url: &str, n: i32) -> Vec<i64> {
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO wfq.runs (workflow_id, callback_url) \
+         SELECT 'wf_' || n, $1 FROM generate_series(1, $2) AS n RETURNING id",
+    )
+    .bind(url)
+    .bind(n)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE wfq.runs SET state = 'succeeded', finished_at = now() WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(pool)
+        .await
+        .unwrap();
+    ids
+}
+
+/// `[callbacks]` with `concurrency` slots, `per_receiver` of them per
+/// receiver, and an attempt timeout of `timeout`.
+fn with_slots(
+    config: Config,
+    concurrency: usize,
+    per_receiver: usize,
+    timeout: Duration,
+) -> Config {
+    let mut config = with_callbacks(config, 5, concurrency);
+    let callbacks = config.callbacks.as_mut().unwrap();
+    callbacks.per_receiver = per_receiver;
+    callbacks.timeout = timeout;
+    config
+}
+
+/// Every run id's callback was recorded delivered, with exactly one attempt.
+async fn assert_delivered_once(pool: &PgPool, ids: &[i64]) {
+    for &id in ids {
+        assert_eq!(
+            callback_state(pool, id).await,
+            (Some("delivered".into()), 1),
+            "run {id}"
+        );
+        let rows = attempts(pool, id).await;
+        assert_eq!(rows.len(), 1, "run {id}");
+        assert_eq!(rows[0].result, "delivered");
+    }
+}
+
+/// The condition "all of `ids` delivered", for `wait_for`.
+fn all_delivered(ids: &[i64]) -> String {
+    let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+    format!(
+        "NOT EXISTS (SELECT 1 FROM wfq.runs WHERE id IN ({}) \
+         AND callback_state IS DISTINCT FROM 'delivered')",
+        ids.join(", ")
+    )
+}
+
+#[sqlx::test]
+async fn a_hanging_receiver_holds_up_no_other_delivery(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 50, 20).await;
+    let (hanging, hanging_url) = start_hanging_receiver().await;
+    let (receiver, base) = start_receiver().await;
+    // The hanging receiver's callback is due first, so it is claimed first.
+    let slow = finished_runs(&pool, &hanging_url, 1).await[0];
+    let fast = finished_runs(&pool, &format!("{base}/hook/ok"), 20).await;
+
+    // The attempt timeout is far beyond the test's own bounds: the request
+    // stays open until the test releases it, whatever the machine's speed.
+    let worker = start_worker(
+        with_slots(config(&sim, "w1", ""), 4, 2, Duration::from_secs(120)),
+        pool.clone(),
+    );
+    hanging.wait_for_arrivals(1).await;
+    wait_for(&pool, &all_delivered(&fast), Duration::from_secs(30)).await;
+
+    // Every fast callback is recorded while the slow request is still open,
+    // unanswered and unrecorded, its lease held.
+    assert_eq!(hanging.held().0, 1, "the slow request is still open");
+    assert_eq!(hanging.arrived(), vec![slow]);
+    assert!(attempts(&pool, slow).await.is_empty());
+    let owner: Option<String> =
+        sqlx::query_scalar("SELECT callback_lease_owner FROM wfq.runs WHERE id = $1")
+            .bind(slow)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(owner.as_deref(), Some("w1"));
+    assert_delivered_once(&pool, &fast).await;
+    let mut got: Vec<i64> = receiver.receipts().iter().map(|r| r.run_id).collect();
+    got.sort();
+    assert_eq!(got, fast, "each fast callback sent once");
+
+    hanging.release.send_replace(true);
+    wait_for(&pool, &all_delivered(&[slow]), Duration::from_secs(30)).await;
+    worker.stop().await;
+    assert_delivered_once(&pool, &[slow]).await;
+    assert_eq!(attempts(&pool, slow).await[0].http_status, Some(200));
+}
+
+#[sqlx::test]
+async fn a_hanging_receiver_gets_only_its_share_of_the_slots(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 50, 20).await;
+    let (hanging, hanging_url) = start_hanging_receiver().await;
+    let (receiver, base) = start_receiver().await;
+    // More slow callbacks than slots, all due before the fast ones: without
+    // a share per receiver they would take every slot.
+    let slow = finished_runs(&pool, &hanging_url, 6).await;
+    let fast = finished_runs(&pool, &format!("{base}/hook/ok"), 20).await;
+
+    let worker = start_worker(
+        with_slots(config(&sim, "w1", ""), 4, 2, Duration::from_secs(120)),
+        pool.clone(),
+    );
+    hanging.wait_for_arrivals(2).await;
+    wait_for(&pool, &all_delivered(&fast), Duration::from_secs(30)).await;
+
+    // Two slots held by the hanging receiver, no more; the other two
+    // delivered all twenty.
+    assert_eq!(hanging.held(), (2, 2));
+    let mut first = hanging.arrived();
+    first.sort();
+    assert_eq!(first, slow[..2].to_vec(), "oldest due first");
+    for &id in &slow {
+        assert!(attempts(&pool, id).await.is_empty(), "run {id}");
+    }
+    assert_delivered_once(&pool, &fast).await;
+    assert_eq!(receiver.receipts().len(), 20);
+
+    // Released, the slow receiver gets the rest, still two at a time.
+    hanging.release.send_replace(true);
+    wait_for(&pool, &all_delivered(&slow), Duration::from_secs(30)).await;
+    worker.stop().await;
+    assert_delivered_once(&pool, &slow).await;
+    let mut arrived = hanging.arrived();
+    arrived.sort();
+    assert_eq!(arrived, slow);
+    assert_eq!(hanging.held(), (0, 2));
+}
+
+#[sqlx::test]
+async fn stopping_lets_the_attempt_in_flight_time_out_and_records_it(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(connect).await;
+    let sim = start_sim(0, 50, 20).await;
+    // Never released: the receiver does not answer within the timeout.
+    let (hanging, hanging_url) = start_hanging_receiver().await;
+    let slow = finished_runs(&pool, &hanging_url, 1).await[0];
+
+    let worker = start_worker(
+        with_slots(config(&sim, "w1", ""), 4, 2, Duration::from_secs(1)),
+        pool.clone(),
+    );
+    hanging.wait_for_arrivals(1).await;
+    // Returns once the delivery service has: the attempt ended at its
+    // timeout and was recorded, and nothing was claimed after the stop.
+    worker.stop().await;
+
+    let rows = attempts(&pool, slow).await;
+    assert_eq!(rows.len(), 1, "one attempt, recorded");
+    assert_eq!(
+        (rows[0].http_status, rows[0].result.as_str()),
+        (None, "retry")
+    );
+    let error = rows[0].error.as_deref().unwrap();
+    assert!(error.starts_with("no answer within"), "{error}");
+    assert_eq!(
+        callback_state(&pool, slow).await,
+        (Some("pending".into()), 1)
+    );
+    let owner: Option<String> =
+        sqlx::query_scalar("SELECT callback_lease_owner FROM wfq.runs WHERE id = $1")
+            .bind(slow)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(owner, None, "the record gave the lease back");
+    assert_eq!(hanging.arrived(), vec![slow]);
+}
+
+#[sqlx::test]
+async fn a_claim_names_each_receiver_by_origin_and_leaves_out_the_busy_ones(pool: PgPool) {
+    let urls = [
+        "HTTPS://user:p@ss@Hooks.Example.com:443/t/SECRET?token=abc",
+        "https://hooks.example.com/other",
+        "http://127.0.0.1:80/a",
+        "http://127.0.0.1:8080/b#frag",
+        "https://[::1]:8443?x=1",
+    ];
+    let mut ids = Vec::new();
+    for url in urls {
+        ids.extend(finished_runs(&pool, url, 1).await);
+    }
+    let lease = Duration::from_secs(60);
+    let busy = ["https://hooks.example.com".to_owned()];
+    let claimed = store::claim_due_callbacks(&pool, "w1", 10, lease, &busy)
+        .await
+        .unwrap();
+    let mut got: Vec<(i64, String)> = claimed
+        .iter()
+        .map(|c| (c.run.id, c.receiver.clone()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (ids[2], "http://127.0.0.1".to_owned()),
+            (ids[3], "http://127.0.0.1:8080".to_owned()),
+            (ids[4], "https://[::1]:8443".to_owned()),
+        ]
+    );
+    // The receiver is the logged origin, user info and path left out.
+    for c in &claimed {
+        assert_eq!(c.receiver, wfq::callbacks::origin(&c.callback_url));
+    }
+    // Not busy any more: both callbacks of that receiver, under one name.
+    let claimed = store::claim_due_callbacks(&pool, "w1", 10, lease, &[])
+        .await
+        .unwrap();
+    let mut got: Vec<(i64, String)> = claimed
+        .iter()
+        .map(|c| (c.run.id, c.receiver.clone()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (ids[0], "https://hooks.example.com".to_owned()),
+            (ids[1], "https://hooks.example.com".to_owned()),
+        ]
+    );
 }

@@ -5,23 +5,31 @@
 //!
 //! The schedule lives in `wfq.runs` (`callback_state`, `callback_due_at`,
 //! `callback_attempts`); a trigger makes a callback due when its run becomes
-//! final, whatever finished it. Deliveries are claimed in batches with
-//! `SKIP LOCKED` and a lease, so many worker processes share the work and no
-//! two send one callback at once; each batch's attempts and decisions are
-//! written in one statement. Delivery is at least once: a worker that dies
-//! between a receiver's 2xx and the record sends it again after the lease.
+//! final, whatever finished it. Deliveries are claimed with `SKIP LOCKED`
+//! and a lease whenever a delivery slot is free, so many worker processes
+//! share the work and no two send one callback at once. Each delivery is a
+//! task of its own and is recorded as soon as it ends, so a receiver that
+//! hangs until the timeout holds up nobody else; and it holds at most
+//! `callbacks.per_receiver` of the slots. Delivery is at least once: a
+//! worker that dies between a receiver's 2xx and the record sends it again
+//! after the lease.
 
 pub mod decision;
+mod deliver;
+mod record;
 mod send;
 pub mod signature;
+mod slots;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 pub use decision::{AttemptOutcome, DeliveryDecision, GiveUp, after_delivery};
 pub use send::{Attempt, Sender, origin};
@@ -29,7 +37,10 @@ pub use signature::{SIGNATURE_HEADER, sign, verify};
 
 use crate::config::CallbacksConfig;
 use crate::runtime::Wake;
-use crate::store::{self, CallbackAttempt, ClaimedCallback};
+use crate::store;
+use deliver::{Deliverer, deliver};
+use record::Recorder;
+use slots::Slots;
 
 /// Channel that every final transition notifies (with the run id).
 pub const RUN_FINISHED_CHANNEL: &str = "wfq_run_finished";
@@ -37,17 +48,18 @@ pub const RUN_FINISHED_CHANNEL: &str = "wfq_run_finished";
 /// The longest the service sleeps without looking at the table.
 const FALLBACK_POLL: Duration = Duration::from_secs(1);
 
-/// The lease of a claimed batch: its attempts run at once, each within
-/// `timeout`, then one statement records them; a lease that runs out first
-/// would let another worker send the same callback.
+/// The lease of a claimed callback: its attempt starts at once and ends
+/// within `timeout`, then the writer records it (after at most the write in
+/// progress); a lease that runs out first would let another worker send the
+/// same callback.
 pub fn lease(config: &CallbacksConfig) -> Duration {
     config.timeout * 2 + Duration::from_secs(30)
 }
 
-/// Delivers due callbacks until `stop` turns true; then finishes (and
-/// records) the batch in flight and returns. With `listen`, final runs wake
-/// it at once through `LISTEN wfq_run_finished`; without, it looks every
-/// second.
+/// Delivers due callbacks until `stop` turns true; then claims nothing more,
+/// lets the deliveries in flight finish (each within the timeout) and be
+/// recorded, and returns. With `listen`, final runs wake it at once through
+/// `LISTEN wfq_run_finished`; without, it looks every second.
 pub async fn deliver_callbacks(
     pool: PgPool,
     config: CallbacksConfig,
@@ -65,41 +77,56 @@ pub async fn deliver_callbacks(
     let wake = Arc::new(Wake::default());
     let listener =
         listen.then(|| tokio::spawn(listen_for_finished_runs(pool.clone(), wake.clone())));
-    let lease = lease(&config);
-    let mut failures: u32 = 0;
+    let (recorder, writer) = Recorder::start(pool.clone(), worker_id.clone());
+    let deliverer = Arc::new(Deliverer {
+        sender,
+        retry: config.retry.clone(),
+        recorder,
+    });
+    let mut service = Service {
+        pool: &pool,
+        worker_id: &worker_id,
+        lease: lease(&config),
+        deliverer,
+        slots: Slots::new(config.concurrency, config.per_receiver),
+        deliveries: JoinSet::new(),
+        receivers: HashMap::new(),
+        next_retry: None,
+        failures: 0,
+        claim_after: None,
+    };
     tracing::info!(
         concurrency = config.concurrency,
+        per_receiver = config.per_receiver,
         max_attempts = config.retry.max_attempts,
         "callback delivery started"
     );
     // A dropped sender (the worker is going away) stops the service too.
     while !*stop.borrow() && stop.has_changed().is_ok() {
-        let batch = match store::claim_due_callbacks(&pool, &worker_id, config.concurrency, lease)
-            .await
-        {
-            Ok(batch) => {
-                failures = 0;
-                batch
+        service.claim_while_room().await;
+        let until = service.look_again_at();
+        tokio::select! {
+            Some(ended) = service.deliveries.join_next_with_id(), if !service.deliveries.is_empty() => {
+                service.ended(ended);
             }
-            Err(e) => {
-                failures += 1;
-                let pause =
-                    Duration::from_millis(500u64 << failures.min(6)).min(Duration::from_secs(30));
-                tracing::warn!(error = %e, retry_in = ?pause, "callbacks: claiming due callbacks failed");
-                sleep_or_stop(&wake, &mut stop, pause).await;
-                continue;
-            }
-        };
-        let full = batch.len() >= config.concurrency;
-        let next_own = deliver_batch(&pool, &sender, &config, &worker_id, batch).await;
-        if full {
-            continue; // more may be due
+            _ = wake.sleep_until(until), if service.slots.room() > 0 => {}
+            _ = stop.changed() => {}
         }
-        let mut pause = FALLBACK_POLL;
-        if let Some(at) = next_own {
-            pause = pause.min((at - Utc::now()).to_std().unwrap_or(Duration::ZERO));
-        }
-        sleep_or_stop(&wake, &mut stop, pause).await;
+    }
+    let in_flight = service.slots.in_use();
+    if in_flight > 0 {
+        tracing::info!(
+            in_flight,
+            "callbacks: stopping; waiting for the deliveries in flight"
+        );
+    }
+    while let Some(ended) = service.deliveries.join_next_with_id().await {
+        service.ended(ended);
+    }
+    // The last clone of the recorder: the writer ends after its last write.
+    drop(service);
+    if let Err(e) = writer.await {
+        tracing::warn!(error = %e, "callbacks: the attempt writer failed");
     }
     if let Some(listener) = listener {
         listener.abort();
@@ -107,101 +134,108 @@ pub async fn deliver_callbacks(
     tracing::info!("callback delivery stopped");
 }
 
-async fn sleep_or_stop(wake: &Wake, stop: &mut watch::Receiver<bool>, pause: Duration) {
-    let until = Utc::now() + chrono::Duration::from_std(pause).unwrap_or_default();
-    tokio::select! {
-        _ = wake.sleep_until(until) => {}
-        _ = stop.changed() => {}
-    }
+/// The delivery loop's state: slots, the tasks in flight and when to look.
+struct Service<'a> {
+    pool: &'a PgPool,
+    worker_id: &'a str,
+    lease: Duration,
+    deliverer: Arc<Deliverer>,
+    slots: Slots,
+    deliveries: JoinSet<Option<DateTime<Utc>>>,
+    /// Whose slot each task holds: released even if the task panicked.
+    receivers: HashMap<tokio::task::Id, String>,
+    /// The earliest retry this worker recorded that it has not claimed for.
+    next_retry: Option<DateTime<Utc>>,
+    failures: u32,
+    /// After a failed claim: no claim before this.
+    claim_after: Option<DateTime<Utc>>,
 }
 
-/// Sends a claimed batch at once, decides and records; returns the earliest
-/// retry it scheduled.
-async fn deliver_batch(
-    pool: &PgPool,
-    sender: &Sender,
-    config: &CallbacksConfig,
-    worker_id: &str,
-    batch: Vec<ClaimedCallback>,
-) -> Option<chrono::DateTime<Utc>> {
-    if batch.is_empty() {
-        return None;
+type Ended = Result<(tokio::task::Id, Option<DateTime<Utc>>), tokio::task::JoinError>;
+
+impl Service<'_> {
+    /// Claims and starts deliveries while slots are free and due callbacks
+    /// of receivers with room remain.
+    async fn claim_while_room(&mut self) {
+        let now = Utc::now();
+        if self.claim_after.is_some_and(|at| now < at) {
+            return;
+        }
+        self.claim_after = None;
+        // The claims below take this retry if its receiver has room; if it
+        // has none, the slot it frees brings the next claim.
+        if self.next_retry.is_some_and(|at| at <= now) {
+            self.next_retry = None;
+        }
+        loop {
+            let room = self.slots.room();
+            if room == 0 {
+                return;
+            }
+            let busy = self.slots.full();
+            let claimed = match store::claim_due_callbacks(
+                self.pool,
+                self.worker_id,
+                room,
+                self.lease,
+                &busy,
+            )
+            .await
+            {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    self.failures += 1;
+                    let pause = Duration::from_millis(500u64 << self.failures.min(6))
+                        .min(Duration::from_secs(30));
+                    tracing::warn!(error = %e, retry_in = ?pause, "callbacks: claiming due callbacks failed");
+                    self.claim_after =
+                        Some(Utc::now() + chrono::Duration::from_std(pause).unwrap_or_default());
+                    return;
+                }
+            };
+            self.failures = 0;
+            let exhausted = claimed.len() < room;
+            for callback in claimed {
+                self.slots.take(&callback.receiver);
+                let receiver = callback.receiver.clone();
+                let task = self
+                    .deliveries
+                    .spawn(deliver(self.deliverer.clone(), callback));
+                self.receivers.insert(task.id(), receiver);
+            }
+            if exhausted {
+                return;
+            }
+        }
     }
-    let sends = batch.iter().map(|c| async move {
-        let attempt = c.callback_attempts.max(0) as u32 + 1;
-        // RunRow serializes money as exact decimal strings.
-        let body = serde_json::to_vec(&c.run).expect("a run serializes");
-        (
-            attempt,
-            sender.send(&c.callback_url, c.run.id, attempt, body).await,
-        )
-    });
-    let done = futures_util::future::join_all(sends).await;
-    let mut records = Vec::with_capacity(done.len());
-    for (c, (attempt, sent)) in batch.iter().zip(done) {
-        let decision = after_delivery(
-            attempt,
-            &sent.outcome,
-            &config.retry,
-            Utc::now(),
-            fastrand::f64(),
-        );
-        log_attempt(c, attempt, &sent, &decision);
-        let (http_status, error) = match &sent.outcome {
-            AttemptOutcome::Answered { status, .. } => (Some(i32::from(*status)), None),
-            AttemptOutcome::NoAnswer(why) | AttemptOutcome::InvalidUrl(why) => {
-                (None, Some(why.clone()))
+
+    /// When to claim again without a wake-up: after a claim failure's pause,
+    /// at the earliest own retry, and at least every second.
+    fn look_again_at(&self) -> DateTime<Utc> {
+        let poll = Utc::now() + chrono::Duration::from_std(FALLBACK_POLL).unwrap_or_default();
+        match self.claim_after {
+            Some(at) => at,
+            None => self.next_retry.map_or(poll, |at| at.min(poll)),
+        }
+    }
+
+    /// A delivery task ended: its slot frees.
+    fn ended(&mut self, ended: Ended) {
+        let id = match ended {
+            Ok((id, next)) => {
+                if let Some(at) = next {
+                    self.next_retry = Some(self.next_retry.map_or(at, |t| t.min(at)));
+                }
+                id
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "callbacks: a delivery task failed; the callback is sent again once its lease ends");
+                e.id()
             }
         };
-        records.push(CallbackAttempt {
-            run_id: c.run.id,
-            attempt: attempt as i32,
-            started_at: sent.started_at,
-            duration_ms: sent.duration.as_millis().min(i32::MAX as u128) as i32,
-            http_status,
-            error,
-            result: decision.result(),
-            state: decision.state(),
-            next_attempt_at: decision.next_attempt_at(),
-        });
-    }
-    let next = records.iter().filter_map(|r| r.next_attempt_at).min();
-    match store::record_callback_attempts(pool, worker_id, &records).await {
-        Ok(written) if written.len() < records.len() => tracing::warn!(
-            lost = records.len() - written.len(),
-            "callbacks: some deliveries lost their lease before they were recorded (their runs were finished again, or the lease ran out)"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(
-            error = %e,
-            "callbacks: recording delivery attempts failed; they are sent again once their lease ends"
-        ),
-    }
-    next
-}
-
-fn log_attempt(c: &ClaimedCallback, attempt: u32, sent: &Attempt, decision: &DeliveryDecision) {
-    let receiver = origin(&c.callback_url);
-    let (status, error) = match &sent.outcome {
-        AttemptOutcome::Answered { status, .. } => (Some(*status), None),
-        AttemptOutcome::NoAnswer(why) | AttemptOutcome::InvalidUrl(why) => {
-            (None, Some(why.as_str()))
+        if let Some(receiver) = self.receivers.remove(&id) {
+            self.slots.release(&receiver);
         }
-    };
-    let run_id = c.run.id;
-    let took = sent.duration;
-    match decision {
-        DeliveryDecision::Delivered => {
-            tracing::debug!(run_id, %receiver, attempt, status, ?took, "callback delivered")
-        }
-        DeliveryDecision::RetryAt(at) => tracing::info!(
-            run_id, %receiver, attempt, status, error, ?took, next_attempt_at = %at,
-            "callback not accepted; trying again later"
-        ),
-        DeliveryDecision::Failed(why) => tracing::warn!(
-            run_id, %receiver, attempt, status, error, ?took, reason = ?why,
-            "callback failed: giving up (the run itself is unchanged)"
-        ),
     }
 }
 

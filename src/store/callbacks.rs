@@ -1,5 +1,6 @@
-//! Completion callbacks: claiming due deliveries with a lease, and recording
-//! a batch of attempts with their decisions.
+//! Completion callbacks: claiming due deliveries with a lease (per receiver,
+//! so a busy one can be left out), and recording attempts with their
+//! decisions.
 
 use std::time::Duration;
 
@@ -18,19 +19,37 @@ pub struct ClaimedCallback {
     pub callback_url: String,
     /// Attempts made before this one.
     pub callback_attempts: i32,
+    /// The receiver: the URL's scheme, host and port, lowercase, without
+    /// user info or a default port (`https://hooks.example.com`). The claim
+    /// computes it, so the names it is handed back as busy match it exactly.
+    pub receiver: String,
+}
+
+/// The receiver of `callback_url`, in SQL. The column constraint
+/// `runs_callback_url_http` guarantees `scheme://authority`; the user info
+/// ends at the authority's last `@`.
+macro_rules! receiver_of_callback_url {
+    () => {
+        r#"COALESCE(regexp_replace(
+            lower(regexp_replace(callback_url, '^([a-z]+://)(?:[^/?#]*@)?([^/?#]*).*$', '\1\2', 'i')),
+            '^(http://.*):80$|^(https://.*):443$', '\1\2'), '')"#
+    };
 }
 
 /// Leases up to `limit` due callbacks of final runs for `worker`, oldest due
-/// first. `SKIP LOCKED` keeps concurrent workers out of each other's way; the
-/// lease keeps a callback theirs while the POST is in flight, so no two
-/// workers deliver one callback at once. `NO KEY UPDATE` (rather than
-/// `UPDATE`) does not block inserts of events that reference the run.
+/// first, leaving out those of the receivers in `busy` (which have their
+/// share of this worker's slots already). `SKIP LOCKED` keeps concurrent
+/// workers out of each other's way; the lease keeps a callback theirs while
+/// the POST is in flight and until it is recorded, so no two workers deliver
+/// one callback at once. `NO KEY UPDATE` (rather than `UPDATE`) does not
+/// block inserts of events that reference the run.
 #[tracing::instrument(name = "claim_due_callbacks", skip(pool), err, level = "debug")]
 pub async fn claim_due_callbacks(
     pool: &PgPool,
     worker: &str,
     limit: usize,
     lease: Duration,
+    busy: &[String],
 ) -> Result<Vec<ClaimedCallback>, sqlx::Error> {
     sqlx::query_as(concat!(
         r#"
@@ -41,6 +60,9 @@ pub async fn claim_due_callbacks(
               AND callback_due_at <= now()
               AND (callback_lease_expires_at IS NULL OR callback_lease_expires_at <= now())
               AND state IN ('succeeded', 'failed', 'canceled')
+              AND "#,
+        receiver_of_callback_url!(),
+        r#" <> ALL($4::text[])
             ORDER BY callback_due_at, id
             LIMIT $2
             FOR NO KEY UPDATE SKIP LOCKED
@@ -50,12 +72,15 @@ pub async fn claim_due_callbacks(
             callback_lease_expires_at = now() + make_interval(secs => $3)
         FROM due
         WHERE r.id = due.due_id
-        RETURNING callback_url, callback_attempts, "#,
+        RETURNING "#,
+        receiver_of_callback_url!(),
+        r#" AS receiver, callback_url, callback_attempts, "#,
         run_columns!()
     ))
     .bind(worker)
     .bind(limit as i64)
     .bind(lease.as_secs_f64())
+    .bind(busy)
     .fetch_all(pool)
     .await
 }
@@ -83,7 +108,7 @@ pub struct CallbackAttempt {
     pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
-/// Records a batch of attempts in one statement: each becomes a row of
+/// Records attempts (those that ended together) in one statement: each becomes a row of
 /// `wfq.callback_attempts`, and each callback still leased by `worker` at
 /// the expected attempt count moves on (compare-and-set); a callback that
 /// ends (delivered or failed) also gets one `wfq.run_events` entry. Returns
