@@ -211,6 +211,28 @@ async fn scrape(client: &reqwest::Client, base: &str) -> Vec<Sample> {
     parse(&response.text().await.unwrap())
 }
 
+/// Scrapes until `done` holds (the database series are reused for 5 s, and
+/// a run's finish is counted just after it is written), at most [`LIMIT`].
+async fn scrape_until(
+    client: &reqwest::Client,
+    base: &str,
+    what: &str,
+    done: impl Fn(&[Sample]) -> bool,
+) -> Vec<Sample> {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let samples = scrape(client, base).await;
+        if done(&samples) {
+            return samples;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no scrape within {LIMIT:?} with {what}: {samples:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn get(client: &reqwest::Client, url: String) -> (u16, String) {
     let response = client.get(url).send().await.unwrap();
     (response.status().as_u16(), response.text().await.unwrap())
@@ -271,21 +293,40 @@ async fn metrics_and_health_of_a_working_worker(_: PgPoolOptions, connect: PgCon
     );
 
     wait_all_final(&pool, LIMIT).await;
-    // Past the 1 s cache of the database series.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let samples = scrape(&client, &base).await;
     let chenyu = ("provider", "chenyu");
-    assert_eq!(
-        number(&samples, "wfq_runs", &[chenyu, ("state", "succeeded")]),
-        RUNS as f64
-    );
-    for state in ["queued", "submitting", "running", "failed", "canceled"] {
+    let samples = scrape_until(&client, &base, "no run running, 3 finished", |s| {
+        find(s, "wfq_runs", &[chenyu, ("state", "running")]) == Some("0")
+            && find(
+                s,
+                "wfq_runs_finished_total",
+                &[chenyu, ("state", "succeeded")],
+            ) == Some("3")
+    })
+    .await;
+    for state in ["queued", "submitting", "running"] {
         assert_eq!(
             number(&samples, "wfq_runs", &[chenyu, ("state", state)]),
             0.0,
             "{state}"
         );
     }
+    for state in ["failed", "canceled"] {
+        assert_eq!(
+            number(
+                &samples,
+                "wfq_runs_finished_total",
+                &[chenyu, ("state", state)]
+            ),
+            0.0,
+            "{state}"
+        );
+    }
+    assert!(
+        !samples
+            .iter()
+            .any(|(n, l, _)| n == "wfq_runs" && l["state"] == "succeeded"),
+        "final states are counted as they happen, not read from the table"
+    );
     assert!(
         find(
             &samples,
@@ -426,8 +467,14 @@ async fn provider_trouble_is_counted_by_outcome_and_code(
     assert_eq!(run(&pool, ok).await.state, "succeeded");
     assert_eq!(run(&pool, fails).await.state, "failed");
 
-    let samples = scrape(&reqwest::Client::new(), &base).await;
     let chenyu = ("provider", "chenyu");
+    let finished = |s: &[Sample], state| {
+        find(s, "wfq_runs_finished_total", &[chenyu, ("state", state)]) == Some("1")
+    };
+    let samples = scrape_until(&reqwest::Client::new(), &base, "both runs counted", |s| {
+        finished(s, "succeeded") && finished(s, "failed")
+    })
+    .await;
     // 503, then a lost answer, then chenyu replays the key; the failing
     // workflow is accepted at once.
     let submits = |outcome| {
@@ -470,8 +517,159 @@ async fn provider_trouble_is_counted_by_outcome_and_code(
         ) >= 1.0
     );
     assert_eq!(
-        number(&samples, "wfq_runs", &[chenyu, ("state", "failed")]),
-        1.0
+        number(
+            &samples,
+            "wfq_runs_finished_total",
+            &[chenyu, ("state", "canceled")]
+        ),
+        0.0
     );
     worker.stop().await;
+}
+
+/// What one statement's plan read from `wfq.runs` (and its indexes).
+#[derive(Debug, Default)]
+struct Reads {
+    /// Scan nodes over `wfq.runs`, by node type.
+    scans: Vec<String>,
+    /// Rows those scans produced or filtered out.
+    rows: f64,
+    /// Shared buffers the whole statement touched.
+    buffers: u64,
+}
+
+fn walk(node: &serde_json::Value, reads: &mut Reads) {
+    if node["Relation Name"] == "runs" {
+        reads
+            .scans
+            .push(node["Node Type"].as_str().unwrap().to_owned());
+        let per_loop = |key: &str| node[key].as_f64().unwrap_or(0.0);
+        // EXPLAIN shows row counts per loop.
+        reads.rows += (per_loop("Actual Rows")
+            + per_loop("Rows Removed by Filter")
+            + per_loop("Rows Removed by Index Recheck"))
+            * node["Actual Loops"].as_f64().unwrap_or(1.0);
+    }
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        walk(child, reads);
+    }
+}
+
+/// Runs the scrape's statements, then explains the very statements they
+/// prepared on the pool's one connection (no copy of their SQL here).
+async fn scrape_reads(pool: &PgPool) -> Vec<(String, Reads)> {
+    let runs = wfq::store::count_runs(pool).await.unwrap();
+    let active = |state: &str| {
+        runs.iter()
+            .find(|(p, s, _)| p == "chenyu" && s == state)
+            .map(|r| r.2)
+    };
+    assert_eq!(
+        (active("queued"), active("submitting"), active("running")),
+        (Some(2), Some(1), Some(2)),
+        "{runs:?}"
+    );
+    assert_eq!(runs.len(), 3, "only active states are counted: {runs:?}");
+    let frozen = wfq::store::outstanding_frozen(pool).await.unwrap();
+    assert_eq!(
+        frozen,
+        vec![("chenyu".to_owned(), "CNY".to_owned(), Decimal::new(11, 2))]
+    );
+
+    let statements: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, statement FROM pg_prepared_statements \
+         WHERE NOT from_sql AND statement LIKE '%FROM wfq.runs%' \
+           AND statement NOT LIKE '%pg_prepared_statements%' ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert_eq!(statements.len(), 2, "{statements:?}");
+    let mut all = Vec::new();
+    for (name, statement) in statements {
+        let plan: serde_json::Value = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name}"
+        )))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        let top = &plan[0]["Plan"];
+        let mut reads = Reads {
+            buffers: top["Shared Hit Blocks"].as_u64().unwrap()
+                + top["Shared Read Blocks"].as_u64().unwrap(),
+            ..Reads::default()
+        };
+        walk(top, &mut reads);
+        all.push((format!("{statement}\n{plan:#}"), reads));
+    }
+    all
+}
+
+/// Finished runs kept in the table (tens of millions in production) cost a
+/// scrape nothing: its statements read the runs in flight and the unsettled
+/// ones through partial indexes, and as many pages with 100,000 finished
+/// runs as with 50,000.
+#[sqlx::test]
+async fn the_scrape_reads_only_active_and_unsettled_runs(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    // One connection: the statements the scrape prepared are in its session.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(connect)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO wfq.runs (provider, workflow_id, state, frozen_amount, currency, settled_at) \
+         VALUES ('chenyu', 'wf', 'queued', NULL, NULL, NULL), ('chenyu', 'wf', 'queued', NULL, NULL, NULL), \
+                ('chenyu', 'wf', 'submitting', NULL, NULL, NULL), \
+                ('chenyu', 'wf', 'running', 0.03, 'CNY', NULL), ('chenyu', 'wf', 'running', 0.03, 'CNY', NULL), \
+                -- A finished run whose money is an open question: outstanding.
+                ('chenyu', 'wf', 'failed', 0.05, 'CNY', NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    for round in 1..=2 {
+        sqlx::query(
+            "INSERT INTO wfq.runs (provider, workflow_id, state, frozen_amount, currency, \
+                                   final_amount, released_amount, finished_at, settled_at) \
+             SELECT CASE WHEN g % 2 = 0 THEN 'chenyu' ELSE 'dify' END, 'wf', \
+                    (ARRAY['succeeded', 'failed', 'canceled'])[1 + g % 3], \
+                    0.03, 'CNY', 0.03, 0, now(), now() \
+             FROM generate_series(1, 50000) g",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query("VACUUM ANALYZE wfq.runs")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let pages: i64 = sqlx::query_scalar(
+            "SELECT pg_relation_size('wfq.runs') / current_setting('block_size')::int8",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        for (what, reads) in scrape_reads(&pool).await {
+            assert!(!reads.scans.is_empty(), "{what}");
+            assert!(
+                reads.scans.iter().all(|s| s != "Seq Scan"),
+                "round {round}: {reads:?}\n{what}"
+            );
+            // 5 active runs, 1 unsettled finished one.
+            assert!(reads.rows <= 6.0, "round {round}: {reads:?}\n{what}");
+            // A scan of the table would read every one of its pages.
+            assert!(
+                reads.buffers <= 12 && pages > 500 * round,
+                "round {round}: {pages} pages, {reads:?}\n{what}"
+            );
+            seen.push(reads.buffers);
+        }
+    }
+    // The same pages, whatever the history.
+    assert_eq!(seen[..2], seen[2..], "{seen:?}");
 }

@@ -6,9 +6,10 @@
 //! configuration), fixed outcome and call names, and provider error codes
 //! capped per profile. Never a run id.
 
+pub mod cache;
 pub mod text;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use tokio::sync::watch;
 
+use crate::lifecycle::RunState;
 use text::{Exposition, HistogramSnapshot, Kind};
 
 /// `[metrics]`: where the worker serves `/metrics`, `/healthz` and `/readyz`.
@@ -49,6 +51,14 @@ impl RawMetricsConfig {
 
 /// Distinct error codes kept per provider profile; the rest count as `other`.
 pub const MAX_ERROR_CODES_PER_PROVIDER: usize = 50;
+
+/// Distinct provider names kept in a series labelled by the `provider` of
+/// a run (which may be a name no profile has); further names count as
+/// `other`. Declared profiles always keep theirs.
+pub const MAX_PROVIDERS: usize = 50;
+
+/// The final states, in the order their series are written.
+pub const FINAL_STATES: [RunState; 3] = [RunState::Succeeded, RunState::Failed, RunState::Canceled];
 
 /// Upper bounds of `wfq_provider_request_duration_seconds`.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -198,6 +208,7 @@ pub struct Metrics {
     submits: Family<Counter>,
     polls: Family<Counter>,
     provider_errors: Family<Counter>,
+    runs_finished: Family<Counter>,
     request_duration: Family<Histogram>,
     claim_batch_size: Histogram,
     lease_rescues: Counter,
@@ -217,6 +228,7 @@ impl Default for Metrics {
             submits: Family::new(&["provider", "outcome"]),
             polls: Family::new(&["provider", "outcome"]),
             provider_errors: Family::new(&["provider", "code"]),
+            runs_finished: Family::new(&["provider", "state"]),
             request_duration: Family::new(&["provider", "call"]),
             claim_batch_size: Histogram::new(BATCH_BUCKETS),
             lease_rescues: Counter::default(),
@@ -274,6 +286,49 @@ impl Metrics {
             series.entry(key).or_default().clone()
         };
         counter.add(1);
+    }
+
+    /// Counts a run this process moved from `from` to `to`, once the write
+    /// was applied; only a move from an active state into a final one
+    /// counts (a run finishes once, whichever worker writes it).
+    ///
+    /// Why counters, and not a count of final rows in `wfq.runs`: that
+    /// count only grows until `wfq prune` (tens of millions of rows), so
+    /// it cannot be read at scrape time without a scan of the history, nor
+    /// kept in a counter table without a write in every run's final
+    /// transaction plus a compaction job; and dashboards want the rate of
+    /// finishes, which `rate()` takes from a counter and which a gauge that
+    /// drops at every prune gives badly.
+    pub fn run_finished(&self, provider: &str, from: RunState, to: RunState) {
+        if from.is_final() || !to.is_final() {
+            return;
+        }
+        let counter = {
+            let mut series = self.runs_finished.lock();
+            let providers: BTreeSet<&str> = series.keys().map(|k| k[0].as_str()).collect();
+            let name = if providers.contains(provider) || providers.len() < MAX_PROVIDERS {
+                provider
+            } else {
+                "other"
+            };
+            let key = vec![name.to_owned(), to.as_str().to_owned()];
+            series.entry(key).or_default().clone()
+        };
+        counter.add(1);
+    }
+
+    /// Writes `wfq_runs_finished_total` of these profiles from the start,
+    /// at 0, so that `rate()` sees their first finish (a series that only
+    /// appears with its first increment loses that increment).
+    pub fn declare_providers(&self, profiles: &[String]) {
+        let mut series = self.runs_finished.lock();
+        for profile in profiles {
+            for state in FINAL_STATES {
+                series
+                    .entry(vec![profile.clone(), state.as_str().to_owned()])
+                    .or_default();
+            }
+        }
     }
 
     /// Records how long a provider call took.
@@ -377,6 +432,11 @@ impl Metrics {
                 "Provider errors by code: the provider's code, HTTP_<status>, UNREADABLE_ANSWER or NO_ANSWER; capped per provider, the rest as other.",
                 &self.provider_errors,
             ),
+            (
+                "wfq_runs_finished_total",
+                "Runs this process moved into a final state (succeeded, failed, canceled), by provider profile and state.",
+                &self.runs_finished,
+            ),
         ];
         for (name, help, family) in counters {
             out.header(name, Kind::Counter, help);
@@ -455,6 +515,52 @@ mod tests {
         assert!(text.contains("wfq_provider_errors_total{provider=\"a\",code=\"other\"} 10\n"));
         assert!(text.contains("wfq_provider_errors_total{provider=\"a\",code=\"CODE_0\"} 2\n"));
         assert!(text.contains("wfq_provider_errors_total{provider=\"b\",code=\"CODE_X\"} 1\n"));
+    }
+
+    #[test]
+    fn finished_runs_count_moves_into_a_final_state_by_bounded_provider() {
+        let m = Metrics::default();
+        m.declare_providers(&["chenyu".to_owned()]);
+        m.run_finished("chenyu", RunState::Running, RunState::Succeeded);
+        m.run_finished("chenyu", RunState::Queued, RunState::Canceled);
+        m.run_finished("chenyu", RunState::Queued, RunState::Submitting);
+        m.run_finished("chenyu", RunState::Failed, RunState::Failed);
+        for i in 0..MAX_PROVIDERS + 5 {
+            m.run_finished(&format!("typo{i:03}"), RunState::Queued, RunState::Failed);
+        }
+        let mut out = Exposition::new();
+        m.encode(&mut out);
+        let text = out.finish();
+        let sample = |provider: &str, state: &str| {
+            format!("wfq_runs_finished_total{{provider=\"{provider}\",state=\"{state}\"}}")
+        };
+        assert!(
+            text.contains("# TYPE wfq_runs_finished_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&(sample("chenyu", "succeeded") + " 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&(sample("chenyu", "canceled") + " 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&(sample("chenyu", "failed") + " 0\n")),
+            "{text}"
+        );
+        assert!(!text.contains("state=\"submitting\""), "{text}");
+        // chenyu and 49 others by name; the last 6 are `other`.
+        assert!(
+            text.contains(&(sample("typo048", "failed") + " 1\n")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&(sample("other", "failed") + " 6\n")),
+            "{text}"
+        );
+        assert!(!text.contains("typo049"), "{text}");
     }
 
     #[test]

@@ -3,23 +3,28 @@
 //! (the database answers and the claim loop is running).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio::sync::{Mutex, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::{Engine, WorkerError};
 use crate::config::Config;
 use crate::metrics::ClaimLoop;
+use crate::metrics::cache::Cached;
 use crate::metrics::text::{CONTENT_TYPE, Exposition};
 
-/// How long the database series of one scrape are reused.
-const CACHE_FOR: Duration = Duration::from_secs(1);
+/// How long the database series of one scrape are reused, by every scrape
+/// of this process: ten scrapers (or one scraping every second) cost one
+/// set of queries per 5 s, and so does a database that does not answer.
+/// Shorter than any sensible scrape interval, so a scrape every 15 s still
+/// sees values read for it.
+const CACHE_FOR: Duration = Duration::from_secs(5);
 /// The longest `/readyz` waits for the database.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest `/metrics` waits for the database series.
@@ -27,8 +32,8 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Served {
     engine: Arc<Engine>,
-    /// When the database series were written, and the text.
-    cached: Mutex<Option<(Instant, String)>>,
+    /// The database series as written, or why they could not be read.
+    cached: Cached<Result<String, String>>,
     /// A claim loop without a successful claim for this long is not ready.
     stale_after: Duration,
 }
@@ -62,7 +67,7 @@ pub(super) async fn start(
     let stale_after = config.worker.fallback_poll * 2 + Duration::from_secs(30);
     let served = Arc::new(Served {
         engine: engine.clone(),
-        cached: Mutex::new(None),
+        cached: Cached::new(CACHE_FOR),
         stale_after,
     });
     let app = Router::new()
@@ -79,6 +84,7 @@ pub(super) async fn start(
             tracing::warn!(error = %e, "metrics endpoint stopped");
         }
     });
+    engine.metrics.declare_providers(&engine.provider_names());
     engine.metrics.set_bound_addr(addr);
     tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
     Ok(Some(MetricsServer { stop, join }))
@@ -105,35 +111,35 @@ async fn metrics_text(State(served): State<Arc<Served>>) -> Response {
     super::metrics::encode_pool(&mut out, &engine.pool);
     match database_series(&served).await {
         Ok(text) => out.append(&text),
-        Err(reason) => {
-            tracing::warn!(%reason, "metrics: could not read wfq_runs and wfq_outstanding_frozen");
-            out.comment(&format!(
-                "wfq_runs and wfq_outstanding_frozen unavailable: {reason}"
-            ));
-        }
+        Err(reason) => out.comment(&format!(
+            "wfq_runs and wfq_outstanding_frozen unavailable: {reason}"
+        )),
     }
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], out.finish()).into_response()
 }
 
-/// The series read from the database, reused for [`CACHE_FOR`] so that
-/// frequent or parallel scrapes cost one pair of queries a second.
+/// The series read from the database, reused for [`CACHE_FOR`]; parallel
+/// scrapes wait for one read.
 async fn database_series(served: &Served) -> Result<String, String> {
-    let mut cached = served.cached.lock().await;
-    if let Some((at, text)) = cached.as_ref()
-        && at.elapsed() < CACHE_FOR
-    {
-        return Ok(text.clone());
-    }
-    let engine = &served.engine;
+    served
+        .cached
+        .get(|| read_database_series(&served.engine))
+        .await
+}
+
+async fn read_database_series(engine: &Engine) -> Result<String, String> {
     let configured = engine.provider_names();
     let query = super::metrics::encode_database(&engine.pool, &configured);
-    let text = match tokio::time::timeout(QUERY_TIMEOUT, query).await {
-        Ok(Ok(text)) => text,
-        Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err(format!("no answer within {QUERY_TIMEOUT:?}")),
+    let read = match tokio::time::timeout(QUERY_TIMEOUT, query).await {
+        Ok(Ok(text)) => Ok(text),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {QUERY_TIMEOUT:?}")),
     };
-    *cached = Some((Instant::now(), text.clone()));
-    Ok(text)
+    // Once per failed read, not once per scrape that reuses the failure.
+    if let Err(reason) = &read {
+        tracing::warn!(%reason, "metrics: could not read wfq_runs and wfq_outstanding_frozen");
+    }
+    read
 }
 
 async fn readyz(State(served): State<Arc<Served>>) -> (StatusCode, String) {

@@ -10,7 +10,7 @@ use sqlx::PgPool;
 
 use crate::lifecycle::RunState;
 use crate::metrics::text::{Exposition, Kind};
-use crate::metrics::{Call, Metrics};
+use crate::metrics::{Call, MAX_PROVIDERS, Metrics};
 use crate::providers::{
     FindOutcome, Manifest, ManifestError, PollOutcome, PollRequest, ProviderClient, RunStatus,
     StopOutcome, SubmitGuard, SubmitOutcome, SubmitRequest, Submitted, Unclear,
@@ -171,11 +171,9 @@ fn unclear_code(u: &Unclear) -> String {
     }
 }
 
-/// Distinct provider label values in `wfq_runs` and
-/// `wfq_outstanding_frozen`; further (unconfigured) names count as `other`.
-const MAX_PROVIDERS: usize = 50;
-
-/// Everything `/metrics` reads from the database, written out.
+/// Everything `/metrics` reads from the database, written out: reads
+/// bounded by the runs in flight and the unsettled ones (see
+/// `store::metrics`), whatever the history kept.
 pub(super) async fn encode_database(
     pool: &PgPool,
     configured: &[String],
@@ -189,22 +187,16 @@ pub(super) async fn encode_database(
     Ok(out.finish())
 }
 
-/// `wfq_runs` (every state of every configured profile, zeros included)
-/// and `wfq_outstanding_frozen`.
+/// `wfq_runs` (every active state of every configured profile, zeros
+/// included) and `wfq_outstanding_frozen`. Final states are counted as
+/// they happen (`wfq_runs_finished_total`), not read from the table.
 fn encode_runs(
     out: &mut Exposition,
     configured: &[String],
     runs: &[(String, String, i64)],
     frozen: &[(String, String, Decimal)],
 ) {
-    const STATES: [RunState; 6] = [
-        RunState::Queued,
-        RunState::Submitting,
-        RunState::Running,
-        RunState::Succeeded,
-        RunState::Failed,
-        RunState::Canceled,
-    ];
+    const ACTIVE: [RunState; 3] = [RunState::Queued, RunState::Submitting, RunState::Running];
     let mut names: BTreeSet<String> = configured.iter().cloned().collect();
     let mut bounded = |provider: &str| -> String {
         if names.contains(provider) || names.len() < MAX_PROVIDERS {
@@ -217,7 +209,7 @@ fn encode_runs(
 
     let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
     for provider in configured {
-        for state in STATES {
+        for state in ACTIVE {
             counts.insert((provider.clone(), state.as_str().to_owned()), 0);
         }
     }
@@ -229,7 +221,7 @@ fn encode_runs(
     out.header(
         "wfq_runs",
         Kind::Gauge,
-        "Runs in wfq.runs by provider profile and state (the whole table, every worker's).",
+        "Active runs (queued, submitting, running) in wfq.runs by provider profile and state (the whole table, every worker's).",
     );
     for ((provider, state), n) in &counts {
         out.sample("wfq_runs", &[("provider", provider), ("state", state)], n);
@@ -278,9 +270,9 @@ mod tests {
     #[test]
     fn runs_of_configured_profiles_include_zeros_and_others_are_bounded() {
         let configured = vec!["chenyu".to_owned()];
-        let mut runs = vec![("chenyu".to_owned(), "succeeded".to_owned(), 3)];
+        let mut runs = vec![("chenyu".to_owned(), "running".to_owned(), 3)];
         for i in 0..MAX_PROVIDERS + 5 {
-            runs.push((format!("typo{i:03}"), "failed".to_owned(), 1));
+            runs.push((format!("typo{i:03}"), "queued".to_owned(), 1));
         }
         let frozen = vec![
             (
@@ -294,20 +286,24 @@ mod tests {
         encode_runs(&mut out, &configured, &runs, &frozen);
         let text = out.finish();
         assert!(
-            text.contains("wfq_runs{provider=\"chenyu\",state=\"succeeded\"} 3\n"),
+            text.contains("wfq_runs{provider=\"chenyu\",state=\"running\"} 3\n"),
             "{text}"
         );
-        assert!(
-            text.contains("wfq_runs{provider=\"chenyu\",state=\"queued\"} 0\n"),
-            "{text}"
-        );
+        for state in ["queued", "submitting"] {
+            let zero = format!("wfq_runs{{provider=\"chenyu\",state=\"{state}\"}} 0\n");
+            assert!(text.contains(&zero), "{text}");
+        }
+        // Final states are not read from the table.
+        for state in ["succeeded", "failed", "canceled"] {
+            assert!(!text.contains(&format!("state=\"{state}\"")), "{text}");
+        }
         // 1 configured + 49 others by name; the last 6 are `other`.
         assert!(
-            text.contains("wfq_runs{provider=\"other\",state=\"failed\"} 6\n"),
+            text.contains("wfq_runs{provider=\"other\",state=\"queued\"} 6\n"),
             "{text}"
         );
         assert!(
-            text.contains("wfq_runs{provider=\"typo048\",state=\"failed\"} 1\n"),
+            text.contains("wfq_runs{provider=\"typo048\",state=\"queued\"} 1\n"),
             "{text}"
         );
         assert!(!text.contains("typo049"), "{text}");

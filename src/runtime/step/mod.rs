@@ -195,6 +195,7 @@ async fn write(
     match applied {
         Some(_) => {
             log_transition(from, t);
+            engine.metrics.run_finished(&run.provider, from, t.to);
             if let Some(due) = t.due_at {
                 engine.wake.due_at(due);
             }
