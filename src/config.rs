@@ -198,6 +198,56 @@ pub struct HttpConfig {
     pub timeout: Duration,
     /// TCP/TLS connect timeout.
     pub connect_timeout: Duration,
+    /// `http.max_string_bytes`: longest provider string stored whole; longer
+    /// ones are cut with a marker naming their size and SHA-256.
+    pub max_string_bytes: usize,
+    /// `http.max_answer_bytes`: most of a body read (a longer answer is
+    /// unclear) and largest provider value stored.
+    pub max_answer_bytes: usize,
+    /// `http.max_depth`: deepest nesting of a provider value kept.
+    pub max_depth: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            max_string_bytes: 1 << 20,
+            max_answer_bytes: 16 << 20,
+            max_depth: 64,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The deepest `http.max_depth`: serde_json refuses more than 127 levels,
+    /// and the worker wraps provider values in a few levels of its own.
+    pub const MAX_DEPTH_LIMIT: usize = 100;
+
+    /// Checks the answer limits; `Err((key, why))`.
+    fn check_answer_limits(&self) -> Result<(), (&'static str, String)> {
+        // A cut string ends with a marker of about 100 bytes, which must fit.
+        if self.max_string_bytes < 1024 {
+            return Err(("http.max_string_bytes", "must be at least 1024".into()));
+        }
+        if self.max_answer_bytes < self.max_string_bytes {
+            return Err((
+                "http.max_answer_bytes",
+                format!(
+                    "must be at least http.max_string_bytes ({})",
+                    self.max_string_bytes
+                ),
+            ));
+        }
+        if !(8..=Self::MAX_DEPTH_LIMIT).contains(&self.max_depth) {
+            return Err((
+                "http.max_depth",
+                format!("must be between 8 and {}", Self::MAX_DEPTH_LIMIT),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[retention]`: the worker deletes old finished runs now and then.
@@ -423,6 +473,9 @@ struct RawPoll {
 struct RawHttp {
     timeout: Option<String>,
     connect_timeout: Option<String>,
+    max_string_bytes: Option<usize>,
+    max_answer_bytes: Option<usize>,
+    max_depth: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -558,14 +611,26 @@ impl Config {
         if concurrency == 0 {
             return Err(invalid("worker.concurrency", "must be at least 1".into()));
         }
+        let defaults = HttpConfig::default();
         let http = HttpConfig {
-            timeout: duration("http.timeout", &raw.http.timeout, Duration::from_secs(30))?,
+            timeout: duration("http.timeout", &raw.http.timeout, defaults.timeout)?,
             connect_timeout: duration(
                 "http.connect_timeout",
                 &raw.http.connect_timeout,
-                Duration::from_secs(5),
+                defaults.connect_timeout,
             )?,
+            max_string_bytes: raw
+                .http
+                .max_string_bytes
+                .unwrap_or(defaults.max_string_bytes),
+            max_answer_bytes: raw
+                .http
+                .max_answer_bytes
+                .unwrap_or(defaults.max_answer_bytes),
+            max_depth: raw.http.max_depth.unwrap_or(defaults.max_depth),
         };
+        http.check_answer_limits()
+            .map_err(|(key, message)| invalid(key, message))?;
         let worker = WorkerConfig {
             concurrency,
             claim_batch: raw
@@ -1153,6 +1218,41 @@ mod tests {
             let err = Config::from_toml(&text, "worker.toml", &env).unwrap_err();
             assert!(err.to_string().contains(key), "{body}: {err}");
             assert!(!err.to_string().contains("abc\""), "{err}");
+        }
+    }
+
+    #[test]
+    fn http_answer_limits() {
+        let env = FakeEnv(vec![("CHENYU_API_KEY", "k")]);
+        let http = Config::from_toml(SAMPLE, "worker.toml", &env).unwrap().http;
+        assert_eq!(
+            (http.max_string_bytes, http.max_answer_bytes, http.max_depth),
+            (1024 * 1024, 16 * 1024 * 1024, 64)
+        );
+        let text = format!(
+            "{SAMPLE}\n[http]\nmax_string_bytes = 4096\nmax_answer_bytes = 65536\nmax_depth = 100\n"
+        );
+        let http = Config::from_toml(&text, "worker.toml", &env).unwrap().http;
+        assert_eq!(
+            (http.max_string_bytes, http.max_answer_bytes, http.max_depth),
+            (4096, 65536, 100)
+        );
+        let cases = [
+            ("max_string_bytes = 100", "http.max_string_bytes"),
+            (
+                "max_string_bytes = 4096\nmax_answer_bytes = 4095",
+                "http.max_answer_bytes",
+            ),
+            ("max_answer_bytes = 1024", "http.max_answer_bytes"),
+            ("max_depth = 7", "http.max_depth"),
+            ("max_depth = 101", "http.max_depth"),
+            ("max_depth = -1", "max_depth"),
+            ("max_string_bytes = \"1MiB\"", "max_string_bytes"),
+        ];
+        for (body, key) in cases {
+            let text = format!("{SAMPLE}\n[http]\n{body}\n");
+            let err = Config::from_toml(&text, "worker.toml", &env).unwrap_err();
+            assert!(err.to_string().contains(key), "{body}: {err}");
         }
     }
 

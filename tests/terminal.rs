@@ -247,6 +247,7 @@ async fn the_chenyu_client_reads_queue_place_and_progress() {
     let http = HttpConfig {
         timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(1),
+        ..HttpConfig::default()
     };
     let inputs = serde_json::Map::new();
     let submit = |key: &'static str| SubmitRequest {

@@ -6,6 +6,10 @@
 //! certainty is `Unclear`, because repeating a submit with the same
 //! idempotency key is safe while guessing "rejected" would lose a run the
 //! provider may have accepted and charged.
+//!
+//! Every body is repaired before it is parsed (see [`super::storable`]):
+//! the envelope, and so the `data` text the amounts are read from, is the
+//! repaired text, whose numbers keep their exact digits.
 
 use std::time::Duration;
 
@@ -13,7 +17,9 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::wire::{RawAnswer, audit_copy, non_empty, snippet, unreadable};
+use super::edge::{Storable, note_repairs};
+use super::storable::{AnswerLimits, Repairs};
+use super::wire::{RawAnswer, audit_copy, non_empty, repaired, snippet, unreadable};
 use super::{
     Accepted, Manifest, ManifestError, ParamKind, Parameter, PollOutcome, ProviderError, RunReport,
     RunStatus, SubmitOutcome, SubmitRequest, Unclear,
@@ -30,6 +36,7 @@ pub struct ChenyuClient {
     http: reqwest::Client,
     base_url: String,
     api_key: ApiKey,
+    limits: AnswerLimits,
 }
 
 impl ChenyuClient {
@@ -39,6 +46,7 @@ impl ChenyuClient {
             http: super::wire::http_client(http)?,
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key,
+            limits: AnswerLimits::from(http),
         })
     }
 
@@ -48,11 +56,12 @@ impl ChenyuClient {
             .http
             .get(format!("{}/workflow/market/info", self.base_url))
             .query(&[("workflow_id", workflow_id)]);
-        match classify(self.send(request).await) {
-            Answer::Data(data) => parse_manifest(&data).map_err(ManifestError::Unclear),
+        match self.classify(self.send(request).await) {
+            Answer::Data { data, .. } => parse_manifest(&data).map_err(ManifestError::Unclear),
             Answer::Rejected(e) => Err(ManifestError::Rejected(e)),
             Answer::Unclear(u) => Err(ManifestError::Unclear(u)),
         }
+        .storable(&self.limits)
     }
 
     /// `POST /workflow/run/submit`.
@@ -68,14 +77,18 @@ impl ChenyuClient {
             .http
             .post(format!("{}/workflow/run/submit", self.base_url))
             .json(&body);
-        match classify(self.send(request).await) {
-            Answer::Data(data) => match parse_accepted(&data) {
-                Ok(accepted) => SubmitOutcome::Accepted(accepted),
+        match self.classify(self.send(request).await) {
+            Answer::Data { data, repairs } => match parse_accepted(&data) {
+                Ok(accepted) => SubmitOutcome::Accepted(Accepted {
+                    repairs,
+                    ..accepted
+                }),
                 Err(unclear) => SubmitOutcome::Unclear(unclear),
             },
             Answer::Rejected(e) => SubmitOutcome::Rejected(e),
             Answer::Unclear(u) => SubmitOutcome::Unclear(u),
         }
+        .storable(&self.limits)
     }
 
     /// `GET /workflow/run/info`.
@@ -84,26 +97,30 @@ impl ChenyuClient {
             .http
             .get(format!("{}/workflow/run/info", self.base_url))
             .query(&[("run_order_id", run_order_id)]);
-        match classify(self.send(request).await) {
-            Answer::Data(data) => match parse_report(&data) {
-                Ok(report) => PollOutcome::Report(Box::new(report)),
-                Err(unclear) => PollOutcome::Unclear(unclear),
-            },
-            Answer::Rejected(e) => PollOutcome::Rejected(e),
-            Answer::Unclear(u) => PollOutcome::Unclear(u),
-        }
+        poll_outcome(self.classify(self.send(request).await)).storable(&self.limits)
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<RawAnswer, Unclear> {
-        super::wire::send(request, &self.api_key).await
+        super::wire::send(request, &self.api_key, self.limits.max_value_bytes).await
+    }
+
+    fn classify(&self, answer: Result<RawAnswer, Unclear>) -> Answer {
+        match answer {
+            Ok(raw) => classify_raw(raw.status, raw.retry_after, &raw.body, &self.limits),
+            Err(unclear) => Answer::Unclear(unclear),
+        }
     }
 }
 
 /// An answer, interpreted by the rules every chenyu endpoint shares.
 #[derive(Debug, PartialEq)]
 enum Answer {
-    /// The `data` member's JSON text, untouched so amounts stay exact.
-    Data(String),
+    /// The `data` member's JSON text as repaired, whose numbers keep their
+    /// exact digits, and what the repair changed.
+    Data {
+        data: String,
+        repairs: Repairs,
+    },
     Rejected(ProviderError),
     Unclear(Unclear),
 }
@@ -129,15 +146,25 @@ struct ErrorObject {
     status_code: Option<i64>,
 }
 
-fn classify(answer: Result<RawAnswer, Unclear>) -> Answer {
+/// What a `run/info` answer means.
+fn poll_outcome(answer: Answer) -> PollOutcome {
     match answer {
-        Ok(raw) => classify_raw(raw.status, raw.retry_after, &raw.body),
-        Err(unclear) => Answer::Unclear(unclear),
+        Answer::Data { data, repairs } => match parse_report(&data) {
+            Ok(report) => PollOutcome::Report(Box::new(RunReport { repairs, ..report })),
+            Err(unclear) => PollOutcome::Unclear(unclear),
+        },
+        Answer::Rejected(e) => PollOutcome::Rejected(e),
+        Answer::Unclear(u) => PollOutcome::Unclear(u),
     }
 }
 
 /// The shared rules, as a pure function of status, `Retry-After` and body.
-fn classify_raw(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Answer {
+fn classify_raw(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+    limits: &AnswerLimits,
+) -> Answer {
     let unclear = |reason: String| {
         Answer::Unclear(Unclear {
             reason,
@@ -165,7 +192,8 @@ fn classify_raw(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
     if status.is_server_error() || matches!(status.as_u16(), 408 | 409 | 423 | 425) {
         return unclear(format!("HTTP {status}: {}", snippet(body)));
     }
-    let envelope: Envelope = match serde_json::from_slice(body) {
+    let (text, repairs) = repaired(body, limits);
+    let envelope: Envelope = match serde_json::from_str(&text) {
         Ok(envelope) => envelope,
         Err(e) => {
             return unclear(format!(
@@ -176,22 +204,24 @@ fn classify_raw(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) 
     };
     if envelope.code == 0 {
         return if status.is_success() {
-            Answer::Data(
-                envelope
+            Answer::Data {
+                data: envelope
                     .data
                     .map_or_else(|| "null".to_owned(), |d| d.get().to_owned()),
-            )
+                repairs,
+            }
         } else {
             unclear(format!("HTTP {status} with code 0"))
         };
     }
-    let detail = envelope
+    let mut detail = envelope
         .data
         .as_ref()
         .and_then(|d| serde_json::from_str::<Value>(d.get()).ok())
         .and_then(|d| d.get("error").cloned())
         .unwrap_or_else(|| json!({ "code": envelope.code, "msg": envelope.msg }));
     let error: ErrorObject = serde_json::from_value(detail.clone()).unwrap_or_default();
+    note_repairs(&mut detail, repairs);
     // An engine failure reported inside a 200 (scheduling, instance
     // crashes) says nothing about our request: it may have been created.
     if error.status_code.is_some_and(|code| code >= 500) {
@@ -321,6 +351,7 @@ fn parse_accepted(data: &str) -> Result<Accepted, Unclear> {
         run_status: non_empty(submit.run_status),
         idempotent_replay: submit.idempotent_replay,
         raw: audit_copy(data),
+        repairs: Repairs::default(),
     })
 }
 
@@ -411,6 +442,7 @@ fn parse_report(data: &str) -> Result<RunReport, Unclear> {
         settled,
         raw: audit_copy(data),
         total_tokens: None,
+        repairs: Repairs::default(),
     })
 }
 
@@ -427,7 +459,9 @@ mod tests {
     #[test]
     fn a_non_zero_code_on_http_200_is_a_rejection_with_the_engine_code() {
         let body = br#"{"code":1,"msg":"Workflow input content is invalid.","data":{"error":{"reason":"Workflow input content is invalid.","detail":"input n4_video must be an uploaded file URL or file id","engine_code":"INVALID_WORKFLOW_INPUT","status_code":400}}}"#;
-        let Answer::Rejected(e) = classify_raw(StatusCode::OK, None, body) else {
+        let Answer::Rejected(e) =
+            classify_raw(StatusCode::OK, None, body, &AnswerLimits::default())
+        else {
             panic!("expected a rejection");
         };
         assert_eq!(e.code, "INVALID_WORKFLOW_INPUT");
@@ -453,7 +487,7 @@ mod tests {
         for (status, body) in cases {
             let status = StatusCode::from_u16(*status).unwrap();
             assert!(
-                matches!(classify_raw(status, Some(Duration::from_secs(3)), body), Answer::Unclear(ref u) if u.retry_after == Some(Duration::from_secs(3)) && !u.account_refused),
+                matches!(classify_raw(status, Some(Duration::from_secs(3)), body, &AnswerLimits::default()), Answer::Unclear(ref u) if u.retry_after == Some(Duration::from_secs(3)) && !u.account_refused),
                 "{status} {:?}",
                 String::from_utf8_lossy(body)
             );
@@ -462,7 +496,12 @@ mod tests {
 
     #[test]
     fn bad_credentials_are_unclear_and_flagged() {
-        let Answer::Unclear(u) = classify_raw(StatusCode::UNAUTHORIZED, None, b"{}") else {
+        let Answer::Unclear(u) = classify_raw(
+            StatusCode::UNAUTHORIZED,
+            None,
+            b"{}",
+            &AnswerLimits::default(),
+        ) else {
             panic!("expected unclear");
         };
         assert!(u.account_refused);
@@ -551,6 +590,72 @@ mod tests {
         .unwrap();
         assert_eq!(r.final_amount, Some(d("0.0003")));
         assert!(r.settled);
+    }
+
+    #[test]
+    fn a_hostile_run_info_becomes_a_storable_report_with_exact_money() {
+        use crate::providers::wire::hostile;
+        let limits = AnswerLimits::default();
+        let body = format!(
+            r#"{{"code":0,"msg":"ok","data":{{"run_order_id":"wfrun_1","run_status":"succeeded","settlement_status":"settled",
+            "quote_amount":"0.03000000","final_amount":"0.00028780","released_amount":0.02971220,
+            "task_id":"task\u0000","outputs":{}}}}}"#,
+            hostile::outputs()
+        );
+        let outcome = poll_outcome(classify_raw(StatusCode::OK, None, body.as_bytes(), &limits))
+            .storable(&limits);
+        let PollOutcome::Report(report) = outcome else {
+            panic!("not a report: {outcome:?}");
+        };
+        assert_eq!(report.status, RunStatus::Succeeded);
+        assert!(report.settled);
+        assert_eq!(report.final_amount.unwrap().to_string(), "0.00028780");
+        assert_eq!(report.released_amount.unwrap().to_string(), "0.02971220");
+        assert_eq!(report.task_id.as_deref(), Some("task\u{FFFD}"));
+        hostile::assert_outputs_repaired(&report, &limits);
+        // The task id's NUL counts too.
+        let mut expected = hostile::repairs();
+        expected.nul += 1;
+        assert_eq!(report.repairs, expected);
+    }
+
+    #[test]
+    fn hostile_submit_answers_and_refusals_are_storable() {
+        let limits = AnswerLimits::default();
+        let body = br#"{"code":0,"data":{"run_order_id":"wfrun_1","quote_amount":"0.03000000","freeze_status":"frozen","run_status":"queued\u0000","extra":1e400}}"#;
+        let Answer::Data { data, repairs } = classify_raw(StatusCode::OK, None, body, &limits)
+        else {
+            panic!("not data");
+        };
+        assert_eq!((repairs.nul, repairs.number_as_text), (1, 1));
+        let a = parse_accepted(&data).unwrap();
+        assert_eq!(a.frozen_amount, Some(d("0.03")));
+        assert_eq!(a.run_status.as_deref(), Some("queued\u{FFFD}"));
+        assert_eq!(a.raw["extra"], "1e400");
+
+        // A run id the provider sent with a NUL cannot address the run.
+        let body = br#"{"code":0,"data":{"run_order_id":"wfrun_\u0000","quote_amount":"0.03"}}"#;
+        let Answer::Data { data, repairs } = classify_raw(StatusCode::OK, None, body, &limits)
+        else {
+            panic!("not data");
+        };
+        let outcome = SubmitOutcome::Accepted(Accepted {
+            repairs,
+            ..parse_accepted(&data).unwrap()
+        })
+        .storable(&limits);
+        assert!(matches!(outcome, SubmitOutcome::Unclear(u) if u.reason.contains("run id")));
+
+        let body = br#"{"code":1,"msg":"bad\u0000","data":{"error":{"reason":"no\ud800","engine_code":"INVALID_WORKFLOW_INPUT","status_code":400}}}"#;
+        let Answer::Rejected(e) = classify_raw(StatusCode::OK, None, body, &limits) else {
+            panic!("not a rejection");
+        };
+        let e = e.storable(&limits);
+        assert_eq!(e.message, "no\u{FFFD}");
+        assert_eq!(
+            e.detail[crate::providers::ERROR_REPAIRS_KEY],
+            json!({"nul": 1, "lone_surrogate": 1})
+        );
     }
 
     #[test]

@@ -7,11 +7,17 @@
 //! second charge (see `SubmitGuard::Nothing`). The error format is not
 //! documented; six-digit codes such as `403200` have been seen, so the
 //! status line decides and the body only adds words.
+//!
+//! Every body is repaired before it is parsed (see [`super::storable`]);
+//! `totalCost` is read from the repaired text, whose numbers keep their
+//! exact digits.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::wire::{RawAnswer, audit_copy, non_empty, snippet, unreadable};
+use super::edge::Storable;
+use super::storable::AnswerLimits;
+use super::wire::{RawAnswer, audit_copy, error_detail, non_empty, repaired, snippet, unreadable};
 use super::{
     Accepted, PollOutcome, ProviderError, RunReport, RunStatus, SubmitOutcome, SubmitRequest,
     Unclear, end_user,
@@ -28,6 +34,7 @@ pub struct GptbotsClient {
     http: reqwest::Client,
     base_url: String,
     api_key: ApiKey,
+    limits: AnswerLimits,
 }
 
 impl GptbotsClient {
@@ -37,11 +44,12 @@ impl GptbotsClient {
             http: super::wire::http_client(http)?,
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key,
+            limits: AnswerLimits::from(http),
         })
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<RawAnswer, Unclear> {
-        super::wire::send(request, &self.api_key).await
+        super::wire::send(request, &self.api_key, self.limits.max_value_bytes).await
     }
 
     /// `POST /v1/workflow/invoke` with `isAsync: true`.
@@ -54,23 +62,11 @@ impl GptbotsClient {
                 "input": run.inputs,
                 "isAsync": true,
             }));
-        let raw = match self.send(request).await {
-            Ok(raw) => raw,
-            Err(u) => return SubmitOutcome::Unclear(u),
-        };
-        if !raw.status.is_success() {
-            return match classify_error(&raw) {
-                Err(e) => SubmitOutcome::Rejected(e),
-                Ok(u) => SubmitOutcome::Unclear(u),
-            };
-        }
-        if let Some(refusal) = refusal_in_success(&raw) {
-            return SubmitOutcome::Rejected(refusal);
-        }
-        match parse_invoked(&raw.body) {
-            Ok(accepted) => SubmitOutcome::Accepted(accepted),
+        let outcome = match self.send(request).await {
+            Ok(raw) => submit_outcome(&raw, &self.limits),
             Err(u) => SubmitOutcome::Unclear(u),
-        }
+        };
+        outcome.storable(&self.limits)
     }
 
     /// `POST /v1/workflow/query/result`.
@@ -79,23 +75,45 @@ impl GptbotsClient {
             .http
             .post(format!("{}/v1/workflow/query/result", self.base_url))
             .json(&json!({ "workflowRunId": workflow_run_id }));
-        let raw = match self.send(request).await {
-            Ok(raw) => raw,
-            Err(u) => return PollOutcome::Unclear(u),
-        };
-        if !raw.status.is_success() {
-            return match classify_error(&raw) {
-                Err(e) => PollOutcome::Rejected(e),
-                Ok(u) => PollOutcome::Unclear(u),
-            };
-        }
-        if let Some(refusal) = refusal_in_success(&raw) {
-            return PollOutcome::Rejected(refusal);
-        }
-        match parse_result(&raw.body) {
-            Ok(report) => PollOutcome::Report(Box::new(report)),
+        let outcome = match self.send(request).await {
+            Ok(raw) => poll_outcome(&raw, &self.limits),
             Err(u) => PollOutcome::Unclear(u),
-        }
+        };
+        outcome.storable(&self.limits)
+    }
+}
+
+/// What an invoke answer means (pure: the client's unit tests feed it bodies).
+fn submit_outcome(raw: &RawAnswer, limits: &AnswerLimits) -> SubmitOutcome {
+    if !raw.status.is_success() {
+        return match classify_error(raw, limits) {
+            Err(e) => SubmitOutcome::Rejected(e),
+            Ok(u) => SubmitOutcome::Unclear(u),
+        };
+    }
+    if let Some(refusal) = refusal_in_success(raw, limits) {
+        return SubmitOutcome::Rejected(refusal);
+    }
+    match parse_invoked(&raw.body, limits) {
+        Ok(accepted) => SubmitOutcome::Accepted(accepted),
+        Err(u) => SubmitOutcome::Unclear(u),
+    }
+}
+
+/// What a query/result answer means.
+fn poll_outcome(raw: &RawAnswer, limits: &AnswerLimits) -> PollOutcome {
+    if !raw.status.is_success() {
+        return match classify_error(raw, limits) {
+            Err(e) => PollOutcome::Rejected(e),
+            Ok(u) => PollOutcome::Unclear(u),
+        };
+    }
+    if let Some(refusal) = refusal_in_success(raw, limits) {
+        return PollOutcome::Rejected(refusal);
+    }
+    match parse_result(&raw.body, limits) {
+        Ok(report) => PollOutcome::Report(Box::new(report)),
+        Err(u) => PollOutcome::Unclear(u),
     }
 }
 
@@ -108,8 +126,8 @@ struct ErrorBody {
 }
 
 /// A non-2xx answer: `Err` for a definite refusal, `Ok` for an unclear one.
-fn classify_error(raw: &RawAnswer) -> Result<Unclear, ProviderError> {
-    let body: ErrorBody = serde_json::from_slice(&raw.body).unwrap_or_default();
+fn classify_error(raw: &RawAnswer, limits: &AnswerLimits) -> Result<Unclear, ProviderError> {
+    let body: ErrorBody = serde_json::from_str(&repaired(&raw.body, limits).0).unwrap_or_default();
     let code = match body.code {
         Some(Value::String(code)) if !code.trim().is_empty() => Some(code),
         Some(Value::Number(code)) => Some(code.to_string()),
@@ -123,13 +141,14 @@ fn classify_error(raw: &RawAnswer) -> Result<Unclear, ProviderError> {
         message,
         false,
         &raw.body,
+        limits,
     )
 }
 
 /// An HTTP 200 whose body is an error object (`{code, message}` and no run
 /// id or status): a refusal, as the same body with a 4xx would be. Seen
 /// with six-digit codes; the status line alone would call it a success.
-fn refusal_in_success(raw: &RawAnswer) -> Option<ProviderError> {
+fn refusal_in_success(raw: &RawAnswer, limits: &AnswerLimits) -> Option<ProviderError> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Probe {
@@ -142,7 +161,7 @@ fn refusal_in_success(raw: &RawAnswer) -> Option<ProviderError> {
         #[serde(default)]
         status: Option<Value>,
     }
-    let probe: Probe = serde_json::from_slice(&raw.body).ok()?;
+    let probe: Probe = serde_json::from_str(&repaired(&raw.body, limits).0).ok()?;
     let code = match probe.code? {
         Value::Number(n) if n.as_i64() != Some(0) => n.to_string(),
         Value::String(s) if !s.trim().is_empty() && s != "0" => s,
@@ -154,7 +173,7 @@ fn refusal_in_success(raw: &RawAnswer) -> Option<ProviderError> {
     Some(ProviderError {
         code,
         message: non_empty(probe.message).unwrap_or_else(|| snippet(&raw.body)),
-        detail: serde_json::from_slice(&raw.body).unwrap_or(Value::Null),
+        detail: error_detail(&raw.body, limits),
         http_status: raw.status.as_u16(),
     })
 }
@@ -170,10 +189,10 @@ struct Invoked {
     status: Option<String>,
 }
 
-fn parse_invoked(body: &[u8]) -> Result<Accepted, Unclear> {
-    let text = std::str::from_utf8(body).map_err(|e| unreadable("invoke answer", e))?;
+fn parse_invoked(body: &[u8], limits: &AnswerLimits) -> Result<Accepted, Unclear> {
+    let (text, repairs) = repaired(body, limits);
     let invoked: Invoked =
-        serde_json::from_str(text).map_err(|e| unreadable("invoke answer", e))?;
+        serde_json::from_str(&text).map_err(|e| unreadable("invoke answer", e))?;
     // Accepted without a run id: the run may exist and cannot be followed.
     let provider_run_id = non_empty(invoked.workflow_run_id)
         .ok_or_else(|| unreadable("invoke answer", "no workflowRunId"))?;
@@ -181,7 +200,8 @@ fn parse_invoked(body: &[u8]) -> Result<Accepted, Unclear> {
         provider_run_id,
         revision_id: non_empty(invoked.workflow_version),
         run_status: non_empty(invoked.status),
-        raw: audit_copy(text),
+        raw: audit_copy(&text),
+        repairs,
         ..Accepted::default()
     })
 }
@@ -205,10 +225,10 @@ struct QueryResult {
     message: Option<Value>,
 }
 
-fn parse_result(body: &[u8]) -> Result<RunReport, Unclear> {
-    let text = std::str::from_utf8(body).map_err(|e| unreadable("query result", e))?;
+fn parse_result(body: &[u8], limits: &AnswerLimits) -> Result<RunReport, Unclear> {
+    let (text, repairs) = repaired(body, limits);
     let result: QueryResult =
-        serde_json::from_str(text).map_err(|e| unreadable("query result", e))?;
+        serde_json::from_str(&text).map_err(|e| unreadable("query result", e))?;
     let run_status =
         non_empty(result.status).ok_or_else(|| unreadable("query result", "no status"))?;
     let status = match run_status.as_str() {
@@ -250,7 +270,8 @@ fn parse_result(body: &[u8]) -> Result<RunReport, Unclear> {
         error_message,
         settled,
         run_status: Some(run_status),
-        raw: audit_copy(text),
+        raw: audit_copy(&text),
+        repairs,
         ..RunReport::default()
     })
 }
@@ -261,27 +282,34 @@ mod tests {
     use crate::providers::wire::test_answer as raw;
     use rust_decimal::Decimal;
 
+    fn l() -> AnswerLimits {
+        AnswerLimits::default()
+    }
+
     #[test]
     fn error_answers_are_classified_by_status() {
-        let e = classify_error(&raw(
-            400,
-            r#"{"code":400001,"message":"input.topic is required"}"#,
-        ))
+        let e = classify_error(
+            &raw(
+                400,
+                r#"{"code":400001,"message":"input.topic is required"}"#,
+            ),
+            &l(),
+        )
         .unwrap_err();
         assert_eq!(
             (e.code.as_str(), e.message.as_str()),
             ("400001", "input.topic is required")
         );
-        let u = classify_error(&raw(403, r#"{"code":403200,"message":"no"}"#)).unwrap();
+        let u = classify_error(&raw(403, r#"{"code":403200,"message":"no"}"#), &l()).unwrap();
         assert!(u.account_refused && u.nothing_created);
-        let u = classify_error(&raw(429, "")).unwrap();
+        let u = classify_error(&raw(429, ""), &l()).unwrap();
         assert!(u.nothing_created && !u.account_refused);
-        let u = classify_error(&raw(502, "<html>")).unwrap();
+        let u = classify_error(&raw(502, "<html>"), &l()).unwrap();
         assert!(
             !u.nothing_created,
             "a 5xx may come after the run was created"
         );
-        let e = classify_error(&raw(404, "not json")).unwrap_err();
+        let e = classify_error(&raw(404, "not json"), &l()).unwrap_err();
         assert_eq!(e.code, "HTTP_404");
     }
 
@@ -291,7 +319,7 @@ mod tests {
             "workflowRunId":"r","input":{"topic":"News"},"output":{"news":[]},
             "workflowExecutionTime":8347,"status":"SUCCEED","totalCost":0.6928,"totalTokens":1745,
             "startTime":1758765323024,"endTime":1758765331373}"#;
-        let report = parse_result(body.as_bytes()).unwrap();
+        let report = parse_result(body.as_bytes(), &l()).unwrap();
         assert_eq!(report.status, RunStatus::Succeeded);
         assert_eq!(
             report.total_cost,
@@ -305,48 +333,105 @@ mod tests {
 
     #[test]
     fn statuses_and_failures() {
-        let running = parse_result(br#"{"status":"RUNNING","totalCost":0}"#).unwrap();
+        let running = parse_result(br#"{"status":"RUNNING","totalCost":0}"#, &l()).unwrap();
         assert_eq!(running.status, RunStatus::Active);
         assert!(!running.settled);
         let failed = parse_result(
             br#"{"status":"FAILED","output":null,"errorMessage":"node broke","totalCost":"0.1"}"#,
+            &l(),
         )
         .unwrap();
         assert_eq!(failed.status, RunStatus::Failed);
         assert_eq!(failed.error_message.as_deref(), Some("node broke"));
-        let odd = parse_result(br#"{"status":"QUEUED_SOMEWHERE"}"#).unwrap();
+        let odd = parse_result(br#"{"status":"QUEUED_SOMEWHERE"}"#, &l()).unwrap();
         assert_eq!(odd.status, RunStatus::Unknown("QUEUED_SOMEWHERE".into()));
-        assert!(parse_result(br#"{"status":"SUCCEED","totalCost":"many"}"#).is_err());
-        assert!(parse_result(b"<html>").is_err());
+        assert!(parse_result(br#"{"status":"SUCCEED","totalCost":"many"}"#, &l()).is_err());
+        assert!(parse_result(b"<html>", &l()).is_err());
     }
 
     #[test]
     fn an_error_object_with_http_200_is_a_refusal() {
-        let e = refusal_in_success(&raw(
-            200,
-            r#"{"code":403200,"message":"workflow not published"}"#,
-        ))
+        let e = refusal_in_success(
+            &raw(200, r#"{"code":403200,"message":"workflow not published"}"#),
+            &l(),
+        )
         .unwrap();
         assert_eq!((e.code.as_str(), e.http_status), ("403200", 200));
         assert!(
-            refusal_in_success(&raw(200, r#"{"workflowRunId":"r","status":"PENDING"}"#)).is_none()
-        );
-        assert!(
-            refusal_in_success(&raw(
-                200,
-                r#"{"code":0,"message":"ok","workflowRunId":"r"}"#
-            ))
+            refusal_in_success(
+                &raw(200, r#"{"workflowRunId":"r","status":"PENDING"}"#),
+                &l()
+            )
             .is_none()
         );
-        assert!(refusal_in_success(&raw(200, "<html>")).is_none());
+        assert!(
+            refusal_in_success(
+                &raw(200, r#"{"code":0,"message":"ok","workflowRunId":"r"}"#),
+                &l()
+            )
+            .is_none()
+        );
+        assert!(refusal_in_success(&raw(200, "<html>"), &l()).is_none());
+    }
+
+    #[test]
+    fn a_hostile_query_result_becomes_a_storable_report_with_exact_money() {
+        use crate::providers::wire::hostile;
+        let limits = l();
+        let body = format!(
+            r#"{{"workflowId":"w","workflowRunId":"r","status":"SUCCEED","totalCost":0.00028780,"totalTokens":1745,"output":{}}}"#,
+            hostile::outputs()
+        );
+        let outcome = poll_outcome(&raw(200, &body), &limits).storable(&limits);
+        let PollOutcome::Report(report) = outcome else {
+            panic!("not a report: {outcome:?}");
+        };
+        assert_eq!(report.status, RunStatus::Succeeded);
+        assert_eq!(report.total_cost.unwrap().to_string(), "0.00028780");
+        assert_eq!(report.final_amount, report.total_cost);
+        assert!(report.settled);
+        hostile::assert_outputs_repaired(&report, &limits);
+        assert_eq!(report.repairs, hostile::repairs());
+    }
+
+    #[test]
+    fn hostile_bodies_that_are_not_utf8_or_refusals_are_storable() {
+        let limits = l();
+        let mut body = br#"{"workflowRunId":"r1","status":"PENDING","note":""#.to_vec();
+        body.extend_from_slice(b"\xff\x00\"}");
+        let answer = RawAnswer {
+            body,
+            ..raw(200, "")
+        };
+        let SubmitOutcome::Accepted(a) = submit_outcome(&answer, &limits).storable(&limits) else {
+            panic!("not accepted");
+        };
+        assert_eq!(a.provider_run_id, "r1");
+        assert_eq!(a.raw["note"], "\u{FFFD}\u{FFFD}");
+        assert_eq!((a.repairs.invalid_utf8, a.repairs.nul), (1, 1));
+        let outcome = poll_outcome(
+            &raw(200, r#"{"code":403200,"message":"no\u0000"}"#),
+            &limits,
+        )
+        .storable(&limits);
+        let PollOutcome::Rejected(e) = outcome else {
+            panic!("not rejected: {outcome:?}");
+        };
+        assert_eq!(e.message, "no\u{FFFD}");
+        assert_eq!(
+            e.detail[crate::providers::ERROR_REPAIRS_KEY],
+            serde_json::json!({"nul": 1})
+        );
     }
 
     #[test]
     fn an_invoke_answer_without_a_run_id_is_unclear() {
-        let ok =
-            parse_invoked(br#"{"workflowRunId":"r1","status":"PENDING","workflowVersion":"1.0"}"#)
-                .unwrap();
+        let ok = parse_invoked(
+            br#"{"workflowRunId":"r1","status":"PENDING","workflowVersion":"1.0"}"#,
+            &l(),
+        )
+        .unwrap();
         assert_eq!(ok.provider_run_id, "r1");
-        assert!(parse_invoked(br#"{"status":"PENDING"}"#).is_err());
+        assert!(parse_invoked(br#"{"status":"PENDING"}"#, &l()).is_err());
     }
 }

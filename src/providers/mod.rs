@@ -3,8 +3,10 @@
 
 pub mod chenyu;
 pub mod dify;
+mod edge;
 pub mod gptbots;
 mod sse;
+pub mod storable;
 mod wire;
 
 use std::time::Duration;
@@ -14,7 +16,9 @@ use serde_json::{Map, Value};
 
 pub use chenyu::ChenyuClient;
 pub use dify::{DifyClient, RunStream, StreamEnd};
+pub use edge::ERROR_REPAIRS_KEY;
 pub use gptbots::GptbotsClient;
+pub use storable::{AnswerLimits, Repairs};
 
 /// A workflow's published parameter manifest, as the worker needs it.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,6 +103,10 @@ pub struct SubmitRequest<'a> {
 
 /// The provider's answer to a submit, as far as it can be known.
 #[derive(Debug, Clone, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per submit, moved a few times; boxing `Accepted` would change every caller"
+)]
 pub enum SubmitOutcome {
     /// The run exists at the provider (new, or replayed for the same key).
     Accepted(Accepted),
@@ -135,6 +143,8 @@ pub struct Accepted {
     pub idempotent_replay: bool,
     /// The answer's data object, for the audit trail.
     pub raw: Value,
+    /// What was changed in the answer to make it storable (empty: nothing).
+    pub repairs: Repairs,
 }
 
 /// A definite refusal from the provider.
@@ -144,7 +154,8 @@ pub struct ProviderError {
     pub code: String,
     /// Human-readable reason and detail.
     pub message: String,
-    /// The provider's error object, verbatim.
+    /// The provider's error object, verbatim but storable: what had to be
+    /// changed is counted under [`ERROR_REPAIRS_KEY`].
     pub detail: Value,
     /// The HTTP status it came with.
     pub http_status: u16,
@@ -258,6 +269,8 @@ pub struct RunReport {
     pub settled: bool,
     /// The answer's data object, for the audit trail.
     pub raw: Value,
+    /// What was changed in the answer to make it storable (empty: nothing).
+    pub repairs: Repairs,
 }
 
 /// A provider run's status, reduced to what the lifecycle decides on.

@@ -1,12 +1,14 @@
-//! Small readers shared by the provider clients: headers, body snippets for
-//! log lines, empty-string handling.
+//! Small readers shared by the provider clients: bounded bodies, headers,
+//! body snippets for log lines, empty-string handling.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde_json::Value;
 
 use super::Unclear;
+use super::storable::{AnswerLimits, Repairs, repair_json_bytes};
 
 /// `Retry-After` in seconds (the HTTP-date form is rare for APIs and is ignored).
 pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
@@ -14,14 +16,25 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     text.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
-/// The start of a body, for a log line about an unreadable answer.
+/// The start of a body, for a log line about an unreadable answer: storable
+/// text (no NUL, which a `text` column refuses; at most 160 characters).
 pub(crate) fn snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
-    let mut cut: String = text.chars().take(160).collect();
-    if cut.len() < text.len() {
+    let mut cut: String = text
+        .chars()
+        .take(160)
+        .map(|c| if c == '\0' { '\u{FFFD}' } else { c })
+        .collect();
+    if text.chars().nth(160).is_some() {
         cut.push('…');
     }
     cut.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A body's JSON text repaired to be parseable and storable (see
+/// [`repair_json_bytes`]); parse this, never the body itself.
+pub(crate) fn repaired<'a>(body: &'a [u8], limits: &AnswerLimits) -> (Cow<'a, str>, Repairs) {
+    repair_json_bytes(body, limits.max_depth)
 }
 
 /// `None` for a missing, empty or blank string.
@@ -63,28 +76,67 @@ pub(crate) struct RawAnswer {
     pub body: Vec<u8>,
 }
 
-/// Sends `request` with the profile's key and reads the whole answer.
+/// Sends `request` with the profile's key and reads the whole answer, up to
+/// `max_bytes` of body.
 pub(crate) async fn send(
     request: reqwest::RequestBuilder,
     api_key: &crate::config::ApiKey,
+    max_bytes: usize,
 ) -> Result<RawAnswer, Unclear> {
     let response = request
         .bearer_auth(api_key.expose())
         .send()
         .await
         .map_err(Unclear::from_transport)?;
+    read_answer(response, max_bytes).await
+}
+
+/// Reads an answer's body, but no more than `max_bytes` of it: a larger
+/// answer is unclear (the provider may have done the work, as with any
+/// answer that cannot be read), and memory stays bounded whatever is sent.
+pub(crate) async fn read_answer(
+    mut response: reqwest::Response,
+    max_bytes: usize,
+) -> Result<RawAnswer, Unclear> {
     let status = response.status();
     let retry_after = retry_after(response.headers());
-    // A body that breaks off is as unclear as no answer at all: the
-    // provider may have done the work (that is the lost-answer case).
-    let body = response.bytes().await.map_err(|e| Unclear {
-        http_status: Some(status.as_u16()),
-        ..Unclear::from_transport(e)
-    })?;
+    let too_large = |what: String| Unclear {
+        retry_after,
+        ..Unclear::new(
+            format!(
+                "the answer is larger than http.max_answer_bytes ({max_bytes} bytes): {what}; not read"
+            ),
+            Some(status.as_u16()),
+        )
+    };
+    if let Some(length) = response.content_length()
+        && length > max_bytes as u64
+    {
+        return Err(too_large(format!("Content-Length {length}")));
+    }
+    let mut body = Vec::new();
+    loop {
+        // A body that breaks off is as unclear as no answer at all: the
+        // provider may have done the work (that is the lost-answer case).
+        let chunk = response.chunk().await.map_err(|e| Unclear {
+            http_status: Some(status.as_u16()),
+            ..Unclear::from_transport(e)
+        })?;
+        let Some(chunk) = chunk else {
+            break;
+        };
+        if body.len() + chunk.len() > max_bytes {
+            return Err(too_large(format!(
+                "over {} bytes arrived",
+                body.len() + chunk.len()
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
     Ok(RawAnswer {
         status,
         retry_after,
-        body: body.to_vec(),
+        body,
     })
 }
 
@@ -99,6 +151,7 @@ pub(crate) fn classify_error_status(
     message: String,
     quota: bool,
     body: &[u8],
+    limits: &AnswerLimits,
 ) -> Result<Unclear, super::ProviderError> {
     let unclear = |reason: String, nothing_created: bool, account_refused: bool| Unclear {
         reason,
@@ -132,10 +185,22 @@ pub(crate) fn classify_error_status(
         _ => Err(super::ProviderError {
             code: code.unwrap_or_else(|| format!("HTTP_{status}")),
             message,
-            detail: serde_json::from_slice(body)
-                .unwrap_or_else(|_| serde_json::json!({ "body": snippet(body) })),
+            detail: error_detail(body, limits),
             http_status: status,
         }),
+    }
+}
+
+/// A refusal's body as its error object: the repaired JSON with what was
+/// repaired noted in it, or the start of a body that is not JSON.
+pub(crate) fn error_detail(body: &[u8], limits: &AnswerLimits) -> Value {
+    let (text, repairs) = repaired(body, limits);
+    match serde_json::from_str(&text) {
+        Ok(mut detail) => {
+            super::edge::note_repairs(&mut detail, repairs);
+            detail
+        }
+        Err(_) => serde_json::json!({ "body": snippet(body) }),
     }
 }
 
@@ -146,5 +211,151 @@ pub(crate) fn test_answer(status: u16, body: &str) -> RawAnswer {
         status: reqwest::StatusCode::from_u16(status).expect("a valid status"),
         retry_after: None,
         body: body.as_bytes().to_vec(),
+    }
+}
+
+/// A hostile provider's outputs, for the clients' unit tests.
+#[cfg(test)]
+pub(crate) mod hostile {
+    use serde_json::Value;
+
+    use crate::providers::storable::AnswerLimits;
+    use crate::providers::{Repairs, RunReport};
+
+    #[test]
+    fn the_repairs_serialise_as_the_worker_records_them() {
+        assert_eq!(
+            repairs().to_json(),
+            serde_json::json!({"nul": 2, "lone_surrogate": 2, "control_char": 1,
+                "number_as_text": 1, "cut_depth": 1, "cut_strings": 2})
+        );
+    }
+
+    /// Length of the long string in [`outputs`]: twice `max_string_bytes`.
+    pub(crate) const BIG: usize = 2 * 1024 * 1024;
+
+    /// Outputs as JSON text with a NUL (escaped), a NUL in a key, lone
+    /// surrogates, a raw tab, a 2 MiB string, 200 levels of nesting and 1e400.
+    pub(crate) fn outputs() -> String {
+        format!(
+            r#"{{"nul":"a\u0000b","k\u0000ey":1,"lone":"\ud800x","low":"x\udc00","tab":"a{}b","big":"{}","deep":{}1{},"huge":1e400}}"#,
+            '\t',
+            "x".repeat(BIG),
+            "[".repeat(200),
+            "]".repeat(200),
+        )
+    }
+
+    /// What the text pass changes in [`outputs`], and the long string cut
+    /// twice: in the outputs and in the audit copy that holds them.
+    pub(crate) fn repairs() -> Repairs {
+        Repairs {
+            nul: 2,
+            lone_surrogate: 2,
+            control_char: 1,
+            number_as_text: 1,
+            cut_depth: 1,
+            cut_strings: 2,
+            ..Repairs::default()
+        }
+    }
+
+    fn check(value: &Value, depth: usize, limits: &AnswerLimits) {
+        assert!(depth <= limits.max_depth, "nested {depth} deep");
+        match value {
+            Value::String(s) => assert!(
+                !s.contains('\0') && s.len() <= limits.max_string_bytes,
+                "{:.80}",
+                s
+            ),
+            Value::Array(items) => items.iter().for_each(|v| check(v, depth + 1, limits)),
+            Value::Object(map) => {
+                for (k, v) in map {
+                    assert!(!k.contains('\0') && k.len() <= limits.max_string_bytes);
+                    check(v, depth + 1, limits);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A value PostgreSQL stores: no NUL anywhere, within the limits (lone
+    /// surrogates cannot exist in a Rust string at all).
+    pub(crate) fn assert_storable(value: &Value, limits: &AnswerLimits) {
+        check(value, 0, limits);
+        let text = serde_json::to_string(value).expect("serialises");
+        assert!(!text.contains("\\u0000"));
+        assert!(text.len() <= limits.max_value_bytes);
+    }
+
+    /// The report's outputs are [`outputs`], repaired; they and the audit
+    /// copy are storable (the caller checks `report.repairs`).
+    pub(crate) fn assert_outputs_repaired(report: &RunReport, limits: &AnswerLimits) {
+        let outputs = report.outputs.as_ref().expect("outputs");
+        assert_storable(outputs, limits);
+        assert_storable(&report.raw, limits);
+        assert_eq!(outputs["nul"], "a\u{FFFD}b");
+        assert_eq!(outputs["k\u{FFFD}ey"], 1);
+        assert_eq!(outputs["lone"], "\u{FFFD}x");
+        assert_eq!(outputs["low"], "x\u{FFFD}");
+        assert_eq!(outputs["tab"], "a\tb");
+        assert_eq!(outputs["huge"], "1e400", "the digits, kept as text");
+        let big = outputs["big"].as_str().expect("a string");
+        assert!(big.starts_with("xxxx") && big.len() <= limits.max_string_bytes);
+        assert!(
+            big.contains(&format!("…<cut: {BIG} bytes, sha256 ")),
+            "{:.80}",
+            &big[big.len() - 100..]
+        );
+        let mut deep = &outputs["deep"];
+        while let Value::Array(items) = deep {
+            deep = &items[0];
+        }
+        assert_eq!(
+            deep,
+            &Value::String(super::super::storable::depth_marker(limits.max_depth))
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snippets_are_storable_text() {
+        assert_eq!(
+            snippet(b"<html>\0 bad\n gateway</html>"),
+            "<html>\u{FFFD} bad gateway</html>"
+        );
+        let long = "x".repeat(500);
+        let cut = snippet(long.as_bytes());
+        assert_eq!(cut.chars().count(), 161);
+        assert!(cut.ends_with('…'));
+        assert_eq!(
+            snippet("é".repeat(160).as_bytes()),
+            "é".repeat(160),
+            "not cut"
+        );
+    }
+
+    #[test]
+    fn error_details_are_repaired_and_say_so() {
+        let limits = AnswerLimits::default();
+        let detail = error_detail(br#"{"code":"x\u0000","message":"\ud800"}"#, &limits);
+        assert_eq!(detail["code"], "x\u{FFFD}");
+        assert_eq!(detail["message"], "\u{FFFD}");
+        assert_eq!(
+            detail[super::super::ERROR_REPAIRS_KEY],
+            serde_json::json!({"nul": 1, "lone_surrogate": 1})
+        );
+        assert_eq!(
+            error_detail(b"<html>\0</html>", &limits),
+            serde_json::json!({"body": "<html>\u{FFFD}</html>"})
+        );
+        assert_eq!(
+            error_detail(br#"{"code":"x"}"#, &limits),
+            serde_json::json!({"code": "x"})
+        );
     }
 }

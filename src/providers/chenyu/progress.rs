@@ -4,7 +4,9 @@
 
 use serde_json::Value;
 
-use super::{Answer, ChenyuClient, classify};
+use super::{Answer, ChenyuClient};
+use crate::providers::edge::Storable;
+use crate::providers::storable::{AnswerLimits, storable_text};
 use crate::providers::wire::{non_empty, unreadable};
 use crate::providers::{ProviderError, Unclear};
 
@@ -41,10 +43,27 @@ impl ChenyuClient {
             .http
             .get(format!("{}/workflow/run/execution", self.base_url))
             .query(&[("run_order_id", run_order_id)]);
-        match classify(self.send(request).await) {
-            Answer::Data(data) => parse_progress(&data).map_err(ProgressError::Unclear),
+        let progress = match self.classify(self.send(request).await) {
+            Answer::Data { data, .. } => parse_progress(&data).map_err(ProgressError::Unclear),
             Answer::Rejected(e) => Err(ProgressError::Rejected(e)),
             Answer::Unclear(u) => Err(ProgressError::Unclear(u)),
+        };
+        progress
+            .map(|mut p| {
+                p.status = p
+                    .status
+                    .map(|s| storable_text(&s, self.limits.max_string_bytes).into_owned());
+                p
+            })
+            .storable(&self.limits)
+    }
+}
+
+impl Storable for ProgressError {
+    fn storable(self, limits: &AnswerLimits) -> Self {
+        match self {
+            ProgressError::Rejected(e) => ProgressError::Rejected(e.storable(limits)),
+            ProgressError::Unclear(u) => ProgressError::Unclear(u.storable(limits)),
         }
     }
 }
