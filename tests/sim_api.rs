@@ -605,3 +605,112 @@ async fn admin_endpoints_round_trip() {
     assert_eq!(stats["accepted_new"], 1);
     sim.shutdown().await;
 }
+
+/// Waits until `n` requests are held, failing the test rather than hanging
+/// if the simulator never holds them.
+async fn held(sim: &SimServer, n: u64) {
+    tokio::time::timeout(Duration::from_secs(10), sim.wait_until_held(n))
+        .await
+        .unwrap_or_else(|_| panic!("{n} requests were never held: {:?}", sim.stats()));
+}
+
+#[tokio::test]
+async fn held_status_checks_wait_until_released_together() {
+    let sim = std::sync::Arc::new(start(0).await);
+    let (_, answer) = submit(&sim, image_submit("k-hold")).await;
+    let run_order_id = answer["data"]["run_order_id"]
+        .as_str()
+        .expect("run id")
+        .to_owned();
+    sim.set_faults(Faults {
+        hold_status_checks: true,
+        ..Faults::default()
+    });
+    let mut waiting = Vec::new();
+    for endpoint in ["info", "execution"] {
+        let sim = std::sync::Arc::clone(&sim);
+        let path = format!("/workflow/run/{endpoint}?run_order_id={run_order_id}");
+        waiting.push(tokio::spawn(async move { get(&sim, &path).await }));
+    }
+    held(&sim, 2).await;
+    // Other requests are not held: market info and submits go through.
+    let (status, _) = get(
+        &sim,
+        &format!("/workflow/market/info?workflow_id={TEXT_TO_IMAGE}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = submit(&sim, image_submit("k-hold-2")).await;
+    assert_eq!(status, StatusCode::OK);
+    let stats = sim.stats();
+    assert_eq!((stats.held_requests, stats.held_total), (2, 2));
+    assert!(waiting.iter().all(|w| !w.is_finished()), "still held");
+    assert_eq!((stats.info_requests, stats.execution_requests), (0, 0));
+
+    sim.set_faults(Faults::default());
+    for w in waiting {
+        let (status, body) = w.await.expect("request task");
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["data"]["run_order_id"], run_order_id.as_str());
+    }
+    let stats = sim.stats();
+    assert_eq!((stats.held_requests, stats.held_total), (0, 2));
+    assert_eq!((stats.info_requests, stats.execution_requests), (1, 1));
+    std::sync::Arc::into_inner(sim)
+        .expect("tasks done")
+        .shutdown()
+        .await;
+}
+
+#[tokio::test]
+async fn held_submits_record_nothing_until_released_over_admin() {
+    let sim = std::sync::Arc::new(start(0).await);
+    let client = Client::new();
+    let faults_url = format!("{}/_sim/faults", admin_url(&sim));
+    let put = client
+        .put(&faults_url)
+        .json(&json!({"hold_submits": true}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(put.status(), StatusCode::OK);
+    let task = {
+        let sim = std::sync::Arc::clone(&sim);
+        tokio::spawn(async move { submit(&sim, image_submit("k-held-submit")).await })
+    };
+    held(&sim, 1).await;
+    assert!(sim.ledger().is_empty(), "nothing recorded while held");
+    assert_eq!(sim.stats().submit_requests, 0);
+    // Status checks are not held by this knob.
+    let (status, _) = get(&sim, "/workflow/run/info?run_order_id=wfrun_none").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let stats: Value = client
+        .get(format!("{}/_sim/stats", admin_url(&sim)))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(stats["held_requests"], 1);
+
+    let put = client
+        .put(&faults_url)
+        .json(&json!({"hold_submits": false}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(put.status(), StatusCode::OK);
+    let (status, body) = task.await.expect("submit task");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(sim.ledger().len(), 1);
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.held_requests, stats.held_total, stats.accepted_new),
+        (0, 1, 1)
+    );
+    std::sync::Arc::into_inner(sim)
+        .expect("task done")
+        .shutdown()
+        .await;
+}

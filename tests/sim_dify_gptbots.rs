@@ -86,12 +86,18 @@ impl Sse {
     /// The next `data:` event (pings skipped); `None` at the end of the stream.
     async fn next(&mut self) -> Option<Value> {
         loop {
+            let block = self.next_block().await?;
+            if let Some(data) = block.trim().strip_prefix("data: ") {
+                return Some(serde_json::from_str(data).expect("event JSON"));
+            }
+        }
+    }
+
+    /// The next SSE block as sent, pings included; `None` at the end.
+    async fn next_block(&mut self) -> Option<String> {
+        loop {
             if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                if let Some(data) = block.trim().strip_prefix("data: ") {
-                    return Some(serde_json::from_str(data).expect("event JSON"));
-                }
-                continue;
+                return Some(self.buffer.drain(..end + 2).collect());
             }
             let chunk = self.response.chunk().await.expect("stream intact")?;
             self.buffer
@@ -115,6 +121,14 @@ fn raw_price(event_json: &str) -> Decimal {
     let rest = &event_json[at..];
     let end = rest.find([',', '}']).expect("end of value");
     rest[..end].trim_matches('"').parse().expect("decimal")
+}
+
+/// Waits until `n` requests or streams are held, failing the test rather
+/// than hanging if the simulator never holds them.
+async fn held(sim: &SimServer, n: u64) {
+    tokio::time::timeout(Duration::from_secs(10), sim.wait_until_held(n))
+        .await
+        .unwrap_or_else(|_| panic!("{n} never held: {:?}", sim.stats()));
 }
 
 /// Polls the run detail until `pred` holds, for at most five seconds.
@@ -838,4 +852,153 @@ async fn dify_streams_ping_while_waiting() {
         "ends with workflow_finished"
     );
     sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn dify_held_streams_ping_but_keep_workflow_finished_back() {
+    let sim = start().await;
+    sim.set_faults(Faults {
+        hold_streams: true,
+        dify_ping_interval_ms: Some(20),
+        ..Faults::default()
+    });
+    let mut sse =
+        Sse::new(dify_post(&sim, "text", "/workflows/run", &run_body("u", "streaming")).await);
+    let started = sse
+        .next()
+        .await
+        .expect("workflow_started is sent while held");
+    assert_eq!(started["event"], "workflow_started");
+    let run_id = started["workflow_run_id"].as_str().expect("id").to_owned();
+    // Held as soon as an event is due (the nodes start), and still held
+    // once the run is over at the provider.
+    held(&sim, 1).await;
+    wait_detail(&sim, "text", &run_id, |d| d["status"] == "succeeded").await;
+    for _ in 0..2 {
+        let block = sse.next_block().await.expect("the stream stays open");
+        assert_eq!(block, "event: ping\n\n", "only pings while held");
+    }
+    // A resumed stream gets what was due when it opened, then waits too.
+    let response = Client::new()
+        .get(format!(
+            "{}/workflow/{run_id}/events?user=u",
+            sim.dify_base_url("text")
+        ))
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("sent");
+    let mut resumed = Sse::new(response);
+    let mut names = Vec::new();
+    for _ in 0..7 {
+        let event = resumed.next().await.expect("an event due before the hold");
+        names.push(event["event"].as_str().unwrap_or_default().to_owned());
+    }
+    assert!(
+        !names.contains(&"workflow_finished".to_owned()),
+        "{names:?}"
+    );
+    held(&sim, 2).await;
+    let stats = sim.stats();
+    assert_eq!((stats.held_requests, stats.held_total), (2, 2));
+
+    sim.set_faults(Faults::default());
+    let rest = sse.rest().await;
+    let last = rest.last().expect("events after the release");
+    assert_eq!(last["event"], "workflow_finished");
+    assert_eq!(last["data"]["status"], "succeeded");
+    assert_eq!(rest.len(), 7, "node events, then workflow_finished");
+    let rest = resumed.rest().await;
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0]["event"], "workflow_finished");
+    assert_eq!(sim.stats().held_requests, 0);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn dify_and_gptbots_hold_submits_and_status_checks() {
+    let sim = std::sync::Arc::new(start().await);
+    sim.set_faults(Faults {
+        hold_submits: true,
+        ..Faults::default()
+    });
+    let dify_run = {
+        let sim = std::sync::Arc::clone(&sim);
+        tokio::spawn(async move {
+            body_json(dify_post(&sim, "text", "/workflows/run", &run_body("u", "blocking")).await)
+                .await
+        })
+    };
+    let invoke = {
+        let sim = std::sync::Arc::clone(&sim);
+        tokio::spawn(async move {
+            body_json(
+                gptbots(
+                    &sim,
+                    "news",
+                    "/v1/workflow/invoke",
+                    &json!({"input": {"topic": "x"}, "isAsync": true}),
+                )
+                .await,
+            )
+            .await
+        })
+    };
+    held(&sim, 2).await;
+    assert!(sim.dify_ledger().is_empty() && sim.gptbots_ledger().is_empty());
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.dify_run_requests, stats.gptbots_invoke_requests),
+        (0, 0)
+    );
+    // Parameters are not a submit.
+    let (status, _) = dify_get(&sim, "text", "/parameters").await;
+    assert_eq!(status, StatusCode::OK);
+    sim.set_faults(Faults {
+        hold_status_checks: true,
+        ..Faults::default()
+    });
+    let (status, done) = dify_run.await.expect("task");
+    assert_eq!(status, StatusCode::OK, "{done}");
+    let dify_id = done["workflow_run_id"].as_str().expect("id").to_owned();
+    let (status, pending) = invoke.await.expect("task");
+    assert_eq!(status, StatusCode::OK, "{pending}");
+    let gpt_id = pending["workflowRunId"].as_str().expect("id").to_owned();
+
+    let mut checks = Vec::new();
+    for path in [
+        format!("/workflows/run/{dify_id}"),
+        "/workflows/logs".to_owned(),
+        format!("/workflow/{dify_id}/events?user=u"),
+    ] {
+        let sim = std::sync::Arc::clone(&sim);
+        checks.push(tokio::spawn(async move {
+            let response = Client::new()
+                .get(format!("{}{path}", sim.dify_base_url("text")))
+                .header("Authorization", TOKEN)
+                .send()
+                .await
+                .expect("sent");
+            (response.status(), response.text().await.expect("body"))
+        }));
+    }
+    {
+        let sim = std::sync::Arc::clone(&sim);
+        checks.push(tokio::spawn(
+            async move { query(&sim, "news", &gpt_id).await },
+        ));
+    }
+    held(&sim, 4).await;
+    assert!(checks.iter().all(|c| !c.is_finished()));
+    sim.set_faults(Faults::default());
+    for check in checks {
+        let (status, body) = check.await.expect("task");
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let stats = sim.stats();
+    assert_eq!((stats.held_requests, stats.held_total), (0, 6));
+    std::sync::Arc::into_inner(sim)
+        .expect("tasks done")
+        .shutdown()
+        .await;
 }

@@ -40,8 +40,7 @@ async fn gptbots_ledger(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {
-    let stats = shared.lock().stats.clone();
-    Json(stats).into_response()
+    Json(shared.stats()).into_response()
 }
 
 async fn get_faults(State(shared): State<Arc<Shared>>) -> Response {
@@ -60,7 +59,7 @@ async fn put_faults(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
     if let Err(e) = faults.check() {
         return bad_request(e);
     }
-    shared.lock().faults = faults.clone();
+    shared.set_faults(faults.clone());
     Json(faults).into_response()
 }
 

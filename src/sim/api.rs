@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use super::catalog;
 use super::envelope::{self, ApiError};
-use super::gate::{self, Denied, Params, param};
+use super::gate::{self, Denied, Endpoint, Params, param};
 use super::state::Shared;
 use super::submit::{self, SubmitOutcome};
 use super::timeline::Phase;
@@ -34,8 +34,8 @@ pub(crate) fn routes(shared: Arc<Shared>) -> Router {
 }
 
 /// The shared gate, rendered in chenyu's envelope.
-async fn gate(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
-    gate::check(shared, headers)
+async fn gate(shared: &Shared, headers: &HeaderMap, endpoint: Endpoint) -> Result<(), Response> {
+    gate::check(shared, headers, endpoint)
         .await
         .map_err(|denied| match denied {
             Denied::Unauthorized => envelope::plain(StatusCode::UNAUTHORIZED, "invalid api key"),
@@ -48,7 +48,7 @@ async fn market_info(
     headers: HeaderMap,
     params: Params,
 ) -> Response {
-    if let Err(denied) = gate(&shared, &headers).await {
+    if let Err(denied) = gate(&shared, &headers, Endpoint::Other).await {
         return denied;
     }
     let fault = {
@@ -72,7 +72,7 @@ async fn run_submit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(denied) = gate(&shared, &headers).await {
+    if let Err(denied) = gate(&shared, &headers, Endpoint::Submit).await {
         return denied;
     }
     let request = submit::parse(&body);
@@ -111,7 +111,7 @@ async fn run_execution(
 }
 
 async fn poll(shared: &Shared, headers: &HeaderMap, params: &Params, kind: PollKind) -> Response {
-    if let Err(denied) = gate(shared, headers).await {
+    if let Err(denied) = gate(shared, headers, Endpoint::StatusCheck).await {
         return denied;
     }
     let run_order_id = param(params, "run_order_id");

@@ -60,6 +60,20 @@ pub struct Faults {
     /// Dify only: the interval between `ping` events on open streams, in
     /// milliseconds; `None` is Dify's 10 s.
     pub dify_ping_interval_ms: Option<u64>,
+    /// Every status check (chenyu `run/info` and `run/execution`; Dify
+    /// `GET /workflows/run/{id}`, `GET /workflow/{id}/events` and
+    /// `GET /workflows/logs`; GPTBots `query/result`) waits, after the key
+    /// check, until this is turned off again; then all go on at once.
+    pub hold_status_checks: bool,
+    /// The same for submits (chenyu `run/submit`, Dify `workflows/run`,
+    /// GPTBots `invoke`), which wait before anything is recorded.
+    pub hold_submits: bool,
+    /// Dify: open run streams (the run request's own and resumed event
+    /// streams) keep sending pings but send nothing beyond the events that
+    /// were due when they saw the hold, and never `workflow_finished`,
+    /// until this is turned off again. A stream counts as held while it
+    /// keeps back an event that is due.
+    pub hold_streams: bool,
 }
 
 /// A fault chosen for one request, rendered by `envelope::injected`.

@@ -1,12 +1,35 @@
 //! The checks every simulated API runs before its handler proper: the
-//! configured latency, the bearer token, and the "malformed answer" fault.
+//! configured latency, the bearer token, the hold gates, and the
+//! "malformed answer" fault.
 //!
 //! Shared by the chenyu, Dify and GPTBots APIs, which only differ in how
 //! they render a refusal, so this returns a [`Denied`] for each to render.
 
 use axum::http::{HeaderMap, header};
 
+use super::hold::{self, Gate};
 use super::state::Shared;
+
+/// What kind of request passes the gate: decides which hold applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Endpoint {
+    /// A request that starts a run.
+    Submit,
+    /// A request that reads a run's state.
+    StatusCheck,
+    /// Anything else (parameters, market info, stop).
+    Other,
+}
+
+impl Endpoint {
+    fn gate(self) -> Option<Gate> {
+        match self {
+            Endpoint::Submit => Some(Gate::Submits),
+            Endpoint::StatusCheck => Some(Gate::StatusChecks),
+            Endpoint::Other => None,
+        }
+    }
+}
 
 /// Why a request was stopped at the gate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,8 +41,13 @@ pub(crate) enum Denied {
 }
 
 /// Applies the configured latency, then checks the bearer token, then
-/// consumes a malformed-answer fault if one is pending.
-pub(crate) async fn check(shared: &Shared, headers: &HeaderMap) -> Result<(), Denied> {
+/// waits at the endpoint's hold gate if it is closed, then consumes a
+/// malformed-answer fault if one is pending.
+pub(crate) async fn check(
+    shared: &Shared,
+    headers: &HeaderMap,
+    endpoint: Endpoint,
+) -> Result<(), Denied> {
     let (latency, refuse_keys) = {
         let state = shared.lock();
         (state.faults.latency, state.faults.refuse_keys)
@@ -30,6 +58,9 @@ pub(crate) async fn check(shared: &Shared, headers: &HeaderMap) -> Result<(), De
     if refuse_keys || !authorized(shared.api_key.as_deref(), headers) {
         shared.lock().stats.unauthorized += 1;
         return Err(Denied::Unauthorized);
+    }
+    if let Some(gate) = endpoint.gate() {
+        hold::pass(shared, gate).await;
     }
     let malformed = {
         let mut state = shared.lock();

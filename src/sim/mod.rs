@@ -17,7 +17,7 @@
 //! Module map: `catalog` (published workflows), `inputs` (input
 //! validation), `money` (amounts and settlement), `timeline` (phase at a
 //! given time), `run` (run records, ledger entries), `state` (shared state
-//! and stats), `faults`, `submit` (the submit decision), `views` (answer
+//! and stats), `faults`, `hold` (hold gates), `submit` (the submit decision), `views` (answer
 //! bodies), `envelope` (response envelopes), `api` and `admin` (routes).
 
 mod admin;
@@ -28,6 +28,7 @@ mod envelope;
 mod faults;
 mod gate;
 mod gptbots;
+mod hold;
 mod inputs;
 mod money;
 mod run;
@@ -186,7 +187,7 @@ impl SimServer {
 
     /// A snapshot of the request counters.
     pub fn stats(&self) -> SimStats {
-        self.shared.lock().stats.clone()
+        self.shared.stats()
     }
 
     /// The current faults, with counters as far as they have been consumed.
@@ -194,9 +195,17 @@ impl SimServer {
         self.shared.lock().faults.clone()
     }
 
-    /// Replaces the faults.
+    /// Replaces the faults. Turning a hold knob off releases every request
+    /// waiting at that hold at once.
     pub fn set_faults(&self, faults: Faults) {
-        self.shared.lock().faults = faults;
+        self.shared.set_faults(faults);
+    }
+
+    /// Returns once at least `n` requests (or Dify streams) are waiting at
+    /// a hold (`Faults::hold_submits`, `hold_status_checks`,
+    /// `hold_streams`): woken by the waiters themselves, never by polling.
+    pub async fn wait_until_held(&self, n: u64) {
+        self.shared.holds.until_waiting(n).await;
     }
 
     /// Stops accepting connections, lets open ones finish, and waits for

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::dify::DifyStore;
 use super::faults::{Faults, Injected};
 use super::gptbots::GptbotsStore;
+use super::hold::Holds;
 use super::run::{LedgerEntry, Run};
 use super::timeline::{Phase, Timing};
 
@@ -72,6 +73,11 @@ pub struct SimStats {
     pub gptbots_rejected: u64,
     /// Authorised GPTBots `workflow/query/result` requests.
     pub gptbots_query_requests: u64,
+    /// Requests (and Dify streams) waiting at a hold gate right now: a
+    /// gauge, not a counter.
+    pub held_requests: u64,
+    /// Requests (and Dify streams) that ever waited at a hold gate.
+    pub held_total: u64,
 }
 
 /// Everything mutable, guarded by `Shared::inner`.
@@ -116,6 +122,8 @@ pub(crate) struct Shared {
     pub timing: Timing,
     /// `None`: any non-empty bearer token is accepted.
     pub api_key: Option<String>,
+    /// The hold gates, outside the mutex: waiters must not hold it.
+    pub holds: Holds,
     inner: Mutex<Inner>,
 }
 
@@ -125,8 +133,25 @@ impl Shared {
         Shared {
             timing,
             api_key,
+            holds: Holds::new(),
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// Replaces the faults and opens or closes the hold gates to match.
+    /// Under the lock, so two replacements cannot leave the gates and the
+    /// faults disagreeing.
+    pub(crate) fn set_faults(&self, faults: Faults) {
+        let mut inner = self.lock();
+        self.holds.apply(&faults);
+        inner.faults = faults;
+    }
+
+    /// A snapshot of the stats, with the hold gauge filled in.
+    pub(crate) fn stats(&self) -> SimStats {
+        let mut stats = self.lock().stats.clone();
+        stats.held_requests = self.holds.waiting();
+        stats
     }
 
     /// Locks the state. A panic elsewhere cannot leave it half-updated in a

@@ -22,7 +22,7 @@ use super::request;
 use super::{stream, views};
 use crate::sim::envelope;
 use crate::sim::faults::Injected;
-use crate::sim::gate::{self, Denied, Params, param};
+use crate::sim::gate::{self, Denied, Endpoint, Params, param};
 use crate::sim::state::Shared;
 
 /// How often a blocking request looks at its run.
@@ -103,8 +103,9 @@ async fn enter(
     shared: &Shared,
     headers: &HeaderMap,
     app: &str,
+    endpoint: Endpoint,
 ) -> Result<&'static DifyApp, Response> {
-    gate::check(shared, headers)
+    gate::check(shared, headers, endpoint)
         .await
         .map_err(|denied| match denied {
             Denied::Unauthorized => error(
@@ -122,7 +123,7 @@ async fn parameters(
     Path(path): Path<Segments>,
     headers: HeaderMap,
 ) -> Response {
-    let app = match enter(&shared, &headers, &path.app).await {
+    let app = match enter(&shared, &headers, &path.app, Endpoint::Other).await {
         Ok(app) => app,
         Err(response) => return response,
     };
@@ -166,7 +167,7 @@ enum Start {
 }
 
 async fn run(shared: Arc<Shared>, path: Segments, headers: HeaderMap, body: Bytes) -> Response {
-    let app = match enter(&shared, &headers, &path.app).await {
+    let app = match enter(&shared, &headers, &path.app, Endpoint::Submit).await {
         Ok(app) => app,
         Err(response) => return response,
     };
@@ -286,7 +287,7 @@ async fn detail(
     Path(path): Path<Segments>,
     headers: HeaderMap,
 ) -> Response {
-    let app = match enter(&shared, &headers, &path.app).await {
+    let app = match enter(&shared, &headers, &path.app, Endpoint::StatusCheck).await {
         Ok(app) => app,
         Err(response) => return response,
     };
@@ -312,7 +313,7 @@ async fn events(
     headers: HeaderMap,
     params: Params,
 ) -> Response {
-    let app = match enter(&shared, &headers, &path.app).await {
+    let app = match enter(&shared, &headers, &path.app, Endpoint::StatusCheck).await {
         Ok(app) => app,
         Err(response) => return response,
     };
@@ -347,7 +348,7 @@ async fn stop(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let app = match enter(&shared, &headers, &path.app).await {
+    let app = match enter(&shared, &headers, &path.app, Endpoint::Other).await {
         Ok(app) => app,
         Err(response) => return response,
     };
@@ -391,7 +392,7 @@ async fn logs(
     headers: HeaderMap,
     params: Params,
 ) -> Response {
-    let app = match enter(&shared, &headers, &path.app).await {
+    let app = match enter(&shared, &headers, &path.app, Endpoint::StatusCheck).await {
         Ok(app) => app,
         Err(response) => return response,
     };

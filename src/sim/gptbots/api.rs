@@ -20,7 +20,7 @@ use super::views;
 use super::workflows::{self, GptWorkflow};
 use crate::sim::envelope;
 use crate::sim::faults::Injected;
-use crate::sim::gate::{self, Denied};
+use crate::sim::gate::{self, Denied, Endpoint};
 use crate::sim::state::Shared;
 
 /// How often a synchronous invoke looks at its run.
@@ -79,8 +79,9 @@ async fn enter(
     shared: &Shared,
     headers: &HeaderMap,
     workflow: &str,
+    endpoint: Endpoint,
 ) -> Result<&'static GptWorkflow, Response> {
-    gate::check(shared, headers)
+    gate::check(shared, headers, endpoint)
         .await
         .map_err(|denied| match denied {
             Denied::Unauthorized => error(
@@ -110,7 +111,7 @@ async fn invoke(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let workflow = match enter(&shared, &headers, &path.workflow).await {
+    let workflow = match enter(&shared, &headers, &path.workflow, Endpoint::Submit).await {
         Ok(wf) => wf,
         Err(response) => return response,
     };
@@ -177,7 +178,7 @@ async fn query_result(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let workflow = match enter(&shared, &headers, &path.workflow).await {
+    let workflow = match enter(&shared, &headers, &path.workflow, Endpoint::StatusCheck).await {
         Ok(wf) => wf,
         Err(response) => return response,
     };
