@@ -714,3 +714,156 @@ async fn held_submits_record_nothing_until_released_over_admin() {
         .shutdown()
         .await;
 }
+
+/// A GET with the given bearer token, to any URL; status, `Retry-After`
+/// and body.
+async fn get_as(token: &str, url: &str) -> (StatusCode, Option<u64>, Value) {
+    let response = Client::new()
+        .get(url)
+        .header("Authorization", token)
+        .send()
+        .await
+        .expect("request sent");
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().expect("ascii").parse().expect("whole seconds"));
+    (
+        status,
+        retry_after,
+        response.json().await.expect("JSON body"),
+    )
+}
+
+#[tokio::test]
+async fn rate_limit_counts_every_api_of_a_key_together() {
+    let sim = start(0).await;
+    sim.set_faults(Faults {
+        // Slow enough that no token comes back during the test.
+        rate_limit_rps: Some(0.01),
+        rate_limit_burst: Some(2.0),
+        ..Faults::default()
+    });
+    let market = format!(
+        "{}/workflow/market/info?workflow_id={TEXT_TO_IMAGE}",
+        sim.base_url()
+    );
+    let dify = format!("{}/parameters", sim.dify_base_url("text"));
+    let (status, _, _) = get_as(TOKEN, &market).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = get_as(TOKEN, &dify).await;
+    assert_eq!(status, StatusCode::OK);
+    // The admin endpoints never count.
+    for _ in 0..3 {
+        let ok = Client::new()
+            .get(format!("{}/_sim/stats", admin_url(&sim)))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(ok.status(), StatusCode::OK);
+    }
+    // The bucket is empty: every API refuses this key, in its own shape.
+    let (status, retry, body) = get_as(TOKEN, &market).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry.is_some_and(|s| (1..=100).contains(&s)), "{retry:?}");
+    assert_eq!(
+        (body["code"].as_u64(), &body["data"]),
+        (Some(429), &Value::Null)
+    );
+    let (status, retry, body) = get_as(TOKEN, &dify).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry.is_some());
+    assert_eq!(
+        (body["code"].as_str(), body["status"].as_u64()),
+        (Some("too_many_requests"), Some(429))
+    );
+    let gpt = Client::new()
+        .post(format!(
+            "{}/v1/workflow/invoke",
+            sim.gptbots_base_url("news")
+        ))
+        .header("Authorization", TOKEN)
+        .json(&json!({"input": {"topic": "x"}, "isAsync": true}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(gpt.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(gpt.headers().contains_key("retry-after"));
+    let body: Value = gpt.json().await.expect("JSON");
+    assert_eq!(body["code"], 429_000);
+    let response = submit_response(&sim, &image_submit("k-limited")).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(sim.ledger().is_empty() && sim.gptbots_ledger().is_empty());
+
+    // Another key has its own bucket.
+    let (status, _, _) = get_as("Bearer other-key", &market).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Changing the mode at run time keeps what the key did: the window of
+    // 1 request per 100 s already holds two.
+    let put = Client::new()
+        .put(format!("{}/_sim/faults", admin_url(&sim)))
+        .json(&json!({"rate_limit_rps": 0.01, "rate_limit_mode": "sliding_window"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(put.status(), StatusCode::OK);
+    let (status, retry, _) = get_as(TOKEN, &market).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry.is_some_and(|s| (1..=100).contains(&s)), "{retry:?}");
+    // A fresh key in the window: one request, then refused.
+    let (status, _, _) = get_as("Bearer window-key", &market).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = get_as("Bearer window-key", &dify).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+
+    let stats = sim.stats();
+    assert_eq!(stats.limit_refusals, 6);
+    assert_eq!(stats.injected_429, 0, "limit refusals are not stray 429s");
+    assert_eq!(stats.api_requests, 10);
+    assert_eq!(
+        (stats.submit_requests, stats.gptbots_invoke_requests),
+        (0, 0)
+    );
+
+    // Stray 429s are counted apart, whatever the limit.
+    sim.set_faults(Faults {
+        rate_limit_rate: 1.0,
+        ..Faults::default()
+    });
+    let (status, retry, _) = get_as(TOKEN, &market).await;
+    assert_eq!((status, retry), (StatusCode::TOO_MANY_REQUESTS, None));
+    let stats = sim.stats();
+    assert_eq!((stats.limit_refusals, stats.injected_429), (6, 1));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn run_cap_refuses_new_runs_in_the_body_but_never_a_replay() {
+    // Runs stay queued for the whole test.
+    let sim = start(600_000).await;
+    sim.set_faults(Faults {
+        max_running_runs: Some(1),
+        ..Faults::default()
+    });
+    let (status, first) = submit(&sim, image_submit("k-cap-1")).await;
+    assert_eq!((status, first["code"].as_u64()), (StatusCode::OK, Some(0)));
+    let (status, refused) = submit(&sim, image_submit("k-cap-2")).await;
+    assert_eq!(status, StatusCode::OK, "the body decides");
+    assert_ne!(refused["code"], 0);
+    assert_eq!(engine_code(&refused), "CONCURRENT_RUN_LIMIT_EXCEEDED");
+    let (status, replay) = submit(&sim, image_submit("k-cap-1")).await;
+    assert_eq!((status, replay["code"].as_u64()), (StatusCode::OK, Some(0)));
+    assert_eq!(replay["data"]["idempotent_replay"], true);
+    assert_eq!(sim.ledger().len(), 1, "nothing created for the refusal");
+    assert_eq!(sim.stats().cap_refusals, 1);
+    sim.set_faults(Faults {
+        max_running_runs: Some(2),
+        ..Faults::default()
+    });
+    let (_, second) = submit(&sim, image_submit("k-cap-2")).await;
+    assert_eq!(second["data"]["idempotent_replay"], false);
+    assert_eq!(sim.ledger().len(), 2);
+    sim.shutdown().await;
+}

@@ -1002,3 +1002,65 @@ async fn dify_and_gptbots_hold_submits_and_status_checks() {
         .shutdown()
         .await;
 }
+
+#[tokio::test]
+async fn run_cap_counts_dify_and_gptbots_runs_apart() {
+    // Runs go on for the whole test unless stopped.
+    let sim = start_with(Duration::from_secs(600)).await;
+    sim.set_faults(Faults {
+        max_running_runs: Some(1),
+        ..Faults::default()
+    });
+    let mut sse =
+        Sse::new(dify_post(&sim, "text", "/workflows/run", &run_body("u", "streaming")).await);
+    let started = sse.next().await.expect("started");
+    let task = started["task_id"].as_str().expect("task").to_owned();
+    let (status, error) =
+        body_json(dify_post(&sim, "text", "/workflows/run", &run_body("u", "blocking")).await)
+            .await;
+    assert_eq!(
+        (status, error["code"].as_str(), error["status"].as_u64()),
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            Some("too_many_requests"),
+            Some(429)
+        )
+    );
+    // GPTBots runs are counted on their own: the Dify run does not block it.
+    let invoke = json!({"input": {"topic": "x"}, "isAsync": true});
+    let (status, _) = body_json(gptbots(&sim, "news", "/v1/workflow/invoke", &invoke).await).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, error) =
+        body_json(gptbots(&sim, "news", "/v1/workflow/invoke", &invoke).await).await;
+    assert_eq!(
+        (status, error["code"].as_u64()),
+        (StatusCode::TOO_MANY_REQUESTS, Some(429_001))
+    );
+    assert_eq!(
+        (sim.dify_ledger().len(), sim.gptbots_ledger().len()),
+        (1, 1)
+    );
+    // A stopped run no longer counts.
+    let (status, _) = body_json(
+        dify_post(
+            &sim,
+            "text",
+            &format!("/workflows/tasks/{task}/stop"),
+            &json!({"user": "u"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    drop(sse);
+    let mut again =
+        Sse::new(dify_post(&sim, "text", "/workflows/run", &run_body("u", "streaming")).await);
+    assert_eq!(
+        again.next().await.expect("started")["event"],
+        "workflow_started"
+    );
+    drop(again);
+    assert_eq!(sim.stats().cap_refusals, 2);
+    assert_eq!(sim.dify_ledger().len(), 2);
+    sim.shutdown().await;
+}

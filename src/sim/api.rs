@@ -40,6 +40,13 @@ async fn gate(shared: &Shared, headers: &HeaderMap, endpoint: Endpoint) -> Resul
         .map_err(|denied| match denied {
             Denied::Unauthorized => envelope::plain(StatusCode::UNAUTHORIZED, "invalid api key"),
             Denied::Malformed(n) => envelope::malformed(n),
+            Denied::RateLimited { retry_after_secs } => envelope::with_retry_after(
+                envelope::plain(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many requests: rate limit exceeded",
+                ),
+                retry_after_secs,
+            ),
         })
 }
 

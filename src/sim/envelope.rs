@@ -93,18 +93,24 @@ pub(crate) fn injected(fault: Injected) -> Response {
             "internal server error (injected)",
         ),
         Injected::RateLimited { retry_after_secs } => {
-            let mut response = plain(
+            let response = plain(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many requests (injected)",
             );
-            if let Some(secs) = retry_after_secs {
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            match retry_after_secs {
+                Some(secs) => with_retry_after(response, secs),
+                None => response,
             }
-            response
         }
     }
+}
+
+/// `response` with a `Retry-After` of `secs` whole seconds.
+pub(crate) fn with_retry_after(mut response: Response, secs: u64) -> Response {
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    response
 }
 
 /// An answer that is lost in transit: the status line and headers say 200,

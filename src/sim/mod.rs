@@ -17,7 +17,8 @@
 //! Module map: `catalog` (published workflows), `inputs` (input
 //! validation), `money` (amounts and settlement), `timeline` (phase at a
 //! given time), `run` (run records, ledger entries), `state` (shared state
-//! and stats), `faults`, `hold` (hold gates), `submit` (the submit decision), `views` (answer
+//! and stats), `faults`, `hold` (hold gates), `limits` (rate limit
+//! and run cap), `submit` (the submit decision), `views` (answer
 //! bodies), `envelope` (response envelopes), `api` and `admin` (routes).
 
 mod admin;
@@ -30,6 +31,7 @@ mod gate;
 mod gptbots;
 mod hold;
 mod inputs;
+mod limits;
 mod money;
 mod run;
 mod state;
@@ -49,6 +51,7 @@ use tokio::task::JoinHandle;
 pub use dify::DifyLedgerEntry;
 pub use faults::Faults;
 pub use gptbots::GptbotsLedgerEntry;
+pub use limits::RateLimitMode;
 pub use run::LedgerEntry;
 pub use state::SimStats;
 

@@ -14,6 +14,7 @@ use super::dify::DifyStore;
 use super::faults::{Faults, Injected};
 use super::gptbots::GptbotsStore;
 use super::hold::Holds;
+use super::limits::Limiter;
 use super::run::{LedgerEntry, Run};
 use super::timeline::{Phase, Timing};
 
@@ -78,6 +79,13 @@ pub struct SimStats {
     pub held_requests: u64,
     /// Requests (and Dify streams) that ever waited at a hold gate.
     pub held_total: u64,
+    /// API requests (any of the three APIs) that passed the key check.
+    pub api_requests: u64,
+    /// HTTP 429 answers from `rate_limit_rps` (stray 429s from
+    /// `rate_limit_rate` are `injected_429`).
+    pub limit_refusals: u64,
+    /// New runs refused by `max_running_runs` (all three APIs).
+    pub cap_refusals: u64,
 }
 
 /// Everything mutable, guarded by `Shared::inner`.
@@ -90,6 +98,8 @@ pub(crate) struct Inner {
     pub faults: Faults,
     pub dify: DifyStore,
     pub gptbots: GptbotsStore,
+    /// What each API key did, for `rate_limit_rps`.
+    pub limiter: Limiter,
 }
 
 impl Inner {
@@ -99,6 +109,16 @@ impl Inner {
             Injected::Unavailable | Injected::ServerError => self.stats.injected_5xx += 1,
             Injected::RateLimited { .. } => self.stats.injected_429 += 1,
         }
+    }
+
+    /// chenyu runs queued or running at `now`.
+    pub(crate) fn chenyu_running(&self, timing: &Timing, now: Instant) -> usize {
+        self.runs
+            .values()
+            .filter(|run| {
+                timing.phase_at(now.saturating_duration_since(run.submitted)) <= Phase::Running
+            })
+            .count()
     }
 
     /// How many runs are queued ahead of `run` (for `queue_info.position`).

@@ -10,6 +10,7 @@ use super::catalog::{self, Workflow};
 use super::envelope::ApiError;
 use super::faults::Injected;
 use super::inputs;
+use super::limits::under_cap;
 use super::money::stable_hash;
 use super::run::{Run, new_run_order_id};
 use super::state::{Inner, Shared};
@@ -85,7 +86,8 @@ pub(crate) fn parse(body: &[u8]) -> Result<SubmitRequest, ApiError> {
 
 /// Decides the outcome of one authorised submit and records it. Runs under
 /// the state lock, so two concurrent submits with one key cannot both
-/// create a run.
+/// create a run. Order: injected faults, the body, a replay of a known key
+/// (never refused below), validation, the run cap, then the new run.
 pub(crate) fn decide(
     shared: &Shared,
     inner: &mut Inner,
@@ -114,6 +116,20 @@ pub(crate) fn decide(
         Ok(valid) => valid,
         Err(error) => return reject(inner, error),
     };
+    let running = inner.chenyu_running(&shared.timing, now);
+    if !under_cap(running, inner.faults.max_running_runs) {
+        inner.stats.cap_refusals += 1;
+        return SubmitOutcome::Rejected(ApiError {
+            http: StatusCode::OK,
+            status_code: StatusCode::TOO_MANY_REQUESTS,
+            msg: "concurrent run limit exceeded",
+            engine_code: "CONCURRENT_RUN_LIMIT_EXCEEDED",
+            detail: format!(
+                "{running} runs are queued or running; the account allows {}",
+                inner.faults.max_running_runs.unwrap_or_default()
+            ),
+        });
+    }
     let mut run_order_id = new_run_order_id();
     while inner.runs.contains_key(&run_order_id) {
         run_order_id = new_run_order_id();

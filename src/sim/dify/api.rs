@@ -23,6 +23,7 @@ use super::{stream, views};
 use crate::sim::envelope;
 use crate::sim::faults::Injected;
 use crate::sim::gate::{self, Denied, Endpoint, Params, param};
+use crate::sim::limits::under_cap;
 use crate::sim::state::Shared;
 
 /// How often a blocking request looks at its run.
@@ -114,6 +115,14 @@ async fn enter(
                 "Access token is invalid",
             ),
             Denied::Malformed(n) => envelope::malformed(n),
+            Denied::RateLimited { retry_after_secs } => envelope::with_retry_after(
+                error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_requests",
+                    "Too many requests. Please try again later.",
+                ),
+                retry_after_secs,
+            ),
         })?;
     apps::find(app).ok_or_else(|| not_found(&format!("App {app:?} not found")))
 }
@@ -216,7 +225,8 @@ async fn run(shared: Arc<Shared>, path: Segments, headers: HeaderMap, body: Byte
 
 /// Counts, applies faults, validates and creates, in one critical section,
 /// in this order: version, quota, injected faults (nothing is created),
-/// the body, the form; then the run, then whether its answer is lost.
+/// the body, the form, the run cap; then the run, then whether its answer
+/// is lost.
 fn decide_run(shared: &Shared, app: &'static DifyApp, pinned: Option<&str>, body: &[u8]) -> Start {
     let mut inner = shared.lock();
     inner.stats.dify_run_requests += 1;
@@ -247,7 +257,19 @@ fn decide_run(shared: &Shared, app: &'static DifyApp, pinned: Option<&str>, body
             return Start::Refused(invalid_param(&message));
         }
     };
-    let run_id = inner.dify.create(app, req.user, req.inputs, Instant::now());
+    let now = Instant::now();
+    if !under_cap(
+        inner.dify.running(&shared.timing, now),
+        inner.faults.max_running_runs,
+    ) {
+        inner.stats.cap_refusals += 1;
+        return Start::Refused(error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            "Too many concurrent runs: the app's concurrency limit is reached.",
+        ));
+    }
+    let run_id = inner.dify.create(app, req.user, req.inputs, now);
     inner.stats.dify_runs_created += 1;
     let drop_answer = inner.faults.take_answer_drop();
     inner.stats.dropped_answers += u64::from(drop_answer);

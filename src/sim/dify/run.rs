@@ -268,6 +268,14 @@ impl DifyStore {
         id
     }
 
+    /// Runs not over at `now` (abandoned ones never are).
+    pub(crate) fn running(&self, timing: &Timing, now: Instant) -> usize {
+        self.runs
+            .values()
+            .filter(|run| !run.is_over(timing, now.saturating_duration_since(run.submitted)))
+            .count()
+    }
+
     /// The ledger at `now`, in creation order.
     pub(crate) fn ledger(&self, timing: &Timing, now: Instant) -> Vec<DifyLedgerEntry> {
         let mut runs: Vec<&DifyRun> = self.runs.values().collect();

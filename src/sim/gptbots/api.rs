@@ -21,6 +21,7 @@ use super::workflows::{self, GptWorkflow};
 use crate::sim::envelope;
 use crate::sim::faults::Injected;
 use crate::sim::gate::{self, Denied, Endpoint};
+use crate::sim::limits::under_cap;
 use crate::sim::state::Shared;
 
 /// How often a synchronous invoke looks at its run.
@@ -90,6 +91,14 @@ async fn enter(
                 "invalid or missing API key",
             ),
             Denied::Malformed(n) => envelope::malformed(n),
+            Denied::RateLimited { retry_after_secs } => envelope::with_retry_after(
+                error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    429_000,
+                    "too many requests: rate limit exceeded",
+                ),
+                retry_after_secs,
+            ),
         })?;
     workflows::find(workflow)
         .ok_or_else(|| error(StatusCode::NOT_FOUND, 404_002, "workflow not found"))
@@ -159,9 +168,21 @@ fn decide(shared: &Shared, workflow: &'static GptWorkflow, body: &[u8]) -> Start
             return Start::Refused(error(StatusCode::BAD_REQUEST, 400_001, &message));
         }
     };
+    let now = Instant::now();
+    if !under_cap(
+        inner.gptbots.running(&shared.timing, now),
+        inner.faults.max_running_runs,
+    ) {
+        inner.stats.cap_refusals += 1;
+        return Start::Refused(error(
+            StatusCode::TOO_MANY_REQUESTS,
+            429_001,
+            "too many concurrent workflow runs",
+        ));
+    }
     let run_id = inner
         .gptbots
-        .create(workflow, invoke.user_id, invoke.input, Instant::now());
+        .create(workflow, invoke.user_id, invoke.input, now);
     inner.stats.gptbots_runs_created += 1;
     let drop_answer = inner.faults.take_answer_drop();
     inner.stats.dropped_answers += u64::from(drop_answer);
