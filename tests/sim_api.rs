@@ -867,3 +867,145 @@ async fn run_cap_refuses_new_runs_in_the_body_but_never_a_replay() {
     assert_eq!(sim.ledger().len(), 2);
     sim.shutdown().await;
 }
+
+/// The exact amount of `field` in a raw `balance/info` body, string or number.
+fn raw_amount(text: &str, field: &str) -> Decimal {
+    let key = format!("\"{field}\":");
+    let at = text.find(&key).expect("field") + key.len();
+    let rest = &text[at..];
+    rest[..rest.find([',', '}']).expect("end")]
+        .trim_matches('"')
+        .parse()
+        .expect("a decimal")
+}
+
+async fn balance_info(sim: &SimServer) -> String {
+    let response = Client::new()
+        .get(format!("{}/balance/info", sim.base_url()))
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::OK);
+    response.text().await.expect("body")
+}
+
+#[tokio::test]
+async fn balance_freezes_quotes_releases_at_settlement_and_stays_exact() {
+    let sim = start(0).await;
+    let client = Client::new();
+    let balance_url = format!("{}/_sim/balance", admin_url(&sim));
+    // Unlimited: a large fixed balance, as a string, then as a number.
+    let text = balance_info(&sim).await;
+    assert!(text.contains(r#""balance":"1000000.00000000""#), "{text}");
+    let text = balance_info(&sim).await;
+    assert!(text.contains(r#""balance":1000000,"#), "{text}");
+
+    let put = client
+        .put(&balance_url)
+        .json(&json!({"balance": "0.05"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(put.status(), StatusCode::OK);
+    let got: Value = client
+        .get(&balance_url)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(got["balance"], "0.05");
+    let start_balance = Decimal::new(5, 2);
+
+    let (_, first) = submit(&sim, image_submit("k-bal-1")).await;
+    assert_eq!(first["code"], 0);
+    let quote = amount(&first["data"], "quote_amount");
+    assert_eq!(
+        sim.balance(),
+        Some(start_balance - quote),
+        "frozen at submit"
+    );
+    let (status, refused) = submit(&sim, image_submit("k-bal-2")).await;
+    assert_eq!(status, StatusCode::OK, "the body decides");
+    assert_ne!(refused["code"], 0);
+    assert_eq!(engine_code(&refused), "INSUFFICIENT_BALANCE");
+    let detail = refused["data"]["error"]["detail"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        detail.contains("0.03000000") && detail.contains("0.02000000"),
+        "{detail}"
+    );
+    let (_, replay) = submit(&sim, image_submit("k-bal-1")).await;
+    assert_eq!(
+        replay["data"]["idempotent_replay"], true,
+        "replays freeze nothing"
+    );
+    assert_eq!(sim.ledger().len(), 1);
+    // Replacing the faults leaves the balance alone.
+    sim.set_faults(Faults::default());
+
+    let run_order_id = first["data"]["run_order_id"].as_str().expect("id");
+    let info = wait_settled(&sim, run_order_id).await;
+    let entry = &sim.ledger()[0];
+    let released = entry.released.expect("settled");
+    let charged = entry.final_amount.expect("settled");
+    assert_eq!(entry.frozen - released, charged);
+    assert_eq!(amount(&info, "released_amount"), released);
+    assert_eq!(sim.balance(), Some(start_balance - charged));
+    let text = balance_info(&sim).await;
+    assert_eq!(raw_amount(&text, "balance"), start_balance - charged);
+    assert!(text.contains(r#""balance":""#), "strings: {text}");
+    let text = balance_info(&sim).await;
+    assert_eq!(raw_amount(&text, "balance"), start_balance - charged);
+    assert!(!text.contains(r#""balance":""#), "numbers: {text}");
+
+    let topped: Value = client
+        .post(format!("{balance_url}/top_up"))
+        .json(&json!({"amount": 1}))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON");
+    let after = start_balance - charged + Decimal::ONE;
+    assert_eq!(
+        topped["balance"].as_str().map(str::parse::<Decimal>),
+        Some(Ok(after))
+    );
+    assert_eq!(
+        sim.top_up(Decimal::new(1, 8)),
+        Some(after + Decimal::new(1, 8))
+    );
+    let (_, second) = submit(&sim, image_submit("k-bal-2")).await;
+    assert_eq!(second["code"], 0);
+
+    let stats = sim.stats();
+    assert_eq!((stats.balance_refusals, stats.balance_requests), (1, 4));
+    let bad = client
+        .put(&balance_url)
+        .json(&json!({"balance": "lots"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let unlimited = client
+        .put(&balance_url)
+        .json(&json!({"balance": null}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(unlimited.status(), StatusCode::OK);
+    assert_eq!(sim.balance(), None);
+    let conflict = client
+        .post(format!("{balance_url}/top_up"))
+        .json(&json!({"amount": "5"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(conflict.status(), StatusCode::CONFLICT);
+    sim.shutdown().await;
+}

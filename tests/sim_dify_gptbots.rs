@@ -1064,3 +1064,55 @@ async fn run_cap_counts_dify_and_gptbots_runs_apart() {
     assert_eq!(sim.dify_ledger().len(), 2);
     sim.shutdown().await;
 }
+
+/// Queries a GPTBots run until it has ended; the raw body.
+async fn wait_ended(sim: &SimServer, workflow: &str, run_id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, text) = query(sim, workflow, run_id).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let body: Value = serde_json::from_str(&text).expect("JSON");
+        if !matches!(body["status"].as_str(), Some("PENDING" | "RUNNING")) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "never ended: {text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn gptbots_runs_spend_credits_and_stop_at_zero() {
+    let sim = start().await;
+    let start_balance = Decimal::new(1, 1);
+    sim.set_balance(Some(start_balance));
+    let invoke = json!({"input": {"topic": "x"}, "isAsync": true});
+    let (status, pending) =
+        body_json(gptbots(&sim, "news", "/v1/workflow/invoke", &invoke).await).await;
+    assert_eq!(status, StatusCode::OK);
+    let run_id = pending["workflowRunId"].as_str().expect("id").to_owned();
+    assert_eq!(sim.balance(), Some(start_balance), "charged at the end");
+    let text = wait_ended(&sim, "news", &run_id).await;
+    let cost = raw_cost(&text);
+    assert_eq!(cost, sim.gptbots_ledger()[0].total_cost);
+    assert_eq!(sim.balance(), Some(start_balance - cost));
+    assert!(
+        start_balance - cost <= Decimal::ZERO,
+        "one run spends it all"
+    );
+    let (status, refused) =
+        body_json(gptbots(&sim, "news", "/v1/workflow/invoke", &invoke).await).await;
+    assert_eq!(
+        (status, refused),
+        (
+            StatusCode::OK,
+            json!({"code": 403_200, "message": "insufficient credits"})
+        )
+    );
+    assert_eq!(sim.gptbots_ledger().len(), 1);
+    assert_eq!(sim.stats().balance_refusals, 1);
+    sim.top_up(Decimal::ONE);
+    let (status, _) = body_json(gptbots(&sim, "news", "/v1/workflow/invoke", &invoke).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sim.gptbots_ledger().len(), 2);
+    sim.shutdown().await;
+}

@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 
+use super::balance;
 use super::catalog;
 use super::envelope::{self, ApiError};
 use super::gate::{self, Denied, Endpoint, Params, param};
@@ -29,6 +30,7 @@ pub(crate) fn routes(shared: Arc<Shared>) -> Router {
         .route("/workflow/run/submit", post(run_submit))
         .route("/workflow/run/info", get(run_info))
         .route("/workflow/run/execution", get(run_execution))
+        .route("/balance/info", get(balance_info))
         .fallback(|| async { envelope::plain(StatusCode::NOT_FOUND, "not found") })
         .with_state(shared)
 }
@@ -72,6 +74,27 @@ async fn market_info(
         Some(wf) => envelope::ok("查询成功", wf.market_info()),
         None => submit::workflow_not_found(workflow_id).into_response(),
     }
+}
+
+/// `GET /balance/info`: the account balance, as 8-place strings on odd
+/// requests and as JSON numbers on even ones.
+async fn balance_info(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(denied) = gate(&shared, &headers, Endpoint::Other).await {
+        return denied;
+    }
+    let (fault, balance, as_numbers) = {
+        let mut inner = shared.lock();
+        inner.stats.balance_requests += 1;
+        let as_numbers = inner.stats.balance_requests.is_multiple_of(2);
+        let fault = inner.faults.random_fault();
+        fault.inspect(|&f| inner.record_injected(f));
+        let balance = inner.settle_account(&shared.timing, Instant::now());
+        (fault, balance, as_numbers)
+    };
+    if let Some(fault) = fault {
+        return envelope::injected(fault);
+    }
+    envelope::json_text(balance::info_body(balance, as_numbers))
 }
 
 async fn run_submit(

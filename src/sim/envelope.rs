@@ -20,6 +20,16 @@ pub(crate) fn ok(msg: &str, data: Value) -> Response {
     Json(json!({"code": 0, "msg": msg, "data": data})).into_response()
 }
 
+/// An already serialized JSON body with HTTP 200.
+pub(crate) fn json_text(body: String) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
 /// A bare envelope with `data: null`, for transport-level answers
 /// (401, 429, 5xx, unknown route).
 pub(crate) fn plain(status: StatusCode, msg: &str) -> Response {

@@ -17,12 +17,13 @@
 //! Module map: `catalog` (published workflows), `inputs` (input
 //! validation), `money` (amounts and settlement), `timeline` (phase at a
 //! given time), `run` (run records, ledger entries), `state` (shared state
-//! and stats), `faults`, `hold` (hold gates), `limits` (rate limit
+//! and stats), `faults`, `balance` (the account), `hold` (hold gates), `limits` (rate limit
 //! and run cap), `submit` (the submit decision), `views` (answer
 //! bodies), `envelope` (response envelopes), `api` and `admin` (routes).
 
 mod admin;
 mod api;
+mod balance;
 mod catalog;
 mod dify;
 mod envelope;
@@ -45,6 +46,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
+use rust_decimal::Decimal;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -202,6 +204,23 @@ impl SimServer {
     /// waiting at that hold at once.
     pub fn set_faults(&self, faults: Faults) {
         self.shared.set_faults(faults);
+    }
+
+    /// Sets the account balance (`None`: unlimited, the default). Kept
+    /// apart from the faults: `set_faults` never changes it.
+    pub fn set_balance(&self, balance: Option<Decimal>) {
+        self.shared.set_balance(balance);
+    }
+
+    /// The balance now, after every settlement and run end that is due.
+    pub fn balance(&self) -> Option<Decimal> {
+        self.shared.balance()
+    }
+
+    /// Adds `amount` to the balance and returns the new one; an unlimited
+    /// account stays unlimited (`None`).
+    pub fn top_up(&self, amount: Decimal) -> Option<Decimal> {
+        self.shared.top_up(amount)
     }
 
     /// Returns once at least `n` requests (or Dify streams) are waiting at

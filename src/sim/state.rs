@@ -8,8 +8,10 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use super::balance::{Account, Pending};
 use super::dify::DifyStore;
 use super::faults::{Faults, Injected};
 use super::gptbots::GptbotsStore;
@@ -86,6 +88,11 @@ pub struct SimStats {
     pub limit_refusals: u64,
     /// New runs refused by `max_running_runs` (all three APIs).
     pub cap_refusals: u64,
+    /// Runs refused for the balance: chenyu `INSUFFICIENT_BALANCE`, GPTBots
+    /// `403200`.
+    pub balance_refusals: u64,
+    /// Authorised chenyu `balance/info` requests.
+    pub balance_requests: u64,
 }
 
 /// Everything mutable, guarded by `Shared::inner`.
@@ -100,6 +107,8 @@ pub(crate) struct Inner {
     pub gptbots: GptbotsStore,
     /// What each API key did, for `rate_limit_rps`.
     pub limiter: Limiter,
+    /// The balance; not part of the faults.
+    pub account: Account,
 }
 
 impl Inner {
@@ -109,6 +118,29 @@ impl Inner {
             Injected::Unavailable | Injected::ServerError => self.stats.injected_5xx += 1,
             Injected::RateLimited { .. } => self.stats.injected_429 += 1,
         }
+    }
+
+    /// Applies the balance movements that are due at `now`: settled chenyu
+    /// runs give their release back, ended GPTBots runs pay their cost.
+    pub(crate) fn settle_account(&mut self, timing: &Timing, now: Instant) -> Option<Decimal> {
+        let Inner {
+            account,
+            runs,
+            gptbots,
+            ..
+        } = self;
+        account.settle(|pending| match pending {
+            Pending::Release { run_order_id } => runs.get(run_order_id).and_then(|run| {
+                let phase = timing.phase_at(now.saturating_duration_since(run.submitted));
+                (phase == Phase::Settled).then_some(run.settlement.released)
+            }),
+            Pending::Debit { run_id } => gptbots.runs.get(run_id).and_then(|run| {
+                let elapsed = now.saturating_duration_since(run.submitted);
+                run.is_over(timing, elapsed)
+                    .then(|| -run.cost(timing, elapsed))
+            }),
+        });
+        account.balance()
     }
 
     /// chenyu runs queued or running at `now`.
@@ -165,6 +197,25 @@ impl Shared {
         let mut inner = self.lock();
         self.holds.apply(&faults);
         inner.faults = faults;
+    }
+
+    /// Sets the balance after applying what was due to the old one.
+    pub(crate) fn set_balance(&self, balance: Option<Decimal>) {
+        let mut inner = self.lock();
+        inner.settle_account(&self.timing, Instant::now());
+        inner.account.set(balance);
+    }
+
+    /// The balance now.
+    pub(crate) fn balance(&self) -> Option<Decimal> {
+        self.lock().settle_account(&self.timing, Instant::now())
+    }
+
+    /// Adds to the balance; the new one (`None` when unlimited).
+    pub(crate) fn top_up(&self, amount: Decimal) -> Option<Decimal> {
+        let mut inner = self.lock();
+        inner.settle_account(&self.timing, Instant::now());
+        inner.account.top_up(amount)
     }
 
     /// A snapshot of the stats, with the hold gauge filled in.

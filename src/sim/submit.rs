@@ -11,7 +11,7 @@ use super::envelope::ApiError;
 use super::faults::Injected;
 use super::inputs;
 use super::limits::under_cap;
-use super::money::stable_hash;
+use super::money::{amount8, stable_hash};
 use super::run::{Run, new_run_order_id};
 use super::state::{Inner, Shared};
 use super::views;
@@ -87,7 +87,8 @@ pub(crate) fn parse(body: &[u8]) -> Result<SubmitRequest, ApiError> {
 /// Decides the outcome of one authorised submit and records it. Runs under
 /// the state lock, so two concurrent submits with one key cannot both
 /// create a run. Order: injected faults, the body, a replay of a known key
-/// (never refused below), validation, the run cap, then the new run.
+/// (never refused below), validation, the run cap, the balance (the quote
+/// is frozen from it), then the new run.
 pub(crate) fn decide(
     shared: &Shared,
     inner: &mut Inner,
@@ -133,6 +134,21 @@ pub(crate) fn decide(
     let mut run_order_id = new_run_order_id();
     while inner.runs.contains_key(&run_order_id) {
         run_order_id = new_run_order_id();
+    }
+    inner.settle_account(&shared.timing, now);
+    if let Err(short) = inner.account.freeze(workflow.quote(), &run_order_id) {
+        inner.stats.balance_refusals += 1;
+        return SubmitOutcome::Rejected(ApiError {
+            http: StatusCode::OK,
+            status_code: StatusCode::PAYMENT_REQUIRED,
+            msg: "insufficient balance",
+            engine_code: "INSUFFICIENT_BALANCE",
+            detail: format!(
+                "the quote {} CNY exceeds the balance {} CNY",
+                amount8(short.quote),
+                amount8(short.balance)
+            ),
+        });
     }
     let run = Run::new(
         run_order_id.clone(),

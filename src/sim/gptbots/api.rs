@@ -152,8 +152,9 @@ async fn invoke(
     }
 }
 
-/// Counts, injects faults (before anything is created), validates,
-/// creates, and decides whether the answer is lost, under one lock.
+/// Counts, injects faults (before anything is created), validates, checks
+/// the run cap and the credits, creates, and decides whether the answer is
+/// lost, under one lock.
 fn decide(shared: &Shared, workflow: &'static GptWorkflow, body: &[u8]) -> Start {
     let mut inner = shared.lock();
     inner.stats.gptbots_invoke_requests += 1;
@@ -180,9 +181,15 @@ fn decide(shared: &Shared, workflow: &'static GptWorkflow, body: &[u8]) -> Start
             "too many concurrent workflow runs",
         ));
     }
+    inner.settle_account(&shared.timing, now);
+    if !inner.account.has_credits() {
+        inner.stats.balance_refusals += 1;
+        return Start::Refused(error(StatusCode::OK, 403_200, "insufficient credits"));
+    }
     let run_id = inner
         .gptbots
         .create(workflow, invoke.user_id, invoke.input, now);
+    inner.account.debit_at_end(&run_id);
     inner.stats.gptbots_runs_created += 1;
     let drop_answer = inner.faults.take_answer_drop();
     inner.stats.dropped_answers += u64::from(drop_answer);
