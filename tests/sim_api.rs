@@ -1009,3 +1009,146 @@ async fn balance_freezes_quotes_releases_at_settlement_and_stays_exact() {
     assert_eq!(conflict.status(), StatusCode::CONFLICT);
     sim.shutdown().await;
 }
+
+/// A GET's status and raw body text (hostile bodies are not for serde_json).
+async fn get_text(sim: &SimServer, path_and_query: &str) -> (StatusCode, String) {
+    let response = Client::new()
+        .get(format!("{}{path_and_query}", sim.base_url()))
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("request sent");
+    (response.status(), response.text().await.expect("body"))
+}
+
+/// Syntactically valid JSON (serde_json's skipping parser checks only the
+/// grammar: no depth limit, no number ranges, no surrogate pairing).
+fn valid_json(text: &str) -> bool {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+}
+
+/// The raw text of a string member, e.g. `"final_amount":"0.01"` gives `0.01`.
+fn raw_string(text: &str, field: &str) -> String {
+    let key = format!("\"{field}\":\"");
+    let at = text.find(&key).unwrap_or_else(|| panic!("no {field}")) + key.len();
+    text[at..at + text[at..].find('"').expect("end")].to_owned()
+}
+
+/// Waits (in process) until every run in the ledger is settled.
+async fn all_settled(sim: &SimServer, runs: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ledger = sim.ledger();
+        if ledger.len() == runs && ledger.iter().all(|e| e.final_amount.is_some()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never settled: {ledger:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn hostile_outputs_cycle_through_the_corpus_as_valid_json() {
+    let sim = start(0).await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let (_, answer) = submit(&sim, image_submit(&format!("k-hostile-{i}"))).await;
+        ids.push(
+            answer["data"]["run_order_id"]
+                .as_str()
+                .expect("id")
+                .to_owned(),
+        );
+    }
+    let (_, failing) = submit(
+        &sim,
+        json!({"workflow_id": ALWAYS_FAILS, "inputs": {"prompt": "x"}, "idempotency_key": "k-hostile-fail"}),
+    )
+    .await;
+    assert_eq!(failing["code"], 0, "{failing}");
+    ids.push(
+        failing["data"]["run_order_id"]
+            .as_str()
+            .expect("id")
+            .to_owned(),
+    );
+    all_settled(&sim, 9).await;
+    sim.set_faults(Faults {
+        hostile_outputs: true,
+        ..Faults::default()
+    });
+    let markers: [&[&str]; 8] = [
+        &[r#""sim_hostile":"before\u0000after""#],
+        &[r#""sim_hostile":"\ud800""#],
+        &[],
+        &[r#""sim_hostile":{"n":{"n":{"n":"#],
+        &[r#"{"key\u0000with a nul":true}"#],
+        &[
+            "1e400",
+            ":-0,",
+            "123456789012345678901234567890",
+            "1.0e-400",
+        ],
+        &[r#"\u0001\u001F\b\f\/\u000A\u007f"#, "\u{7f}\u{2028}"],
+        &[
+            r"\u0000",
+            r"\ud800",
+            "1e400",
+            r"\u001F",
+            r#""nul_key":{"key\u0000"#,
+        ],
+    ];
+    let ledger = sim.ledger();
+    for (i, id) in ids.iter().enumerate() {
+        let (status, info) = get_text(&sim, &format!("/workflow/run/info?run_order_id={id}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(valid_json(&info), "run {i}: run/info is not valid JSON");
+        let entry = ledger
+            .iter()
+            .find(|e| &e.run_order_id == id)
+            .expect("in the ledger");
+        let money = |field: &str| raw_string(&info, field).parse::<Decimal>().expect(field);
+        assert_eq!(
+            Some(money("final_amount")),
+            entry.final_amount,
+            "money stays valid"
+        );
+        assert_eq!(Some(money("released_amount")), entry.released);
+        let (status, execution) =
+            get_text(&sim, &format!("/workflow/run/execution?run_order_id={id}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            valid_json(&execution),
+            "run {i}: run/execution is not valid JSON"
+        );
+        if i == 8 {
+            // The failing run: its error message carries the ninth entry,
+            // the first again.
+            assert!(
+                info.contains(r#""error_message":"simulated engine failure"#),
+                "{info}"
+            );
+            assert!(raw_string(&info, "error_message").contains(r"(nul: \u0000)"));
+            assert!(execution.contains(r"(nul: \u0000)"));
+            continue;
+        }
+        assert!(
+            info.contains(r#""n9_images":"https://"#),
+            "real outputs kept"
+        );
+        for marker in markers[i] {
+            assert!(info.contains(marker), "run {i}: {marker} missing");
+            assert!(execution.contains(marker), "run {i}: {marker} missing");
+        }
+        if i == 2 || i == 7 {
+            assert!(info.len() > 2 * 1024 * 1024, "a 2 MiB string");
+        }
+    }
+    assert_eq!(sim.stats().hostile_answers, 18);
+    // Off again: plain answers, counted no more.
+    sim.set_faults(Faults::default());
+    let (_, info) = get(&sim, &format!("/workflow/run/info?run_order_id={}", ids[1])).await;
+    assert!(info["data"]["outputs"].get("sim_hostile").is_none());
+    assert_eq!(sim.stats().hostile_answers, 18);
+    sim.shutdown().await;
+}

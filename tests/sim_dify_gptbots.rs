@@ -1116,3 +1116,148 @@ async fn gptbots_runs_spend_credits_and_stop_at_zero() {
     assert_eq!(sim.gptbots_ledger().len(), 2);
     sim.shutdown().await;
 }
+
+/// Syntactically valid JSON (serde_json's skipping parser checks only the
+/// grammar: no depth limit, no number ranges, no surrogate pairing).
+fn valid_json(text: &str) -> bool {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+}
+
+/// The raw text of a Dify GET.
+async fn dify_get_text(sim: &SimServer, app: &str, path: &str) -> (StatusCode, String) {
+    let response = Client::new()
+        .get(format!("{}{path}", sim.dify_base_url(app)))
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("request sent");
+    (response.status(), response.text().await.expect("body"))
+}
+
+#[tokio::test]
+async fn dify_hostile_outputs_in_the_stream_the_blocking_answer_and_the_detail() {
+    let sim = start().await;
+    sim.set_faults(Faults {
+        hostile_outputs: true,
+        ..Faults::default()
+    });
+    // Run 1 (NUL), streamed.
+    let stream = dify_post(&sim, "text", "/workflows/run", &run_body("u", "streaming"))
+        .await
+        .text()
+        .await
+        .expect("whole stream");
+    let finished = stream
+        .split("\n\n")
+        .filter_map(|b| b.strip_prefix("data: "))
+        .find(|e| e.contains("\"workflow_finished\""))
+        .expect("workflow_finished");
+    assert!(valid_json(finished));
+    assert!(
+        finished.contains(r#""sim_hostile":"before\u0000after""#),
+        "{finished}"
+    );
+    assert!(finished.contains(r#""outputs":{"#), "real outputs kept");
+    let first: Value = serde_json::from_str(finished).expect("NUL parses");
+    let first_id = first["workflow_run_id"].as_str().expect("id").to_owned();
+    // Run 2 (lone surrogate), blocking.
+    let blocking = dify_post(&sim, "text", "/workflows/run", &run_body("u", "blocking"))
+        .await
+        .text()
+        .await
+        .expect("body");
+    assert!(valid_json(&blocking));
+    assert!(blocking.contains(r#""sim_hostile":"\ud800""#), "{blocking}");
+    assert!(
+        serde_json::from_str::<Value>(&blocking).is_err(),
+        "strict parsers refuse it"
+    );
+    // Run 3 (2 MiB), a failing app: the error message carries it.
+    let failed = dify_post(&sim, "fails", "/workflows/run", &run_body("u", "blocking"))
+        .await
+        .text()
+        .await
+        .expect("body");
+    assert!(valid_json(&failed));
+    assert!(failed.len() > 2 * 1024 * 1024);
+    assert!(failed.contains(r#""error":"simulated node failure xxxx"#));
+    let failed: Value = serde_json::from_str(&failed).expect("parses");
+    let failed_id = failed["workflow_run_id"].as_str().expect("id").to_owned();
+    let (status, detail) = dify_get_text(&sim, "text", &format!("/workflows/run/{first_id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(valid_json(&detail) && detail.contains(r"before\u0000after"));
+    let (_, detail) = dify_get_text(&sim, "fails", &format!("/workflows/run/{failed_id}")).await;
+    assert!(valid_json(&detail) && detail.len() > 2 * 1024 * 1024);
+    assert_eq!(sim.stats().hostile_answers, 5);
+    // The prices stay exact, so the ledger still matches the stream.
+    let llm = stream
+        .split("\n\n")
+        .filter_map(|b| b.strip_prefix("data: "))
+        .find(|e| e.contains("\"node_type\":\"llm\"") && e.contains("node_finished"))
+        .expect("llm");
+    assert_eq!(raw_price(llm), sim.dify_ledger()[0].total_price);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn gptbots_odd_statuses_missing_costs_and_hostile_outputs() {
+    let sim = start().await;
+    sim.set_faults(Faults {
+        hostile_outputs: true,
+        gptbots_unknown_status: Some("ARCHIVED".to_owned()),
+        gptbots_omit_total_cost: true,
+        ..Faults::default()
+    });
+    let sync = json!({"input": {"topic": "x"}});
+    let response = gptbots(&sim, "news", "/v1/workflow/invoke", &sync).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.expect("body");
+    assert!(valid_json(&text));
+    let body: Value = serde_json::from_str(&text).expect("NUL parses");
+    assert_eq!(body["status"], "ARCHIVED");
+    assert!(body.get("totalCost").is_none(), "{text}");
+    assert_eq!(body["output"]["sim_hostile"], "before\u{0}after");
+    assert!(body["output"]["news"].is_array(), "real output kept");
+    let first_id = body["workflowRunId"].as_str().expect("id").to_owned();
+    let stats = sim.stats();
+    assert_eq!(
+        (
+            stats.hostile_answers,
+            stats.gptbots_unknown_statuses,
+            stats.gptbots_costs_omitted
+        ),
+        (1, 1, 1)
+    );
+
+    sim.set_faults(Faults {
+        hostile_outputs: true,
+        ..Faults::default()
+    });
+    let response = gptbots(&sim, "fails", "/v1/workflow/invoke", &sync).await;
+    let text = response.text().await.expect("body");
+    assert!(valid_json(&text));
+    assert!(
+        text.contains(r#""errorMessage":"simulated workflow failure (surrogate: \ud800)""#),
+        "{text}"
+    );
+    assert!(text.contains(r#""status":"FAILED""#));
+    assert_eq!(raw_cost(&text), sim.gptbots_ledger()[1].total_cost);
+
+    sim.set_faults(Faults::default());
+    let (status, text) = query(&sim, "news", &first_id).await;
+    assert_eq!(status, StatusCode::OK);
+    let body: Value = serde_json::from_str(&text).expect("plain JSON");
+    assert_eq!(body["status"], "SUCCEED");
+    assert_eq!(raw_cost(&text), sim.gptbots_ledger()[0].total_cost);
+    assert!(body["output"].get("sim_hostile").is_none());
+    let stats = sim.stats();
+    assert_eq!(
+        (
+            stats.hostile_answers,
+            stats.gptbots_unknown_statuses,
+            stats.gptbots_costs_omitted
+        ),
+        (2, 1, 1)
+    );
+    sim.shutdown().await;
+}

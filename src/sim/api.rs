@@ -18,6 +18,7 @@ use super::balance;
 use super::catalog;
 use super::envelope::{self, ApiError};
 use super::gate::{self, Denied, Endpoint, Params, param};
+use super::hostile::{self, Variant};
 use super::state::Shared;
 use super::submit::{self, SubmitOutcome};
 use super::timeline::Phase;
@@ -161,19 +162,29 @@ async fn poll(shared: &Shared, headers: &HeaderMap, params: &Params, kind: PollK
         return run_not_found(run_order_id).into_response();
     };
     let phase = shared.phase_now(run, now);
+    let hostile = (inner.faults.hostile_outputs && phase >= Phase::Finished)
+        .then(|| Variant::of_run(run.seq));
     let data = match kind {
-        PollKind::Info => views::run_info(run, phase, &shared.timing),
+        PollKind::Info => views::run_info(run, phase, &shared.timing, hostile.is_some()),
         PollKind::Execution => {
             let elapsed = now.saturating_duration_since(run.submitted);
             let queue = (phase == Phase::Queued).then(|| QueueInfo {
                 position: inner.queued_ahead(run, &shared.timing, now) + 1,
                 estimated_wait_sec: shared.timing.estimated_wait_secs(elapsed),
             });
-            views::execution(run, phase, shared.timing.progress_percent(elapsed), queue)
+            let progress = shared.timing.progress_percent(elapsed);
+            views::execution(run, phase, progress, queue, hostile.is_some())
         }
     };
+    inner.stats.hostile_answers += u64::from(hostile.is_some());
     drop(inner);
-    envelope::ok("查询成功", data)
+    match hostile {
+        Some(variant) => envelope::json_text(hostile::splice(
+            &envelope::ok_body("查询成功", data).to_string(),
+            variant,
+        )),
+        None => envelope::ok("查询成功", data),
+    }
 }
 
 fn run_not_found(run_order_id: &str) -> ApiError {

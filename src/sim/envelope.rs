@@ -17,7 +17,12 @@ const BAD_GATEWAY_HTML: &str = "<html>\r\n<head><title>502 Bad Gateway</title></
 
 /// A successful answer: `{code: 0, msg, data}`.
 pub(crate) fn ok(msg: &str, data: Value) -> Response {
-    Json(json!({"code": 0, "msg": msg, "data": data})).into_response()
+    Json(ok_body(msg, data)).into_response()
+}
+
+/// The body of a successful answer.
+pub(crate) fn ok_body(msg: &str, data: Value) -> Value {
+    json!({"code": 0, "msg": msg, "data": data})
 }
 
 /// An already serialized JSON body with HTTP 200.

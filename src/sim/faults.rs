@@ -93,6 +93,20 @@ pub struct Faults {
     /// (a replay of a known key never is), Dify HTTP 429
     /// `too_many_requests`, GPTBots HTTP 429 `code: 429001`.
     pub max_running_runs: Option<u32>,
+    /// Finished runs' outputs and failed runs' error messages (chenyu
+    /// `run/info` and `run/execution`, Dify `workflow_finished`, blocking
+    /// answer and run detail, GPTBots `query/result`) carry hostile but
+    /// valid JSON, cycling per run through a fixed corpus (NUL, a lone
+    /// surrogate, 2 MiB, 200 levels deep, a NUL in a key, `1e400` and
+    /// friends, oddly escaped control characters, all at once; see
+    /// `sim::hostile`). Money fields stay valid.
+    pub hostile_outputs: bool,
+    /// GPTBots: finished runs report this status instead of `SUCCEED` or
+    /// `FAILED` (e.g. `"ARCHIVED"`); `SimStats::gptbots_unknown_statuses`.
+    pub gptbots_unknown_status: Option<String>,
+    /// GPTBots: finished runs' `query/result` answers have no `totalCost`
+    /// member at all; `SimStats::gptbots_costs_omitted`.
+    pub gptbots_omit_total_cost: bool,
 }
 
 /// A fault chosen for one request, rendered by `envelope::injected`.

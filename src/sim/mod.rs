@@ -17,7 +17,8 @@
 //! Module map: `catalog` (published workflows), `inputs` (input
 //! validation), `money` (amounts and settlement), `timeline` (phase at a
 //! given time), `run` (run records, ledger entries), `state` (shared state
-//! and stats), `faults`, `balance` (the account), `hold` (hold gates), `limits` (rate limit
+//! and stats), `faults`, `balance` (the account), `hold` (hold gates),
+//! `hostile` (the hostile-answer corpus), `limits` (rate limit
 //! and run cap), `submit` (the submit decision), `views` (answer
 //! bodies), `envelope` (response envelopes), `api` and `admin` (routes).
 
@@ -31,6 +32,7 @@ mod faults;
 mod gate;
 mod gptbots;
 mod hold;
+mod hostile;
 mod inputs;
 mod limits;
 mod money;

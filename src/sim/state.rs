@@ -93,6 +93,13 @@ pub struct SimStats {
     pub balance_refusals: u64,
     /// Authorised chenyu `balance/info` requests.
     pub balance_requests: u64,
+    /// Answers that carried a `hostile_outputs` entry (a Dify stream counts
+    /// once, for its `workflow_finished`).
+    pub hostile_answers: u64,
+    /// GPTBots answers that reported `gptbots_unknown_status`.
+    pub gptbots_unknown_statuses: u64,
+    /// GPTBots answers without `totalCost` (`gptbots_omit_total_cost`).
+    pub gptbots_costs_omitted: u64,
 }
 
 /// Everything mutable, guarded by `Shared::inner`.
@@ -109,6 +116,8 @@ pub(crate) struct Inner {
     pub limiter: Limiter,
     /// The balance; not part of the faults.
     pub account: Account,
+    /// chenyu runs created so far.
+    pub chenyu_created: u64,
 }
 
 impl Inner {

@@ -150,12 +150,14 @@ pub(crate) fn decide(
             ),
         });
     }
+    inner.chenyu_created += 1;
     let run = Run::new(
         run_order_id.clone(),
         workflow,
         key.clone(),
         inputs_as_sent(&request),
         now,
+        inner.chenyu_created,
     );
     let data = views::submit_answer(&run, shared.phase_now(&run, now), false);
     inner

@@ -23,6 +23,7 @@ use super::{stream, views};
 use crate::sim::envelope;
 use crate::sim::faults::Injected;
 use crate::sim::gate::{self, Denied, Endpoint, Params, param};
+use crate::sim::hostile::{self, Variant};
 use crate::sim::limits::under_cap;
 use crate::sim::state::Shared;
 
@@ -209,13 +210,16 @@ async fn run(shared: Arc<Shared>, path: Segments, headers: HeaderMap, body: Byte
     }
     loop {
         let wait = {
-            let inner = shared.lock();
+            let mut inner = shared.lock();
             let Some(run) = inner.dify.runs.get(&run_id) else {
                 return not_found("run vanished");
             };
             let elapsed = Instant::now().saturating_duration_since(run.submitted);
             if run.is_over(&shared.timing, elapsed) {
-                return Json(views::blocking(run, &shared.timing, elapsed)).into_response();
+                let hostile = run.hostile(inner.faults.hostile_outputs);
+                let body = views::blocking(run, &shared.timing, elapsed, hostile.is_some());
+                inner.stats.hostile_answers += u64::from(hostile.is_some());
+                return answer(&body, hostile);
             }
             run.ends_after(&shared.timing).saturating_sub(elapsed)
         };
@@ -323,9 +327,22 @@ async fn detail(
     match inner.dify.runs.get(&run_id).filter(|r| r.app == app) {
         Some(run) => {
             let elapsed = Instant::now().saturating_duration_since(run.submitted);
-            Json(views::detail(run, &shared.timing, elapsed)).into_response()
+            let hostile = run
+                .hostile(inner.faults.hostile_outputs)
+                .filter(|_| run.is_over(&shared.timing, elapsed));
+            let body = views::detail(run, &shared.timing, elapsed, hostile.is_some());
+            inner.stats.hostile_answers += u64::from(hostile.is_some());
+            answer(&body, hostile)
         }
         None => not_found("Workflow run not found"),
+    }
+}
+
+/// A JSON answer, spliced with its hostile entry if it has one.
+fn answer(body: &Value, hostile: Option<Variant>) -> Response {
+    match hostile {
+        Some(variant) => envelope::json_text(hostile::splice(&body.to_string(), variant)),
+        None => Json(body).into_response(),
     }
 }
 

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::apps::{DifyApp, Ending, NODE_FAILURE};
+use crate::sim::hostile::Variant;
 use crate::sim::money::stable_hash;
 use crate::sim::timeline::Timing;
 
@@ -178,6 +179,12 @@ impl DifyRun {
     pub(crate) fn finished_at(&self, timing: &Timing, elapsed: Duration) -> Option<DateTime<Utc>> {
         self.is_over(timing, elapsed)
             .then(|| self.created_at + self.ends_after(timing))
+    }
+
+    /// The hostile entry of this run when `hostile_outputs` is `on`: only
+    /// runs that end with outputs or a failure carry one, not stopped ones.
+    pub(crate) fn hostile(&self, on: bool) -> Option<Variant> {
+        (on && self.stopped_after.is_none()).then(|| Variant::of_run(self.order))
     }
 
     /// Stops the run if it has not ended; false when there was nothing to stop.

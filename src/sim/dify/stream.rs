@@ -94,7 +94,7 @@ async fn next_chunk(mut cursor: Cursor) -> Option<(Result<Bytes, std::io::Error>
             return None;
         }
         let now = Instant::now();
-        let (events, elapsed, ping, held) = {
+        let (events, elapsed, ping, held, hostile) = {
             let inner = cursor.shared.lock();
             let run = inner.dify.runs.get(&cursor.run_id)?;
             let ping = inner
@@ -104,7 +104,9 @@ async fn next_chunk(mut cursor: Cursor) -> Option<(Result<Bytes, std::io::Error>
                 .max(Duration::from_millis(1));
             let elapsed = now.saturating_duration_since(run.submitted);
             let held = inner.faults.hold_streams;
-            (timeline(run, &cursor.shared.timing), elapsed, ping, held)
+            let hostile = run.hostile(inner.faults.hostile_outputs);
+            let events = timeline(run, &cursor.shared.timing, hostile);
+            (events, elapsed, ping, held, hostile.is_some())
         };
         let due_count = events.iter().take_while(|e| e.at <= elapsed).count();
         let sendable = if held {
@@ -132,6 +134,9 @@ async fn next_chunk(mut cursor: Cursor) -> Option<(Result<Bytes, std::io::Error>
             cursor.sent = sendable;
             cursor.done = cursor.sent >= events.len();
             cursor.last_write = now;
+            if cursor.done && hostile {
+                cursor.shared.lock().stats.hostile_answers += 1;
+            }
             return Some((Ok(Bytes::from(chunk)), cursor));
         }
         let ping_at = cursor.last_write + ping;

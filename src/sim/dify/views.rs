@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
-use super::events::finished_data;
+use super::events::{error, finished_data, outputs};
 use super::run::DifyRun;
 use crate::sim::timeline::Timing;
 
@@ -40,7 +40,8 @@ impl DateStyle {
 
 /// `GET /workflows/run/{id}`. `inputs` is a JSON *string* with Dify's
 /// system variables, as in the docs; there is no price here, as in Dify.
-pub(crate) fn detail(run: &DifyRun, timing: &Timing, elapsed: Duration) -> Value {
+/// `hostile`: marks for `hostile::splice`.
+pub(crate) fn detail(run: &DifyRun, timing: &Timing, elapsed: Duration, hostile: bool) -> Value {
     let style = DateStyle::of(run);
     let mut inputs: Map<String, Value> = run.inputs.clone();
     inputs.insert("sys.files".into(), json!([]));
@@ -50,8 +51,8 @@ pub(crate) fn detail(run: &DifyRun, timing: &Timing, elapsed: Duration) -> Value
         "workflow_id": run.app.workflow_id,
         "status": run.status(timing, elapsed),
         "inputs": Value::Object(inputs).to_string(),
-        "outputs": run.outputs(timing, elapsed),
-        "error": run.error(timing, elapsed),
+        "outputs": outputs(run, timing, elapsed, hostile),
+        "error": error(run, timing, elapsed, hostile),
         "total_steps": run.total_steps(timing, elapsed),
         "total_tokens": run.tokens(timing, elapsed),
         "created_at": style.format(run.created_at),
@@ -61,11 +62,11 @@ pub(crate) fn detail(run: &DifyRun, timing: &Timing, elapsed: Duration) -> Value
 }
 
 /// The answer to a blocking run request.
-pub(crate) fn blocking(run: &DifyRun, timing: &Timing, elapsed: Duration) -> Value {
+pub(crate) fn blocking(run: &DifyRun, timing: &Timing, elapsed: Duration, hostile: bool) -> Value {
     json!({
         "workflow_run_id": run.id,
         "task_id": run.task_id,
-        "data": finished_data(run, timing, elapsed),
+        "data": finished_data(run, timing, elapsed, hostile),
     })
 }
 
@@ -109,7 +110,7 @@ mod tests {
     fn detail_has_the_documented_shape() {
         let mut r = run("text");
         r.sequence_number = 1;
-        let running = detail(&r, &T, Duration::ZERO);
+        let running = detail(&r, &T, Duration::ZERO, false);
         assert_eq!(running["status"], "running");
         assert_eq!(running["finished_at"], Value::Null);
         assert_eq!(running["outputs"], Value::Null);
@@ -119,7 +120,7 @@ mod tests {
         assert_eq!(inputs["sys.user_id"], "u1");
         assert_eq!(inputs["query"], "a b c");
         r.sequence_number = 2;
-        let done = detail(&r, &T, Duration::from_secs(5));
+        let done = detail(&r, &T, Duration::from_secs(5), false);
         assert_eq!(done["status"], "succeeded");
         let text = done["finished_at"].as_str().expect("text date");
         assert!(text.ends_with(" -0000") && text.contains(", "), "{text}");
@@ -136,7 +137,7 @@ mod tests {
             entry["workflow_run"]["version"],
             "2025-01-06 09:31:00.000000"
         );
-        let b = blocking(&r, &T, Duration::from_secs(5));
+        let b = blocking(&r, &T, Duration::from_secs(5), false);
         assert_eq!(b["data"]["error"], "simulated node failure");
         assert_eq!(b["workflow_run_id"], b["data"]["id"]);
     }

@@ -16,13 +16,15 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::views;
+use super::views::{self, Oddities};
 use super::workflows::{self, GptWorkflow};
 use crate::sim::envelope;
 use crate::sim::faults::Injected;
 use crate::sim::gate::{self, Denied, Endpoint};
+use crate::sim::hostile::Variant;
 use crate::sim::limits::under_cap;
-use crate::sim::state::Shared;
+use crate::sim::state::{Inner, Shared};
+use crate::sim::timeline::Timing;
 
 /// How often a synchronous invoke looks at its run.
 const SYNC_RECHECK: Duration = Duration::from_millis(25);
@@ -135,7 +137,7 @@ async fn invoke(
     };
     loop {
         let wait = {
-            let inner = shared.lock();
+            let mut inner = shared.lock();
             let Some(run) = inner.gptbots.runs.get(&run_id) else {
                 return error(StatusCode::NOT_FOUND, 404_001, "workflow run not found");
             };
@@ -144,7 +146,8 @@ async fn invoke(
             }
             let elapsed = Instant::now().saturating_duration_since(run.submitted);
             if run.is_over(&shared.timing, elapsed) {
-                return json_text(views::result(run, &shared.timing, elapsed));
+                let text = result_text(&mut inner, &shared.timing, &run_id, elapsed);
+                return json_text(text.unwrap_or_default());
             }
             (shared.timing.queue + shared.timing.run).saturating_sub(elapsed)
         };
@@ -228,16 +231,40 @@ async fn query_result(
             "workflowRunId is required",
         );
     };
-    match inner
+    let elapsed = match inner
         .gptbots
         .runs
         .get(&run_id)
         .filter(|r| r.workflow == workflow)
     {
-        Some(run) => {
-            let elapsed = Instant::now().saturating_duration_since(run.submitted);
-            json_text(views::result(run, &shared.timing, elapsed))
-        }
-        None => error(StatusCode::NOT_FOUND, 404_001, "workflow run not found"),
+        Some(run) => Instant::now().saturating_duration_since(run.submitted),
+        None => return error(StatusCode::NOT_FOUND, 404_001, "workflow run not found"),
+    };
+    let text = result_text(&mut inner, &shared.timing, &run_id, elapsed);
+    json_text(text.unwrap_or_default())
+}
+
+/// The result body of a run `elapsed` after its creation, bent by the
+/// faults' oddities once it is over, each counted in the stats.
+fn result_text(
+    inner: &mut Inner,
+    timing: &Timing,
+    run_id: &str,
+    elapsed: Duration,
+) -> Option<String> {
+    let run = inner.gptbots.runs.get(run_id)?;
+    let faults = &inner.faults;
+    let odd = Oddities {
+        hostile: faults.hostile_outputs.then(|| Variant::of_run(run.order)),
+        unknown_status: faults.gptbots_unknown_status.as_deref(),
+        omit_total_cost: faults.gptbots_omit_total_cost,
+    };
+    let text = views::result(run, timing, elapsed, &odd);
+    if run.is_over(timing, elapsed) {
+        let stats = &mut inner.stats;
+        stats.hostile_answers += u64::from(odd.hostile.is_some());
+        stats.gptbots_unknown_statuses += u64::from(odd.unknown_status.is_some());
+        stats.gptbots_costs_omitted += u64::from(odd.omit_total_cost);
     }
+    Some(text)
 }
