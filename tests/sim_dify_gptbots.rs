@@ -1261,3 +1261,101 @@ async fn gptbots_odd_statuses_missing_costs_and_hostile_outputs() {
     );
     sim.shutdown().await;
 }
+
+/// Starts a streaming run whose answer is lost; its id, known only to the
+/// simulator (read from its ledger).
+async fn lost_streaming_run(sim: &SimServer, user: &str) -> String {
+    let before = sim.dify_ledger().len();
+    let faults = sim.faults();
+    sim.set_faults(Faults {
+        drop_next_submit_answers: 1,
+        ..faults.clone()
+    });
+    let sent = Client::new()
+        .post(format!("{}/workflows/run", sim.dify_base_url("text")))
+        .header("Authorization", TOKEN)
+        .json(&run_body(user, "streaming"))
+        .send()
+        .await;
+    if let Ok(response) = sent {
+        assert!(response.text().await.is_err(), "the stream must break");
+    }
+    sim.set_faults(faults);
+    let ledger = sim.dify_ledger();
+    assert_eq!(ledger.len(), before + 1, "the run exists");
+    ledger[before].workflow_run_id.clone()
+}
+
+async fn logs_of(sim: &SimServer, user: &str) -> Value {
+    let (status, logs) = dify_get(
+        sim,
+        "text",
+        &format!("/workflows/logs?created_by_end_user_session_id={user}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    logs
+}
+
+#[tokio::test]
+async fn dify_running_runs_whose_answer_was_lost_are_reachable_by_id_and_logged_by_the_rules() {
+    // Runs go on for the whole test.
+    let sim = start_with(Duration::from_secs(600)).await;
+    let run_id = lost_streaming_run(&sim, "lost-1").await;
+    let detail = wait_detail(&sim, "text", &run_id, |_| true).await;
+    assert_eq!(detail["status"], "running");
+    // The resume stream works for it (with the user who started it).
+    let response = Client::new()
+        .get(format!(
+            "{}/workflow/{run_id}/events?user=lost-1",
+            sim.dify_base_url("text")
+        ))
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("sent");
+    let mut resumed = Sse::new(response);
+    let started = resumed.next().await.expect("workflow_started");
+    assert_eq!(
+        (
+            started["event"].as_str(),
+            started["workflow_run_id"].as_str()
+        ),
+        (Some("workflow_started"), Some(run_id.as_str()))
+    );
+    drop(resumed);
+    // Older Dify: no log row until the run ends.
+    assert_eq!(logs_of(&sim, "lost-1").await["total"], 0);
+    // Newer Dify: the row is written at the start, so the run is found.
+    sim.set_faults(Faults {
+        dify_logs_include_running: true,
+        ..Faults::default()
+    });
+    let logs = logs_of(&sim, "lost-1").await;
+    assert_eq!(logs["total"], 1);
+    let row = &logs["data"][0];
+    assert_eq!(row["workflow_run"]["id"], run_id.as_str());
+    assert_eq!(row["workflow_run"]["status"], "running");
+    assert_eq!(row["created_by_end_user"]["session_id"], "lost-1");
+    assert_eq!(logs_of(&sim, "someone-else").await["total"], 0);
+
+    // On a Dify whose runs die with their stream, a lost run stays running
+    // for good: reachable by id, and in the logs only where rows are
+    // written at the start.
+    sim.set_faults(Faults {
+        dify_runs_die_with_their_stream: true,
+        dify_logs_include_running: true,
+        ..Faults::default()
+    });
+    let stuck = lost_streaming_run(&sim, "lost-2").await;
+    let detail = wait_detail(&sim, "text", &stuck, |_| true).await;
+    assert_eq!(detail["status"], "running");
+    let logs = logs_of(&sim, "lost-2").await;
+    assert_eq!(logs["data"][0]["workflow_run"]["id"], stuck.as_str());
+    sim.set_faults(Faults {
+        dify_runs_die_with_their_stream: true,
+        ..Faults::default()
+    });
+    assert_eq!(logs_of(&sim, "lost-2").await["total"], 0);
+    sim.shutdown().await;
+}

@@ -7,7 +7,11 @@
 //! per idempotency key, settles runs on a clock (`SimConfig`), and keeps a
 //! ledger that proves nobody was charged twice. Faults (5xx, 429, lost
 //! submit answers, latency) are injected on demand through [`Faults`], in
-//! process or via the `/_sim/*` admin endpoints.
+//! process or via the `/_sim/*` admin endpoints, and so is the push-back a
+//! real provider gives: a per-key rate limit, a cap on runs at once,
+//! hostile answers, and hold gates that keep requests waiting until a test
+//! lets them go. An account balance (chenyu freezes, GPTBots credits) is
+//! kept apart from the faults (`SimServer::set_balance`).
 //!
 //! On the same server: Dify's service API under `/dify/{app}/v1` (module
 //! `dify`) and GPTBots' under `/gptbots/{workflow}` (module `gptbots`),

@@ -477,7 +477,10 @@ async fn logs(
         .iter()
         .skip((page - 1).saturating_mul(limit))
         .take(limit)
-        .map(|run| views::log_entry(run, &timing, now.saturating_duration_since(run.submitted)))
+        .map(|run| {
+            let elapsed = now.saturating_duration_since(run.submitted);
+            views::log_entry(run, &timing, elapsed, include_running)
+        })
         .collect();
     drop(inner);
     Json(json!({

@@ -70,8 +70,15 @@ pub(crate) fn blocking(run: &DifyRun, timing: &Timing, elapsed: Duration, hostil
     })
 }
 
-/// One entry of `GET /workflows/logs`.
-pub(crate) fn log_entry(run: &DifyRun, timing: &Timing, elapsed: Duration) -> Value {
+/// One entry of `GET /workflows/logs`. `written_at_start`: the row was
+/// written when the run started (newer Dify, `dify_logs_include_running`),
+/// not when it ended.
+pub(crate) fn log_entry(
+    run: &DifyRun,
+    timing: &Timing,
+    elapsed: Duration,
+    written_at_start: bool,
+) -> Value {
     let style = DateStyle::of(run);
     let finished_at = run.finished_at(timing, elapsed);
     json!({
@@ -96,8 +103,12 @@ pub(crate) fn log_entry(run: &DifyRun, timing: &Timing, elapsed: Duration) -> Va
             "is_anonymous": false,
             "session_id": run.user,
         },
-        // The log entry is written when the run ends.
-        "created_at": finished_at.unwrap_or(run.created_at).timestamp(),
+        "created_at": if written_at_start {
+            run.created_at
+        } else {
+            finished_at.unwrap_or(run.created_at)
+        }
+        .timestamp(),
     })
 }
 
@@ -130,7 +141,7 @@ mod tests {
     #[test]
     fn log_entries_name_the_end_user() {
         let r = run("fails");
-        let entry = log_entry(&r, &T, Duration::from_secs(5));
+        let entry = log_entry(&r, &T, Duration::from_secs(5), false);
         assert_eq!(entry["created_by_end_user"]["session_id"], "u1");
         assert_eq!(entry["workflow_run"]["status"], "failed");
         assert_eq!(
