@@ -165,6 +165,35 @@ struct SimArgs {
     /// Fraction of accepted submits whose answer is lost (the run exists, the client never hears).
     #[arg(long, default_value_t = 0.0)]
     drop_after_submit_rate: f64,
+    /// Requests per second per API key, all APIs together; beyond it HTTP 429 with Retry-After.
+    #[arg(long, value_parser = positive_number)]
+    rate_limit_rps: Option<f64>,
+    /// How the rate limit is enforced: token_bucket or sliding_window.
+    #[arg(long, default_value = "token_bucket")]
+    rate_limit_mode: sim::RateLimitMode,
+    /// Token bucket size (default: one second's worth, at least 1).
+    #[arg(long, value_parser = positive_number)]
+    rate_limit_burst: Option<f64>,
+    /// Most runs queued or running at once, per API kind; new runs beyond it are refused.
+    #[arg(long)]
+    max_running: Option<u32>,
+    /// Account balance (exact decimal) that chenyu quotes freeze from and GPTBots runs spend (default: unlimited).
+    #[arg(long, value_parser = exact_amount)]
+    balance: Option<rust_decimal::Decimal>,
+}
+
+/// A decimal amount, refused rather than rounded when it has too many digits.
+fn exact_amount(text: &str) -> Result<rust_decimal::Decimal, String> {
+    rust_decimal::Decimal::from_str_exact(text.trim())
+        .map_err(|e| format!("{text:?} is not an exact decimal amount: {e}"))
+}
+
+/// A finite number above zero, for rate flags.
+fn positive_number(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(n) if n.is_finite() && n > 0.0 => Ok(n),
+        _ => Err(format!("{text:?} is not a positive number")),
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -587,8 +616,13 @@ async fn run_sim(args: SimArgs) -> Result<()> {
         retry_after_secs: args.retry_after,
         latency: duration("latency", &args.latency)?,
         drop_after_submit_rate: args.drop_after_submit_rate,
+        rate_limit_rps: args.rate_limit_rps,
+        rate_limit_mode: args.rate_limit_mode,
+        rate_limit_burst: args.rate_limit_burst,
+        max_running_runs: args.max_running,
         ..Default::default()
     });
+    server.set_balance(args.balance);
     println!("chenyu simulator at {}", server.base_url());
     println!(
         "dify at {} (apps: text, fails, partial)",
@@ -599,7 +633,7 @@ async fn run_sim(args: SimArgs) -> Result<()> {
         server.gptbots_base_url("{workflow}")
     );
     println!(
-        "admin: http://{}/_sim/ledger, /_sim/dify/ledger, /_sim/gptbots/ledger, /_sim/stats, /_sim/faults (GET, PUT)",
+        "admin: http://{}/_sim/ledger, /_sim/dify/ledger, /_sim/gptbots/ledger, /_sim/stats, /_sim/faults (GET, PUT), /_sim/balance (GET, PUT), /_sim/balance/top_up (POST)",
         server.local_addr()
     );
     shutdown_signal().await;

@@ -605,3 +605,550 @@ async fn admin_endpoints_round_trip() {
     assert_eq!(stats["accepted_new"], 1);
     sim.shutdown().await;
 }
+
+/// Waits until `n` requests are held, failing the test rather than hanging
+/// if the simulator never holds them.
+async fn held(sim: &SimServer, n: u64) {
+    tokio::time::timeout(Duration::from_secs(10), sim.wait_until_held(n))
+        .await
+        .unwrap_or_else(|_| panic!("{n} requests were never held: {:?}", sim.stats()));
+}
+
+#[tokio::test]
+async fn held_status_checks_wait_until_released_together() {
+    let sim = std::sync::Arc::new(start(0).await);
+    let (_, answer) = submit(&sim, image_submit("k-hold")).await;
+    let run_order_id = answer["data"]["run_order_id"]
+        .as_str()
+        .expect("run id")
+        .to_owned();
+    sim.set_faults(Faults {
+        hold_status_checks: true,
+        ..Faults::default()
+    });
+    let mut waiting = Vec::new();
+    for endpoint in ["info", "execution"] {
+        let sim = std::sync::Arc::clone(&sim);
+        let path = format!("/workflow/run/{endpoint}?run_order_id={run_order_id}");
+        waiting.push(tokio::spawn(async move { get(&sim, &path).await }));
+    }
+    held(&sim, 2).await;
+    // Other requests are not held: market info and submits go through.
+    let (status, _) = get(
+        &sim,
+        &format!("/workflow/market/info?workflow_id={TEXT_TO_IMAGE}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = submit(&sim, image_submit("k-hold-2")).await;
+    assert_eq!(status, StatusCode::OK);
+    let stats = sim.stats();
+    assert_eq!((stats.held_requests, stats.held_total), (2, 2));
+    assert!(waiting.iter().all(|w| !w.is_finished()), "still held");
+    assert_eq!((stats.info_requests, stats.execution_requests), (0, 0));
+
+    sim.set_faults(Faults::default());
+    for w in waiting {
+        let (status, body) = w.await.expect("request task");
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["data"]["run_order_id"], run_order_id.as_str());
+    }
+    let stats = sim.stats();
+    assert_eq!((stats.held_requests, stats.held_total), (0, 2));
+    assert_eq!((stats.info_requests, stats.execution_requests), (1, 1));
+    std::sync::Arc::into_inner(sim)
+        .expect("tasks done")
+        .shutdown()
+        .await;
+}
+
+#[tokio::test]
+async fn held_submits_record_nothing_until_released_over_admin() {
+    let sim = std::sync::Arc::new(start(0).await);
+    let client = Client::new();
+    let faults_url = format!("{}/_sim/faults", admin_url(&sim));
+    let put = client
+        .put(&faults_url)
+        .json(&json!({"hold_submits": true}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(put.status(), StatusCode::OK);
+    let task = {
+        let sim = std::sync::Arc::clone(&sim);
+        tokio::spawn(async move { submit(&sim, image_submit("k-held-submit")).await })
+    };
+    held(&sim, 1).await;
+    assert!(sim.ledger().is_empty(), "nothing recorded while held");
+    assert_eq!(sim.stats().submit_requests, 0);
+    // Status checks are not held by this knob.
+    let (status, _) = get(&sim, "/workflow/run/info?run_order_id=wfrun_none").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let stats: Value = client
+        .get(format!("{}/_sim/stats", admin_url(&sim)))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(stats["held_requests"], 1);
+
+    let put = client
+        .put(&faults_url)
+        .json(&json!({"hold_submits": false}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(put.status(), StatusCode::OK);
+    let (status, body) = task.await.expect("submit task");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(sim.ledger().len(), 1);
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.held_requests, stats.held_total, stats.accepted_new),
+        (0, 1, 1)
+    );
+    std::sync::Arc::into_inner(sim)
+        .expect("task done")
+        .shutdown()
+        .await;
+}
+
+/// A GET with the given bearer token, to any URL; status, `Retry-After`
+/// and body.
+async fn get_as(token: &str, url: &str) -> (StatusCode, Option<u64>, Value) {
+    let response = Client::new()
+        .get(url)
+        .header("Authorization", token)
+        .send()
+        .await
+        .expect("request sent");
+    let status = response.status();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().expect("ascii").parse().expect("whole seconds"));
+    (
+        status,
+        retry_after,
+        response.json().await.expect("JSON body"),
+    )
+}
+
+#[tokio::test]
+async fn rate_limit_counts_every_api_of_a_key_together() {
+    let sim = start(0).await;
+    sim.set_faults(Faults {
+        // Slow enough that no token comes back during the test.
+        rate_limit_rps: Some(0.01),
+        rate_limit_burst: Some(2.0),
+        ..Faults::default()
+    });
+    let market = format!(
+        "{}/workflow/market/info?workflow_id={TEXT_TO_IMAGE}",
+        sim.base_url()
+    );
+    let dify = format!("{}/parameters", sim.dify_base_url("text"));
+    let (status, _, _) = get_as(TOKEN, &market).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = get_as(TOKEN, &dify).await;
+    assert_eq!(status, StatusCode::OK);
+    // The admin endpoints never count.
+    for _ in 0..3 {
+        let ok = Client::new()
+            .get(format!("{}/_sim/stats", admin_url(&sim)))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(ok.status(), StatusCode::OK);
+    }
+    // The bucket is empty: every API refuses this key, in its own shape.
+    let (status, retry, body) = get_as(TOKEN, &market).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry.is_some_and(|s| (1..=100).contains(&s)), "{retry:?}");
+    assert_eq!(
+        (body["code"].as_u64(), &body["data"]),
+        (Some(429), &Value::Null)
+    );
+    let (status, retry, body) = get_as(TOKEN, &dify).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry.is_some());
+    assert_eq!(
+        (body["code"].as_str(), body["status"].as_u64()),
+        (Some("too_many_requests"), Some(429))
+    );
+    let gpt = Client::new()
+        .post(format!(
+            "{}/v1/workflow/invoke",
+            sim.gptbots_base_url("news")
+        ))
+        .header("Authorization", TOKEN)
+        .json(&json!({"input": {"topic": "x"}, "isAsync": true}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(gpt.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(gpt.headers().contains_key("retry-after"));
+    let body: Value = gpt.json().await.expect("JSON");
+    assert_eq!(body["code"], 429_000);
+    let response = submit_response(&sim, &image_submit("k-limited")).await;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(sim.ledger().is_empty() && sim.gptbots_ledger().is_empty());
+
+    // Another key has its own bucket.
+    let (status, _, _) = get_as("Bearer other-key", &market).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Changing the mode at run time keeps what the key did: the window of
+    // 1 request per 100 s already holds two.
+    let put = Client::new()
+        .put(format!("{}/_sim/faults", admin_url(&sim)))
+        .json(&json!({"rate_limit_rps": 0.01, "rate_limit_mode": "sliding_window"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(put.status(), StatusCode::OK);
+    let (status, retry, _) = get_as(TOKEN, &market).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry.is_some_and(|s| (1..=100).contains(&s)), "{retry:?}");
+    // A fresh key in the window: one request, then refused.
+    let (status, _, _) = get_as("Bearer window-key", &market).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _, _) = get_as("Bearer window-key", &dify).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+
+    let stats = sim.stats();
+    assert_eq!(stats.limit_refusals, 6);
+    assert_eq!(stats.injected_429, 0, "limit refusals are not stray 429s");
+    assert_eq!(stats.api_requests, 10);
+    assert_eq!(
+        (stats.submit_requests, stats.gptbots_invoke_requests),
+        (0, 0)
+    );
+
+    // Stray 429s are counted apart, whatever the limit.
+    sim.set_faults(Faults {
+        rate_limit_rate: 1.0,
+        ..Faults::default()
+    });
+    let (status, retry, _) = get_as(TOKEN, &market).await;
+    assert_eq!((status, retry), (StatusCode::TOO_MANY_REQUESTS, None));
+    let stats = sim.stats();
+    assert_eq!((stats.limit_refusals, stats.injected_429), (6, 1));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn run_cap_refuses_new_runs_in_the_body_but_never_a_replay() {
+    // Runs stay queued for the whole test.
+    let sim = start(600_000).await;
+    sim.set_faults(Faults {
+        max_running_runs: Some(1),
+        ..Faults::default()
+    });
+    let (status, first) = submit(&sim, image_submit("k-cap-1")).await;
+    assert_eq!((status, first["code"].as_u64()), (StatusCode::OK, Some(0)));
+    let (status, refused) = submit(&sim, image_submit("k-cap-2")).await;
+    assert_eq!(status, StatusCode::OK, "the body decides");
+    assert_ne!(refused["code"], 0);
+    assert_eq!(engine_code(&refused), "CONCURRENT_RUN_LIMIT_EXCEEDED");
+    let (status, replay) = submit(&sim, image_submit("k-cap-1")).await;
+    assert_eq!((status, replay["code"].as_u64()), (StatusCode::OK, Some(0)));
+    assert_eq!(replay["data"]["idempotent_replay"], true);
+    assert_eq!(sim.ledger().len(), 1, "nothing created for the refusal");
+    assert_eq!(sim.stats().cap_refusals, 1);
+    sim.set_faults(Faults {
+        max_running_runs: Some(2),
+        ..Faults::default()
+    });
+    let (_, second) = submit(&sim, image_submit("k-cap-2")).await;
+    assert_eq!(second["data"]["idempotent_replay"], false);
+    assert_eq!(sim.ledger().len(), 2);
+    sim.shutdown().await;
+}
+
+/// The exact amount of `field` in a raw `balance/info` body, string or number.
+fn raw_amount(text: &str, field: &str) -> Decimal {
+    let key = format!("\"{field}\":");
+    let at = text.find(&key).expect("field") + key.len();
+    let rest = &text[at..];
+    rest[..rest.find([',', '}']).expect("end")]
+        .trim_matches('"')
+        .parse()
+        .expect("a decimal")
+}
+
+async fn balance_info(sim: &SimServer) -> String {
+    let response = Client::new()
+        .get(format!("{}/balance/info", sim.base_url()))
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), StatusCode::OK);
+    response.text().await.expect("body")
+}
+
+#[tokio::test]
+async fn balance_freezes_quotes_releases_at_settlement_and_stays_exact() {
+    let sim = start(0).await;
+    let client = Client::new();
+    let balance_url = format!("{}/_sim/balance", admin_url(&sim));
+    // Unlimited: a large fixed balance, as a string, then as a number.
+    let text = balance_info(&sim).await;
+    assert!(text.contains(r#""balance":"1000000.00000000""#), "{text}");
+    let text = balance_info(&sim).await;
+    assert!(text.contains(r#""balance":1000000,"#), "{text}");
+
+    let put = client
+        .put(&balance_url)
+        .json(&json!({"balance": "0.05"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(put.status(), StatusCode::OK);
+    let got: Value = client
+        .get(&balance_url)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(got["balance"], "0.05");
+    let start_balance = Decimal::new(5, 2);
+
+    let (_, first) = submit(&sim, image_submit("k-bal-1")).await;
+    assert_eq!(first["code"], 0);
+    let quote = amount(&first["data"], "quote_amount");
+    assert_eq!(
+        sim.balance(),
+        Some(start_balance - quote),
+        "frozen at submit"
+    );
+    let (status, refused) = submit(&sim, image_submit("k-bal-2")).await;
+    assert_eq!(status, StatusCode::OK, "the body decides");
+    assert_ne!(refused["code"], 0);
+    assert_eq!(engine_code(&refused), "INSUFFICIENT_BALANCE");
+    let detail = refused["data"]["error"]["detail"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        detail.contains("0.03000000") && detail.contains("0.02000000"),
+        "{detail}"
+    );
+    let (_, replay) = submit(&sim, image_submit("k-bal-1")).await;
+    assert_eq!(
+        replay["data"]["idempotent_replay"], true,
+        "replays freeze nothing"
+    );
+    assert_eq!(sim.ledger().len(), 1);
+    // Replacing the faults leaves the balance alone.
+    sim.set_faults(Faults::default());
+
+    let run_order_id = first["data"]["run_order_id"].as_str().expect("id");
+    let info = wait_settled(&sim, run_order_id).await;
+    let entry = &sim.ledger()[0];
+    let released = entry.released.expect("settled");
+    let charged = entry.final_amount.expect("settled");
+    assert_eq!(entry.frozen - released, charged);
+    assert_eq!(amount(&info, "released_amount"), released);
+    assert_eq!(sim.balance(), Some(start_balance - charged));
+    let text = balance_info(&sim).await;
+    assert_eq!(raw_amount(&text, "balance"), start_balance - charged);
+    assert!(text.contains(r#""balance":""#), "strings: {text}");
+    let text = balance_info(&sim).await;
+    assert_eq!(raw_amount(&text, "balance"), start_balance - charged);
+    assert!(!text.contains(r#""balance":""#), "numbers: {text}");
+
+    let topped: Value = client
+        .post(format!("{balance_url}/top_up"))
+        .json(&json!({"amount": 1}))
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("JSON");
+    let after = start_balance - charged + Decimal::ONE;
+    assert_eq!(
+        topped["balance"].as_str().map(str::parse::<Decimal>),
+        Some(Ok(after))
+    );
+    assert_eq!(
+        sim.top_up(Decimal::new(1, 8)),
+        Some(after + Decimal::new(1, 8))
+    );
+    let (_, second) = submit(&sim, image_submit("k-bal-2")).await;
+    assert_eq!(second["code"], 0);
+
+    let stats = sim.stats();
+    assert_eq!((stats.balance_refusals, stats.balance_requests), (1, 4));
+    let bad = client
+        .put(&balance_url)
+        .json(&json!({"balance": "lots"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let unlimited = client
+        .put(&balance_url)
+        .json(&json!({"balance": null}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(unlimited.status(), StatusCode::OK);
+    assert_eq!(sim.balance(), None);
+    let conflict = client
+        .post(format!("{balance_url}/top_up"))
+        .json(&json!({"amount": "5"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(conflict.status(), StatusCode::CONFLICT);
+    sim.shutdown().await;
+}
+
+/// A GET's status and raw body text (hostile bodies are not for serde_json).
+async fn get_text(sim: &SimServer, path_and_query: &str) -> (StatusCode, String) {
+    let response = Client::new()
+        .get(format!("{}{path_and_query}", sim.base_url()))
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("request sent");
+    (response.status(), response.text().await.expect("body"))
+}
+
+/// Syntactically valid JSON (serde_json's skipping parser checks only the
+/// grammar: no depth limit, no number ranges, no surrogate pairing).
+fn valid_json(text: &str) -> bool {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+}
+
+/// The raw text of a string member, e.g. `"final_amount":"0.01"` gives `0.01`.
+fn raw_string(text: &str, field: &str) -> String {
+    let key = format!("\"{field}\":\"");
+    let at = text.find(&key).unwrap_or_else(|| panic!("no {field}")) + key.len();
+    text[at..at + text[at..].find('"').expect("end")].to_owned()
+}
+
+/// Waits (in process) until every run in the ledger is settled.
+async fn all_settled(sim: &SimServer, runs: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ledger = sim.ledger();
+        if ledger.len() == runs && ledger.iter().all(|e| e.final_amount.is_some()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never settled: {ledger:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn hostile_outputs_cycle_through_the_corpus_as_valid_json() {
+    let sim = start(0).await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let (_, answer) = submit(&sim, image_submit(&format!("k-hostile-{i}"))).await;
+        ids.push(
+            answer["data"]["run_order_id"]
+                .as_str()
+                .expect("id")
+                .to_owned(),
+        );
+    }
+    let (_, failing) = submit(
+        &sim,
+        json!({"workflow_id": ALWAYS_FAILS, "inputs": {"prompt": "x"}, "idempotency_key": "k-hostile-fail"}),
+    )
+    .await;
+    assert_eq!(failing["code"], 0, "{failing}");
+    ids.push(
+        failing["data"]["run_order_id"]
+            .as_str()
+            .expect("id")
+            .to_owned(),
+    );
+    all_settled(&sim, 9).await;
+    sim.set_faults(Faults {
+        hostile_outputs: true,
+        ..Faults::default()
+    });
+    let markers: [&[&str]; 8] = [
+        &[r#""sim_hostile":"before\u0000after""#],
+        &[r#""sim_hostile":"\ud800""#],
+        &[],
+        &[r#""sim_hostile":{"n":{"n":{"n":"#],
+        &[r#"{"key\u0000with a nul":true}"#],
+        &[
+            "1e400",
+            ":-0,",
+            "123456789012345678901234567890",
+            "1.0e-400",
+        ],
+        &[r#"\u0001\u001F\b\f\/\u000A\u007f"#, "\u{7f}\u{2028}"],
+        &[
+            r"\u0000",
+            r"\ud800",
+            "1e400",
+            r"\u001F",
+            r#""nul_key":{"key\u0000"#,
+        ],
+    ];
+    let ledger = sim.ledger();
+    for (i, id) in ids.iter().enumerate() {
+        let (status, info) = get_text(&sim, &format!("/workflow/run/info?run_order_id={id}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(valid_json(&info), "run {i}: run/info is not valid JSON");
+        let entry = ledger
+            .iter()
+            .find(|e| &e.run_order_id == id)
+            .expect("in the ledger");
+        let money = |field: &str| raw_string(&info, field).parse::<Decimal>().expect(field);
+        assert_eq!(
+            Some(money("final_amount")),
+            entry.final_amount,
+            "money stays valid"
+        );
+        assert_eq!(Some(money("released_amount")), entry.released);
+        let (status, execution) =
+            get_text(&sim, &format!("/workflow/run/execution?run_order_id={id}")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            valid_json(&execution),
+            "run {i}: run/execution is not valid JSON"
+        );
+        if i == 8 {
+            // The failing run: its error message carries the ninth entry,
+            // the first again.
+            assert!(
+                info.contains(r#""error_message":"simulated engine failure"#),
+                "{info}"
+            );
+            assert!(raw_string(&info, "error_message").contains(r"(nul: \u0000)"));
+            assert!(execution.contains(r"(nul: \u0000)"));
+            continue;
+        }
+        assert!(
+            info.contains(r#""n9_images":"https://"#),
+            "real outputs kept"
+        );
+        for marker in markers[i] {
+            assert!(info.contains(marker), "run {i}: {marker} missing");
+            assert!(execution.contains(marker), "run {i}: {marker} missing");
+        }
+        if i == 2 || i == 7 {
+            assert!(info.len() > 2 * 1024 * 1024, "a 2 MiB string");
+        }
+    }
+    assert_eq!(sim.stats().hostile_answers, 18);
+    // Off again: plain answers, counted no more.
+    sim.set_faults(Faults::default());
+    let (_, info) = get(&sim, &format!("/workflow/run/info?run_order_id={}", ids[1])).await;
+    assert!(info["data"]["outputs"].get("sim_hostile").is_none());
+    assert_eq!(sim.stats().hostile_answers, 18);
+    sim.shutdown().await;
+}

@@ -86,12 +86,18 @@ impl Sse {
     /// The next `data:` event (pings skipped); `None` at the end of the stream.
     async fn next(&mut self) -> Option<Value> {
         loop {
+            let block = self.next_block().await?;
+            if let Some(data) = block.trim().strip_prefix("data: ") {
+                return Some(serde_json::from_str(data).expect("event JSON"));
+            }
+        }
+    }
+
+    /// The next SSE block as sent, pings included; `None` at the end.
+    async fn next_block(&mut self) -> Option<String> {
+        loop {
             if let Some(end) = self.buffer.find("\n\n") {
-                let block: String = self.buffer.drain(..end + 2).collect();
-                if let Some(data) = block.trim().strip_prefix("data: ") {
-                    return Some(serde_json::from_str(data).expect("event JSON"));
-                }
-                continue;
+                return Some(self.buffer.drain(..end + 2).collect());
             }
             let chunk = self.response.chunk().await.expect("stream intact")?;
             self.buffer
@@ -115,6 +121,14 @@ fn raw_price(event_json: &str) -> Decimal {
     let rest = &event_json[at..];
     let end = rest.find([',', '}']).expect("end of value");
     rest[..end].trim_matches('"').parse().expect("decimal")
+}
+
+/// Waits until `n` requests or streams are held, failing the test rather
+/// than hanging if the simulator never holds them.
+async fn held(sim: &SimServer, n: u64) {
+    tokio::time::timeout(Duration::from_secs(10), sim.wait_until_held(n))
+        .await
+        .unwrap_or_else(|_| panic!("{n} never held: {:?}", sim.stats()));
 }
 
 /// Polls the run detail until `pred` holds, for at most five seconds.
@@ -837,5 +851,511 @@ async fn dify_streams_ping_while_waiting() {
         text.trim_end().ends_with('}'),
         "ends with workflow_finished"
     );
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn dify_held_streams_ping_but_keep_workflow_finished_back() {
+    let sim = start().await;
+    sim.set_faults(Faults {
+        hold_streams: true,
+        dify_ping_interval_ms: Some(20),
+        ..Faults::default()
+    });
+    let mut sse =
+        Sse::new(dify_post(&sim, "text", "/workflows/run", &run_body("u", "streaming")).await);
+    let started = sse
+        .next()
+        .await
+        .expect("workflow_started is sent while held");
+    assert_eq!(started["event"], "workflow_started");
+    let run_id = started["workflow_run_id"].as_str().expect("id").to_owned();
+    // Held as soon as an event is due (the nodes start), and still held
+    // once the run is over at the provider.
+    held(&sim, 1).await;
+    wait_detail(&sim, "text", &run_id, |d| d["status"] == "succeeded").await;
+    for _ in 0..2 {
+        let block = sse.next_block().await.expect("the stream stays open");
+        assert_eq!(block, "event: ping\n\n", "only pings while held");
+    }
+    // A resumed stream gets what was due when it opened, then waits too.
+    let response = Client::new()
+        .get(format!(
+            "{}/workflow/{run_id}/events?user=u",
+            sim.dify_base_url("text")
+        ))
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("sent");
+    let mut resumed = Sse::new(response);
+    let mut names = Vec::new();
+    for _ in 0..7 {
+        let event = resumed.next().await.expect("an event due before the hold");
+        names.push(event["event"].as_str().unwrap_or_default().to_owned());
+    }
+    assert!(
+        !names.contains(&"workflow_finished".to_owned()),
+        "{names:?}"
+    );
+    held(&sim, 2).await;
+    let stats = sim.stats();
+    assert_eq!((stats.held_requests, stats.held_total), (2, 2));
+
+    sim.set_faults(Faults::default());
+    let rest = sse.rest().await;
+    let last = rest.last().expect("events after the release");
+    assert_eq!(last["event"], "workflow_finished");
+    assert_eq!(last["data"]["status"], "succeeded");
+    assert_eq!(rest.len(), 7, "node events, then workflow_finished");
+    let rest = resumed.rest().await;
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0]["event"], "workflow_finished");
+    assert_eq!(sim.stats().held_requests, 0);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn dify_and_gptbots_hold_submits_and_status_checks() {
+    let sim = std::sync::Arc::new(start().await);
+    sim.set_faults(Faults {
+        hold_submits: true,
+        ..Faults::default()
+    });
+    let dify_run = {
+        let sim = std::sync::Arc::clone(&sim);
+        tokio::spawn(async move {
+            body_json(dify_post(&sim, "text", "/workflows/run", &run_body("u", "blocking")).await)
+                .await
+        })
+    };
+    let invoke = {
+        let sim = std::sync::Arc::clone(&sim);
+        tokio::spawn(async move {
+            body_json(
+                gptbots(
+                    &sim,
+                    "news",
+                    "/v1/workflow/invoke",
+                    &json!({"input": {"topic": "x"}, "isAsync": true}),
+                )
+                .await,
+            )
+            .await
+        })
+    };
+    held(&sim, 2).await;
+    assert!(sim.dify_ledger().is_empty() && sim.gptbots_ledger().is_empty());
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.dify_run_requests, stats.gptbots_invoke_requests),
+        (0, 0)
+    );
+    // Parameters are not a submit.
+    let (status, _) = dify_get(&sim, "text", "/parameters").await;
+    assert_eq!(status, StatusCode::OK);
+    sim.set_faults(Faults {
+        hold_status_checks: true,
+        ..Faults::default()
+    });
+    let (status, done) = dify_run.await.expect("task");
+    assert_eq!(status, StatusCode::OK, "{done}");
+    let dify_id = done["workflow_run_id"].as_str().expect("id").to_owned();
+    let (status, pending) = invoke.await.expect("task");
+    assert_eq!(status, StatusCode::OK, "{pending}");
+    let gpt_id = pending["workflowRunId"].as_str().expect("id").to_owned();
+
+    let mut checks = Vec::new();
+    for path in [
+        format!("/workflows/run/{dify_id}"),
+        "/workflows/logs".to_owned(),
+        format!("/workflow/{dify_id}/events?user=u"),
+    ] {
+        let sim = std::sync::Arc::clone(&sim);
+        checks.push(tokio::spawn(async move {
+            let response = Client::new()
+                .get(format!("{}{path}", sim.dify_base_url("text")))
+                .header("Authorization", TOKEN)
+                .send()
+                .await
+                .expect("sent");
+            (response.status(), response.text().await.expect("body"))
+        }));
+    }
+    {
+        let sim = std::sync::Arc::clone(&sim);
+        checks.push(tokio::spawn(
+            async move { query(&sim, "news", &gpt_id).await },
+        ));
+    }
+    held(&sim, 4).await;
+    assert!(checks.iter().all(|c| !c.is_finished()));
+    sim.set_faults(Faults::default());
+    for check in checks {
+        let (status, body) = check.await.expect("task");
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let stats = sim.stats();
+    assert_eq!((stats.held_requests, stats.held_total), (0, 6));
+    std::sync::Arc::into_inner(sim)
+        .expect("tasks done")
+        .shutdown()
+        .await;
+}
+
+#[tokio::test]
+async fn run_cap_counts_dify_and_gptbots_runs_apart() {
+    // Runs go on for the whole test unless stopped.
+    let sim = start_with(Duration::from_secs(600)).await;
+    sim.set_faults(Faults {
+        max_running_runs: Some(1),
+        ..Faults::default()
+    });
+    let mut sse =
+        Sse::new(dify_post(&sim, "text", "/workflows/run", &run_body("u", "streaming")).await);
+    let started = sse.next().await.expect("started");
+    let task = started["task_id"].as_str().expect("task").to_owned();
+    let (status, error) =
+        body_json(dify_post(&sim, "text", "/workflows/run", &run_body("u", "blocking")).await)
+            .await;
+    assert_eq!(
+        (status, error["code"].as_str(), error["status"].as_u64()),
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            Some("too_many_requests"),
+            Some(429)
+        )
+    );
+    // GPTBots runs are counted on their own: the Dify run does not block it.
+    let invoke = json!({"input": {"topic": "x"}, "isAsync": true});
+    let (status, _) = body_json(gptbots(&sim, "news", "/v1/workflow/invoke", &invoke).await).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, error) =
+        body_json(gptbots(&sim, "news", "/v1/workflow/invoke", &invoke).await).await;
+    assert_eq!(
+        (status, error["code"].as_u64()),
+        (StatusCode::TOO_MANY_REQUESTS, Some(429_001))
+    );
+    assert_eq!(
+        (sim.dify_ledger().len(), sim.gptbots_ledger().len()),
+        (1, 1)
+    );
+    // A stopped run no longer counts.
+    let (status, _) = body_json(
+        dify_post(
+            &sim,
+            "text",
+            &format!("/workflows/tasks/{task}/stop"),
+            &json!({"user": "u"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    drop(sse);
+    let mut again =
+        Sse::new(dify_post(&sim, "text", "/workflows/run", &run_body("u", "streaming")).await);
+    assert_eq!(
+        again.next().await.expect("started")["event"],
+        "workflow_started"
+    );
+    drop(again);
+    assert_eq!(sim.stats().cap_refusals, 2);
+    assert_eq!(sim.dify_ledger().len(), 2);
+    sim.shutdown().await;
+}
+
+/// Queries a GPTBots run until it has ended; the raw body.
+async fn wait_ended(sim: &SimServer, workflow: &str, run_id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (status, text) = query(sim, workflow, run_id).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let body: Value = serde_json::from_str(&text).expect("JSON");
+        if !matches!(body["status"].as_str(), Some("PENDING" | "RUNNING")) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "never ended: {text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn gptbots_runs_spend_credits_and_stop_at_zero() {
+    let sim = start().await;
+    let start_balance = Decimal::new(1, 1);
+    sim.set_balance(Some(start_balance));
+    let invoke = json!({"input": {"topic": "x"}, "isAsync": true});
+    let (status, pending) =
+        body_json(gptbots(&sim, "news", "/v1/workflow/invoke", &invoke).await).await;
+    assert_eq!(status, StatusCode::OK);
+    let run_id = pending["workflowRunId"].as_str().expect("id").to_owned();
+    assert_eq!(sim.balance(), Some(start_balance), "charged at the end");
+    let text = wait_ended(&sim, "news", &run_id).await;
+    let cost = raw_cost(&text);
+    assert_eq!(cost, sim.gptbots_ledger()[0].total_cost);
+    assert_eq!(sim.balance(), Some(start_balance - cost));
+    assert!(
+        start_balance - cost <= Decimal::ZERO,
+        "one run spends it all"
+    );
+    let (status, refused) =
+        body_json(gptbots(&sim, "news", "/v1/workflow/invoke", &invoke).await).await;
+    assert_eq!(
+        (status, refused),
+        (
+            StatusCode::OK,
+            json!({"code": 403_200, "message": "insufficient credits"})
+        )
+    );
+    assert_eq!(sim.gptbots_ledger().len(), 1);
+    assert_eq!(sim.stats().balance_refusals, 1);
+    sim.top_up(Decimal::ONE);
+    let (status, _) = body_json(gptbots(&sim, "news", "/v1/workflow/invoke", &invoke).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(sim.gptbots_ledger().len(), 2);
+    sim.shutdown().await;
+}
+
+/// Syntactically valid JSON (serde_json's skipping parser checks only the
+/// grammar: no depth limit, no number ranges, no surrogate pairing).
+fn valid_json(text: &str) -> bool {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+}
+
+/// The raw text of a Dify GET.
+async fn dify_get_text(sim: &SimServer, app: &str, path: &str) -> (StatusCode, String) {
+    let response = Client::new()
+        .get(format!("{}{path}", sim.dify_base_url(app)))
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("request sent");
+    (response.status(), response.text().await.expect("body"))
+}
+
+#[tokio::test]
+async fn dify_hostile_outputs_in_the_stream_the_blocking_answer_and_the_detail() {
+    let sim = start().await;
+    sim.set_faults(Faults {
+        hostile_outputs: true,
+        ..Faults::default()
+    });
+    // Run 1 (NUL), streamed.
+    let stream = dify_post(&sim, "text", "/workflows/run", &run_body("u", "streaming"))
+        .await
+        .text()
+        .await
+        .expect("whole stream");
+    let finished = stream
+        .split("\n\n")
+        .filter_map(|b| b.strip_prefix("data: "))
+        .find(|e| e.contains("\"workflow_finished\""))
+        .expect("workflow_finished");
+    assert!(valid_json(finished));
+    assert!(
+        finished.contains(r#""sim_hostile":"before\u0000after""#),
+        "{finished}"
+    );
+    assert!(finished.contains(r#""outputs":{"#), "real outputs kept");
+    let first: Value = serde_json::from_str(finished).expect("NUL parses");
+    let first_id = first["workflow_run_id"].as_str().expect("id").to_owned();
+    // Run 2 (lone surrogate), blocking.
+    let blocking = dify_post(&sim, "text", "/workflows/run", &run_body("u", "blocking"))
+        .await
+        .text()
+        .await
+        .expect("body");
+    assert!(valid_json(&blocking));
+    assert!(blocking.contains(r#""sim_hostile":"\ud800""#), "{blocking}");
+    assert!(
+        serde_json::from_str::<Value>(&blocking).is_err(),
+        "strict parsers refuse it"
+    );
+    // Run 3 (2 MiB), a failing app: the error message carries it.
+    let failed = dify_post(&sim, "fails", "/workflows/run", &run_body("u", "blocking"))
+        .await
+        .text()
+        .await
+        .expect("body");
+    assert!(valid_json(&failed));
+    assert!(failed.len() > 2 * 1024 * 1024);
+    assert!(failed.contains(r#""error":"simulated node failure xxxx"#));
+    let failed: Value = serde_json::from_str(&failed).expect("parses");
+    let failed_id = failed["workflow_run_id"].as_str().expect("id").to_owned();
+    let (status, detail) = dify_get_text(&sim, "text", &format!("/workflows/run/{first_id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(valid_json(&detail) && detail.contains(r"before\u0000after"));
+    let (_, detail) = dify_get_text(&sim, "fails", &format!("/workflows/run/{failed_id}")).await;
+    assert!(valid_json(&detail) && detail.len() > 2 * 1024 * 1024);
+    assert_eq!(sim.stats().hostile_answers, 5);
+    // The prices stay exact, so the ledger still matches the stream.
+    let llm = stream
+        .split("\n\n")
+        .filter_map(|b| b.strip_prefix("data: "))
+        .find(|e| e.contains("\"node_type\":\"llm\"") && e.contains("node_finished"))
+        .expect("llm");
+    assert_eq!(raw_price(llm), sim.dify_ledger()[0].total_price);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn gptbots_odd_statuses_missing_costs_and_hostile_outputs() {
+    let sim = start().await;
+    sim.set_faults(Faults {
+        hostile_outputs: true,
+        gptbots_unknown_status: Some("ARCHIVED".to_owned()),
+        gptbots_omit_total_cost: true,
+        ..Faults::default()
+    });
+    let sync = json!({"input": {"topic": "x"}});
+    let response = gptbots(&sim, "news", "/v1/workflow/invoke", &sync).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = response.text().await.expect("body");
+    assert!(valid_json(&text));
+    let body: Value = serde_json::from_str(&text).expect("NUL parses");
+    assert_eq!(body["status"], "ARCHIVED");
+    assert!(body.get("totalCost").is_none(), "{text}");
+    assert_eq!(body["output"]["sim_hostile"], "before\u{0}after");
+    assert!(body["output"]["news"].is_array(), "real output kept");
+    let first_id = body["workflowRunId"].as_str().expect("id").to_owned();
+    let stats = sim.stats();
+    assert_eq!(
+        (
+            stats.hostile_answers,
+            stats.gptbots_unknown_statuses,
+            stats.gptbots_costs_omitted
+        ),
+        (1, 1, 1)
+    );
+
+    sim.set_faults(Faults {
+        hostile_outputs: true,
+        ..Faults::default()
+    });
+    let response = gptbots(&sim, "fails", "/v1/workflow/invoke", &sync).await;
+    let text = response.text().await.expect("body");
+    assert!(valid_json(&text));
+    assert!(
+        text.contains(r#""errorMessage":"simulated workflow failure (surrogate: \ud800)""#),
+        "{text}"
+    );
+    assert!(text.contains(r#""status":"FAILED""#));
+    assert_eq!(raw_cost(&text), sim.gptbots_ledger()[1].total_cost);
+
+    sim.set_faults(Faults::default());
+    let (status, text) = query(&sim, "news", &first_id).await;
+    assert_eq!(status, StatusCode::OK);
+    let body: Value = serde_json::from_str(&text).expect("plain JSON");
+    assert_eq!(body["status"], "SUCCEED");
+    assert_eq!(raw_cost(&text), sim.gptbots_ledger()[0].total_cost);
+    assert!(body["output"].get("sim_hostile").is_none());
+    let stats = sim.stats();
+    assert_eq!(
+        (
+            stats.hostile_answers,
+            stats.gptbots_unknown_statuses,
+            stats.gptbots_costs_omitted
+        ),
+        (2, 1, 1)
+    );
+    sim.shutdown().await;
+}
+
+/// Starts a streaming run whose answer is lost; its id, known only to the
+/// simulator (read from its ledger).
+async fn lost_streaming_run(sim: &SimServer, user: &str) -> String {
+    let before = sim.dify_ledger().len();
+    let faults = sim.faults();
+    sim.set_faults(Faults {
+        drop_next_submit_answers: 1,
+        ..faults.clone()
+    });
+    let sent = Client::new()
+        .post(format!("{}/workflows/run", sim.dify_base_url("text")))
+        .header("Authorization", TOKEN)
+        .json(&run_body(user, "streaming"))
+        .send()
+        .await;
+    if let Ok(response) = sent {
+        assert!(response.text().await.is_err(), "the stream must break");
+    }
+    sim.set_faults(faults);
+    let ledger = sim.dify_ledger();
+    assert_eq!(ledger.len(), before + 1, "the run exists");
+    ledger[before].workflow_run_id.clone()
+}
+
+async fn logs_of(sim: &SimServer, user: &str) -> Value {
+    let (status, logs) = dify_get(
+        sim,
+        "text",
+        &format!("/workflows/logs?created_by_end_user_session_id={user}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    logs
+}
+
+#[tokio::test]
+async fn dify_running_runs_whose_answer_was_lost_are_reachable_by_id_and_logged_by_the_rules() {
+    // Runs go on for the whole test.
+    let sim = start_with(Duration::from_secs(600)).await;
+    let run_id = lost_streaming_run(&sim, "lost-1").await;
+    let detail = wait_detail(&sim, "text", &run_id, |_| true).await;
+    assert_eq!(detail["status"], "running");
+    // The resume stream works for it (with the user who started it).
+    let response = Client::new()
+        .get(format!(
+            "{}/workflow/{run_id}/events?user=lost-1",
+            sim.dify_base_url("text")
+        ))
+        .header("Authorization", TOKEN)
+        .send()
+        .await
+        .expect("sent");
+    let mut resumed = Sse::new(response);
+    let started = resumed.next().await.expect("workflow_started");
+    assert_eq!(
+        (
+            started["event"].as_str(),
+            started["workflow_run_id"].as_str()
+        ),
+        (Some("workflow_started"), Some(run_id.as_str()))
+    );
+    drop(resumed);
+    // Older Dify: no log row until the run ends.
+    assert_eq!(logs_of(&sim, "lost-1").await["total"], 0);
+    // Newer Dify: the row is written at the start, so the run is found.
+    sim.set_faults(Faults {
+        dify_logs_include_running: true,
+        ..Faults::default()
+    });
+    let logs = logs_of(&sim, "lost-1").await;
+    assert_eq!(logs["total"], 1);
+    let row = &logs["data"][0];
+    assert_eq!(row["workflow_run"]["id"], run_id.as_str());
+    assert_eq!(row["workflow_run"]["status"], "running");
+    assert_eq!(row["created_by_end_user"]["session_id"], "lost-1");
+    assert_eq!(logs_of(&sim, "someone-else").await["total"], 0);
+
+    // On a Dify whose runs die with their stream, a lost run stays running
+    // for good: reachable by id, and in the logs only where rows are
+    // written at the start.
+    sim.set_faults(Faults {
+        dify_runs_die_with_their_stream: true,
+        dify_logs_include_running: true,
+        ..Faults::default()
+    });
+    let stuck = lost_streaming_run(&sim, "lost-2").await;
+    let detail = wait_detail(&sim, "text", &stuck, |_| true).await;
+    assert_eq!(detail["status"], "running");
+    let logs = logs_of(&sim, "lost-2").await;
+    assert_eq!(logs["data"][0]["workflow_run"]["id"], stuck.as_str());
+    sim.set_faults(Faults {
+        dify_runs_die_with_their_stream: true,
+        ..Faults::default()
+    });
+    assert_eq!(logs_of(&sim, "lost-2").await["total"], 0);
     sim.shutdown().await;
 }

@@ -7,11 +7,15 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
+use rust_decimal::Decimal;
 use serde_json::json;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
 
+use super::balance;
 use super::faults::Faults;
 use super::state::Shared;
 
@@ -24,6 +28,8 @@ pub(crate) fn routes(shared: Arc<Shared>) -> Router {
         .route("/_sim/gptbots/ledger", get(gptbots_ledger))
         .route("/_sim/stats", get(stats))
         .route("/_sim/faults", get(get_faults).put(put_faults))
+        .route("/_sim/balance", get(get_balance).put(put_balance))
+        .route("/_sim/balance/top_up", post(top_up))
         .with_state(shared)
 }
 
@@ -40,8 +46,7 @@ async fn gptbots_ledger(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {
-    let stats = shared.lock().stats.clone();
-    Json(stats).into_response()
+    Json(shared.stats()).into_response()
 }
 
 async fn get_faults(State(shared): State<Arc<Shared>>) -> Response {
@@ -60,8 +65,53 @@ async fn put_faults(State(shared): State<Arc<Shared>>, body: Bytes) -> Response 
     if let Err(e) = faults.check() {
         return bad_request(e);
     }
-    shared.lock().faults = faults.clone();
+    shared.set_faults(faults.clone());
     Json(faults).into_response()
+}
+
+async fn get_balance(State(shared): State<Arc<Shared>>) -> Response {
+    Json(json!({"balance": shared.balance()})).into_response()
+}
+
+/// `{"balance": "12.50"}` (a string or a number, read exactly; `null` for
+/// unlimited) replaces the balance.
+async fn put_balance(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let balance = match field(&body, "balance") {
+        Ok(raw) if raw.get() == "null" => None,
+        Ok(raw) => match balance::parse_amount(raw.get()) {
+            Ok(amount) => Some(amount),
+            Err(e) => return bad_request(format!("balance: {e}")),
+        },
+        Err(e) => return bad_request(e),
+    };
+    shared.set_balance(balance);
+    Json(json!({"balance": shared.balance()})).into_response()
+}
+
+/// `{"amount": "5"}` adds a positive amount to a configured balance.
+async fn top_up(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let amount = match field(&body, "amount").and_then(|raw| balance::parse_amount(raw.get())) {
+        Ok(amount) if amount > Decimal::ZERO => amount,
+        Ok(amount) => return bad_request(format!("amount must be positive, got {amount}")),
+        Err(e) => return bad_request(format!("amount: {e}")),
+    };
+    match shared.top_up(amount) {
+        Some(balance) => Json(json!({"balance": balance})).into_response(),
+        None => (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "the account is unlimited: set a balance first"})),
+        )
+            .into_response(),
+    }
+}
+
+/// The raw JSON text of `name` in a JSON object body, for exact parsing.
+fn field(body: &[u8], name: &str) -> Result<Box<RawValue>, String> {
+    let mut object: HashMap<String, Box<RawValue>> =
+        serde_json::from_slice(body).map_err(|e| format!("invalid JSON object: {e}"))?;
+    object
+        .remove(name)
+        .ok_or_else(|| format!("{name} is required"))
 }
 
 fn bad_request(error: String) -> Response {

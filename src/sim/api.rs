@@ -14,9 +14,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 
+use super::balance;
 use super::catalog;
 use super::envelope::{self, ApiError};
-use super::gate::{self, Denied, Params, param};
+use super::gate::{self, Denied, Endpoint, Params, param};
+use super::hostile::{self, Variant};
 use super::state::Shared;
 use super::submit::{self, SubmitOutcome};
 use super::timeline::Phase;
@@ -29,17 +31,25 @@ pub(crate) fn routes(shared: Arc<Shared>) -> Router {
         .route("/workflow/run/submit", post(run_submit))
         .route("/workflow/run/info", get(run_info))
         .route("/workflow/run/execution", get(run_execution))
+        .route("/balance/info", get(balance_info))
         .fallback(|| async { envelope::plain(StatusCode::NOT_FOUND, "not found") })
         .with_state(shared)
 }
 
 /// The shared gate, rendered in chenyu's envelope.
-async fn gate(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
-    gate::check(shared, headers)
+async fn gate(shared: &Shared, headers: &HeaderMap, endpoint: Endpoint) -> Result<(), Response> {
+    gate::check(shared, headers, endpoint)
         .await
         .map_err(|denied| match denied {
             Denied::Unauthorized => envelope::plain(StatusCode::UNAUTHORIZED, "invalid api key"),
             Denied::Malformed(n) => envelope::malformed(n),
+            Denied::RateLimited { retry_after_secs } => envelope::with_retry_after(
+                envelope::plain(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many requests: rate limit exceeded",
+                ),
+                retry_after_secs,
+            ),
         })
 }
 
@@ -48,7 +58,7 @@ async fn market_info(
     headers: HeaderMap,
     params: Params,
 ) -> Response {
-    if let Err(denied) = gate(&shared, &headers).await {
+    if let Err(denied) = gate(&shared, &headers, Endpoint::Other).await {
         return denied;
     }
     let fault = {
@@ -67,12 +77,33 @@ async fn market_info(
     }
 }
 
+/// `GET /balance/info`: the account balance, as 8-place strings on odd
+/// requests and as JSON numbers on even ones.
+async fn balance_info(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(denied) = gate(&shared, &headers, Endpoint::Other).await {
+        return denied;
+    }
+    let (fault, balance, as_numbers) = {
+        let mut inner = shared.lock();
+        inner.stats.balance_requests += 1;
+        let as_numbers = inner.stats.balance_requests.is_multiple_of(2);
+        let fault = inner.faults.random_fault();
+        fault.inspect(|&f| inner.record_injected(f));
+        let balance = inner.settle_account(&shared.timing, Instant::now());
+        (fault, balance, as_numbers)
+    };
+    if let Some(fault) = fault {
+        return envelope::injected(fault);
+    }
+    envelope::json_text(balance::info_body(balance, as_numbers))
+}
+
 async fn run_submit(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(denied) = gate(&shared, &headers).await {
+    if let Err(denied) = gate(&shared, &headers, Endpoint::Submit).await {
         return denied;
     }
     let request = submit::parse(&body);
@@ -111,7 +142,7 @@ async fn run_execution(
 }
 
 async fn poll(shared: &Shared, headers: &HeaderMap, params: &Params, kind: PollKind) -> Response {
-    if let Err(denied) = gate(shared, headers).await {
+    if let Err(denied) = gate(shared, headers, Endpoint::StatusCheck).await {
         return denied;
     }
     let run_order_id = param(params, "run_order_id");
@@ -131,19 +162,29 @@ async fn poll(shared: &Shared, headers: &HeaderMap, params: &Params, kind: PollK
         return run_not_found(run_order_id).into_response();
     };
     let phase = shared.phase_now(run, now);
+    let hostile = (inner.faults.hostile_outputs && phase >= Phase::Finished)
+        .then(|| Variant::of_run(run.seq));
     let data = match kind {
-        PollKind::Info => views::run_info(run, phase, &shared.timing),
+        PollKind::Info => views::run_info(run, phase, &shared.timing, hostile.is_some()),
         PollKind::Execution => {
             let elapsed = now.saturating_duration_since(run.submitted);
             let queue = (phase == Phase::Queued).then(|| QueueInfo {
                 position: inner.queued_ahead(run, &shared.timing, now) + 1,
                 estimated_wait_sec: shared.timing.estimated_wait_secs(elapsed),
             });
-            views::execution(run, phase, shared.timing.progress_percent(elapsed), queue)
+            let progress = shared.timing.progress_percent(elapsed);
+            views::execution(run, phase, progress, queue, hostile.is_some())
         }
     };
+    inner.stats.hostile_answers += u64::from(hostile.is_some());
     drop(inner);
-    envelope::ok("查询成功", data)
+    match hostile {
+        Some(variant) => envelope::json_text(hostile::splice(
+            &envelope::ok_body("查询成功", data).to_string(),
+            variant,
+        )),
+        None => envelope::ok("查询成功", data),
+    }
 }
 
 fn run_not_found(run_order_id: &str) -> ApiError {

@@ -17,7 +17,22 @@ const BAD_GATEWAY_HTML: &str = "<html>\r\n<head><title>502 Bad Gateway</title></
 
 /// A successful answer: `{code: 0, msg, data}`.
 pub(crate) fn ok(msg: &str, data: Value) -> Response {
-    Json(json!({"code": 0, "msg": msg, "data": data})).into_response()
+    Json(ok_body(msg, data)).into_response()
+}
+
+/// The body of a successful answer.
+pub(crate) fn ok_body(msg: &str, data: Value) -> Value {
+    json!({"code": 0, "msg": msg, "data": data})
+}
+
+/// An already serialized JSON body with HTTP 200.
+pub(crate) fn json_text(body: String) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 /// A bare envelope with `data: null`, for transport-level answers
@@ -93,18 +108,24 @@ pub(crate) fn injected(fault: Injected) -> Response {
             "internal server error (injected)",
         ),
         Injected::RateLimited { retry_after_secs } => {
-            let mut response = plain(
+            let response = plain(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many requests (injected)",
             );
-            if let Some(secs) = retry_after_secs {
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            match retry_after_secs {
+                Some(secs) => with_retry_after(response, secs),
+                None => response,
             }
-            response
         }
     }
+}
+
+/// `response` with a `Retry-After` of `secs` whole seconds.
+pub(crate) fn with_retry_after(mut response: Response, secs: u64) -> Response {
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    response
 }
 
 /// An answer that is lost in transit: the status line and headers say 200,

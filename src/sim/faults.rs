@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::limits::{Limit, RateLimitMode};
+
 /// Fault-injection settings. Replace them with `SimServer::set_faults` or
 /// `PUT /_sim/faults`; every field defaults to "no fault".
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -60,6 +62,51 @@ pub struct Faults {
     /// Dify only: the interval between `ping` events on open streams, in
     /// milliseconds; `None` is Dify's 10 s.
     pub dify_ping_interval_ms: Option<u64>,
+    /// Every status check (chenyu `run/info` and `run/execution`; Dify
+    /// `GET /workflows/run/{id}`, `GET /workflow/{id}/events` and
+    /// `GET /workflows/logs`; GPTBots `query/result`) waits, after the key
+    /// check, until this is turned off again; then all go on at once.
+    pub hold_status_checks: bool,
+    /// The same for submits (chenyu `run/submit`, Dify `workflows/run`,
+    /// GPTBots `invoke`), which wait before anything is recorded.
+    pub hold_submits: bool,
+    /// Dify: open run streams (the run request's own and resumed event
+    /// streams) keep sending pings but send nothing beyond the events that
+    /// were due when they saw the hold, and never `workflow_finished`,
+    /// until this is turned off again. A stream counts as held while it
+    /// keeps back an event that is due.
+    pub hold_streams: bool,
+    /// Requests per second per API key (the bearer token), all three APIs
+    /// and every endpoint together; `/_sim/*` never counts. A request
+    /// beyond it gets HTTP 429 with `Retry-After` before anything is
+    /// recorded (`SimStats::limit_refusals`). `None`: no limit.
+    pub rate_limit_rps: Option<f64>,
+    /// How the rate is enforced. Changing it (or the rate) keeps what each
+    /// key already did.
+    pub rate_limit_mode: RateLimitMode,
+    /// The token bucket's size; default one second's worth, at least 1.
+    pub rate_limit_burst: Option<f64>,
+    /// Most runs accepted and not yet finished (queued or running at the
+    /// provider's clock), counted per API kind. A new run beyond it is
+    /// refused before anything is created (`SimStats::cap_refusals`):
+    /// chenyu HTTP 200 with `engine_code: CONCURRENT_RUN_LIMIT_EXCEEDED`
+    /// (a replay of a known key never is), Dify HTTP 429
+    /// `too_many_requests`, GPTBots HTTP 429 `code: 429001`.
+    pub max_running_runs: Option<u32>,
+    /// Finished runs' outputs and failed runs' error messages (chenyu
+    /// `run/info` and `run/execution`, Dify `workflow_finished`, blocking
+    /// answer and run detail, GPTBots `query/result`) carry hostile but
+    /// valid JSON, cycling per run through a fixed corpus (NUL, a lone
+    /// surrogate, 2 MiB, 200 levels deep, a NUL in a key, `1e400` and
+    /// friends, oddly escaped control characters, all at once; see
+    /// `sim::hostile`). Money fields stay valid.
+    pub hostile_outputs: bool,
+    /// GPTBots: finished runs report this status instead of `SUCCEED` or
+    /// `FAILED` (e.g. `"ARCHIVED"`); `SimStats::gptbots_unknown_statuses`.
+    pub gptbots_unknown_status: Option<String>,
+    /// GPTBots: finished runs' `query/result` answers have no `totalCost`
+    /// member at all; `SimStats::gptbots_costs_omitted`.
+    pub gptbots_omit_total_cost: bool,
 }
 
 /// A fault chosen for one request, rendered by `envelope::injected`.
@@ -86,7 +133,24 @@ impl Faults {
                 return Err(format!("{name} must be between 0 and 1, got {rate}"));
             }
         }
+        let positive = [
+            ("rate_limit_rps", self.rate_limit_rps),
+            ("rate_limit_burst", self.rate_limit_burst),
+        ];
+        for (name, value) in positive {
+            if let Some(v) = value
+                && !(v.is_finite() && v > 0.0)
+            {
+                return Err(format!("{name} must be a positive number, got {v}"));
+            }
+        }
         Ok(())
+    }
+
+    /// The per-key rate limit in force, if any.
+    pub(crate) fn rate_limit(&self) -> Option<Limit> {
+        self.rate_limit_rps
+            .map(|rps| Limit::new(rps, self.rate_limit_burst, self.rate_limit_mode))
     }
 
     /// The fault for a submit request, consuming a deterministic counter if

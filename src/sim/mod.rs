@@ -7,7 +7,11 @@
 //! per idempotency key, settles runs on a clock (`SimConfig`), and keeps a
 //! ledger that proves nobody was charged twice. Faults (5xx, 429, lost
 //! submit answers, latency) are injected on demand through [`Faults`], in
-//! process or via the `/_sim/*` admin endpoints.
+//! process or via the `/_sim/*` admin endpoints, and so is the push-back a
+//! real provider gives: a per-key rate limit, a cap on runs at once,
+//! hostile answers, and hold gates that keep requests waiting until a test
+//! lets them go. An account balance (chenyu freezes, GPTBots credits) is
+//! kept apart from the faults (`SimServer::set_balance`).
 //!
 //! On the same server: Dify's service API under `/dify/{app}/v1` (module
 //! `dify`) and GPTBots' under `/gptbots/{workflow}` (module `gptbots`),
@@ -17,18 +21,24 @@
 //! Module map: `catalog` (published workflows), `inputs` (input
 //! validation), `money` (amounts and settlement), `timeline` (phase at a
 //! given time), `run` (run records, ledger entries), `state` (shared state
-//! and stats), `faults`, `submit` (the submit decision), `views` (answer
+//! and stats), `faults`, `balance` (the account), `hold` (hold gates),
+//! `hostile` (the hostile-answer corpus), `limits` (rate limit
+//! and run cap), `submit` (the submit decision), `views` (answer
 //! bodies), `envelope` (response envelopes), `api` and `admin` (routes).
 
 mod admin;
 mod api;
+mod balance;
 mod catalog;
 mod dify;
 mod envelope;
 mod faults;
 mod gate;
 mod gptbots;
+mod hold;
+mod hostile;
 mod inputs;
+mod limits;
 mod money;
 mod run;
 mod state;
@@ -42,12 +52,14 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
+use rust_decimal::Decimal;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use dify::DifyLedgerEntry;
 pub use faults::Faults;
 pub use gptbots::GptbotsLedgerEntry;
+pub use limits::RateLimitMode;
 pub use run::LedgerEntry;
 pub use state::SimStats;
 
@@ -186,7 +198,7 @@ impl SimServer {
 
     /// A snapshot of the request counters.
     pub fn stats(&self) -> SimStats {
-        self.shared.lock().stats.clone()
+        self.shared.stats()
     }
 
     /// The current faults, with counters as far as they have been consumed.
@@ -194,9 +206,34 @@ impl SimServer {
         self.shared.lock().faults.clone()
     }
 
-    /// Replaces the faults.
+    /// Replaces the faults. Turning a hold knob off releases every request
+    /// waiting at that hold at once.
     pub fn set_faults(&self, faults: Faults) {
-        self.shared.lock().faults = faults;
+        self.shared.set_faults(faults);
+    }
+
+    /// Sets the account balance (`None`: unlimited, the default). Kept
+    /// apart from the faults: `set_faults` never changes it.
+    pub fn set_balance(&self, balance: Option<Decimal>) {
+        self.shared.set_balance(balance);
+    }
+
+    /// The balance now, after every settlement and run end that is due.
+    pub fn balance(&self) -> Option<Decimal> {
+        self.shared.balance()
+    }
+
+    /// Adds `amount` to the balance and returns the new one; an unlimited
+    /// account stays unlimited (`None`).
+    pub fn top_up(&self, amount: Decimal) -> Option<Decimal> {
+        self.shared.top_up(amount)
+    }
+
+    /// Returns once at least `n` requests (or Dify streams) are waiting at
+    /// a hold (`Faults::hold_submits`, `hold_status_checks`,
+    /// `hold_streams`): woken by the waiters themselves, never by polling.
+    pub async fn wait_until_held(&self, n: u64) {
+        self.shared.holds.until_waiting(n).await;
     }
 
     /// Stops accepting connections, lets open ones finish, and waits for

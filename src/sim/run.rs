@@ -52,6 +52,8 @@ pub(crate) struct Run {
     pub settlement: Settlement,
     pub submit_requests: u32,
     pub charges: u32,
+    /// Creation order, from 1: picks the hostile answer (`hostile`).
+    pub seq: u64,
 }
 
 impl Run {
@@ -62,6 +64,7 @@ impl Run {
         idempotency_key: String,
         inputs: Value,
         submitted: Instant,
+        seq: u64,
     ) -> Run {
         let created_at = Utc::now();
         let nanos = created_at.timestamp_nanos_opt().unwrap_or_default();
@@ -78,6 +81,7 @@ impl Run {
             created_at,
             submit_requests: 1,
             charges: 1,
+            seq,
         }
     }
 

@@ -8,11 +8,15 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use super::balance::{Account, Pending};
 use super::dify::DifyStore;
 use super::faults::{Faults, Injected};
 use super::gptbots::GptbotsStore;
+use super::hold::Holds;
+use super::limits::Limiter;
 use super::run::{LedgerEntry, Run};
 use super::timeline::{Phase, Timing};
 
@@ -72,6 +76,30 @@ pub struct SimStats {
     pub gptbots_rejected: u64,
     /// Authorised GPTBots `workflow/query/result` requests.
     pub gptbots_query_requests: u64,
+    /// Requests (and Dify streams) waiting at a hold gate right now: a
+    /// gauge, not a counter.
+    pub held_requests: u64,
+    /// Requests (and Dify streams) that ever waited at a hold gate.
+    pub held_total: u64,
+    /// API requests (any of the three APIs) that passed the key check.
+    pub api_requests: u64,
+    /// HTTP 429 answers from `rate_limit_rps` (stray 429s from
+    /// `rate_limit_rate` are `injected_429`).
+    pub limit_refusals: u64,
+    /// New runs refused by `max_running_runs` (all three APIs).
+    pub cap_refusals: u64,
+    /// Runs refused for the balance: chenyu `INSUFFICIENT_BALANCE`, GPTBots
+    /// `403200`.
+    pub balance_refusals: u64,
+    /// Authorised chenyu `balance/info` requests.
+    pub balance_requests: u64,
+    /// Answers that carried a `hostile_outputs` entry (a Dify stream counts
+    /// once, for its `workflow_finished`).
+    pub hostile_answers: u64,
+    /// GPTBots answers that reported `gptbots_unknown_status`.
+    pub gptbots_unknown_statuses: u64,
+    /// GPTBots answers without `totalCost` (`gptbots_omit_total_cost`).
+    pub gptbots_costs_omitted: u64,
 }
 
 /// Everything mutable, guarded by `Shared::inner`.
@@ -84,6 +112,12 @@ pub(crate) struct Inner {
     pub faults: Faults,
     pub dify: DifyStore,
     pub gptbots: GptbotsStore,
+    /// What each API key did, for `rate_limit_rps`.
+    pub limiter: Limiter,
+    /// The balance; not part of the faults.
+    pub account: Account,
+    /// chenyu runs created so far.
+    pub chenyu_created: u64,
 }
 
 impl Inner {
@@ -93,6 +127,39 @@ impl Inner {
             Injected::Unavailable | Injected::ServerError => self.stats.injected_5xx += 1,
             Injected::RateLimited { .. } => self.stats.injected_429 += 1,
         }
+    }
+
+    /// Applies the balance movements that are due at `now`: settled chenyu
+    /// runs give their release back, ended GPTBots runs pay their cost.
+    pub(crate) fn settle_account(&mut self, timing: &Timing, now: Instant) -> Option<Decimal> {
+        let Inner {
+            account,
+            runs,
+            gptbots,
+            ..
+        } = self;
+        account.settle(|pending| match pending {
+            Pending::Release { run_order_id } => runs.get(run_order_id).and_then(|run| {
+                let phase = timing.phase_at(now.saturating_duration_since(run.submitted));
+                (phase == Phase::Settled).then_some(run.settlement.released)
+            }),
+            Pending::Debit { run_id } => gptbots.runs.get(run_id).and_then(|run| {
+                let elapsed = now.saturating_duration_since(run.submitted);
+                run.is_over(timing, elapsed)
+                    .then(|| -run.cost(timing, elapsed))
+            }),
+        });
+        account.balance()
+    }
+
+    /// chenyu runs queued or running at `now`.
+    pub(crate) fn chenyu_running(&self, timing: &Timing, now: Instant) -> usize {
+        self.runs
+            .values()
+            .filter(|run| {
+                timing.phase_at(now.saturating_duration_since(run.submitted)) <= Phase::Running
+            })
+            .count()
     }
 
     /// How many runs are queued ahead of `run` (for `queue_info.position`).
@@ -116,6 +183,8 @@ pub(crate) struct Shared {
     pub timing: Timing,
     /// `None`: any non-empty bearer token is accepted.
     pub api_key: Option<String>,
+    /// The hold gates, outside the mutex: waiters must not hold it.
+    pub holds: Holds,
     inner: Mutex<Inner>,
 }
 
@@ -125,8 +194,44 @@ impl Shared {
         Shared {
             timing,
             api_key,
+            holds: Holds::new(),
             inner: Mutex::new(Inner::default()),
         }
+    }
+
+    /// Replaces the faults and opens or closes the hold gates to match.
+    /// Under the lock, so two replacements cannot leave the gates and the
+    /// faults disagreeing.
+    pub(crate) fn set_faults(&self, faults: Faults) {
+        let mut inner = self.lock();
+        self.holds.apply(&faults);
+        inner.faults = faults;
+    }
+
+    /// Sets the balance after applying what was due to the old one.
+    pub(crate) fn set_balance(&self, balance: Option<Decimal>) {
+        let mut inner = self.lock();
+        inner.settle_account(&self.timing, Instant::now());
+        inner.account.set(balance);
+    }
+
+    /// The balance now.
+    pub(crate) fn balance(&self) -> Option<Decimal> {
+        self.lock().settle_account(&self.timing, Instant::now())
+    }
+
+    /// Adds to the balance; the new one (`None` when unlimited).
+    pub(crate) fn top_up(&self, amount: Decimal) -> Option<Decimal> {
+        let mut inner = self.lock();
+        inner.settle_account(&self.timing, Instant::now());
+        inner.account.top_up(amount)
+    }
+
+    /// A snapshot of the stats, with the hold gauge filled in.
+    pub(crate) fn stats(&self) -> SimStats {
+        let mut stats = self.lock().stats.clone();
+        stats.held_requests = self.holds.waiting();
+        stats
     }
 
     /// Locks the state. A panic elsewhere cannot leave it half-updated in a

@@ -10,7 +10,8 @@ use super::catalog::{self, Workflow};
 use super::envelope::ApiError;
 use super::faults::Injected;
 use super::inputs;
-use super::money::stable_hash;
+use super::limits::under_cap;
+use super::money::{amount8, stable_hash};
 use super::run::{Run, new_run_order_id};
 use super::state::{Inner, Shared};
 use super::views;
@@ -85,7 +86,9 @@ pub(crate) fn parse(body: &[u8]) -> Result<SubmitRequest, ApiError> {
 
 /// Decides the outcome of one authorised submit and records it. Runs under
 /// the state lock, so two concurrent submits with one key cannot both
-/// create a run.
+/// create a run. Order: injected faults, the body, a replay of a known key
+/// (never refused below), validation, the run cap, the balance (the quote
+/// is frozen from it), then the new run.
 pub(crate) fn decide(
     shared: &Shared,
     inner: &mut Inner,
@@ -114,16 +117,47 @@ pub(crate) fn decide(
         Ok(valid) => valid,
         Err(error) => return reject(inner, error),
     };
+    let running = inner.chenyu_running(&shared.timing, now);
+    if !under_cap(running, inner.faults.max_running_runs) {
+        inner.stats.cap_refusals += 1;
+        return SubmitOutcome::Rejected(ApiError {
+            http: StatusCode::OK,
+            status_code: StatusCode::TOO_MANY_REQUESTS,
+            msg: "concurrent run limit exceeded",
+            engine_code: "CONCURRENT_RUN_LIMIT_EXCEEDED",
+            detail: format!(
+                "{running} runs are queued or running; the account allows {}",
+                inner.faults.max_running_runs.unwrap_or_default()
+            ),
+        });
+    }
     let mut run_order_id = new_run_order_id();
     while inner.runs.contains_key(&run_order_id) {
         run_order_id = new_run_order_id();
     }
+    inner.settle_account(&shared.timing, now);
+    if let Err(short) = inner.account.freeze(workflow.quote(), &run_order_id) {
+        inner.stats.balance_refusals += 1;
+        return SubmitOutcome::Rejected(ApiError {
+            http: StatusCode::OK,
+            status_code: StatusCode::PAYMENT_REQUIRED,
+            msg: "insufficient balance",
+            engine_code: "INSUFFICIENT_BALANCE",
+            detail: format!(
+                "the quote {} CNY exceeds the balance {} CNY",
+                amount8(short.quote),
+                amount8(short.balance)
+            ),
+        });
+    }
+    inner.chenyu_created += 1;
     let run = Run::new(
         run_order_id.clone(),
         workflow,
         key.clone(),
         inputs_as_sent(&request),
         now,
+        inner.chenyu_created,
     );
     let data = views::submit_answer(&run, shared.phase_now(&run, now), false);
     inner

@@ -6,6 +6,7 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Number, Value, json};
 
 use super::catalog::Outcome;
+use super::hostile;
 use super::money::amount8;
 use super::run::Run;
 use super::timeline::{Phase, Timing};
@@ -40,8 +41,9 @@ fn failure(run: &Run, phase: Phase) -> Option<(&'static str, &'static str)> {
     }
 }
 
-/// Output URLs, present once the run has succeeded.
-fn outputs(run: &Run, phase: Phase) -> Value {
+/// Output URLs, present once the run has succeeded; with the hostile
+/// member's mark when `hostile`.
+fn outputs(run: &Run, phase: Phase, hostile: bool) -> Value {
     let mut map = Map::new();
     if run_status(run, phase) == "succeeded" {
         for output in run.workflow.outputs {
@@ -53,8 +55,20 @@ fn outputs(run: &Run, phase: Phase) -> Value {
             );
             map.insert(output.key.to_owned(), Value::String(url));
         }
+        if hostile {
+            return hostile::mark_outputs(Value::Object(map));
+        }
     }
     Value::Object(map)
+}
+
+/// An error message, with the hostile suffix's mark when `hostile`.
+fn message(text: &str, hostile: bool) -> String {
+    if hostile {
+        hostile::mark_message(text)
+    } else {
+        text.to_owned()
+    }
 }
 
 /// The `data` of a submit answer (new or replayed).
@@ -77,13 +91,17 @@ pub(crate) fn submit_answer(run: &Run, phase: Phase, replay: bool) -> Value {
 
 /// The `data` of `run/info`. Amounts are 8-place strings once settled and
 /// `""` before (the documented value before settlement is unknown; empty
-/// strings are the hardest case for a client).
-pub(crate) fn run_info(run: &Run, phase: Phase, timing: &Timing) -> Value {
+/// strings are the hardest case for a client). `hostile`: marks for
+/// `hostile::splice` in the outputs and error message of a finished run.
+pub(crate) fn run_info(run: &Run, phase: Phase, timing: &Timing, hostile: bool) -> Value {
     let wf = run.workflow;
     let settled = phase == Phase::Settled;
     let money = |d: Decimal| if settled { amount8(d) } else { String::new() };
     let s = &run.settlement;
-    let (error_code, error_message) = failure(run, phase).unwrap_or(("", ""));
+    let (error_code, error_message) = match failure(run, phase) {
+        Some((code, text)) => (code, message(text, hostile)),
+        None => ("", String::new()),
+    };
     let updated_at = run.created_at + timing.entered(phase);
     json!({
         "run_order_id": run.run_order_id,
@@ -98,7 +116,7 @@ pub(crate) fn run_info(run: &Run, phase: Phase, timing: &Timing) -> Value {
         "task_id": run.task_id,
         "prompt_id": run.prompt_id,
         "inputs": run.inputs,
-        "outputs": outputs(run, phase),
+        "outputs": outputs(run, phase, hostile),
         "compute_cost": money(s.compute_cost),
         "external_model_cost": money(s.external_model_cost),
         "total_cost": money(s.total_cost),
@@ -120,8 +138,14 @@ pub(crate) struct QueueInfo {
 }
 
 /// The `data` of `run/execution`. Costs are JSON numbers here, unlike
-/// `run/info`, and `null` until settled.
-pub(crate) fn execution(run: &Run, phase: Phase, progress: u32, queue: Option<QueueInfo>) -> Value {
+/// `run/info`, and `null` until settled. `hostile` as for `run_info`.
+pub(crate) fn execution(
+    run: &Run,
+    phase: Phase,
+    progress: u32,
+    queue: Option<QueueInfo>,
+    hostile: bool,
+) -> Value {
     let settled = phase == Phase::Settled;
     let cost = |d: Decimal| {
         if settled {
@@ -137,8 +161,8 @@ pub(crate) fn execution(run: &Run, phase: Phase, progress: u32, queue: Option<Qu
         "queue_info": queue.map(|q| json!({"position": q.position, "estimated_wait_sec": q.estimated_wait_sec})),
         "progress_percent": progress,
         "logs": [],
-        "outputs": outputs(run, phase),
-        "error": failure(run, phase).map(|(code, message)| json!({"code": code, "message": message})),
+        "outputs": outputs(run, phase, hostile),
+        "error": failure(run, phase).map(|(code, text)| json!({"code": code, "message": message(text, hostile)})),
         "compute_cost": cost(s.compute_cost),
         "external_model_cost": cost(s.external_model_cost),
         "total_cost": cost(s.total_cost),
@@ -177,20 +201,21 @@ mod tests {
             "key".into(),
             json!({}),
             Instant::now(),
+            1,
         )
     }
 
     #[test]
     fn info_hides_money_until_settled() {
         let r = run("wf_861ef31e94dcfb10e6e7");
-        let before = run_info(&r, Phase::Finished, &T);
+        let before = run_info(&r, Phase::Finished, &T, false);
         assert_eq!(before["settlement_status"], "unsettled");
         assert_eq!(before["final_amount"], "");
         assert_eq!(
             before["outputs"]["n9_images"],
             "https://sim.chenyu.local/media/wfrun_00000000000000000001/n9_images.png"
         );
-        let after = run_info(&r, Phase::Settled, &T);
+        let after = run_info(&r, Phase::Settled, &T, false);
         assert_eq!(after["freeze_status"], "released");
         let amount = |k: &str| {
             after[k]
@@ -212,11 +237,11 @@ mod tests {
     #[test]
     fn failed_runs_report_the_error() {
         let r = run("wf_always_fails_9d1a");
-        let info = run_info(&r, Phase::Settled, &T);
+        let info = run_info(&r, Phase::Settled, &T, false);
         assert_eq!(info["run_status"], "failed");
         assert_eq!(info["error_code"], "ENGINE_EXECUTION_FAILED");
         assert_eq!(info["outputs"], json!({}));
-        let exec = execution(&r, Phase::Settled, 100, None);
+        let exec = execution(&r, Phase::Settled, 100, None, false);
         assert_eq!(exec["error"]["code"], "ENGINE_EXECUTION_FAILED");
         assert_eq!(exec["total_cost"], json!(0.01));
     }
@@ -228,7 +253,7 @@ mod tests {
             "0.0002878"
         );
         let r = run("wf_seedance_video_2f0c");
-        let exec = execution(&r, Phase::Running, 40, None);
+        let exec = execution(&r, Phase::Running, 40, None, false);
         assert_eq!(exec["compute_cost"], Value::Null);
         assert_eq!(exec["error"], Value::Null);
     }

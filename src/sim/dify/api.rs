@@ -22,7 +22,9 @@ use super::request;
 use super::{stream, views};
 use crate::sim::envelope;
 use crate::sim::faults::Injected;
-use crate::sim::gate::{self, Denied, Params, param};
+use crate::sim::gate::{self, Denied, Endpoint, Params, param};
+use crate::sim::hostile::{self, Variant};
+use crate::sim::limits::under_cap;
 use crate::sim::state::Shared;
 
 /// How often a blocking request looks at its run.
@@ -103,8 +105,9 @@ async fn enter(
     shared: &Shared,
     headers: &HeaderMap,
     app: &str,
+    endpoint: Endpoint,
 ) -> Result<&'static DifyApp, Response> {
-    gate::check(shared, headers)
+    gate::check(shared, headers, endpoint)
         .await
         .map_err(|denied| match denied {
             Denied::Unauthorized => error(
@@ -113,6 +116,14 @@ async fn enter(
                 "Access token is invalid",
             ),
             Denied::Malformed(n) => envelope::malformed(n),
+            Denied::RateLimited { retry_after_secs } => envelope::with_retry_after(
+                error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_requests",
+                    "Too many requests. Please try again later.",
+                ),
+                retry_after_secs,
+            ),
         })?;
     apps::find(app).ok_or_else(|| not_found(&format!("App {app:?} not found")))
 }
@@ -122,7 +133,7 @@ async fn parameters(
     Path(path): Path<Segments>,
     headers: HeaderMap,
 ) -> Response {
-    let app = match enter(&shared, &headers, &path.app).await {
+    let app = match enter(&shared, &headers, &path.app, Endpoint::Other).await {
         Ok(app) => app,
         Err(response) => return response,
     };
@@ -166,7 +177,7 @@ enum Start {
 }
 
 async fn run(shared: Arc<Shared>, path: Segments, headers: HeaderMap, body: Bytes) -> Response {
-    let app = match enter(&shared, &headers, &path.app).await {
+    let app = match enter(&shared, &headers, &path.app, Endpoint::Submit).await {
         Ok(app) => app,
         Err(response) => return response,
     };
@@ -199,13 +210,16 @@ async fn run(shared: Arc<Shared>, path: Segments, headers: HeaderMap, body: Byte
     }
     loop {
         let wait = {
-            let inner = shared.lock();
+            let mut inner = shared.lock();
             let Some(run) = inner.dify.runs.get(&run_id) else {
                 return not_found("run vanished");
             };
             let elapsed = Instant::now().saturating_duration_since(run.submitted);
             if run.is_over(&shared.timing, elapsed) {
-                return Json(views::blocking(run, &shared.timing, elapsed)).into_response();
+                let hostile = run.hostile(inner.faults.hostile_outputs);
+                let body = views::blocking(run, &shared.timing, elapsed, hostile.is_some());
+                inner.stats.hostile_answers += u64::from(hostile.is_some());
+                return answer(&body, hostile);
             }
             run.ends_after(&shared.timing).saturating_sub(elapsed)
         };
@@ -215,7 +229,8 @@ async fn run(shared: Arc<Shared>, path: Segments, headers: HeaderMap, body: Byte
 
 /// Counts, applies faults, validates and creates, in one critical section,
 /// in this order: version, quota, injected faults (nothing is created),
-/// the body, the form; then the run, then whether its answer is lost.
+/// the body, the form, the run cap; then the run, then whether its answer
+/// is lost.
 fn decide_run(shared: &Shared, app: &'static DifyApp, pinned: Option<&str>, body: &[u8]) -> Start {
     let mut inner = shared.lock();
     inner.stats.dify_run_requests += 1;
@@ -246,7 +261,19 @@ fn decide_run(shared: &Shared, app: &'static DifyApp, pinned: Option<&str>, body
             return Start::Refused(invalid_param(&message));
         }
     };
-    let run_id = inner.dify.create(app, req.user, req.inputs, Instant::now());
+    let now = Instant::now();
+    if !under_cap(
+        inner.dify.running(&shared.timing, now),
+        inner.faults.max_running_runs,
+    ) {
+        inner.stats.cap_refusals += 1;
+        return Start::Refused(error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            "Too many concurrent runs: the app's concurrency limit is reached.",
+        ));
+    }
+    let run_id = inner.dify.create(app, req.user, req.inputs, now);
     inner.stats.dify_runs_created += 1;
     let drop_answer = inner.faults.take_answer_drop();
     inner.stats.dropped_answers += u64::from(drop_answer);
@@ -286,7 +313,7 @@ async fn detail(
     Path(path): Path<Segments>,
     headers: HeaderMap,
 ) -> Response {
-    let app = match enter(&shared, &headers, &path.app).await {
+    let app = match enter(&shared, &headers, &path.app, Endpoint::StatusCheck).await {
         Ok(app) => app,
         Err(response) => return response,
     };
@@ -300,9 +327,22 @@ async fn detail(
     match inner.dify.runs.get(&run_id).filter(|r| r.app == app) {
         Some(run) => {
             let elapsed = Instant::now().saturating_duration_since(run.submitted);
-            Json(views::detail(run, &shared.timing, elapsed)).into_response()
+            let hostile = run
+                .hostile(inner.faults.hostile_outputs)
+                .filter(|_| run.is_over(&shared.timing, elapsed));
+            let body = views::detail(run, &shared.timing, elapsed, hostile.is_some());
+            inner.stats.hostile_answers += u64::from(hostile.is_some());
+            answer(&body, hostile)
         }
         None => not_found("Workflow run not found"),
+    }
+}
+
+/// A JSON answer, spliced with its hostile entry if it has one.
+fn answer(body: &Value, hostile: Option<Variant>) -> Response {
+    match hostile {
+        Some(variant) => envelope::json_text(hostile::splice(&body.to_string(), variant)),
+        None => Json(body).into_response(),
     }
 }
 
@@ -312,7 +352,7 @@ async fn events(
     headers: HeaderMap,
     params: Params,
 ) -> Response {
-    let app = match enter(&shared, &headers, &path.app).await {
+    let app = match enter(&shared, &headers, &path.app, Endpoint::StatusCheck).await {
         Ok(app) => app,
         Err(response) => return response,
     };
@@ -347,7 +387,7 @@ async fn stop(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let app = match enter(&shared, &headers, &path.app).await {
+    let app = match enter(&shared, &headers, &path.app, Endpoint::Other).await {
         Ok(app) => app,
         Err(response) => return response,
     };
@@ -391,7 +431,7 @@ async fn logs(
     headers: HeaderMap,
     params: Params,
 ) -> Response {
-    let app = match enter(&shared, &headers, &path.app).await {
+    let app = match enter(&shared, &headers, &path.app, Endpoint::StatusCheck).await {
         Ok(app) => app,
         Err(response) => return response,
     };
@@ -437,7 +477,10 @@ async fn logs(
         .iter()
         .skip((page - 1).saturating_mul(limit))
         .take(limit)
-        .map(|run| views::log_entry(run, &timing, now.saturating_duration_since(run.submitted)))
+        .map(|run| {
+            let elapsed = now.saturating_duration_since(run.submitted);
+            views::log_entry(run, &timing, elapsed, include_running)
+        })
         .collect();
     drop(inner);
     Json(json!({

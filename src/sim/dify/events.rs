@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::apps::{Ending, NODE_FAILURE};
 use super::run::{CURRENCY, DifyRun, price};
+use crate::sim::hostile::{self, Variant};
 use crate::sim::money::{ExactNumber, stable_hash};
 use crate::sim::timeline::Timing;
 
@@ -100,8 +101,13 @@ struct Event<'a, D> {
 }
 
 /// The whole timeline of `run` as known now: the past, and the plan for
-/// the rest, which a later stop can only cut, never rewrite.
-pub(crate) fn timeline(run: &DifyRun, timing: &Timing) -> Vec<TimedEvent> {
+/// the rest, which a later stop can only cut, never rewrite. With
+/// `hostile`, `workflow_finished` carries that entry (see `hostile`).
+pub(crate) fn timeline(
+    run: &DifyRun,
+    timing: &Timing,
+    hostile: Option<Variant>,
+) -> Vec<TimedEvent> {
     let created = run.created_at.timestamp();
     let ends = run.ends_after(timing);
     let started = timing.queue;
@@ -163,29 +169,63 @@ pub(crate) fn timeline(run: &DifyRun, timing: &Timing) -> Vec<TimedEvent> {
             }
         }
     }
+    let finished = event(
+        "workflow_finished",
+        &finished_data(run, timing, ends, hostile.is_some()),
+    );
     push(
         ends,
-        event("workflow_finished", &finished_data(run, timing, ends)),
+        match hostile {
+            Some(variant) => hostile::splice(&finished, variant),
+            None => finished,
+        },
     );
     events
 }
 
 /// The `data` of `workflow_finished`, also the `data` of a blocking answer.
-/// Dates are unix seconds here, as in the docs' stream examples.
-pub(crate) fn finished_data(run: &DifyRun, timing: &Timing, elapsed: Duration) -> Value {
+/// Dates are unix seconds here, as in the docs' stream examples. `hostile`:
+/// marks for `hostile::splice` in the outputs or the failure.
+pub(crate) fn finished_data(
+    run: &DifyRun,
+    timing: &Timing,
+    elapsed: Duration,
+    hostile: bool,
+) -> Value {
     let finished_at = run.finished_at(timing, elapsed).map(|t| t.timestamp());
     json!({
         "id": run.id,
         "workflow_id": run.app.workflow_id,
         "status": run.status(timing, elapsed),
-        "outputs": run.outputs(timing, elapsed),
-        "error": run.error(timing, elapsed),
+        "outputs": outputs(run, timing, elapsed, hostile),
+        "error": error(run, timing, elapsed, hostile),
         "elapsed_time": run.elapsed_time(timing, elapsed),
         "total_tokens": run.tokens(timing, elapsed),
         "total_steps": run.total_steps(timing, elapsed),
         "created_at": run.created_at.timestamp(),
         "finished_at": finished_at,
     })
+}
+
+/// The run's outputs, marked for the hostile entry when `hostile`.
+pub(crate) fn outputs(run: &DifyRun, timing: &Timing, elapsed: Duration, hostile: bool) -> Value {
+    match run.outputs(timing, elapsed) {
+        Some(outputs) if hostile => hostile::mark_outputs(outputs),
+        Some(outputs) => outputs,
+        None => Value::Null,
+    }
+}
+
+/// The run's error, marked for the hostile entry when `hostile` and the
+/// run failed (a stop's message is left alone).
+pub(crate) fn error(run: &DifyRun, timing: &Timing, elapsed: Duration, hostile: bool) -> Value {
+    match run.error(timing, elapsed) {
+        Some(text) if hostile && run.stopped_after.is_none() => {
+            Value::String(hostile::mark_message(text))
+        }
+        Some(text) => Value::String(text.to_owned()),
+        None => Value::Null,
+    }
 }
 
 fn node_fields(run: &DifyRun, node: Node, created_at: i64) -> Value {
@@ -267,7 +307,7 @@ mod tests {
     #[test]
     fn a_full_run_and_its_prices() {
         let mut r = run("text");
-        let events = timeline(&r, &T);
+        let events = timeline(&r, &T, None);
         assert_eq!(
             names(&events),
             [
@@ -290,13 +330,13 @@ mod tests {
         );
         let expected = price(r.full_tokens).normalize().to_string();
         r.sequence_number = 1;
-        let llm = &timeline(&r, &T)[4].json;
+        let llm = &timeline(&r, &T, None)[4].json;
         assert!(
             llm.contains(&format!("\"total_price\":{expected},")),
             "{llm}"
         );
         r.sequence_number = 2;
-        let llm = &timeline(&r, &T)[4].json;
+        let llm = &timeline(&r, &T, None)[4].json;
         assert!(
             llm.contains(&format!("\"total_price\":\"{expected}\"")),
             "{llm}"
@@ -306,19 +346,23 @@ mod tests {
     #[test]
     fn failures_and_stops_cut_the_graph() {
         let f = run("fails");
-        let names_f = names(&timeline(&f, &T));
+        let names_f = names(&timeline(&f, &T, None));
         assert_eq!(names_f.len(), 6);
-        assert!(timeline(&f, &T)[4].json.contains("\"status\":\"failed\""));
+        assert!(
+            timeline(&f, &T, None)[4]
+                .json
+                .contains("\"status\":\"failed\"")
+        );
         let mut s = run("text");
         s.stop(&T, Duration::from_millis(600));
-        let events = timeline(&s, &T);
+        let events = timeline(&s, &T, None);
         assert_eq!(events.len(), 6);
         assert!(events[4].json.contains("\"status\":\"stopped\""));
         assert_eq!(events[5].at, Duration::from_millis(600));
         let mut q = run("text");
         q.stop(&T, Duration::from_millis(10));
         assert_eq!(
-            names(&timeline(&q, &T)),
+            names(&timeline(&q, &T, None)),
             ["workflow_started:", "workflow_finished:"]
         );
     }

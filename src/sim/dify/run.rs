@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::apps::{DifyApp, Ending, NODE_FAILURE};
+use crate::sim::hostile::Variant;
 use crate::sim::money::stable_hash;
 use crate::sim::timeline::Timing;
 
@@ -180,6 +181,12 @@ impl DifyRun {
             .then(|| self.created_at + self.ends_after(timing))
     }
 
+    /// The hostile entry of this run when `hostile_outputs` is `on`: only
+    /// runs that end with outputs or a failure carry one, not stopped ones.
+    pub(crate) fn hostile(&self, on: bool) -> Option<Variant> {
+        (on && self.stopped_after.is_none()).then(|| Variant::of_run(self.order))
+    }
+
     /// Stops the run if it has not ended; false when there was nothing to stop.
     pub(crate) fn stop(&mut self, timing: &Timing, elapsed: Duration) -> bool {
         if self.is_over(timing, elapsed) {
@@ -266,6 +273,14 @@ impl DifyStore {
         self.by_task.insert(task_id, id.clone());
         self.runs.insert(id.clone(), run);
         id
+    }
+
+    /// Runs not over at `now` (abandoned ones never are).
+    pub(crate) fn running(&self, timing: &Timing, now: Instant) -> usize {
+        self.runs
+            .values()
+            .filter(|run| !run.is_over(timing, now.saturating_duration_since(run.submitted)))
+            .count()
     }
 
     /// The ledger at `now`, in creation order.

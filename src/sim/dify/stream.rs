@@ -4,7 +4,9 @@
 //! of the stream after `workflow_finished`.
 //!
 //! The stream only reads the run; it never drives it. Dropping the
-//! connection changes nothing about the run, as with the real service.
+//! connection changes nothing about the run, as with the real service
+//! (unless `dify_runs_die_with_their_stream`). With `hold_streams` a stream
+//! keeps pinging but sends nothing past the hold until it is released.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +17,7 @@ use axum::response::Response;
 use bytes::Bytes;
 
 use super::events::{PING_FRAME, TimedEvent, timeline};
+use crate::sim::hold::{Gate, Waiter};
 use crate::sim::state::Shared;
 
 /// Dify's keep-alive interval.
@@ -34,6 +37,11 @@ struct Cursor {
     sent: usize,
     last_write: Instant,
     done: bool,
+    /// While `hold_streams` is on: how far into the run the events were due
+    /// when this stream first saw the hold; nothing later is sent.
+    held_at: Option<Duration>,
+    /// Counted as a waiter while an event that is due is kept back.
+    waiter: Option<Waiter>,
 }
 
 /// An SSE response following the run `run_id`; `origin` for the run
@@ -46,6 +54,8 @@ pub(crate) fn live(shared: Arc<Shared>, run_id: String, origin: bool) -> Respons
         sent: 0,
         last_write: Instant::now(),
         done: false,
+        held_at: None,
+        waiter: None,
     };
     let stream = futures_util::stream::unfold(cursor, next_chunk);
     let mut response = Response::new(Body::from_stream(stream));
@@ -84,7 +94,7 @@ async fn next_chunk(mut cursor: Cursor) -> Option<(Result<Bytes, std::io::Error>
             return None;
         }
         let now = Instant::now();
-        let (events, elapsed, ping) = {
+        let (events, elapsed, ping, held, hostile) = {
             let inner = cursor.shared.lock();
             let run = inner.dify.runs.get(&cursor.run_id)?;
             let ping = inner
@@ -93,26 +103,55 @@ async fn next_chunk(mut cursor: Cursor) -> Option<(Result<Bytes, std::io::Error>
                 .map_or(DEFAULT_PING, Duration::from_millis)
                 .max(Duration::from_millis(1));
             let elapsed = now.saturating_duration_since(run.submitted);
-            (timeline(run, &cursor.shared.timing), elapsed, ping)
+            let held = inner.faults.hold_streams;
+            let hostile = run.hostile(inner.faults.hostile_outputs);
+            let events = timeline(run, &cursor.shared.timing, hostile);
+            (events, elapsed, ping, held, hostile.is_some())
         };
-        let due: Vec<&TimedEvent> = events
-            .iter()
-            .skip(cursor.sent)
-            .take_while(|e| e.at <= elapsed)
-            .collect();
-        if !due.is_empty() {
-            cursor.sent += due.len();
+        let due_count = events.iter().take_while(|e| e.at <= elapsed).count();
+        let sendable = if held {
+            let held_at = *cursor.held_at.get_or_insert(elapsed);
+            let before_hold = events.iter().take_while(|e| e.at <= held_at).count();
+            // `workflow_finished`, the last event, never goes out while held.
+            before_hold.min(events.len().saturating_sub(1))
+        } else {
+            cursor.held_at = None;
+            due_count
+        };
+        // Keeping back an event that is due: counted as a waiter until the
+        // release, which ends the wait at once.
+        let withholding = held && due_count > sendable;
+        if !withholding {
+            cursor.waiter = None;
+        } else if cursor.waiter.is_none() {
+            cursor.waiter = Some(Waiter::enter(&cursor.shared));
+        }
+        if sendable > cursor.sent {
+            let chunk: String = events[cursor.sent..sendable]
+                .iter()
+                .map(TimedEvent::frame)
+                .collect();
+            cursor.sent = sendable;
             cursor.done = cursor.sent >= events.len();
             cursor.last_write = now;
-            let chunk: String = due.iter().map(|e| e.frame()).collect();
+            if cursor.done && hostile {
+                cursor.shared.lock().stats.hostile_answers += 1;
+            }
             return Some((Ok(Bytes::from(chunk)), cursor));
         }
-        let next = events.get(cursor.sent)?;
         let ping_at = cursor.last_write + ping;
         if now >= ping_at {
             cursor.last_write = now;
             return Some((Ok(Bytes::from_static(PING_FRAME.as_bytes())), cursor));
         }
+        if withholding {
+            tokio::select! {
+                () = cursor.shared.holds.opened(Gate::Streams) => {}
+                () = tokio::time::sleep(ping_at - now) => {}
+            }
+            continue;
+        }
+        let next = events.get(cursor.sent)?;
         let wait = next
             .at
             .saturating_sub(elapsed)

@@ -6,7 +6,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
-use super::events::finished_data;
+use super::events::{error, finished_data, outputs};
 use super::run::DifyRun;
 use crate::sim::timeline::Timing;
 
@@ -40,7 +40,8 @@ impl DateStyle {
 
 /// `GET /workflows/run/{id}`. `inputs` is a JSON *string* with Dify's
 /// system variables, as in the docs; there is no price here, as in Dify.
-pub(crate) fn detail(run: &DifyRun, timing: &Timing, elapsed: Duration) -> Value {
+/// `hostile`: marks for `hostile::splice`.
+pub(crate) fn detail(run: &DifyRun, timing: &Timing, elapsed: Duration, hostile: bool) -> Value {
     let style = DateStyle::of(run);
     let mut inputs: Map<String, Value> = run.inputs.clone();
     inputs.insert("sys.files".into(), json!([]));
@@ -50,8 +51,8 @@ pub(crate) fn detail(run: &DifyRun, timing: &Timing, elapsed: Duration) -> Value
         "workflow_id": run.app.workflow_id,
         "status": run.status(timing, elapsed),
         "inputs": Value::Object(inputs).to_string(),
-        "outputs": run.outputs(timing, elapsed),
-        "error": run.error(timing, elapsed),
+        "outputs": outputs(run, timing, elapsed, hostile),
+        "error": error(run, timing, elapsed, hostile),
         "total_steps": run.total_steps(timing, elapsed),
         "total_tokens": run.tokens(timing, elapsed),
         "created_at": style.format(run.created_at),
@@ -61,16 +62,23 @@ pub(crate) fn detail(run: &DifyRun, timing: &Timing, elapsed: Duration) -> Value
 }
 
 /// The answer to a blocking run request.
-pub(crate) fn blocking(run: &DifyRun, timing: &Timing, elapsed: Duration) -> Value {
+pub(crate) fn blocking(run: &DifyRun, timing: &Timing, elapsed: Duration, hostile: bool) -> Value {
     json!({
         "workflow_run_id": run.id,
         "task_id": run.task_id,
-        "data": finished_data(run, timing, elapsed),
+        "data": finished_data(run, timing, elapsed, hostile),
     })
 }
 
-/// One entry of `GET /workflows/logs`.
-pub(crate) fn log_entry(run: &DifyRun, timing: &Timing, elapsed: Duration) -> Value {
+/// One entry of `GET /workflows/logs`. `written_at_start`: the row was
+/// written when the run started (newer Dify, `dify_logs_include_running`),
+/// not when it ended.
+pub(crate) fn log_entry(
+    run: &DifyRun,
+    timing: &Timing,
+    elapsed: Duration,
+    written_at_start: bool,
+) -> Value {
     let style = DateStyle::of(run);
     let finished_at = run.finished_at(timing, elapsed);
     json!({
@@ -95,8 +103,12 @@ pub(crate) fn log_entry(run: &DifyRun, timing: &Timing, elapsed: Duration) -> Va
             "is_anonymous": false,
             "session_id": run.user,
         },
-        // The log entry is written when the run ends.
-        "created_at": finished_at.unwrap_or(run.created_at).timestamp(),
+        "created_at": if written_at_start {
+            run.created_at
+        } else {
+            finished_at.unwrap_or(run.created_at)
+        }
+        .timestamp(),
     })
 }
 
@@ -109,7 +121,7 @@ mod tests {
     fn detail_has_the_documented_shape() {
         let mut r = run("text");
         r.sequence_number = 1;
-        let running = detail(&r, &T, Duration::ZERO);
+        let running = detail(&r, &T, Duration::ZERO, false);
         assert_eq!(running["status"], "running");
         assert_eq!(running["finished_at"], Value::Null);
         assert_eq!(running["outputs"], Value::Null);
@@ -119,7 +131,7 @@ mod tests {
         assert_eq!(inputs["sys.user_id"], "u1");
         assert_eq!(inputs["query"], "a b c");
         r.sequence_number = 2;
-        let done = detail(&r, &T, Duration::from_secs(5));
+        let done = detail(&r, &T, Duration::from_secs(5), false);
         assert_eq!(done["status"], "succeeded");
         let text = done["finished_at"].as_str().expect("text date");
         assert!(text.ends_with(" -0000") && text.contains(", "), "{text}");
@@ -129,14 +141,14 @@ mod tests {
     #[test]
     fn log_entries_name_the_end_user() {
         let r = run("fails");
-        let entry = log_entry(&r, &T, Duration::from_secs(5));
+        let entry = log_entry(&r, &T, Duration::from_secs(5), false);
         assert_eq!(entry["created_by_end_user"]["session_id"], "u1");
         assert_eq!(entry["workflow_run"]["status"], "failed");
         assert_eq!(
             entry["workflow_run"]["version"],
             "2025-01-06 09:31:00.000000"
         );
-        let b = blocking(&r, &T, Duration::from_secs(5));
+        let b = blocking(&r, &T, Duration::from_secs(5), false);
         assert_eq!(b["data"]["error"], "simulated node failure");
         assert_eq!(b["workflow_run_id"], b["data"]["id"]);
     }

@@ -16,12 +16,15 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::views;
+use super::views::{self, Oddities};
 use super::workflows::{self, GptWorkflow};
 use crate::sim::envelope;
 use crate::sim::faults::Injected;
-use crate::sim::gate::{self, Denied};
-use crate::sim::state::Shared;
+use crate::sim::gate::{self, Denied, Endpoint};
+use crate::sim::hostile::Variant;
+use crate::sim::limits::under_cap;
+use crate::sim::state::{Inner, Shared};
+use crate::sim::timeline::Timing;
 
 /// How often a synchronous invoke looks at its run.
 const SYNC_RECHECK: Duration = Duration::from_millis(25);
@@ -79,8 +82,9 @@ async fn enter(
     shared: &Shared,
     headers: &HeaderMap,
     workflow: &str,
+    endpoint: Endpoint,
 ) -> Result<&'static GptWorkflow, Response> {
-    gate::check(shared, headers)
+    gate::check(shared, headers, endpoint)
         .await
         .map_err(|denied| match denied {
             Denied::Unauthorized => error(
@@ -89,6 +93,14 @@ async fn enter(
                 "invalid or missing API key",
             ),
             Denied::Malformed(n) => envelope::malformed(n),
+            Denied::RateLimited { retry_after_secs } => envelope::with_retry_after(
+                error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    429_000,
+                    "too many requests: rate limit exceeded",
+                ),
+                retry_after_secs,
+            ),
         })?;
     workflows::find(workflow)
         .ok_or_else(|| error(StatusCode::NOT_FOUND, 404_002, "workflow not found"))
@@ -110,7 +122,7 @@ async fn invoke(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let workflow = match enter(&shared, &headers, &path.workflow).await {
+    let workflow = match enter(&shared, &headers, &path.workflow, Endpoint::Submit).await {
         Ok(wf) => wf,
         Err(response) => return response,
     };
@@ -125,7 +137,7 @@ async fn invoke(
     };
     loop {
         let wait = {
-            let inner = shared.lock();
+            let mut inner = shared.lock();
             let Some(run) = inner.gptbots.runs.get(&run_id) else {
                 return error(StatusCode::NOT_FOUND, 404_001, "workflow run not found");
             };
@@ -134,7 +146,8 @@ async fn invoke(
             }
             let elapsed = Instant::now().saturating_duration_since(run.submitted);
             if run.is_over(&shared.timing, elapsed) {
-                return json_text(views::result(run, &shared.timing, elapsed));
+                let text = result_text(&mut inner, &shared.timing, &run_id, elapsed);
+                return json_text(text.unwrap_or_default());
             }
             (shared.timing.queue + shared.timing.run).saturating_sub(elapsed)
         };
@@ -142,8 +155,9 @@ async fn invoke(
     }
 }
 
-/// Counts, injects faults (before anything is created), validates,
-/// creates, and decides whether the answer is lost, under one lock.
+/// Counts, injects faults (before anything is created), validates, checks
+/// the run cap and the credits, creates, and decides whether the answer is
+/// lost, under one lock.
 fn decide(shared: &Shared, workflow: &'static GptWorkflow, body: &[u8]) -> Start {
     let mut inner = shared.lock();
     inner.stats.gptbots_invoke_requests += 1;
@@ -158,9 +172,27 @@ fn decide(shared: &Shared, workflow: &'static GptWorkflow, body: &[u8]) -> Start
             return Start::Refused(error(StatusCode::BAD_REQUEST, 400_001, &message));
         }
     };
+    let now = Instant::now();
+    if !under_cap(
+        inner.gptbots.running(&shared.timing, now),
+        inner.faults.max_running_runs,
+    ) {
+        inner.stats.cap_refusals += 1;
+        return Start::Refused(error(
+            StatusCode::TOO_MANY_REQUESTS,
+            429_001,
+            "too many concurrent workflow runs",
+        ));
+    }
+    inner.settle_account(&shared.timing, now);
+    if !inner.account.has_credits() {
+        inner.stats.balance_refusals += 1;
+        return Start::Refused(error(StatusCode::OK, 403_200, "insufficient credits"));
+    }
     let run_id = inner
         .gptbots
-        .create(workflow, invoke.user_id, invoke.input, Instant::now());
+        .create(workflow, invoke.user_id, invoke.input, now);
+    inner.account.debit_at_end(&run_id);
     inner.stats.gptbots_runs_created += 1;
     let drop_answer = inner.faults.take_answer_drop();
     inner.stats.dropped_answers += u64::from(drop_answer);
@@ -177,7 +209,7 @@ async fn query_result(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let workflow = match enter(&shared, &headers, &path.workflow).await {
+    let workflow = match enter(&shared, &headers, &path.workflow, Endpoint::StatusCheck).await {
         Ok(wf) => wf,
         Err(response) => return response,
     };
@@ -199,16 +231,40 @@ async fn query_result(
             "workflowRunId is required",
         );
     };
-    match inner
+    let elapsed = match inner
         .gptbots
         .runs
         .get(&run_id)
         .filter(|r| r.workflow == workflow)
     {
-        Some(run) => {
-            let elapsed = Instant::now().saturating_duration_since(run.submitted);
-            json_text(views::result(run, &shared.timing, elapsed))
-        }
-        None => error(StatusCode::NOT_FOUND, 404_001, "workflow run not found"),
+        Some(run) => Instant::now().saturating_duration_since(run.submitted),
+        None => return error(StatusCode::NOT_FOUND, 404_001, "workflow run not found"),
+    };
+    let text = result_text(&mut inner, &shared.timing, &run_id, elapsed);
+    json_text(text.unwrap_or_default())
+}
+
+/// The result body of a run `elapsed` after its creation, bent by the
+/// faults' oddities once it is over, each counted in the stats.
+fn result_text(
+    inner: &mut Inner,
+    timing: &Timing,
+    run_id: &str,
+    elapsed: Duration,
+) -> Option<String> {
+    let run = inner.gptbots.runs.get(run_id)?;
+    let faults = &inner.faults;
+    let odd = Oddities {
+        hostile: faults.hostile_outputs.then(|| Variant::of_run(run.order)),
+        unknown_status: faults.gptbots_unknown_status.as_deref(),
+        omit_total_cost: faults.gptbots_omit_total_cost,
+    };
+    let text = views::result(run, timing, elapsed, &odd);
+    if run.is_over(timing, elapsed) {
+        let stats = &mut inner.stats;
+        stats.hostile_answers += u64::from(odd.hostile.is_some());
+        stats.gptbots_unknown_statuses += u64::from(odd.unknown_status.is_some());
+        stats.gptbots_costs_omitted += u64::from(odd.omit_total_cost);
     }
+    Some(text)
 }

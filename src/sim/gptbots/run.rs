@@ -128,6 +128,14 @@ impl GptbotsStore {
         id
     }
 
+    /// Runs not over (pending or running) at `now`.
+    pub(crate) fn running(&self, timing: &Timing, now: Instant) -> usize {
+        self.runs
+            .values()
+            .filter(|run| !run.is_over(timing, now.saturating_duration_since(run.submitted)))
+            .count()
+    }
+
     /// The ledger at `now`, in creation order.
     pub(crate) fn ledger(&self, timing: &Timing, now: Instant) -> Vec<GptbotsLedgerEntry> {
         let mut runs: Vec<&GptRun> = self.runs.values().collect();

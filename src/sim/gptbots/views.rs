@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::run::GptRun;
 use super::workflows::FAILURE;
+use crate::sim::hostile::{self, Variant};
 use crate::sim::money::ExactNumber;
 use crate::sim::timeline::Timing;
 
@@ -27,18 +28,34 @@ struct RunResult<'a> {
     input: &'a Value,
     output: Value,
     workflow_execution_time: Option<u64>,
-    status: &'static str,
-    total_cost: ExactNumber,
+    status: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total_cost: Option<ExactNumber>,
     total_tokens: i64,
     start_time: i64,
     end_time: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    error_message: Option<&'static str>,
+    error_message: Option<String>,
+}
+
+/// How a finished run's answer is bent (`Faults`); the default bends
+/// nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Oddities<'a> {
+    /// `hostile_outputs`: the entry for this run.
+    pub hostile: Option<Variant>,
+    /// `gptbots_unknown_status`: reported instead of `SUCCEED`/`FAILED`.
+    pub unknown_status: Option<&'a str>,
+    /// `gptbots_omit_total_cost`: no `totalCost` member at all.
+    pub omit_total_cost: bool,
 }
 
 /// The body of `query/result` (and of a synchronous invoke), serialized.
-pub(crate) fn result(run: &GptRun, timing: &Timing, elapsed: Duration) -> String {
+/// `odd` applies only once the run is over.
+pub(crate) fn result(run: &GptRun, timing: &Timing, elapsed: Duration, odd: &Oddities) -> String {
     let over = run.is_over(timing, elapsed);
+    let odd = if over { *odd } else { Oddities::default() };
+    let hostile = odd.hostile.is_some();
     let failed = over && run.workflow.fails;
     let start = run.created_at.timestamp_millis();
     let ends = timing.queue.saturating_add(timing.run);
@@ -48,22 +65,34 @@ pub(crate) fn result(run: &GptRun, timing: &Timing, elapsed: Duration) -> String
         workflow_version: run.workflow.workflow_version,
         workflow_run_id: &run.id,
         input: &run.input,
-        output: if over && !failed {
-            run.workflow.output(&run.input)
-        } else {
-            Value::Null
+        output: match (over && !failed, hostile) {
+            (true, true) => hostile::mark_outputs(run.workflow.output(&run.input)),
+            (true, false) => run.workflow.output(&run.input),
+            (false, _) => Value::Null,
         },
         // Time spent executing, without the queue: slightly less than
         // end - start, as in the documented example.
         workflow_execution_time: over.then(|| millis(timing.run)),
-        status: run.status(timing, elapsed),
-        total_cost: ExactNumber(run.cost(timing, elapsed)),
+        status: odd
+            .unknown_status
+            .unwrap_or_else(|| run.status(timing, elapsed)),
+        total_cost: (!odd.omit_total_cost).then(|| ExactNumber(run.cost(timing, elapsed))),
         total_tokens: run.tokens(timing, elapsed),
         start_time: start,
         end_time: over.then(|| start.saturating_add(i64::try_from(millis(ends)).unwrap_or(0))),
-        error_message: failed.then_some(FAILURE),
+        error_message: failed.then(|| {
+            if hostile {
+                hostile::mark_message(FAILURE)
+            } else {
+                FAILURE.to_owned()
+            }
+        }),
     };
-    serde_json::to_string(&body).unwrap_or_default()
+    let text = serde_json::to_string(&body).unwrap_or_default();
+    match odd.hostile {
+        Some(variant) => hostile::splice(&text, variant),
+        None => text,
+    }
 }
 
 /// The answer to an async invoke.
@@ -89,12 +118,14 @@ mod tests {
     #[test]
     fn results_before_and_after_the_end() {
         let r = run("news");
-        let pending: Value = serde_json::from_str(&result(&r, &T, Duration::ZERO)).expect("json");
+        let pending: Value =
+            serde_json::from_str(&result(&r, &T, Duration::ZERO, &Oddities::default()))
+                .expect("json");
         assert_eq!(pending["status"], "PENDING");
         assert_eq!(pending["output"], Value::Null);
         assert_eq!(pending["totalCost"], 0);
         assert!(pending.get("errorMessage").is_none());
-        let text = result(&r, &T, Duration::from_secs(5));
+        let text = result(&r, &T, Duration::from_secs(5), &Oddities::default());
         let cost = r.cost(&T, Duration::from_secs(5)).normalize().to_string();
         assert!(text.contains(&format!("\"totalCost\":{cost},")), "{text}");
         let done: Value = serde_json::from_str(&text).expect("json");
@@ -104,8 +135,13 @@ mod tests {
             done["endTime"].as_i64().expect("end") - done["startTime"].as_i64().expect("start"),
             1100
         );
-        let failed: Value =
-            serde_json::from_str(&result(&run("fails"), &T, Duration::from_secs(5))).expect("json");
+        let failed: Value = serde_json::from_str(&result(
+            &run("fails"),
+            &T,
+            Duration::from_secs(5),
+            &Oddities::default(),
+        ))
+        .expect("json");
         assert_eq!(failed["status"], "FAILED");
         assert_eq!(failed["output"], Value::Null);
         assert_eq!(failed["errorMessage"], FAILURE);
