@@ -9,6 +9,7 @@
 //! asserted: timing depends on the machine (see BENCHMARKS.md).
 
 mod figures;
+mod limits;
 mod peers;
 mod worker;
 
@@ -45,7 +46,10 @@ pub struct BenchArgs {
     /// Worker pool size (`database.max_connections`).
     #[arg(long, default_value_t = 20)]
     pub max_connections: u32,
-    /// Only these figures (comma separated: lifecycle, pickup, inflight, polls, enqueue, peers).
+    /// Rate limits (requests per second) of the limit figures.
+    #[arg(long, value_delimiter = ',', default_values_t = [5.0, 20.0, 100.0, 500.0])]
+    pub limits: Vec<f64>,
+    /// Only these figures (comma separated: lifecycle, pickup, inflight, polls, enqueue, peers, limits).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Small sizes and short durations: an end-to-end check, not a measurement.
@@ -215,6 +219,15 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if plan.wants("inflight") {
         reset(&pool).await?;
         figures::inflight(&plan, &url, &pool).await?;
+    }
+    if plan.wants("limits") {
+        for &limit in &plan.args.limits {
+            reset(&pool).await?;
+            limits::goodput(&plan, &url, &pool, limit).await?;
+        }
+        reset(&pool).await?;
+        limits::limit_change(&plan, &url, &pool, 100.0).await?;
+        limits::stray_429s(&plan, &url, &pool).await?;
     }
     if plan.wants("peers") {
         reset(&pool).await?;

@@ -65,6 +65,19 @@ impl WorkerProcess {
         sim: &SimServer,
         poll: &str,
     ) -> Result<WorkerProcess, BenchError> {
+        Self::start_with(plan, url, pool, sim, poll, "").await
+    }
+
+    /// [`WorkerProcess::start`] with more keys for the chenyu profile
+    /// (e.g. `requests_per_second = 50`).
+    pub async fn start_with(
+        plan: &Plan,
+        url: &str,
+        pool: &PgPool,
+        sim: &SimServer,
+        poll: &str,
+        profile: &str,
+    ) -> Result<WorkerProcess, BenchError> {
         let dir = std::env::temp_dir().join(format!(
             "wfq-bench-{}-{:08x}",
             std::process::id(),
@@ -89,6 +102,7 @@ shutdown_grace = "2s"
 kind = "chenyu"
 base_url = "{base}"
 api_key_env = "{API_KEY_ENV}"
+{profile}
 "#,
                 pool_size = plan.args.max_connections,
                 concurrency = plan.args.concurrency,
@@ -169,6 +183,11 @@ api_key_env = "{API_KEY_ENV}"
                 self.log_tail()
             ))),
         }
+    }
+
+    /// Everything the worker logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     fn log_tail(&self) -> String {

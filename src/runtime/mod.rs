@@ -35,7 +35,7 @@ pub use metrics::MeteredClient;
 pub use pauses::ProviderPauses;
 pub use shutdown::{InFlight, InFlightGuard, Shutdown};
 pub use step::{LeaseClock, Slot, StepError, run_step};
-pub use throttle::{Admission, RateState, Throttles};
+pub use throttle::{Admission, Class, RateControl, Throttles};
 pub use wake::Wake;
 pub use writer::TransitionWriter;
 

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::lifecycle::{self, FindDecision, InDoubt};
 use crate::providers::{FindOutcome, SubmitGuard};
-use crate::runtime::Admission;
+use crate::runtime::{Admission, Class};
 use crate::store::ClaimedRun;
 
 /// What became of a submit in doubt.
@@ -44,15 +44,24 @@ pub(super) async fn settle_doubt(
         SubmitGuard::FindByUser => {
             if let Admission::Defer(wait) = engine
                 .throttles
-                .admit(&run.provider, engine.lease / 4)
+                .admit(&run.provider, Class::Poll, engine.lease / 4)
                 .await
             {
                 defer(engine, run, wait).await?;
                 return Ok(DoubtSettled::Done);
             }
-            client
+            let found = client
                 .find_submitted(&run.idempotency_key, lease.deadline())
-                .await
+                .await;
+            engine.throttles.observe(
+                &run.provider,
+                match &found {
+                    Some(FindOutcome::Unclear(u)) => u.http_status,
+                    Some(_) => Some(200),
+                    None => None,
+                },
+            );
+            found
         }
     };
     let Some(found) = found else {

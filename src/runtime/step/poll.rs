@@ -9,7 +9,7 @@ use super::{
 use crate::lifecycle;
 use crate::lifecycle::RunState;
 use crate::providers::{PollOutcome, PollRequest, StopOutcome, Unclear};
-use crate::runtime::Admission;
+use crate::runtime::{Admission, Class};
 use crate::store::ClaimedRun;
 
 pub(super) async fn poll_step(
@@ -36,7 +36,7 @@ pub(super) async fn poll_step(
     };
     if let Admission::Defer(wait) = engine
         .throttles
-        .admit(&run.provider, engine.lease / 4)
+        .admit(&run.provider, Class::Poll, engine.lease / 4)
         .await
     {
         return defer(engine, &run, wait).await;
@@ -48,6 +48,14 @@ pub(super) async fn poll_step(
         false => None,
     };
     if let Some(stop) = &stop {
+        engine.throttles.observe(
+            &run.provider,
+            match stop {
+                StopOutcome::Requested => Some(200),
+                StopOutcome::Rejected(e) => Some(e.http_status),
+                StopOutcome::Unclear(u) => u.http_status,
+            },
+        );
         match stop {
             StopOutcome::Requested => tracing::info!("asked the provider to stop the run"),
             StopOutcome::Rejected(e) => {

@@ -24,7 +24,7 @@ use super::{
 };
 use crate::lifecycle::{self, RunProgress, RunState};
 use crate::providers::{SubmitOutcome, SubmitRequest, Submitted};
-use crate::runtime::Admission;
+use crate::runtime::{Admission, Class};
 use crate::runtime::shutdown::InFlightGuard;
 use crate::store::ClaimedRun;
 
@@ -95,7 +95,7 @@ pub(super) async fn submit_step(
     // by every process, checked as `submitting` is recorded.
     let max_wait = engine.lease / 4;
     let admitted = tokio::select! {
-        admitted = engine.throttles.admit(&run.provider, max_wait) => admitted,
+        admitted = engine.throttles.admit(&run.provider, Class::Submit, max_wait) => admitted,
         () = engine.shutdown.begun() => return Ok(()),
     };
     if let Admission::Defer(wait) = admitted {

@@ -1,0 +1,309 @@
+//! The rate a profile sends at, learned from the provider's answers: pure,
+//! driven by a clock it is given, so the control law is tested against a
+//! modelled provider with a fake clock.
+//!
+//! The law. Answers are counted in windows of about a second (at least
+//! [`MIN_ANSWERS`]); at the end of each:
+//!
+//! - **Over a limit** (more refused than the provider refuses whatever the
+//!   rate, by [`TOLERANCE`]): the rate becomes what the provider *accepted*
+//!   in that window. A provider's limit is exactly the rate it accepts while
+//!   we ask for more, so this lands on the limit in one step, where halving
+//!   (AIMD) undershoots it and needs many steps back.
+//! - **Is it a limit?** The next window checks the cut: refusals that a
+//!   slower rate does not reduce (a busy pool answering 429 to a share of
+//!   all requests) are not a limit. Then the cut is undone and that share is
+//!   remembered as the provider's stray refusals, which later windows
+//!   tolerate; the refused requests themselves just wait their own
+//!   `Retry-After`.
+//! - **Probe the ceiling** while the rate is what holds requests back and
+//!   the provider refuses nothing more than its strays: +1 %, then a step
+//!   that doubles with every clean window (capped at +50 %), as TCP's slow
+//!   start does after a loss. The first steps keep the steady state within
+//!   a few percent of the limit (a few refusals per cycle, below 5 %); the
+//!   doubling finds a raised limit within seconds (x1.8 in six windows).
+//! - A configured `requests_per_second` is a hard ceiling throughout.
+//!
+//! Measured against a modelled provider (tests below): goodput above 95 %
+//! of limits from 5 to 500 per second with 2-3 % refused, a halved limit
+//! found within 2 s, a restored one within 8 s; the old law (halve on a 429,
+//! add a fiftieth of a ceiling per answer) averaged 16x the limit at 20/s
+//! and 94 % of its requests refused.
+
+use std::time::{Duration, Instant};
+
+/// The slowest a learned rate goes (requests per second).
+pub const MIN_RATE: f64 = 0.2;
+/// A window ends after this long, once it has [`MIN_ANSWERS`] answers.
+const WINDOW: Duration = Duration::from_secs(1);
+/// Fewer answers than this say little about a refusal share (at 5/s a
+/// window lasts two seconds).
+const MIN_ANSWERS: u32 = 8;
+/// ...but no window outlasts this.
+const MAX_WINDOW: Duration = Duration::from_secs(4);
+/// Refused share above the stray share that means "over a limit".
+const TOLERANCE: f64 = 0.015;
+/// A window with this many refusals making up half its answers ends at
+/// once: a limit just fell (or was never known), and every request sent
+/// until the window's end would be refused too.
+const FAST_REFUSED: u32 = 16;
+/// Strays are told from a limit only on this many answers: at a few
+/// requests per second one refusal more or less is half the share.
+const STRAY_EVIDENCE: u32 = 40;
+/// A cut lands this far below what the provider accepted: the provider's
+/// bucket refills a little, so the next probe's first steps are absorbed
+/// instead of refused, and a burst the provider let through is not taken
+/// for its rate.
+const CUT_MARGIN: f64 = 0.98;
+/// A refused share this high is never taken for strays.
+const MAX_STRAY: f64 = 0.25;
+/// The first probe step above a found limit, and the largest.
+const FIRST_PROBE: f64 = 0.01;
+const MAX_PROBE: f64 = 0.5;
+/// The rate counts as what held requests back when they were sent at
+/// least this close to it.
+const BOUND: f64 = 0.85;
+
+/// Answers counted since the window began.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    answered: u32,
+    refused: u32,
+}
+
+/// A cut whose effect the next window checks.
+#[derive(Debug, Clone, Copy)]
+struct Trial {
+    /// The rate before the cut.
+    previous: Option<f64>,
+    /// The refused share that made it.
+    share: f64,
+}
+
+/// What a window decided, for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RateChange {
+    /// Over a limit: the rate is now what the provider accepted.
+    Cut(f64),
+    /// The refusals did not follow the rate: a cut undone, this share is
+    /// tolerated from now on.
+    Strays(f64),
+    /// Probing above the limit found so far.
+    Probe(f64),
+}
+
+/// The learned rate of one provider profile.
+#[derive(Debug, Clone)]
+pub struct RateControl {
+    configured: Option<f64>,
+    /// The rate in force; `None` is unlimited.
+    limit: Option<f64>,
+    window: Window,
+    /// Requests sent in the window (tokens granted).
+    sent: u32,
+    trial: Option<Trial>,
+    /// Clean windows in a row at the rate: the probe step doubles with each.
+    streak: u32,
+    /// The share of requests the provider refuses whatever the rate.
+    stray: f64,
+}
+
+impl RateControl {
+    /// A profile with `configured` requests per second (`None`: unlimited
+    /// until the provider says otherwise).
+    pub fn new(configured: Option<f64>, now: Instant) -> Self {
+        RateControl {
+            configured,
+            limit: configured,
+            window: Window {
+                start: now,
+                answered: 0,
+                refused: 0,
+            },
+            sent: 0,
+            trial: None,
+            streak: 0,
+            stray: 0.0,
+        }
+    }
+
+    /// The rate in force (`None`: unlimited).
+    pub fn rate(&self) -> Option<f64> {
+        self.limit
+    }
+
+    /// The provider's stray refusal share learned so far.
+    pub fn stray_share(&self) -> f64 {
+        self.stray
+    }
+
+    /// A request was sent (a token granted).
+    pub fn sent(&mut self) {
+        self.sent = self.sent.saturating_add(1);
+    }
+
+    /// An answer: `refused` when the provider said 429.
+    pub fn observe(&mut self, refused: bool, now: Instant) -> Option<RateChange> {
+        self.window.answered += 1;
+        if refused {
+            self.window.refused += 1;
+        }
+        let age = now.saturating_duration_since(self.window.start);
+        let flooded =
+            self.window.refused >= FAST_REFUSED && self.window.refused * 2 >= self.window.answered;
+        if (age >= WINDOW && self.window.answered >= MIN_ANSWERS) || age >= MAX_WINDOW || flooded
+        {
+            return self.close_window(now);
+        }
+        None
+    }
+
+    fn clamp(&self, rate: f64) -> f64 {
+        let rate = rate.max(MIN_RATE);
+        self.configured.map_or(rate, |c| rate.min(c))
+    }
+
+    fn close_window(&mut self, now: Instant) -> Option<RateChange> {
+        let Window {
+            start,
+            answered,
+            refused,
+        } = self.window;
+        // A window cut short by a flood still counts as a second: what the
+        // provider accepted in it is about one second's budget (its burst).
+        let seconds = now
+            .saturating_duration_since(start)
+            .as_secs_f64()
+            .max(WINDOW.as_secs_f64());
+        let sent = self.sent;
+        self.window = Window {
+            start: now,
+            answered: 0,
+            refused: 0,
+        };
+        self.sent = 0;
+        let share = f64::from(refused) / f64::from(answered.max(1));
+        let accepted = f64::from(answered - refused) / seconds;
+        let over = refused >= 1 && share > self.stray + TOLERANCE;
+        if let Some(trial) = self.trial.take()
+            && over
+            && answered >= STRAY_EVIDENCE
+            && share < MAX_STRAY
+            && share >= trial.share * 0.5
+        {
+            // A slower rate refused as many: not a limit.
+            self.limit = trial.previous;
+            self.stray = share;
+            self.streak = 0;
+            return Some(RateChange::Strays(share));
+        }
+        if over {
+            // At most half in one window: a window cut short by a flood
+            // right after a change can under-count what the provider takes.
+            let cut = self.clamp(match self.limit {
+                Some(limit) => (accepted * CUT_MARGIN).clamp(limit / 2.0, limit),
+                None => accepted * CUT_MARGIN,
+            });
+            self.trial = Some(Trial {
+                previous: self.limit,
+                share,
+            });
+            self.limit = Some(cut);
+            self.streak = 0;
+            return Some(RateChange::Cut(cut));
+        }
+        let bound = self
+            .limit
+            .is_some_and(|limit| f64::from(sent) / seconds >= BOUND * limit);
+        match self.limit {
+            Some(limit) if bound && self.configured.is_none_or(|c| limit < c) => {
+                let step = (FIRST_PROBE * f64::from(1u32 << self.streak.min(16))).min(MAX_PROBE);
+                self.streak += 1;
+                let probed = self.clamp(limit * (1.0 + step));
+                self.limit = Some(probed);
+                Some(RateChange::Probe(probed))
+            }
+            _ => {
+                self.streak = 0;
+                // An old stray share fades, so that it cannot hide a
+                // limit for ever.
+                if share < self.stray {
+                    self.stray *= 0.9;
+                }
+                None
+            }
+        }
+    }
+}
+
+/// Tokens at the rate in force, with a small burst: requests go out evenly,
+/// as a provider's own limiter wants them.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub fn new(now: Instant) -> Self {
+        Bucket {
+            tokens: 1.0,
+            refilled: now,
+        }
+    }
+
+    fn burst(rate: f64) -> f64 {
+        (rate / 10.0).max(1.0)
+    }
+
+    fn refill(&mut self, rate: f64, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(Self::burst(rate));
+        self.refilled = now;
+    }
+
+    /// How long until a token is there at `rate` (`None`: unlimited, now).
+    pub fn wait(&mut self, rate: Option<f64>, now: Instant) -> Duration {
+        let Some(rate) = rate else {
+            self.tokens = 1.0;
+            self.refilled = now;
+            return Duration::ZERO;
+        };
+        self.refill(rate, now);
+        if self.tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / rate)
+        }
+    }
+
+    /// Takes a token if one is there.
+    pub fn take(&mut self, rate: Option<f64>, now: Instant) -> bool {
+        if self.wait(rate, now).is_zero() {
+            if rate.is_some() {
+                self.tokens -= 1.0;
+            }
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Empties the bucket: no burst right after the rate was cut.
+    pub fn drain(&mut self, now: Instant) {
+        self.tokens = 0.0;
+        self.refilled = now;
+    }
+
+    /// Gives back a token that was taken but not used.
+    pub fn refund(&mut self, rate: Option<f64>) {
+        if let Some(rate) = rate {
+            self.tokens = (self.tokens + 1.0).min(Self::burst(rate));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
