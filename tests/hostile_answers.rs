@@ -58,13 +58,20 @@ fn variant(sim_hostile: &Value) -> (&'static str, &'static [&'static str]) {
         Value::Object(o) if o.contains_key("everything") || o.contains_key("lone_surrogate") => {
             ("everything", EVERYTHING)
         }
-        other => panic!("not an entry of the corpus as repaired: {:.200}", other.to_string()),
+        other => panic!(
+            "not an entry of the corpus as repaired: {:.200}",
+            other.to_string()
+        ),
     }
 }
 
 fn request(kind: ProviderKind, n: u32) -> (&'static str, &'static str, Value) {
     match kind {
-        ProviderKind::Chenyu => ("chenyu", TEXT_TO_IMAGE, json!({"n6_text": format!("bottle {n}")})),
+        ProviderKind::Chenyu => (
+            "chenyu",
+            TEXT_TO_IMAGE,
+            json!({"n6_text": format!("bottle {n}")}),
+        ),
         ProviderKind::Dify => ("dify", "text", json!({"query": format!("summarise {n}")})),
         ProviderKind::Gptbots => ("gptbots", "news", json!({"topic": format!("news {n}")})),
     }
@@ -85,7 +92,11 @@ async fn hostile_answers_of_all_three_providers_end_final_with_their_repairs_on_
         hostile_outputs: true,
         ..Default::default()
     });
-    let kinds = [ProviderKind::Chenyu, ProviderKind::Dify, ProviderKind::Gptbots];
+    let kinds = [
+        ProviderKind::Chenyu,
+        ProviderKind::Dify,
+        ProviderKind::Gptbots,
+    ];
     let mut ids = Vec::new();
     for n in 0..50u32 {
         let kind = kinds[n as usize % 3];
@@ -142,12 +153,11 @@ async fn hostile_answers_of_all_three_providers_end_final_with_their_repairs_on_
         assert_eq!(seen[at(kind)].len(), 8, "{kind:?}: {:?}", seen[at(kind)]);
     }
     // The repair made everything storable: no run needed the last resort.
-    let unstorable: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM wfq.run_events WHERE kind = 'unstorable_answer'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let unstorable: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM wfq.run_events WHERE kind = 'unstorable_answer'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(unstorable, 0);
     for (kind, profile) in [
         (ProviderKind::Chenyu, "chenyu"),
@@ -160,7 +170,11 @@ async fn hostile_answers_of_all_three_providers_end_final_with_their_repairs_on_
                 .fetch_one(&pool)
                 .await
                 .unwrap();
-        let ledger: Decimal = ledgers[at(kind)].values().flatten().filter_map(|r| r.charged).sum();
+        let ledger: Decimal = ledgers[at(kind)]
+            .values()
+            .flatten()
+            .filter_map(|r| r.charged)
+            .sum();
         assert_eq!(db, ledger, "{kind:?}: to the last decimal");
     }
     assert!(sim.stats().hostile_answers >= 50);
@@ -284,10 +298,17 @@ async fn an_answer_the_database_refuses_fails_its_run_unstorable_and_no_other(
         .collect();
     let row = run(&pool, victim).await;
     assert_eq!(row.state, "failed", "{row:?}");
-    assert_eq!(row.error_code.as_deref(), Some("UNSTORABLE_ANSWER"), "{row:?}");
+    assert_eq!(
+        row.error_code.as_deref(),
+        Some("UNSTORABLE_ANSWER"),
+        "{row:?}"
+    );
     let at_provider = &ledger[&row.idempotency_key];
     assert_eq!(at_provider.charges, 1);
-    assert_eq!(row.provider_run_id.as_deref(), Some(at_provider.run_order_id.as_str()));
+    assert_eq!(
+        row.provider_run_id.as_deref(),
+        Some(at_provider.run_order_id.as_str())
+    );
     assert_eq!(row.frozen_amount, Some(at_provider.frozen));
     assert_eq!(row.final_amount, at_provider.final_amount);
     assert_eq!(row.released_amount, at_provider.released);
@@ -301,7 +322,9 @@ async fn an_answer_the_database_refuses_fails_its_run_unstorable_and_no_other(
     .await
     .unwrap();
     assert!(
-        reason.as_deref().is_some_and(|r| r.contains("Unicode escape")),
+        reason
+            .as_deref()
+            .is_some_and(|r| r.contains("Unicode escape")),
         "{reason:?}"
     );
     let good = run(&pool, healthy).await;

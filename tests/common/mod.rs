@@ -297,11 +297,14 @@ pub fn provider_runs(sim: &SimServer, kind: ProviderKind) -> HashMap<String, Vec
         }
         ProviderKind::Dify => {
             for e in sim.dify_ledger() {
-                by_key.entry(key_of(&e.user)).or_default().push(ProviderRun {
-                    run_id: e.workflow_run_id,
-                    charged: Some(e.total_price),
-                    tokens: Some(e.total_tokens),
-                });
+                by_key
+                    .entry(key_of(&e.user))
+                    .or_default()
+                    .push(ProviderRun {
+                        run_id: e.workflow_run_id,
+                        charged: Some(e.total_price),
+                        tokens: Some(e.total_tokens),
+                    });
             }
         }
         ProviderKind::Gptbots => {
@@ -328,7 +331,12 @@ pub fn assert_one_provider_run(
     let at_provider = runs
         .get(&row.idempotency_key)
         .unwrap_or_else(|| panic!("{kind:?}: run {} is not at the provider", row.id));
-    assert_eq!(at_provider.len(), 1, "{kind:?}: run {} billed twice", row.id);
+    assert_eq!(
+        at_provider.len(),
+        1,
+        "{kind:?}: run {} billed twice",
+        row.id
+    );
     let p = &at_provider[0];
     assert_eq!(row.provider_run_id.as_deref(), Some(p.run_id.as_str()));
     assert_eq!(row.final_amount, p.charged, "{kind:?}: run {}", row.id);
