@@ -2,6 +2,8 @@
 //! test's own database, and waits that end on a signal, not a sleep.
 #![allow(dead_code)]
 
+pub mod lossy_proxy;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
