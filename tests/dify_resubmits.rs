@@ -76,7 +76,11 @@ async fn a_submit_that_never_gets_through_is_sent_at_most_one_plus_max_resubmits
     work_until_idle(&pool, dify_config(&sim, 2)).await;
     let row = run(&pool, id).await;
     assert_eq!(row.state, "failed", "{row:?}");
-    assert_eq!(row.error_code.as_deref(), Some("SUBMIT_OUTCOME_UNKNOWN"), "{row:?}");
+    assert_eq!(
+        row.error_code.as_deref(),
+        Some("SUBMIT_OUTCOME_UNKNOWN"),
+        "{row:?}"
+    );
     assert!(
         row.error_message
             .as_deref()

@@ -323,7 +323,7 @@ mod tests {
         assert_eq!(
             decide(
                 json!({"workflowRunId": "r", "note": "a\u{fffd}b"}),
-                repaired.clone()
+                repaired
             ),
             json!({"workflowRunId": "r", "note": "a\u{fffd}b", "wfq_repairs": {"nul": 2, "cut_strings": 1}})
         );
