@@ -3,8 +3,12 @@
 -- constant-default columns (no table rewrite, a lock held for microseconds),
 -- and a short lock_timeout so that a migration waiting behind a long
 -- transaction gives up instead of queueing every producer behind it
--- (`wfq migrate` waits and tries again).
-SET LOCAL lock_timeout = '2s';
+-- (`wfq migrate` waits and tries again). While this ALTER waits for its
+-- lock, every statement that arrives at the table queues behind it, so the
+-- timeout is also the longest a producer or worker waits for the upgrade:
+-- keep it well under what clients tolerate (tests/migrations.rs: a
+-- producer with lock_timeout = 1s is never refused).
+SET LOCAL lock_timeout = '500ms';
 
 ALTER TABLE wfq.runs
     -- The token of the last transition written: a worker whose COMMIT answer

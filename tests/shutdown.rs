@@ -1,5 +1,8 @@
 //! SIGTERM: stop claiming, let steps in flight finish within the grace
-//! period, give back the leases of what did not finish, exit 0.
+//! period, give back the leases of what did not finish, exit 0. chenyu,
+//! then the providers without idempotency keys (Dify, GPTBots), where a
+//! submit cut off between its answer and its record could bill twice or
+//! lose a run.
 
 mod common;
 
@@ -8,8 +11,10 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 use common::*;
+use wfq::config::ProviderKind;
 use wfq::sim::{Faults, SimServer};
 
 fn write_config(sim: &SimServer, name: &str, grace: &str) -> std::path::PathBuf {
@@ -154,3 +159,287 @@ async fn steps_past_the_grace_period_are_given_back_at_once(
     let _ = std::fs::remove_file(&config);
     sim.shutdown().await;
 }
+
+/// The provider kinds without idempotency keys, each as one profile.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Dify,
+    Gptbots,
+}
+
+impl Kind {
+    fn provider(self) -> ProviderKind {
+        match self {
+            Kind::Dify => ProviderKind::Dify,
+            Kind::Gptbots => ProviderKind::Gptbots,
+        }
+    }
+
+    /// A `[providers.*]` table for `sim` with `extra` settings.
+    fn profile(self, sim: &SimServer, extra: &str) -> String {
+        match self {
+            Kind::Dify => format!(
+                "[providers.dify]\nkind = \"dify\"\nbase_url = \"{}\"\napi_key_env = \"SHUTDOWN_KEY\"\n\
+                 find_window = \"10s\"\nmax_run_time = \"5s\"\n{extra}\n",
+                sim.dify_base_url("text")
+            ),
+            Kind::Gptbots => format!(
+                "[providers.gptbots]\nkind = \"gptbots\"\nbase_url = \"{}\"\napi_key_env = \"SHUTDOWN_KEY\"\n{extra}\n",
+                sim.gptbots_base_url("news")
+            ),
+        }
+    }
+
+    async fn enqueue(self, pool: &PgPool, n: u32) -> i64 {
+        match self {
+            Kind::Dify => {
+                enqueue_on(
+                    pool,
+                    "dify",
+                    "text",
+                    serde_json::json!({"query": format!("q {n}")}),
+                )
+                .await
+            }
+            Kind::Gptbots => {
+                enqueue_on(
+                    pool,
+                    "gptbots",
+                    "news",
+                    serde_json::json!({"topic": format!("t {n}")}),
+                )
+                .await
+            }
+        }
+    }
+}
+
+fn write_kind_config(
+    sim: &SimServer,
+    name: &str,
+    grace: &str,
+    kind: Kind,
+    profile_extra: &str,
+) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wfq-shutdown-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}-{kind:?}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "[worker]\nconcurrency = 8\nlease = \"120s\"\nfallback_poll = \"200ms\"\nshutdown_grace = \"{grace}\"\n\
+             [http]\ntimeout = \"5s\"\n[poll]\ninitial = \"100ms\"\nmax = \"200ms\"\n{}",
+            kind.profile(sim, profile_extra)
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A worker process whose log lines (info and up) can be waited for.
+fn spawn_logged(
+    config: &std::path::Path,
+    database_url: &str,
+) -> (
+    tokio::process::Child,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_wfq"))
+        .args(["worker", "--config"])
+        .arg(config)
+        .env("DATABASE_URL", database_url)
+        .env("SHUTDOWN_KEY", API_KEY)
+        .env("RUST_LOG", "info,sqlx=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let stderr = child.stderr.take().unwrap();
+    // Read to the end, so a full pipe never blocks the worker.
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
+/// Reads log lines until one contains `needle` (true) or the process has
+/// closed its stderr, i.e. exited (false).
+async fn until_logged(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    needle: &str,
+) -> bool {
+    let found = async {
+        while let Some(line) = lines.recv().await {
+            if line.contains(needle) {
+                return true;
+            }
+        }
+        false
+    };
+    tokio::time::timeout(Duration::from_secs(60), found)
+        .await
+        .expect("the worker logs or exits")
+}
+
+fn signal_term(child: &tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+async fn exit_status(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the worker exits after SIGTERM")
+        .unwrap()
+}
+
+async fn test_pool(connect: PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(connect)
+        .await
+        .unwrap()
+}
+
+/// SIGTERM while the provider holds a submit (no idempotency key, so the
+/// answer is the only record of a run that bills): the answer that comes
+/// after the grace period is still recorded before the worker exits, and
+/// another worker finishes the run. Exactly one run at the provider.
+async fn a_submit_held_at_sigterm_is_recorded_before_the_exit(
+    kind: Kind,
+    connect: PgConnectOptions,
+) {
+    let url = database_url(&connect);
+    let pool = test_pool(connect).await;
+    let sim = start_sim(20, 300, 50).await;
+    sim.set_faults(Faults {
+        hold_submits: true,
+        ..Default::default()
+    });
+    let id = kind.enqueue(&pool, 1).await;
+    let config = write_kind_config(&sim, "held", "300ms", kind, "");
+    let (mut first, mut log) = spawn_logged(&config, &url);
+    sim.wait_until_held(1).await;
+    signal_term(&first);
+    // The grace period is over and the step was given up on: the worker
+    // now waits for the submit it sent (an older worker exits here).
+    let waiting = until_logged(&mut log, "waiting for submits in flight").await;
+    sim.set_faults(Faults::default());
+    let status = exit_status(&mut first).await;
+    assert!(status.success(), "{status:?}");
+
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "running", "{kind:?}: {row:?}");
+    assert!(row.provider_run_id.is_some(), "{row:?}");
+    assert!(row.submit_in_doubt_since.is_none(), "not in doubt: {row:?}");
+    assert_eq!(leased(&pool).await, 0, "given back at exit");
+    assert!(waiting, "the worker exited without waiting for its submit");
+
+    let (mut second, _log) = spawn_logged(&config, &url);
+    wait_all_final(&pool, Duration::from_secs(30)).await;
+    signal_term(&second);
+    assert!(exit_status(&mut second).await.success());
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "succeeded", "{kind:?}: {row:?}");
+    let runs = provider_runs(&sim, kind.provider());
+    assert_eq!(runs.len(), 1, "{kind:?}: exactly one run at the provider");
+    assert_one_provider_run(kind.provider(), &row, &runs);
+    let _ = std::fs::remove_file(&config);
+    sim.shutdown().await;
+}
+
+/// SIGTERM while runs wait for the profile's rate limit: none of them is
+/// submitted once shutdown has begun, even with grace left to wait in.
+async fn runs_waiting_for_the_throttle_at_sigterm_are_not_submitted(
+    kind: Kind,
+    connect: PgConnectOptions,
+) {
+    let url = database_url(&connect);
+    let pool = test_pool(connect).await;
+    let sim = start_sim(20, 300, 50).await;
+    for n in 0..4 {
+        kind.enqueue(&pool, n).await;
+    }
+    // One request every 20 s: the first run goes at once, the next waits
+    // 20 s (within a quarter of the lease), the rest are deferred. The
+    // grace period would let the waiting one through.
+    let config = write_kind_config(&sim, "throttled", "30s", kind, "requests_per_second = 0.05");
+    let (mut worker, _log) = spawn_logged(&config, &url);
+    wait_for(
+        &pool,
+        "(SELECT count(*) FROM wfq.run_events WHERE kind = 'submit_started') = 1 \
+         AND (SELECT count(*) FROM wfq.run_events WHERE kind = 'throttled') >= 2 \
+         AND EXISTS (SELECT 1 FROM wfq.runs r WHERE r.state = 'queued' AND r.lease_owner IS NOT NULL \
+                     AND NOT EXISTS (SELECT 1 FROM wfq.run_events e WHERE e.run_id = r.id))",
+        Duration::from_secs(30),
+    )
+    .await;
+    let signalled_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    signal_term(&worker);
+    let status = exit_status(&mut worker).await;
+    assert!(status.success(), "{status:?}");
+    let late: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT run_id, kind FROM wfq.run_events \
+         WHERE kind IN ('submit_started', 'resubmit_started') AND at > $1",
+    )
+    .bind(signalled_at)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        late.is_empty(),
+        "{kind:?}: submitted after SIGTERM: {late:?}"
+    );
+    assert_eq!(leased(&pool).await, 0);
+    let submitting: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM wfq.runs WHERE state = 'submitting'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(submitting, 0);
+    let runs = provider_runs(&sim, kind.provider());
+    assert_eq!(
+        runs.len(),
+        1,
+        "{kind:?}: only the run sent before the signal"
+    );
+    let _ = std::fs::remove_file(&config);
+    sim.shutdown().await;
+}
+
+macro_rules! for_dify_and_gptbots {
+    ($($body:ident),* $(,)?) => {$(
+        mod $body {
+            use super::*;
+
+            #[sqlx::test]
+            async fn dify(_: PgPoolOptions, connect: PgConnectOptions) {
+                super::$body(Kind::Dify, connect).await
+            }
+
+            #[sqlx::test]
+            async fn gptbots(_: PgPoolOptions, connect: PgConnectOptions) {
+                super::$body(Kind::Gptbots, connect).await
+            }
+        }
+    )*};
+}
+
+for_dify_and_gptbots!(
+    a_submit_held_at_sigterm_is_recorded_before_the_exit,
+    runs_waiting_for_the_throttle_at_sigterm_are_not_submitted,
+);

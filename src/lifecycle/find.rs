@@ -243,6 +243,37 @@ mod tests {
     }
 
     #[test]
+    fn an_adopted_run_records_what_was_repaired_in_the_answer_that_found_it() {
+        let found = FindOutcome::Found(Box::new(Accepted {
+            provider_run_id: "run-1".into(),
+            raw: json!({"id": "log-1"}),
+            repairs: crate::providers::Repairs {
+                control_char: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }));
+        match after_find(
+            &run(RunState::Submitting, 1, 0),
+            &found,
+            in_doubt_for(60),
+            &retry(),
+            &poll(),
+            now(),
+            0.5,
+        ) {
+            FindDecision::Record(t) => {
+                assert_eq!(t.event.kind, "submit_adopted");
+                assert_eq!(
+                    t.event.detail,
+                    json!({"id": "log-1", "wfq_repairs": {"control_char": 1}})
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn a_run_is_resent_at_most_max_resubmits_times() {
         let decide = |doubt: InDoubt| {
             after_find(

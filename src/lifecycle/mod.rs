@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
-use crate::providers::{Accepted, ProviderError, RunReport, Unclear};
+use crate::providers::{Accepted, ERROR_REPAIRS_KEY, ProviderError, Repairs, RunReport, Unclear};
 
 mod find;
 mod poll;
@@ -367,6 +367,22 @@ pub(crate) fn unclear_detail(u: &Unclear) -> Value {
         "account_refused": u.account_refused,
         "nothing_created": u.nothing_created,
     })
+}
+
+/// An event's detail (the provider's answer) with what the client had to
+/// repair in it to store it (`wfq_repairs`, next to the answer's members;
+/// a non-object detail is wrapped as `{"answer": ..}`): the stored answer
+/// differs from what the provider sent, and the audit trail says where.
+pub(crate) fn with_repairs(detail: Value, repairs: &Repairs) -> Value {
+    if repairs.is_empty() {
+        return detail;
+    }
+    let mut map = match detail {
+        Value::Object(map) => map,
+        other => serde_json::Map::from_iter([("answer".to_owned(), other)]),
+    };
+    map.insert(ERROR_REPAIRS_KEY.to_owned(), repairs.to_json());
+    Value::Object(map)
 }
 
 pub(crate) fn provider_error_detail(e: &ProviderError) -> Value {

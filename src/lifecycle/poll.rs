@@ -18,7 +18,11 @@ pub fn after_poll(
 ) -> Transition {
     let next = later(now, poll.delay(run.polls + 1, unit));
     let mut transition = match outcome {
-        PollOutcome::Report(report) => after_report(run, report, cancel_requested, poll, next),
+        PollOutcome::Report(report) => {
+            let mut t = after_report(run, report, cancel_requested, poll, next);
+            t.event.detail = with_repairs(std::mem::take(&mut t.event.detail), &report.repairs);
+            t
+        }
         // The provider accepted this run earlier, so "not found" now is as
         // likely a glitch as the truth: keep asking until the deadline.
         PollOutcome::Rejected(e) => Transition {
@@ -217,6 +221,8 @@ fn finished(
 mod tests {
     use super::*;
     use crate::lifecycle::test_support::*;
+    use crate::providers::Repairs;
+
     fn report(status: RunStatus, settled: bool) -> PollOutcome {
         PollOutcome::Report(Box::new(RunReport {
             status,
@@ -324,6 +330,79 @@ mod tests {
             assert!(t.counts_poll);
             assert_eq!(t.settled, state.is_final());
         }
+    }
+
+    #[test]
+    fn status_events_record_what_was_repaired_in_the_answer() {
+        let repaired = Repairs {
+            lone_surrogate: 1,
+            number_as_text: 3,
+            ..Default::default()
+        };
+        let expected = json!({"lone_surrogate": 1, "number_as_text": 3});
+        let answer = |status: RunStatus, settled: bool, raw: Value, repairs: Repairs| {
+            PollOutcome::Report(Box::new(RunReport {
+                status,
+                settled,
+                raw,
+                repairs,
+                ..Default::default()
+            }))
+        };
+        let mut r = run(RunState::Running, 1, 1);
+        // (outcome, event kind, detail)
+        let table = [
+            (
+                answer(
+                    RunStatus::Active,
+                    false,
+                    json!({"status": "RUNNING"}),
+                    repaired,
+                ),
+                "polled",
+                json!({"status": "RUNNING", "wfq_repairs": expected}),
+            ),
+            (
+                answer(RunStatus::Succeeded, true, json!({"output": "x"}), repaired),
+                "run_finished",
+                json!({"output": "x", "wfq_repairs": expected}),
+            ),
+            (
+                answer(RunStatus::Failed, true, json!("not an object"), repaired),
+                "run_finished",
+                json!({"answer": "not an object", "wfq_repairs": expected}),
+            ),
+            (
+                answer(
+                    RunStatus::Unknown("ARCHIVED".into()),
+                    false,
+                    json!({"status": "ARCHIVED"}),
+                    repaired,
+                ),
+                "unknown_status",
+                json!({"status": "ARCHIVED", "answer": {"status": "ARCHIVED"}, "wfq_repairs": expected}),
+            ),
+            (
+                answer(
+                    RunStatus::Succeeded,
+                    true,
+                    json!({"output": "x"}),
+                    Repairs::default(),
+                ),
+                "run_finished",
+                json!({"output": "x"}),
+            ),
+        ];
+        for (outcome, kind, detail) in table.clone() {
+            let t = after_poll(&r, &outcome, false, &poll(), now(), 0.5);
+            assert_eq!(t.event.kind, kind, "{outcome:?}");
+            assert_eq!(t.event.detail, detail, "{outcome:?}");
+        }
+        // A run past its deadline keeps the note in its error detail too.
+        r.since_submit = Some(Duration::from_secs(7200));
+        let (outcome, _, detail) = table[0].clone();
+        let t = after_poll(&r, &outcome, false, &poll(), now(), 0.5);
+        assert_eq!(t.error.and_then(|e| e.detail), Some(detail));
     }
 
     #[test]

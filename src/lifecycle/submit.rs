@@ -43,7 +43,7 @@ pub(crate) fn decide_submit(
                 RunState::Running,
                 Event {
                     kind: "submit_accepted",
-                    detail: a.raw.clone(),
+                    detail: with_repairs(a.raw.clone(), &a.repairs),
                 },
             )
         },
@@ -173,7 +173,7 @@ pub fn submit_outcome_unknown(reason: &str, detail: Option<Value>) -> Transition
 mod tests {
     use super::*;
     use crate::lifecycle::test_support::*;
-    use crate::providers::{Accepted, ProviderError};
+    use crate::providers::{Accepted, ProviderError, Repairs};
     use serde_json::json;
     use std::time::Duration;
 
@@ -292,6 +292,51 @@ mod tests {
         assert!(t.submitted);
         assert_eq!(t.facts.provider_run_id.as_deref(), Some("wfrun_1"));
         assert_eq!(t.facts.frozen_amount, Some(d("0.03")));
+    }
+
+    #[test]
+    fn an_accepted_answer_records_what_was_repaired_in_it() {
+        let decide = |raw: Value, repairs: Repairs| {
+            after_submit(
+                &run(RunState::Submitting, 1, 0),
+                &SubmitOutcome::Accepted(Accepted {
+                    provider_run_id: "r".into(),
+                    raw,
+                    repairs,
+                    ..Default::default()
+                }),
+                SubmitGuard::Nothing,
+                &retry(),
+                &poll(),
+                now(),
+                0.5,
+            )
+            .event
+            .detail
+        };
+        let repaired = Repairs {
+            nul: 2,
+            cut_strings: 1,
+            ..Default::default()
+        };
+        // Next to the answer's own members.
+        assert_eq!(
+            decide(
+                json!({"workflowRunId": "r", "note": "a\u{fffd}b"}),
+                repaired
+            ),
+            json!({"workflowRunId": "r", "note": "a\u{fffd}b", "wfq_repairs": {"nul": 2, "cut_strings": 1}})
+        );
+        // An answer that is not an object is wrapped.
+        assert_eq!(
+            decide(json!(["r"]), repaired),
+            json!({"answer": ["r"], "wfq_repairs": {"nul": 2, "cut_strings": 1}})
+        );
+        // Nothing repaired: the answer as it came.
+        assert_eq!(
+            decide(json!({"workflowRunId": "r"}), Repairs::default()),
+            json!({"workflowRunId": "r"})
+        );
     }
 
     #[test]

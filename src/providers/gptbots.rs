@@ -239,7 +239,13 @@ fn parse_result(body: &[u8], limits: &AnswerLimits) -> Result<RunReport, Unclear
     };
     let total_cost = parse_amount("totalCost", result.total_cost.as_ref())
         .map_err(|e| unreadable("query result", e))?;
-    let settled = status.is_final();
+    // The cost is what was charged once the run is over. Before that it is
+    // the cost so far (0 early on), which must not stay in the row as the
+    // run's cost when the final answer has none; and a final answer
+    // without `totalCost` leaves the money unknown (not settled, so the
+    // lifecycle waits `poll.settle_wait` and records it estimated), never 0.
+    let total_cost = total_cost.filter(|_| status.is_final());
+    let settled = status.is_final() && total_cost.is_some();
     let error_message = if status == RunStatus::Failed {
         // Undocumented: take whichever of the usual names is there.
         [result.error_message, result.error, result.message]
@@ -336,6 +342,16 @@ mod tests {
         let running = parse_result(br#"{"status":"RUNNING","totalCost":0}"#, &l()).unwrap();
         assert_eq!(running.status, RunStatus::Active);
         assert!(!running.settled);
+        assert_eq!(
+            running.total_cost, None,
+            "a cost so far is not the run's cost"
+        );
+        // Over, but without a cost: the money is unknown, not zero.
+        let costless = parse_result(br#"{"status":"SUCCEED","output":{"news":[]}}"#, &l()).unwrap();
+        assert_eq!(costless.status, RunStatus::Succeeded);
+        assert!(!costless.settled);
+        assert_eq!((costless.total_cost, costless.final_amount), (None, None));
+        assert_eq!(costless.settlement_status.as_deref(), Some("unsettled"));
         let failed = parse_result(
             br#"{"status":"FAILED","output":null,"errorMessage":"node broke","totalCost":"0.1"}"#,
             &l(),

@@ -108,6 +108,19 @@ impl TransitionWriter {
         }
     }
 
+    /// Hands `write` to a writer task as a write whose earlier attempt,
+    /// under the same token, may have landed without its answer reaching
+    /// us: the path [`TransitionWriter::apply_durably`] and the batch
+    /// retries take after a transient error. For tests, which cannot lose
+    /// a COMMIT's answer on demand.
+    #[doc(hidden)]
+    pub async fn apply_uncertain(
+        &self,
+        write: TransitionWrite,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        self.send(write, true).await
+    }
+
     async fn send(
         &self,
         write: TransitionWrite,

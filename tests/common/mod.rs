@@ -2,6 +2,8 @@
 //! test's own database, and waits that end on a signal, not a sleep.
 #![allow(dead_code)]
 
+pub mod lossy_proxy;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use sqlx::postgres::PgListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use wfq::config::{Config, Environment};
+use wfq::config::{Config, Environment, ProviderKind};
 use wfq::runtime::{WorkerError, run_worker};
 use wfq::sim::{SimConfig, SimServer};
 use wfq::store::{self, NewRun, RunRow};
@@ -260,4 +262,86 @@ pub async fn enqueue_on(pool: &PgPool, provider: &str, workflow: &str, inputs: V
     )
     .await
     .expect("enqueue")
+}
+
+/// What the simulator's ledger says about one run it created.
+#[derive(Debug, Clone)]
+pub struct ProviderRun {
+    /// The provider's run id.
+    pub run_id: String,
+    /// What was charged once the run ended (chenyu `final_amount`, Dify
+    /// `total_price`, GPTBots `totalCost`).
+    pub charged: Option<rust_decimal::Decimal>,
+    /// Tokens (Dify, GPTBots).
+    pub tokens: Option<i64>,
+}
+
+/// The runs the simulator created for API `kind`, by wfq idempotency key
+/// (a key with two entries was billed twice).
+pub fn provider_runs(sim: &SimServer, kind: ProviderKind) -> HashMap<String, Vec<ProviderRun>> {
+    let mut by_key: HashMap<String, Vec<ProviderRun>> = HashMap::new();
+    let key_of = |user: &str| user.strip_prefix("wfq-").unwrap_or(user).to_owned();
+    match kind {
+        ProviderKind::Chenyu => {
+            for e in sim.ledger() {
+                // One entry per key; `charges` counts what was frozen.
+                for _ in 0..e.charges {
+                    by_key
+                        .entry(e.idempotency_key.clone())
+                        .or_default()
+                        .push(ProviderRun {
+                            run_id: e.run_order_id.clone(),
+                            charged: e.final_amount,
+                            tokens: None,
+                        });
+                }
+            }
+        }
+        ProviderKind::Dify => {
+            for e in sim.dify_ledger() {
+                by_key
+                    .entry(key_of(&e.user))
+                    .or_default()
+                    .push(ProviderRun {
+                        run_id: e.workflow_run_id,
+                        charged: Some(e.total_price),
+                        tokens: Some(e.total_tokens),
+                    });
+            }
+        }
+        ProviderKind::Gptbots => {
+            for e in sim.gptbots_ledger() {
+                let user = e.user_id.unwrap_or_default();
+                by_key.entry(key_of(&user)).or_default().push(ProviderRun {
+                    run_id: e.workflow_run_id,
+                    charged: Some(e.total_cost),
+                    tokens: Some(e.total_tokens),
+                });
+            }
+        }
+    }
+    by_key
+}
+
+/// The run is exactly one run at the provider, with its id, charge and
+/// tokens, and no submit of it is in doubt.
+pub fn assert_one_provider_run(
+    kind: ProviderKind,
+    row: &RunRow,
+    runs: &HashMap<String, Vec<ProviderRun>>,
+) {
+    let at_provider = runs
+        .get(&row.idempotency_key)
+        .unwrap_or_else(|| panic!("{kind:?}: run {} is not at the provider", row.id));
+    assert_eq!(
+        at_provider.len(),
+        1,
+        "{kind:?}: run {} billed twice",
+        row.id
+    );
+    let p = &at_provider[0];
+    assert_eq!(row.provider_run_id.as_deref(), Some(p.run_id.as_str()));
+    assert_eq!(row.final_amount, p.charged, "{kind:?}: run {}", row.id);
+    assert_eq!(row.total_tokens, p.tokens, "{kind:?}: run {}", row.id);
+    assert!(row.submit_in_doubt_since.is_none(), "{row:?}");
 }
