@@ -353,6 +353,14 @@ pub struct ProviderProfile {
     pub requests_per_second: Option<f64>,
     /// Most submit requests in flight at once from one worker process.
     pub max_submits_in_flight: Option<usize>,
+    /// Refusal codes that are about the account, not the run: the run
+    /// waits and the profile pauses instead of the run failing.
+    pub account_refusals: Vec<String>,
+    /// First probe of a profile paused for its account (balance, quota, a
+    /// breaker); a balance probe keeps this interval.
+    pub account_probe: Duration,
+    /// When an unlisted refusal code counts as the account's.
+    pub breaker: crate::runtime::BreakerConfig,
 }
 
 /// A provider API key. It has no `Display`, and `Debug` prints `***`, so it
@@ -492,6 +500,12 @@ struct RawProvider {
     daily_budget: Option<RawAmount>,
     requests_per_second: Option<f64>,
     max_submits_in_flight: Option<usize>,
+    max_running: Option<u32>,
+    account_refusals: Option<Vec<String>>,
+    account_probe: Option<String>,
+    breaker_runs: Option<usize>,
+    breaker_workflows: Option<usize>,
+    breaker_window: Option<String>,
 }
 
 /// A money amount in TOML: a string (`"12.50"`) or a whole number. A TOML
@@ -901,6 +915,12 @@ impl Config {
                         .as_ref()
                         .map(|a| a.parse().map_err(|m| invalid(&key("daily_budget"), m)))
                         .transpose()?,
+                    max_running: match raw.max_running {
+                        Some(0) => {
+                            return Err(invalid(&key("max_running"), "must be at least 1".into()));
+                        }
+                        n => n,
+                    },
                 },
                 requests_per_second: match raw.requests_per_second {
                     Some(rps) if !(rps > 0.0 && rps.is_finite()) => {
@@ -920,6 +940,34 @@ impl Config {
                     }
                     n => n,
                 },
+                account_refusals: raw
+                    .account_refusals
+                    .unwrap_or_else(|| default_account_refusals(kind)),
+                account_probe: duration(
+                    &key("account_probe"),
+                    &raw.account_probe,
+                    Duration::from_secs(15),
+                )?,
+                breaker: {
+                    let defaults = crate::runtime::BreakerConfig::default();
+                    let breaker = crate::runtime::BreakerConfig {
+                        runs: raw.breaker_runs.unwrap_or(defaults.runs),
+                        workflows: raw.breaker_workflows.unwrap_or(defaults.workflows),
+                        window: duration(
+                            &key("breaker_window"),
+                            &raw.breaker_window,
+                            defaults.window,
+                        )?,
+                    };
+                    if breaker.runs < 2 || breaker.workflows < 1 {
+                        return Err(invalid(
+                            &key("breaker_runs"),
+                            "breaker_runs must be at least 2 and breaker_workflows at least 1"
+                                .into(),
+                        ));
+                    }
+                    breaker
+                },
             };
             providers.insert(name, profile);
         }
@@ -936,6 +984,35 @@ impl Config {
             providers,
         })
     }
+}
+
+/// Refusal codes each kind of provider is known or likely to send about the
+/// account rather than the run (a balance, a quota, runs at once, a
+/// disabled app or account). Nobody documents a full list: the breaker
+/// catches codes missing here, and a profile's `account_refusals` replaces
+/// the list.
+pub fn default_account_refusals(kind: ProviderKind) -> Vec<String> {
+    let codes: &[&str] = match kind {
+        ProviderKind::Chenyu => &[
+            "INSUFFICIENT_BALANCE",
+            "BALANCE_NOT_ENOUGH",
+            "INSUFFICIENT_FUNDS",
+            "QUOTA_EXCEEDED",
+            "CONCURRENT_RUN_LIMIT_EXCEEDED",
+            "TOO_MANY_RUNNING_RUNS",
+            "ACCOUNT_SUSPENDED",
+            "ACCOUNT_DISABLED",
+        ],
+        ProviderKind::Dify => &[
+            "provider_quota_exceeded",
+            "provider_not_initialize",
+            "app_unavailable",
+            "quota_exceeded",
+        ],
+        // Six-digit codes; 403200 is GPTBots' "insufficient credits".
+        ProviderKind::Gptbots => &["403200", "403201", "429001"],
+    };
+    codes.iter().map(|c| (*c).to_owned()).collect()
 }
 
 /// A callback secret shorter than this is refused: it would be guessable.

@@ -1,6 +1,7 @@
 //! The spend guard: per provider profile, a cap on money frozen and not yet
-//! settled, and a budget per calendar day. A run that would cross a limit
-//! is not submitted; it waits in `queued` with the reason in `hold_reason`.
+//! settled, a budget per calendar day, and a cap on runs at once. A run
+//! that would cross a limit is not submitted; it waits in `queued` with the
+//! reason in `hold_reason`.
 //!
 //! The decision is a pure function of what is already committed (read
 //! under a per-profile lock, so workers in many processes see one another)
@@ -16,12 +17,17 @@ pub struct SpendLimits {
     /// Most money committed per calendar day (`final_amount` of settled
     /// runs plus what unsettled runs have frozen or are about to).
     pub daily_budget: Option<Decimal>,
+    /// Most runs submitted and not final at once (`max_running`), for
+    /// providers that cap an account's concurrent runs.
+    pub max_running: Option<u32>,
 }
 
 impl SpendLimits {
     /// Whether any limit is set (without one, no lock is taken).
     pub fn any(&self) -> bool {
-        self.max_outstanding_frozen.is_some() || self.daily_budget.is_some()
+        self.max_outstanding_frozen.is_some()
+            || self.daily_budget.is_some()
+            || self.max_running.is_some()
     }
 }
 
@@ -32,6 +38,8 @@ pub struct Committed {
     pub outstanding: Decimal,
     /// Committed on the current budget day.
     pub today: Decimal,
+    /// Runs submitted (or being submitted) and not final.
+    pub running: i64,
 }
 
 /// Why a run waits instead of being submitted.
@@ -56,15 +64,29 @@ pub enum SpendHold {
         /// The run's quote.
         quote: Decimal,
     },
+    /// `max_running` runs are submitted and not final.
+    Running {
+        /// The limit.
+        limit: u32,
+        /// Runs at once now.
+        running: i64,
+    },
 }
 
 impl SpendHold {
+    /// Whether the hold lifts by itself at the next budget day (otherwise
+    /// when money is released or a run ends, which wakes held runs).
+    pub fn until_next_day(&self) -> bool {
+        matches!(self, SpendHold::Daily { .. })
+    }
+
     /// The run's quote alone exceeds the limit: waiting can never help.
     pub fn never_fits(&self) -> bool {
         match self {
             SpendHold::Outstanding { limit, quote, .. } | SpendHold::Daily { limit, quote, .. } => {
                 quote > limit
             }
+            SpendHold::Running { .. } => false,
         }
     }
 }
@@ -87,6 +109,10 @@ impl std::fmt::Display for SpendHold {
             } => write!(
                 f,
                 "daily_budget: {today} committed today + this run's quote {quote} would exceed {limit}; waiting for the next budget day"
+            ),
+            SpendHold::Running { limit, running } => write!(
+                f,
+                "max_running: {running} runs submitted and not finished, the limit is {limit}; waiting for one to finish"
             ),
         }
     }
@@ -125,6 +151,14 @@ pub fn check(
             quote: known,
         });
     }
+    if let Some(limit) = limits.max_running
+        && committed.running >= i64::from(limit)
+    {
+        return Err(SpendHold::Running {
+            limit,
+            running: committed.running,
+        });
+    }
     Ok(())
 }
 
@@ -141,10 +175,12 @@ mod tests {
         let both = SpendLimits {
             max_outstanding_frozen: Some(d("0.10")),
             daily_budget: Some(d("1.00")),
+            max_running: None,
         };
         let c = |outstanding: &str, today: &str| Committed {
             outstanding: d(outstanding),
             today: d(today),
+            running: 0,
         };
         // (limits, committed, quote, allowed, hold kind)
         let table: Vec<(SpendLimits, Committed, Option<&str>, Option<&str>)> = vec![
@@ -170,6 +206,7 @@ mod tests {
                 Ok(()) => None,
                 Err(SpendHold::Outstanding { .. }) => Some("outstanding"),
                 Err(SpendHold::Daily { .. }) => Some("daily"),
+                Err(SpendHold::Running { .. }) => Some("running"),
             };
             assert_eq!(kind, hold, "{committed:?} {quote:?} -> {got:?}");
         }
@@ -180,6 +217,7 @@ mod tests {
         let limits = SpendLimits {
             max_outstanding_frozen: Some(d("1.00")),
             daily_budget: None,
+            max_running: None,
         };
         let hold = check(&limits, Committed::default(), Some(d("1.50"))).unwrap_err();
         assert!(hold.never_fits());
@@ -188,6 +226,7 @@ mod tests {
             Committed {
                 outstanding: d("0.90"),
                 today: d("0"),
+                running: 0,
             },
             Some(d("0.50")),
         )
@@ -201,10 +240,12 @@ mod tests {
             &SpendLimits {
                 max_outstanding_frozen: Some(d("0.10")),
                 daily_budget: None,
+                max_running: None,
             },
             Committed {
                 outstanding: d("0.09"),
                 today: d("0"),
+                running: 0,
             },
             Some(d("0.03")),
         )
@@ -212,6 +253,26 @@ mod tests {
         assert_eq!(
             hold.to_string(),
             "max_outstanding_frozen: 0.09 frozen and not settled + this run's quote 0.03 would exceed 0.10; waiting for runs to settle"
+        );
+    }
+
+    #[test]
+    fn runs_at_once_are_capped_and_wait_for_one_to_finish() {
+        let limits = SpendLimits {
+            max_running: Some(2),
+            ..SpendLimits::default()
+        };
+        assert!(limits.any());
+        let running = |n| Committed {
+            running: n,
+            ..Committed::default()
+        };
+        assert_eq!(check(&limits, running(1), Some(d("5"))), Ok(()));
+        let hold = check(&limits, running(2), None).unwrap_err();
+        assert!(!hold.never_fits() && !hold.until_next_day());
+        assert!(
+            hold.to_string().starts_with("max_running: 2 runs"),
+            "{hold}"
         );
     }
 }

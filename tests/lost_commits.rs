@@ -106,7 +106,7 @@ async fn accepted_events(pool: &PgPool, id: i64) -> i64 {
 /// it did not, and "changed under us" when another write came since.
 #[sqlx::test]
 async fn an_uncertain_write_is_read_back_by_its_token(pool: PgPool) {
-    let writer = TransitionWriter::start(pool.clone(), "w".into(), LEASE, 2);
+    let writer = TransitionWriter::start(pool.clone(), "w".into(), LEASE, 2, false);
 
     // Landed, and its answer lost: the writer must say so.
     let landed_id = submitting_run(&pool).await;

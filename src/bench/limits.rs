@@ -78,12 +78,13 @@ pub(crate) async fn goodput(
         ..Faults::default()
     });
     let mut worker = WorkerProcess::start(plan, url, pool, &sim, POLL).await?;
-    // About 25 s of work at the limit (a run is a submit and two or three
-    // status checks), at least 200 runs.
+    // About a minute of work at the limit (a run is a submit and two or
+    // three status checks), at least 200 runs: the first second's
+    // discovery (about one burst of the provider's refused) is part of it.
     let runs = if plan.args.quick {
         100
     } else {
-        ((limit * 25.0 / 3.0) as u32).max(200)
+        ((limit * 60.0 / 3.0) as u32).max(200)
     };
     let started = Instant::now();
     insert_runs(pool, runs, "limit").await?;
@@ -233,7 +234,9 @@ pub(crate) async fn stray_429s(plan: &Plan, url: &str, pool: &PgPool) -> Result<
                 break;
             }
             if started.elapsed() > Duration::from_secs(600) {
-                return Err(BenchError::Failed("stray 429s: runs still active after 600 s".into()));
+                return Err(BenchError::Failed(
+                    "stray 429s: runs still active after 600 s".into(),
+                ));
             }
         }
         seconds.push(started.elapsed().as_secs_f64());

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::providers::{Accepted, ERROR_REPAIRS_KEY, ProviderError, Repairs, RunReport, Unclear};
 
+mod account;
 mod find;
 mod poll;
 mod prepare;
@@ -18,6 +19,7 @@ mod submit;
 #[cfg(test)]
 mod test_support;
 
+pub use account::{RefusalScope, account_refused, refusal_scope};
 pub use find::{FindDecision, InDoubt, after_find};
 pub use poll::after_poll;
 pub use prepare::{
@@ -145,6 +147,10 @@ pub struct ProviderFacts {
     pub total_cost: Option<Decimal>,
     /// Tokens used.
     pub total_tokens: Option<i64>,
+    /// Place in the provider's queue (replaced whenever a status is known).
+    pub queue_position: Option<i32>,
+    /// The provider's estimate of the queue wait, in seconds.
+    pub queue_wait_secs: Option<i32>,
 }
 
 impl ProviderFacts {
@@ -181,6 +187,9 @@ impl ProviderFacts {
             external_model_cost: r.external_model_cost,
             total_cost: r.total_cost,
             total_tokens: r.total_tokens,
+            frozen_amount: r.frozen_amount,
+            queue_position: r.queue_position,
+            queue_wait_secs: r.queue_wait_secs,
             ..Default::default()
         }
     }
@@ -256,6 +265,9 @@ pub struct Transition {
     /// The provider reported no cost for a finished run: record the highest
     /// known cost of the workflow as `cost_estimate`, for the spend guard.
     pub estimate_cost: bool,
+    /// Why a run that goes back to `queued` waits (`hold_reason`; `None`
+    /// keeps what the row has).
+    pub hold_reason: Option<String>,
     /// Facts from the provider.
     pub facts: ProviderFacts,
     /// Set on failure.
@@ -281,6 +293,7 @@ impl Transition {
             unknown_status: Mark::Keep,
             provider_finished: Mark::Keep,
             estimate_cost: false,
+            hold_reason: None,
             facts: ProviderFacts::default(),
             error: None,
             event,

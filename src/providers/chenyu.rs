@@ -27,7 +27,10 @@ use super::{
 use crate::config::{ApiKey, HttpConfig};
 use crate::money::{WireAmount, parse_amount};
 
+mod balance;
 mod progress;
+
+pub use balance::{AccountBalance, BalanceError};
 pub use progress::{ProgressError, RunProgressReport};
 
 /// A client for one chenyu provider profile.
@@ -91,13 +94,25 @@ impl ChenyuClient {
         .storable(&self.limits)
     }
 
-    /// `GET /workflow/run/info`.
+    /// `GET /workflow/run/info`; while the run waits in chenyu's queue,
+    /// `run/execution` too, for its place and the estimated wait.
     pub async fn poll(&self, run_order_id: &str) -> PollOutcome {
         let request = self
             .http
             .get(format!("{}/workflow/run/info", self.base_url))
             .query(&[("run_order_id", run_order_id)]);
-        poll_outcome(self.classify(self.send(request).await)).storable(&self.limits)
+        let mut outcome =
+            poll_outcome(self.classify(self.send(request).await)).storable(&self.limits);
+        if let PollOutcome::Report(report) = &mut outcome
+            && report.run_status.as_deref() == Some("queued")
+            && let Ok(progress) = self.progress(run_order_id).await
+        {
+            report.queue_position = progress.queue_position.and_then(|p| i32::try_from(p).ok());
+            report.queue_wait_secs = progress
+                .estimated_wait_sec
+                .and_then(|w| i32::try_from(w).ok());
+        }
+        outcome
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<RawAnswer, Unclear> {
@@ -412,6 +427,8 @@ fn parse_report(data: &str) -> Result<RunReport, Unclear> {
     let released_amount = amount("released_amount", &info.released_amount)?;
     let settlement_status = non_empty(info.settlement_status);
     let freeze_status = non_empty(info.freeze_status);
+    let freeze_status_text = freeze_status.clone();
+    let quote_amount = amount("quote_amount", &info.quote_amount)?;
     // Settled means both amounts are known and the provider says so; either
     // signal alone has been seen before the money was final.
     let settled = final_amount.is_some()
@@ -431,10 +448,16 @@ fn parse_report(data: &str) -> Result<RunReport, Unclear> {
             .outputs
             .filter(|o| o.as_object().is_some_and(|m| !m.is_empty())),
         currency: non_empty(info.quote_currency),
-        quote_amount: amount("quote_amount", &info.quote_amount)?,
+        quote_amount,
         compute_cost: amount("compute_cost", &info.compute_cost)?,
         external_model_cost: amount("external_model_cost", &info.external_model_cost)?,
         total_cost: amount("total_cost", &info.total_cost)?,
+        // As at submit: a quote that the answer says was frozen is what is
+        // frozen, also when the submit's own answer did not say so.
+        frozen_amount: match freeze_status_text.as_deref() {
+            Some("frozen" | "released" | "settled") => quote_amount,
+            _ => None,
+        },
         final_amount,
         released_amount,
         error_code: non_empty(info.error_code),
@@ -443,6 +466,8 @@ fn parse_report(data: &str) -> Result<RunReport, Unclear> {
         raw: audit_copy(data),
         total_tokens: None,
         repairs: Repairs::default(),
+        queue_position: None,
+        queue_wait_secs: None,
     })
 }
 

@@ -261,6 +261,13 @@ pub struct RunReport {
     pub final_amount: Option<Decimal>,
     /// What was given back.
     pub released_amount: Option<Decimal>,
+    /// What is frozen for the run, where the answer tells (chenyu: the
+    /// quote, once `freeze_status` says it was frozen).
+    pub frozen_amount: Option<Decimal>,
+    /// Its place in the provider's queue while it waits there (chenyu).
+    pub queue_position: Option<i32>,
+    /// The provider's estimate of that wait, in seconds.
+    pub queue_wait_secs: Option<i32>,
     /// The provider's error code for a failed run.
     pub error_code: Option<String>,
     /// The provider's error message for a failed run.
@@ -394,6 +401,19 @@ impl ProviderClient {
         match self {
             ProviderClient::Dify(_) => 2,
             ProviderClient::Chenyu(_) | ProviderClient::Gptbots(_) => 1,
+        }
+    }
+
+    /// Whether the provider tells the account's balance (chenyu).
+    pub fn reads_balance(&self) -> bool {
+        matches!(self, ProviderClient::Chenyu(_))
+    }
+
+    /// The account's balance; `None` when the provider does not tell it.
+    pub async fn balance(&self) -> Option<Result<chenyu::AccountBalance, chenyu::BalanceError>> {
+        match self {
+            ProviderClient::Chenyu(c) => Some(c.balance().await),
+            ProviderClient::Dify(_) | ProviderClient::Gptbots(_) => None,
         }
     }
 

@@ -109,6 +109,7 @@ async fn metrics_text(State(served): State<Arc<Served>>) -> Response {
     let mut out = Exposition::new();
     engine.metrics.encode(&mut out);
     super::metrics::encode_pool(&mut out, &engine.pool);
+    super::metrics::encode_profiles(&mut out, engine);
     match database_series(&served).await {
         Ok(text) => out.append(&text),
         Err(reason) => out.comment(&format!(

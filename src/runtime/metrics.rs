@@ -45,6 +45,20 @@ impl MeteredClient {
         self.inner.calls_per_poll()
     }
 
+    /// See [`ProviderClient::reads_balance`].
+    pub fn reads_balance(&self) -> bool {
+        self.inner.reads_balance()
+    }
+
+    /// See [`ProviderClient::balance`] (not measured: a read now and then).
+    pub async fn balance(
+        &self,
+    ) -> Option<
+        Result<crate::providers::chenyu::AccountBalance, crate::providers::chenyu::BalanceError>,
+    > {
+        self.inner.balance().await
+    }
+
     /// See [`ProviderClient::can_stop`].
     pub fn can_stop(&self) -> bool {
         self.inner.can_stop()
@@ -261,6 +275,59 @@ pub(super) fn encode_pool(out: &mut Exposition, pool: &PgPool) {
         &[("state", "used")],
         size.saturating_sub(idle),
     );
+}
+
+/// What this process knows of each profile's push-back, from memory:
+/// whether and why it is paused, the request rate it sends at (learned
+/// from the provider's 429s, or configured), and the account balance
+/// (chenyu).
+pub(super) fn encode_profiles(out: &mut Exposition, engine: &super::Engine) {
+    const KINDS: [&str; 5] = ["key", "balance", "account", "breaker", "manual"];
+    let profiles = engine.provider_names();
+    out.header(
+        "wfq_provider_paused",
+        Kind::Gauge,
+        "1 while this process holds the profile's submits back, by why: key (refused API key; nothing is called), balance, account (a refusal about the account), breaker (one refusal for runs of several workflows), manual (an operator).",
+    );
+    for profile in &profiles {
+        let paused = engine.pauses.kind(profile);
+        for kind in KINDS {
+            let on = paused.as_ref().is_some_and(|k| k.as_str() == kind);
+            out.sample(
+                "wfq_provider_paused",
+                &[("provider", profile), ("kind", kind)],
+                i64::from(on),
+            );
+        }
+    }
+    out.header(
+        "wfq_provider_request_rate",
+        Kind::Gauge,
+        "Requests per second this process sends to the profile at most (learned from the provider's refusals, or requests_per_second); absent while unlimited.",
+    );
+    for profile in &profiles {
+        if let Some(rate) = engine.throttles.current_rate(profile) {
+            out.sample(
+                "wfq_provider_request_rate",
+                &[("provider", profile)],
+                format!("{rate:.3}"),
+            );
+        }
+    }
+    out.header(
+        "wfq_provider_balance",
+        Kind::Gauge,
+        "The account balance as this process last read it, minus the quotes it reserved since (chenyu).",
+    );
+    for profile in &profiles {
+        if let Some(balance) = engine.balances.available(profile) {
+            out.sample(
+                "wfq_provider_balance",
+                &[("provider", profile)],
+                balance.normalize(),
+            );
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,9 @@
 //! apalis-postgres is not used as the queue of record (see DESIGN.md); a
 //! custom apalis backend turns the claim loop into apalis' task stream.
 
+pub(crate) mod account;
+mod balances;
+mod breaker;
 mod fetcher;
 mod health;
 mod manifests;
@@ -29,13 +32,15 @@ use apalis_core::task::data::Data;
 use futures_util::{SinkExt, StreamExt, sink, stream};
 use sqlx::PgPool;
 
+pub use balances::{Balances, Coverage};
+pub use breaker::{BreakerConfig, Breakers};
 pub use fetcher::{Fetcher, FetcherConfig, RunJob};
 pub use manifests::ManifestCache;
 pub use metrics::MeteredClient;
-pub use pauses::ProviderPauses;
+pub use pauses::{DueProbe, PauseKind, ProviderPauses};
 pub use shutdown::{InFlight, InFlightGuard, Shutdown};
 pub use step::{LeaseClock, Slot, StepError, run_step};
-pub use throttle::{Admission, Class, RateControl, Throttles};
+pub use throttle::{Admission, Class, RateControl, Throttles, Ticket};
 pub use wake::Wake;
 pub use writer::TransitionWriter;
 
@@ -58,8 +63,12 @@ pub struct Engine {
     /// Poll schedule.
     pub poll: PollPolicy,
     providers: BTreeMap<String, Profile>,
-    /// Profiles paused by a refused API key.
+    /// Profiles paused by what the provider said about the account.
     pub pauses: ProviderPauses,
+    /// Recent refusals nobody listed, per profile (the breaker).
+    pub breakers: Breakers,
+    /// The account balances this process knows (chenyu).
+    pub balances: Balances,
     /// First wait before probing a paused profile.
     pub auth_probe: Duration,
     fail_unknown_providers: bool,
@@ -99,8 +108,14 @@ pub struct Profile {
     pub find_window: Duration,
     /// How often a lost submit whose run cannot be found is sent again.
     pub max_resubmits: u32,
-    /// Its money limits.
+    /// Its money limits and its cap on runs at once.
     pub spend: crate::spend::SpendLimits,
+    /// Refusal codes about the account, not the run.
+    pub account_refusals: Vec<String>,
+    /// First probe of a profile paused for its account.
+    pub account_probe: Duration,
+    /// When an unlisted refusal code counts as the account's.
+    pub breaker: BreakerConfig,
 }
 
 /// The worker could not start or stop cleanly.
@@ -169,11 +184,16 @@ impl Engine {
                     find_window: profile.find_window,
                     max_resubmits: profile.max_resubmits,
                     spend: profile.spend.clone(),
+                    account_refusals: profile.account_refusals.clone(),
+                    account_probe: profile.account_probe,
+                    breaker: profile.breaker.clone(),
                 },
             );
         }
         Ok(Engine {
             pauses: ProviderPauses::default(),
+            breakers: Breakers::default(),
+            balances: Balances::default(),
             auth_probe: config.worker.auth_probe,
             fail_unknown_providers: config.worker.fail_unknown_providers,
             worker_id: config.worker.id.clone(),
@@ -195,6 +215,9 @@ impl Engine {
                 config.worker.id.clone(),
                 config.worker.lease,
                 (config.database.max_connections as usize / 2).max(1),
+                config.providers.values().any(|p| {
+                    p.spend.max_outstanding_frozen.is_some() || p.spend.max_running.is_some()
+                }),
             ),
             pool,
             shutdown: Shutdown::default(),
@@ -208,7 +231,8 @@ impl Engine {
         self.providers.get(name)
     }
 
-    fn provider_names(&self) -> Vec<String> {
+    /// The configured profiles' names.
+    pub fn provider_names(&self) -> Vec<String> {
         self.providers.keys().cloned().collect()
     }
 
@@ -216,16 +240,24 @@ impl Engine {
     /// paused, and the queued runs of profiles this worker does not have
     /// (to fail them `UNKNOWN_PROVIDER`, when so configured).
     pub fn claim_scope(&self) -> crate::store::ClaimScope {
-        let active: Vec<String> = self
-            .providers
-            .keys()
-            .filter(|p| !self.pauses.is_paused(p))
-            .cloned()
-            .collect();
-        let mut scope = crate::store::ClaimScope::all_of(&active);
+        use crate::lifecycle::RunState;
+        let mut scope = crate::store::ClaimScope::default();
+        for profile in self.providers.keys() {
+            match self.pauses.kind(profile) {
+                None => scope.add(
+                    profile,
+                    &[RunState::Queued, RunState::Submitting, RunState::Running],
+                ),
+                // Runs at the provider are followed; none is submitted.
+                Some(kind) if !kind.stops_status_checks() => {
+                    scope.add(profile, &[RunState::Submitting, RunState::Running])
+                }
+                Some(_) => {}
+            }
+        }
         if self.fail_unknown_providers {
             for profile in self.lock_unknown().iter() {
-                scope.add(profile, &[crate::lifecycle::RunState::Queued]);
+                scope.add(profile, &[RunState::Queued]);
             }
         }
         scope
@@ -252,55 +284,6 @@ impl Engine {
         self.unknown_profiles
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The provider refused the key of `profile`: pause the profile (once)
-    /// and say so loudly, in the log and in `wfq.provider_pauses`.
-    pub async fn provider_refused_key(&self, profile: &str, workflow_id: &str, reason: &str) {
-        if !self.pauses.pause(profile, workflow_id, self.auth_probe) {
-            return;
-        }
-        tracing::error!(
-            profile,
-            reason,
-            probe_in = ?self.auth_probe,
-            "the provider refused the API key: pausing this provider profile (its runs wait, none is failed) until a probe succeeds; check the key in its api_key_env"
-        );
-        if let Err(e) =
-            crate::store::pause_provider(&self.pool, profile, &self.worker_id, reason).await
-        {
-            tracing::warn!(error = %e, profile, "could not record the pause");
-        }
-    }
-}
-
-/// Probes paused profiles once a second at most, each on its own growing
-/// interval, and lifts a pause as soon as the provider accepts the key.
-async fn probe_paused_profiles(engine: Arc<Engine>) {
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        for (profile, workflow_id) in engine.pauses.due_probes() {
-            let Some(Profile { client, .. }) = engine.provider(&profile) else {
-                continue;
-            };
-            match client.probe(&workflow_id).await {
-                Err(u) => {
-                    tracing::warn!(profile = %profile, reason = %u.reason, "provider profile still paused: probe failed");
-                }
-                // A readable answer, even a refusal about the workflow,
-                // means the key is accepted again.
-                Ok(()) => {
-                    if engine.pauses.resume(&profile) {
-                        tracing::info!(profile = %profile, "the provider accepts the API key again: provider profile resumed");
-                        if let Err(e) = crate::store::resume_provider(&engine.pool, &profile).await
-                        {
-                            tracing::warn!(error = %e, "could not clear the recorded pause");
-                        }
-                        engine.wake.now();
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -357,7 +340,7 @@ where
         .worker
         .listen
         .then(|| tokio::spawn(wake::listen_for_new_runs(pool.clone(), engine.wake.clone())));
-    let prober = tokio::spawn(probe_paused_profiles(engine.clone()));
+    let prober = tokio::spawn(account::probe_paused_profiles(engine.clone()));
     let pruner = config
         .retention
         .clone()

@@ -1,24 +1,104 @@
-//! Provider profiles paused because the provider refused our API key.
+//! Provider profiles paused by what the provider said about the account.
 //!
-//! A 401/403 is not the run's fault, and retrying every run against a
-//! refused key only fills the log (and may lock the account). So the whole
-//! profile pauses: its runs are not claimed and stay as they are, nothing is
-//! failed, and one cheap probe (`market/info`) per interval asks whether the
-//! key works again (e.g. after the key was fixed and the worker reloaded).
+//! A refusal that is about the account, not the run, must not fail runs:
+//! every queued run would fail in turn (an empty balance would empty the
+//! queue into `failed` in seconds). So the profile pauses instead, its runs
+//! wait as they are, and a probe per interval asks whether the account may
+//! run again:
+//!
+//! - [`PauseKind::Key`]: 401/403, the key is refused. Every call would be,
+//!   so nothing of the profile is claimed; the probe is a cheap read.
+//! - [`PauseKind::Balance`]: the balance cannot cover a quote (chenyu); the
+//!   probe reads the balance.
+//! - [`PauseKind::Account`]: a refusal code listed as about the account
+//!   (quota, runs at once, ...); [`PauseKind::Breaker`]: the same unlisted
+//!   code for several runs of different workflows. The probe lets one run
+//!   through: accepted, the profile resumes; refused alike, it waits on.
+//! - [`PauseKind::Manual`]: an operator paused the profile
+//!   (`wfq.provider_pauses`); it resumes when they say so.
+//!
+//! All but `Key` keep following the runs already at the provider (their
+//! status checks go on); only new submits wait.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use rust_decimal::Decimal;
+
 /// The longest wait between two probes of a paused profile.
 pub const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(300);
 
+/// Why a profile is paused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PauseKind {
+    /// The provider refused the API key.
+    Key,
+    /// The account's balance cannot cover a run's quote (`needed`).
+    Balance {
+        /// The smallest quote waiting.
+        needed: Option<Decimal>,
+    },
+    /// A refusal code listed as about the account.
+    Account {
+        /// The provider's code.
+        code: String,
+    },
+    /// One unlisted refusal code for several runs of different workflows.
+    Breaker {
+        /// The provider's code.
+        code: String,
+    },
+    /// An operator paused the profile.
+    Manual,
+}
+
+impl PauseKind {
+    /// The `wfq.provider_pauses.kind` spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PauseKind::Key => "key",
+            PauseKind::Balance { .. } => "balance",
+            PauseKind::Account { .. } => "account",
+            PauseKind::Breaker { .. } => "breaker",
+            PauseKind::Manual => "manual",
+        }
+    }
+
+    /// Whether status checks stop too (only a refused key stops them).
+    pub fn stops_status_checks(&self) -> bool {
+        matches!(self, PauseKind::Key)
+    }
+
+    /// Whether a refusal with `code` is this pause's own (a probe run
+    /// refused alike goes back to the queue instead of failing).
+    pub fn covers(&self, code: &str) -> bool {
+        match self {
+            PauseKind::Account { code: c } | PauseKind::Breaker { code: c } => c == code,
+            PauseKind::Balance { .. } => true,
+            PauseKind::Key | PauseKind::Manual => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Pause {
-    /// A workflow the profile was using: what the probe asks about.
+    kind: PauseKind,
+    /// A workflow the profile was using: what a key probe asks about.
     workflow_id: String,
     next_probe: Instant,
     interval: Duration,
+}
+
+/// A probe that is due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueProbe {
+    /// The profile.
+    pub profile: String,
+    /// Why it is paused.
+    pub kind: PauseKind,
+    /// A workflow it was using.
+    pub workflow_id: String,
 }
 
 /// The paused profiles of this worker process.
@@ -30,17 +110,39 @@ pub struct ProviderPauses {
 }
 
 impl ProviderPauses {
-    /// Pauses `profile`; the first probe follows after `first_probe`.
-    /// True when it was not paused before.
+    /// Pauses `profile` for `kind`; the first probe follows after
+    /// `first_probe`. True when it was not paused for this kind before.
     ///
     /// A profile paused again soon after a resume keeps the interval it had
     /// reached: a probe can pass while runs are still refused (an exhausted
     /// Dify quota does not show on `/parameters`), and the runs must not be
-    /// tried every `first_probe` for ever.
-    pub fn pause(&self, profile: &str, workflow_id: &str, first_probe: Duration) -> bool {
+    /// tried every `first_probe` for ever. A refused key outranks the other
+    /// kinds (nothing can be done until it works); a balance pause keeps
+    /// the smallest quote it waits for.
+    pub fn pause(
+        &self,
+        profile: &str,
+        kind: PauseKind,
+        workflow_id: &str,
+        first_probe: Duration,
+    ) -> bool {
         let mut paused = self.lock();
-        if paused.contains_key(profile) {
-            return false;
+        if let Some(pause) = paused.get_mut(profile) {
+            return match (&mut pause.kind, kind) {
+                (PauseKind::Key, _) => false,
+                (PauseKind::Balance { needed }, PauseKind::Balance { needed: more }) => {
+                    *needed = match (*needed, more) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    false
+                }
+                (current, kind) if *current == kind => false,
+                (current, kind) => {
+                    *current = kind;
+                    true
+                }
+            };
         }
         let now = Instant::now();
         let interval = match self.resumed_lock().remove(profile) {
@@ -52,6 +154,7 @@ impl ProviderPauses {
         paused.insert(
             profile.to_owned(),
             Pause {
+                kind,
                 workflow_id: workflow_id.to_owned(),
                 next_probe: now + interval,
                 interval,
@@ -60,21 +163,37 @@ impl ProviderPauses {
         true
     }
 
+    /// Why `profile` is paused, if it is.
+    pub fn kind(&self, profile: &str) -> Option<PauseKind> {
+        self.lock().get(profile).map(|p| p.kind.clone())
+    }
+
     /// Whether `profile` is paused.
     pub fn is_paused(&self, profile: &str) -> bool {
         self.lock().contains_key(profile)
     }
 
-    /// The profiles whose probe is due, as (profile, workflow id). Each one
-    /// is rescheduled at once, so a slow probe is never started twice.
-    pub fn due_probes(&self) -> Vec<(String, String)> {
+    /// The profiles whose probe is due. Each one is rescheduled at once, so
+    /// a slow probe is never started twice. A refused key's probe interval
+    /// grows; the account's keep theirs (a top-up, a freed quota or a
+    /// provider taking runs again should be noticed within one interval).
+    pub fn due_probes(&self) -> Vec<DueProbe> {
         let now = Instant::now();
         let mut due = Vec::new();
         for (profile, pause) in self.lock().iter_mut() {
+            if pause.kind == PauseKind::Manual {
+                continue;
+            }
             if pause.next_probe <= now {
-                pause.interval = (pause.interval * 2).min(MAX_PROBE_INTERVAL);
+                if pause.kind == PauseKind::Key {
+                    pause.interval = (pause.interval * 2).min(MAX_PROBE_INTERVAL);
+                }
                 pause.next_probe = now + pause.interval;
-                due.push((profile.clone(), pause.workflow_id.clone()));
+                due.push(DueProbe {
+                    profile: profile.clone(),
+                    kind: pause.kind.clone(),
+                    workflow_id: pause.workflow_id.clone(),
+                });
             }
         }
         due
@@ -88,6 +207,12 @@ impl ProviderPauses {
         self.resumed_lock()
             .insert(profile.to_owned(), (Instant::now(), pause.interval));
         true
+    }
+
+    /// Lifts the pause only if it is of a kind `lift` accepts.
+    pub fn resume_if(&self, profile: &str, lift: impl Fn(&PauseKind) -> bool) -> bool {
+        let paused = self.lock().get(profile).is_some_and(|p| lift(&p.kind));
+        paused && self.resume(profile)
     }
 
     fn resumed_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, Duration)>> {
@@ -104,12 +229,16 @@ impl ProviderPauses {
 mod tests {
     use super::*;
 
+    fn key() -> PauseKind {
+        PauseKind::Key
+    }
+
     #[test]
     fn a_pause_is_probed_with_growing_intervals_until_resumed() {
         let pauses = ProviderPauses::default();
-        assert!(pauses.pause("p", "wf", Duration::from_secs(10)));
+        assert!(pauses.pause("p", key(), "wf", Duration::from_secs(10)));
         assert!(
-            !pauses.pause("p", "wf2", Duration::from_secs(10)),
+            !pauses.pause("p", key(), "wf2", Duration::from_secs(10)),
             "already paused"
         );
         assert!(pauses.is_paused("p"));
@@ -118,7 +247,12 @@ mod tests {
             "not before the first interval"
         );
         pauses.lock().get_mut("p").unwrap().next_probe = Instant::now();
-        assert_eq!(pauses.due_probes(), vec![("p".to_owned(), "wf".to_owned())]);
+        let due = pauses.due_probes();
+        assert_eq!(due.len(), 1);
+        assert_eq!(
+            (due[0].profile.as_str(), due[0].workflow_id.as_str()),
+            ("p", "wf")
+        );
         assert_eq!(
             pauses.lock()["p"].interval,
             Duration::from_secs(20),
@@ -133,19 +267,56 @@ mod tests {
     #[test]
     fn a_pause_soon_after_a_resume_keeps_growing() {
         let pauses = ProviderPauses::default();
-        pauses.pause("p", "wf", Duration::from_secs(10));
+        pauses.pause("p", key(), "wf", Duration::from_secs(10));
         pauses.lock().get_mut("p").unwrap().interval = Duration::from_secs(40);
         assert!(pauses.resume("p"));
-        assert!(pauses.pause("p", "wf", Duration::from_secs(10)));
+        assert!(pauses.pause("p", key(), "wf", Duration::from_secs(10)));
         assert_eq!(pauses.lock()["p"].interval, Duration::from_secs(80));
     }
 
     #[test]
-    fn probe_intervals_are_capped() {
+    fn probe_intervals_are_capped_and_account_probes_do_not_grow() {
         let pauses = ProviderPauses::default();
-        pauses.pause("p", "wf", MAX_PROBE_INTERVAL);
+        pauses.pause("p", key(), "wf", MAX_PROBE_INTERVAL);
         pauses.lock().get_mut("p").unwrap().next_probe = Instant::now();
         pauses.due_probes();
         assert_eq!(pauses.lock()["p"].interval, MAX_PROBE_INTERVAL);
+        let balance = PauseKind::Balance { needed: None };
+        pauses.pause("b", balance, "wf", Duration::from_secs(15));
+        pauses.lock().get_mut("b").unwrap().next_probe = Instant::now();
+        assert_eq!(pauses.due_probes().len(), 1);
+        assert_eq!(pauses.lock()["b"].interval, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn kinds_replace_each_other_but_a_refused_key_stays() {
+        let pauses = ProviderPauses::default();
+        let low = |n: i64| PauseKind::Balance {
+            needed: Some(Decimal::new(n, 2)),
+        };
+        assert!(pauses.pause("p", low(50), "wf", Duration::from_secs(1)));
+        assert!(!pauses.pause("p", low(30), "wf", Duration::from_secs(1)));
+        assert_eq!(pauses.kind("p"), Some(low(30)), "the smallest quote waits");
+        let breaker = PauseKind::Breaker { code: "E1".into() };
+        assert!(pauses.pause("p", breaker.clone(), "wf", Duration::from_secs(1)));
+        assert_eq!(pauses.kind("p"), Some(breaker.clone()));
+        assert!(pauses.pause("p", key(), "wf", Duration::from_secs(1)));
+        assert!(!pauses.pause("p", breaker, "wf", Duration::from_secs(1)));
+        assert_eq!(pauses.kind("p"), Some(key()));
+        assert!(!pauses.resume_if("p", |k| *k != PauseKind::Key));
+        assert!(pauses.is_paused("p"));
+    }
+
+    #[test]
+    fn what_each_kind_stops_and_covers() {
+        assert!(key().stops_status_checks());
+        assert!(!PauseKind::Manual.stops_status_checks());
+        let account = PauseKind::Account {
+            code: "QUOTA_EXCEEDED".into(),
+        };
+        assert!(account.covers("QUOTA_EXCEEDED"));
+        assert!(!account.covers("INVALID_WORKFLOW_INPUT"));
+        assert!(PauseKind::Balance { needed: None }.covers("INSUFFICIENT_BALANCE"));
+        assert_eq!(account.as_str(), "account");
     }
 }

@@ -53,7 +53,16 @@ impl std::fmt::Debug for Request {
 impl TransitionWriter {
     /// Starts `writers` writer tasks on `pool` (each holds at most one
     /// connection at a time). They end when the writer is dropped.
-    pub fn start(pool: PgPool, worker: String, lease: Duration, writers: usize) -> Self {
+    /// `wakes_held`: some profile has a limit that holds runs until money
+    /// is released or a run ends (`max_outstanding_frozen`, `max_running`),
+    /// so batches that finish runs wake a few held ones.
+    pub fn start(
+        pool: PgPool,
+        worker: String,
+        lease: Duration,
+        writers: usize,
+        wakes_held: bool,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..writers.max(1) {
@@ -62,6 +71,7 @@ impl TransitionWriter {
                 worker.clone(),
                 lease,
                 rx.clone(),
+                wakes_held,
             ));
         }
         TransitionWriter { tx }
@@ -151,7 +161,7 @@ fn write(id: i64, version: i64, from: RunState, t: &Transition) -> TransitionWri
 
 type Queue = Arc<Mutex<mpsc::UnboundedReceiver<Request>>>;
 
-async fn write_batches(pool: PgPool, worker: String, lease: Duration, rx: Queue) {
+async fn write_batches(pool: PgPool, worker: String, lease: Duration, rx: Queue, wakes_held: bool) {
     loop {
         // Take whatever is waiting (at least one); the next writer then
         // gathers the next batch while this one is committing.
@@ -172,9 +182,25 @@ async fn write_batches(pool: PgPool, worker: String, lease: Duration, rx: Queue)
         let uncertain = batch.iter().any(|r| r.uncertain);
         let (writes, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|r| (r.write, r.reply)).unzip();
+        // Runs that ended or settled free what a limit held back.
+        let freeing: Vec<Option<i64>> = writes
+            .iter()
+            .map(|w| (w.transition.to.is_final() || w.transition.settled).then_some(w.id))
+            .collect();
         let results = write_batch(&pool, &worker, lease, writes, uncertain).await;
+        let freed: Vec<i64> = freeing
+            .into_iter()
+            .zip(results.iter())
+            .filter_map(|(id, r)| id.filter(|_| matches!(r, Ok(Some(_)))))
+            .collect();
         for (reply, result) in replies.into_iter().zip(results) {
             let _ = reply.send(result);
+        }
+        if wakes_held
+            && !freed.is_empty()
+            && let Err(e) = store::wake_held_runs(&pool, &freed).await
+        {
+            tracing::debug!(error = %e, "could not wake runs held by a limit; they come due by themselves");
         }
     }
 }

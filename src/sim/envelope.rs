@@ -50,7 +50,7 @@ pub(crate) struct ApiError {
     pub http: StatusCode,
     pub status_code: StatusCode,
     pub msg: &'static str,
-    pub engine_code: &'static str,
+    pub engine_code: std::borrow::Cow<'static, str>,
     pub detail: String,
 }
 
@@ -59,14 +59,14 @@ impl ApiError {
     pub(crate) fn new(
         status: StatusCode,
         msg: &'static str,
-        engine_code: &'static str,
+        engine_code: impl Into<std::borrow::Cow<'static, str>>,
         detail: String,
     ) -> Self {
         ApiError {
             http: status,
             status_code: status,
             msg,
-            engine_code,
+            engine_code: engine_code.into(),
             detail,
         }
     }

@@ -47,6 +47,10 @@ pub struct Faults {
     /// not numbers, an unknown `run_status` with extra fields, an empty body,
     /// and JSON cut off half-way.
     pub malformed_next_answers: u32,
+    /// chenyu: every new submit is refused with HTTP 200, a non-zero
+    /// `code` and this `engine_code` (a code nobody documented, e.g. an
+    /// account problem the provider added), before anything is recorded.
+    pub refuse_submits_code: Option<String>,
     /// Dify only: every run request is refused with HTTP 429
     /// `rate_limit_error` (the quota is spent; retrying does not help).
     pub dify_quota_exceeded: bool,

@@ -117,6 +117,16 @@ pub(crate) fn decide(
         Ok(valid) => valid,
         Err(error) => return reject(inner, error),
     };
+    if let Some(code) = inner.faults.refuse_submits_code.clone() {
+        inner.stats.rejected += 1;
+        return SubmitOutcome::Rejected(ApiError {
+            http: StatusCode::OK,
+            status_code: StatusCode::FORBIDDEN,
+            msg: "refused",
+            engine_code: code.into(),
+            detail: "refused by the refuse_submits_code fault".to_owned(),
+        });
+    }
     let running = inner.chenyu_running(&shared.timing, now);
     if !under_cap(running, inner.faults.max_running_runs) {
         inner.stats.cap_refusals += 1;
@@ -124,7 +134,7 @@ pub(crate) fn decide(
             http: StatusCode::OK,
             status_code: StatusCode::TOO_MANY_REQUESTS,
             msg: "concurrent run limit exceeded",
-            engine_code: "CONCURRENT_RUN_LIMIT_EXCEEDED",
+            engine_code: "CONCURRENT_RUN_LIMIT_EXCEEDED".into(),
             detail: format!(
                 "{running} runs are queued or running; the account allows {}",
                 inner.faults.max_running_runs.unwrap_or_default()
@@ -142,7 +152,7 @@ pub(crate) fn decide(
             http: StatusCode::OK,
             status_code: StatusCode::PAYMENT_REQUIRED,
             msg: "insufficient balance",
-            engine_code: "INSUFFICIENT_BALANCE",
+            engine_code: "INSUFFICIENT_BALANCE".into(),
             detail: format!(
                 "the quote {} CNY exceeds the balance {} CNY",
                 amount8(short.quote),
@@ -241,7 +251,7 @@ fn invalid_input(key: &str, detail: String) -> ApiError {
         http,
         status_code: StatusCode::BAD_REQUEST,
         msg: "Workflow input content is invalid.",
-        engine_code: "INVALID_WORKFLOW_INPUT",
+        engine_code: "INVALID_WORKFLOW_INPUT".into(),
         detail,
     }
 }
@@ -299,9 +309,9 @@ mod tests {
         parse(value.to_string().as_bytes())
     }
 
-    fn engine_code(outcome: &SubmitOutcome) -> &'static str {
+    fn engine_code(outcome: &SubmitOutcome) -> String {
         match outcome {
-            SubmitOutcome::Rejected(e) => e.engine_code,
+            SubmitOutcome::Rejected(e) => e.engine_code.to_string(),
             other => panic!("expected a rejection, got {other:?}"),
         }
     }

@@ -23,13 +23,19 @@ pub use claim::{
     active_profiles, claim_due_runs, next_due_in, record_rescue, release_leases, renew_lease,
 };
 pub use metrics::{count_runs, outstanding_frozen, ping};
-pub use pauses::{ProviderPause, pause_provider, paused_providers, resume_provider};
+pub use pauses::{
+    ProviderPause, manual_pauses, pause_provider, paused_providers, requeue_refused,
+    resume_provider,
+};
 pub use read::{EventRow, RunRow, list_runs, run_events, show_run};
 pub use requests::{
     CancelOutcome, NewRun, RequestError, RetryOutcome, cancel_run, enqueue_run, retry_run,
 };
 pub use retention::prune_finished_runs;
-pub use spend::{Guarded, GuardedRun, begin_within_limits, check_timezone, hold_run};
+pub use spend::{
+    Guarded, GuardedRun, begin_within_limits, check_timezone, hold_run, next_budget_day,
+    wake_held_runs,
+};
 pub use stats::{StateCount, queue_stats};
 pub use transition::{TransitionWrite, apply_transition, apply_transitions, written_transitions};
 

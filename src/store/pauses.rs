@@ -13,7 +13,9 @@ pub struct ProviderPause {
     pub paused_at: DateTime<Utc>,
     /// Which worker paused it (the latest one to do so).
     pub worker: String,
-    /// The provider's refusal.
+    /// Why: `key`, `balance`, `account`, `breaker` or `manual`.
+    pub kind: String,
+    /// The provider's refusal (or the operator's note).
     pub reason: String,
 }
 
@@ -23,26 +25,33 @@ pub async fn pause_provider(
     pool: &PgPool,
     profile: &str,
     worker: &str,
+    kind: &str,
     reason: &str,
 ) -> Result<(), sqlx::Error> {
+    // An operator's pause is theirs to lift: a worker's finding does not
+    // replace it.
     sqlx::query(
         r#"
-        INSERT INTO wfq.provider_pauses (profile, worker, reason) VALUES ($1, $2, $3)
-        ON CONFLICT (profile) DO UPDATE SET worker = EXCLUDED.worker, reason = EXCLUDED.reason
+        INSERT INTO wfq.provider_pauses (profile, worker, kind, reason) VALUES ($1, $2, $3, $4)
+        ON CONFLICT (profile) DO UPDATE
+        SET worker = EXCLUDED.worker, kind = EXCLUDED.kind, reason = EXCLUDED.reason
+        WHERE wfq.provider_pauses.kind <> 'manual'
         "#,
     )
     .bind(profile)
     .bind(worker)
+    .bind(kind)
     .bind(reason)
     .execute(pool)
     .await?;
     Ok(())
 }
 
-/// Clears the pause of `profile`.
+/// Clears the pause a worker recorded for `profile` (an operator's manual
+/// pause stays).
 #[tracing::instrument(name = "resume_provider", skip(pool), err)]
 pub async fn resume_provider(pool: &PgPool, profile: &str) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM wfq.provider_pauses WHERE profile = $1")
+    sqlx::query("DELETE FROM wfq.provider_pauses WHERE profile = $1 AND kind <> 'manual'")
         .bind(profile)
         .execute(pool)
         .await?;
@@ -52,8 +61,62 @@ pub async fn resume_provider(pool: &PgPool, profile: &str) -> Result<(), sqlx::E
 /// Every paused profile.
 pub async fn paused_providers(pool: &PgPool) -> Result<Vec<ProviderPause>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT profile, paused_at, worker, reason FROM wfq.provider_pauses ORDER BY profile",
+        "SELECT profile, paused_at, worker, kind, reason FROM wfq.provider_pauses ORDER BY profile",
     )
+    .fetch_all(pool)
+    .await
+}
+
+/// The profiles an operator paused by hand (every worker stops submitting
+/// for them), with the operator's note.
+#[tracing::instrument(name = "manual_pauses", skip(pool), err, level = "debug")]
+pub async fn manual_pauses(pool: &PgPool) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as("SELECT profile, reason FROM wfq.provider_pauses WHERE kind = 'manual'")
+        .fetch_all(pool)
+        .await
+}
+
+/// Puts back in the queue the runs of `profile` that a refusal with `code`
+/// failed in the last `window` and that froze nothing (never accepted): the
+/// breaker found the refusal to be about the account. Their failure's
+/// callback, if not yet delivered, is withdrawn (it is armed again when the
+/// run ends). Returns the runs put back.
+#[tracing::instrument(name = "requeue_refused", skip(pool), err)]
+pub async fn requeue_refused(
+    pool: &PgPool,
+    profile: &str,
+    code: &str,
+    window: std::time::Duration,
+    reason: &str,
+) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"
+        WITH back AS (
+            UPDATE wfq.runs
+            SET state = 'queued', error_code = NULL, error_message = NULL, error_detail = NULL,
+                finished_at = NULL, settled_at = NULL, due_at = now(), submit_in_doubt_since = NULL,
+                attempts = greatest(attempts - 1, 0), hold_reason = $4,
+                callback_state = CASE WHEN callback_state = 'pending' THEN NULL ELSE callback_state END,
+                callback_due_at = CASE WHEN callback_state = 'pending' THEN NULL ELSE callback_due_at END,
+                version = version + 1, updated_at = now()
+            WHERE provider = $1 AND state = 'failed' AND error_code = $2
+              AND finished_at > now() - make_interval(secs => $3)
+              AND provider_run_id IS NULL AND lease_owner IS NULL
+            RETURNING id
+        ),
+        event AS (
+            INSERT INTO wfq.run_events (run_id, kind, from_state, to_state, detail)
+            SELECT id, 'breaker_requeued', 'failed', 'queued',
+                   jsonb_build_object('code', $2::text, 'reason', $4::text)
+            FROM back
+        )
+        SELECT id FROM back
+        "#,
+    )
+    .bind(profile)
+    .bind(code)
+    .bind(window.as_secs_f64())
+    .bind(reason)
     .fetch_all(pool)
     .await
 }

@@ -94,17 +94,19 @@ async fn committed(
     provider: &str,
     timezone: &str,
 ) -> Result<Committed, sqlx::Error> {
-    let (outstanding, today): (Decimal, Decimal) = sqlx::query_as(
+    // A run whose cost the provider did not report counts as its estimate
+    // (the highest cost of the workflow lately), never as nothing.
+    let (outstanding, today, running): (Decimal, Decimal, i64) = sqlx::query_as(
         r#"
         WITH day AS (
             SELECT date_trunc('day', now() AT TIME ZONE $2) AT TIME ZONE $2 AS start
         )
         SELECT
-            (SELECT coalesce(sum(coalesce(frozen_amount, quote_amount, 0)), 0)
+            (SELECT coalesce(sum(coalesce(frozen_amount, quote_amount, cost_estimate, 0)), 0)
              FROM wfq.runs
              WHERE provider = $1 AND settled_at IS NULL AND state <> 'queued'),
             (SELECT coalesce(sum(CASE WHEN settled_at IS NOT NULL THEN coalesce(final_amount, 0)
-                                      ELSE coalesce(frozen_amount, quote_amount, 0) END), 0)
+                                      ELSE coalesce(frozen_amount, quote_amount, cost_estimate, 0) END), 0)
              FROM wfq.runs, day
              WHERE provider = $1
                AND (submitted_at >= day.start
@@ -112,14 +114,21 @@ async fn committed(
                     -- known, count on the day they were last touched, not
                     -- on every day after.
                     OR (submitted_at IS NULL AND settled_at IS NULL AND state <> 'queued'
-                        AND updated_at >= day.start)))
+                        AND updated_at >= day.start))),
+            -- Two ranges of runs_claim_lane_idx: as many rows as runs at once.
+            (SELECT count(*) FROM wfq.runs
+             WHERE provider = $1 AND state IN ('submitting', 'running'))
         "#,
     )
     .bind(provider)
     .bind(timezone)
     .fetch_one(&mut *tx)
     .await?;
-    Ok(Committed { outstanding, today })
+    Ok(Committed {
+        outstanding,
+        today,
+        running,
+    })
 }
 
 /// Gives a held run back with its reason, due again at `due_at`. The event
@@ -174,4 +183,56 @@ pub async fn check_timezone(pool: &PgPool, timezone: &str) -> Result<(), sqlx::E
         .execute(pool)
         .await?;
     Ok(())
+}
+
+/// When the next budget day begins (midnight in `timezone`): a run held by
+/// the daily budget is due then, not every few seconds until then.
+#[tracing::instrument(name = "next_budget_day", skip(pool), err, level = "debug")]
+pub async fn next_budget_day(pool: &PgPool, timezone: &str) -> Result<DateTime<Utc>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT (date_trunc('day', now() AT TIME ZONE $1) + interval '1 day') AT TIME ZONE $1",
+    )
+    .bind(timezone)
+    .fetch_one(pool)
+    .await
+}
+
+/// Wakes runs held by a limit that the runs `finished` (final, or their
+/// money settled) may have freed: a few per profile, oldest held first,
+/// and tells the workers. Runs held by the daily budget are left to their
+/// day. Returns how many were woken.
+#[tracing::instrument(name = "wake_held_runs", skip(pool, finished), fields(finished = finished.len()), err, level = "debug")]
+pub async fn wake_held_runs(pool: &PgPool, finished: &[i64]) -> Result<u64, sqlx::Error> {
+    let woken = sqlx::query(
+        r#"
+        WITH freed AS (
+            SELECT DISTINCT provider FROM wfq.runs WHERE id = ANY($1)
+        ),
+        held AS (
+            SELECT h.id
+            FROM freed f
+            CROSS JOIN LATERAL (
+                SELECT id FROM wfq.runs
+                WHERE provider = f.provider AND state = 'queued' AND hold_reason IS NOT NULL
+                  AND due_at > now() AND lease_owner IS NULL
+                  AND (hold_reason LIKE 'max_outstanding_frozen:%' OR hold_reason LIKE 'max_running:%')
+                ORDER BY due_at
+                LIMIT 8
+                FOR NO KEY UPDATE SKIP LOCKED
+            ) h
+        )
+        UPDATE wfq.runs r SET due_at = now()
+        FROM held WHERE r.id = held.id
+        "#,
+    )
+    .bind(finished)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    if woken > 0 {
+        sqlx::query("SELECT pg_notify('wfq_runs_due', '')")
+            .execute(pool)
+            .await?;
+    }
+    Ok(woken)
 }

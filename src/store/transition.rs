@@ -88,7 +88,7 @@ pub async fn apply_transitions<'e>(
                 $25::numeric[], $26::numeric[], $27::numeric[], $28::numeric[], $29::numeric[],
                 $30::text[], $31::text[], $32::jsonb[], $33::text[], $34::text[], $35::jsonb[],
                 $36::int8[], $37::text[], $40::uuid[], $41::bool[], $42::text[], $43::text[],
-                $44::bool[]
+                $44::bool[], $45::text[], $46::int4[], $47::int4[]
             ) WITH ORDINALITY AS i(id, version, state, attempts_delta, polls_delta, due_at,
                    keep_lease, submitted, settled, pin_revision, revision_id, sent_inputs,
                    provider_run_id, task_id, prompt_id, billing_run_id, run_status, freeze_status,
@@ -96,7 +96,7 @@ pub async fn apply_transitions<'e>(
                    final_amount, released_amount, compute_cost, external_model_cost, total_cost,
                    error_code, error_message, error_detail, kind, from_state, detail,
                    total_tokens, doubt, token, resubmitted, unknown_status, provider_finished,
-                   estimate_cost, n)
+                   estimate_cost, hold_reason, queue_position, queue_wait_secs, n)
         ),
         updated AS (
             UPDATE wfq.runs r SET
@@ -140,7 +140,11 @@ pub async fn apply_transitions<'e>(
                 error_message = COALESCE(i.error_message, r.error_message),
                 error_detail = COALESCE(i.error_detail, r.error_detail),
                 total_tokens = COALESCE(i.total_tokens, r.total_tokens),
-                hold_reason = CASE WHEN i.state = 'queued' THEN r.hold_reason END,
+                -- A status report says where the run is now: its queue
+                -- place, or none once it left the queue.
+                queue_position = CASE WHEN i.run_status IS NOT NULL THEN i.queue_position ELSE r.queue_position END,
+                queue_wait_secs = CASE WHEN i.run_status IS NOT NULL THEN i.queue_wait_secs ELSE r.queue_wait_secs END,
+                hold_reason = CASE WHEN i.state = 'queued' THEN COALESCE(i.hold_reason, r.hold_reason) END,
                 submit_in_doubt_since = CASE i.doubt
                     WHEN 'set' THEN now()
                     WHEN 'clear' THEN NULL
@@ -217,6 +221,9 @@ pub async fn apply_transitions<'e>(
     .bind(col(writes, |w| mark(w.transition.unknown_status)))
     .bind(col(writes, |w| mark(w.transition.provider_finished)))
     .bind(col(writes, |w| w.transition.estimate_cost))
+    .bind(col(writes, |w| w.transition.hold_reason.clone()))
+    .bind(all_facts.iter().map(|f| f.queue_position).collect::<Vec<_>>())
+    .bind(all_facts.iter().map(|f| f.queue_wait_secs).collect::<Vec<_>>())
     .fetch_all(pool)
     .await?;
     // By position in the batch, not by run id: two steps of one run (an

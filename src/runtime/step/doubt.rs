@@ -42,25 +42,25 @@ pub(super) async fn settle_doubt(
             return Ok(DoubtSettled::Done);
         }
         SubmitGuard::FindByUser => {
-            if let Admission::Defer(wait) = engine
+            let ticket = match engine
                 .throttles
                 .admit(&run.provider, Class::Poll, engine.lease / 4)
                 .await
             {
-                defer(engine, run, wait).await?;
-                return Ok(DoubtSettled::Done);
-            }
+                Admission::Go(ticket) => ticket,
+                Admission::Defer(wait) => {
+                    defer(engine, run, wait).await?;
+                    return Ok(DoubtSettled::Done);
+                }
+            };
             let found = client
                 .find_submitted(&run.idempotency_key, lease.deadline())
                 .await;
-            engine.throttles.observe(
-                &run.provider,
-                match &found {
-                    Some(FindOutcome::Unclear(u)) => u.http_status,
-                    Some(_) => Some(200),
-                    None => None,
-                },
-            );
+            ticket.answered(match &found {
+                Some(FindOutcome::Unclear(u)) => u.http_status,
+                Some(_) => Some(200),
+                None => None,
+            });
             found
         }
     };

@@ -34,13 +34,14 @@ pub(super) async fn poll_step(
         task_id: run.task_id.as_deref(),
         idempotency_key: &run.idempotency_key,
     };
-    if let Admission::Defer(wait) = engine
+    let ticket = match engine
         .throttles
         .admit(&run.provider, Class::Poll, engine.lease / 4)
         .await
     {
-        return defer(engine, &run, wait).await;
-    }
+        Admission::Go(ticket) => ticket,
+        Admission::Defer(wait) => return defer(engine, &run, wait).await,
+    };
     // Each call is started only if it ends before the lease does.
     let stop = match run.cancel_requested && client.can_stop() {
         true if !lease.allows(engine.call_timeout) => return lease_ran_out("stop"),
@@ -76,14 +77,11 @@ pub(super) async fn poll_step(
         )),
         false => return lease_ran_out("status check"),
     };
-    engine.throttles.observe(
-        &run.provider,
-        match &outcome {
-            PollOutcome::Report(_) => Some(200),
-            PollOutcome::Rejected(e) => Some(e.http_status),
-            PollOutcome::Unclear(u) => u.http_status,
-        },
-    );
+    ticket.answered(match &outcome {
+        PollOutcome::Report(_) => Some(200),
+        PollOutcome::Rejected(e) => Some(e.http_status),
+        PollOutcome::Unclear(u) => u.http_status,
+    });
     if let PollOutcome::Unclear(u) = &outcome
         && u.account_refused
     {
@@ -117,7 +115,16 @@ pub(super) async fn poll_step(
     if let (Some(stop), Value::Object(detail)) = (&stop, &mut t.event.detail) {
         detail.insert("wfq_stop".into(), stop_detail(stop));
     }
-    record(engine, &run, RunState::Running, run.version, &t).await?;
+    let recorded = record(engine, &run, RunState::Running, run.version, &t).await?;
+    // Money a settled run released is back in the account.
+    if recorded.is_some()
+        && t.settled
+        && client.reads_balance()
+        && let PollOutcome::Report(report) = &outcome
+        && let Some(released) = report.released_amount
+    {
+        engine.balances.credit(&run.provider, released);
+    }
     Ok(())
 }
 

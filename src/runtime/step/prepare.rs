@@ -31,6 +31,7 @@ pub(super) async fn begin_within_limits(
     profile: &crate::runtime::Profile,
     quote: Option<&Quote>,
     begin: &Transition,
+    ticket: &mut Option<crate::runtime::Ticket>,
 ) -> Result<Option<i64>, StepError> {
     let database = |source| StepError::Database {
         run_id: run.id,
@@ -64,7 +65,9 @@ pub(super) async fn begin_within_limits(
         store::Guarded::Busy => {
             // Another worker holds the profile's spend lock for long: come
             // back shortly rather than tie up a connection waiting.
-            engine.throttles.refund(&run.provider);
+            if let Some(ticket) = ticket.take() {
+                ticket.unused();
+            }
             let t = lifecycle::throttled(run.state, engine.budget_recheck, Utc::now());
             record(engine, run, run.state, run.version, &t).await?;
             Ok(None)
@@ -77,10 +80,21 @@ pub(super) async fn begin_within_limits(
         }
         store::Guarded::Held(hold) => {
             tracing::info!(reason = %hold, "run held back by a spend limit");
-            engine.throttles.refund(&run.provider);
-            let due = Utc::now()
-                + chrono::Duration::from_std(engine.budget_recheck)
-                    .unwrap_or(chrono::Duration::seconds(30));
+            if let Some(ticket) = ticket.take() {
+                ticket.unused();
+            }
+            // A daily budget frees up at the next budget day; the other
+            // limits when money is released or a run ends, which wakes held
+            // runs (`wake_held_runs`): the hour is only a backstop, so that
+            // a held backlog does not come due every few seconds ahead of
+            // fresh runs, each check taking the profile's lock.
+            let due = if hold.until_next_day() {
+                store::next_budget_day(&engine.pool, &engine.budget_timezone)
+                    .await
+                    .map_err(database)?
+            } else {
+                Utc::now() + chrono::Duration::hours(1)
+            };
             store::hold_run(
                 &engine.pool,
                 run.id,

@@ -22,11 +22,12 @@ use super::{
     Engine, LeaseClock, Slot, StepError, defer, lease_ran_out, progress, record, record_durably,
     unit, unknown_provider,
 };
-use crate::lifecycle::{self, RunProgress, RunState};
+use crate::lifecycle::{self, RefusalScope, RunProgress, RunState};
 use crate::providers::{SubmitOutcome, SubmitRequest, Submitted};
-use crate::runtime::{Admission, Class};
+use crate::runtime::account::QuoteCover;
 use crate::runtime::shutdown::InFlightGuard;
-use crate::store::ClaimedRun;
+use crate::runtime::{Admission, Class, PauseKind, Ticket};
+use crate::store::{self, ClaimedRun};
 
 pub(super) async fn submit_step(
     engine: &Arc<Engine>,
@@ -90,6 +91,24 @@ pub(super) async fn submit_step(
         }
     }
 
+    // The account's balance (chenyu): a quote it cannot cover waits queued,
+    // and the profile pauses until a top-up, instead of every queued run
+    // being refused (and failed) in turn.
+    let reservation = match (run.state, quote.as_ref().and_then(|q| q.amount)) {
+        (RunState::Queued, Some(amount)) => {
+            match engine.cover_quote(&run.provider, profile, amount).await {
+                QuoteCover::Reserved(amount) => {
+                    Some(Reservation::new(engine, &run.provider, amount))
+                }
+                QuoteCover::Short { balance } => {
+                    return hold_for_balance(engine, &run, amount, balance).await;
+                }
+                QuoteCover::Unknown => None,
+            }
+        }
+        _ => None,
+    };
+
     // Limits of this process first (a wait here must fit the lease, and
     // ends when the worker begins to stop), then the money limits shared
     // by every process, checked as `submitting` is recorded.
@@ -98,39 +117,41 @@ pub(super) async fn submit_step(
         admitted = engine.throttles.admit(&run.provider, Class::Submit, max_wait) => admitted,
         () = engine.shutdown.begun() => return Ok(()),
     };
-    if let Admission::Defer(wait) = admitted {
-        return defer(engine, &run, wait).await;
-    }
+    let ticket = match admitted {
+        Admission::Go(ticket) => ticket,
+        Admission::Defer(wait) => return defer(engine, &run, wait).await,
+    };
     let submit_slot = tokio::select! {
         slot = engine.throttles.submit_slot(&run.provider, max_wait) => slot,
         () = engine.shutdown.begun() => {
-            engine.throttles.refund(&run.provider);
+            ticket.unused();
             return Ok(());
         }
     };
     let Ok(submit_slot) = submit_slot else {
-        engine.throttles.refund(&run.provider);
+        ticket.unused();
         return defer(engine, &run, engine.submit.initial).await;
     };
     // The waits above count against the lease: a step that outlived it must
     // not record anything (its successor may hold the run by now).
     if !lease.allows(engine.call_timeout) {
-        engine.throttles.refund(&run.provider);
+        ticket.unused();
         return lease_ran_out("record the submit");
     }
     // No new `submitting` once the worker is stopping: this submit could
     // be cut off between the provider's answer and its record.
     if engine.shutdown.has_begun() {
-        engine.throttles.refund(&run.provider);
+        ticket.unused();
         return Ok(());
     }
     let renewed_at = Instant::now();
+    let mut ticket = Some(ticket);
     let recorded = if run.state == RunState::Queued && profile.spend.any() {
-        begin_within_limits(engine, &run, profile, quote.as_ref(), &begin).await?
+        begin_within_limits(engine, &run, profile, quote.as_ref(), &begin, &mut ticket).await?
     } else {
         record(engine, &run, run.state, run.version, &begin).await?
     };
-    let Some(version) = recorded else {
+    let (Some(version), Some(ticket)) = (recorded, ticket) else {
         return Ok(());
     };
     // Recording `submitting` renewed the lease: the run is progressing.
@@ -144,7 +165,10 @@ pub(super) async fn submit_step(
         revision_id,
         sent_inputs,
         submit_slot,
+        ticket,
         lease,
+        quote: quote.and_then(|q| q.amount),
+        reservation,
     };
     let in_flight = engine.submits_in_flight.enter();
     let task = tokio::spawn(send_and_record(
@@ -173,6 +197,13 @@ struct Send {
     sent_inputs: serde_json::Map<String, Value>,
     /// Held until the request is answered (`max_submits_in_flight`).
     submit_slot: Option<OwnedSemaphorePermit>,
+    /// The request's place in the profile's rate.
+    ticket: Ticket,
+    /// The run's quote, when known.
+    quote: Option<rust_decimal::Decimal>,
+    /// The quote reserved from the cached balance (given back unless the
+    /// submit froze it).
+    reservation: Option<Reservation>,
     /// Renewed by recording `submitting`.
     lease: LeaseClock,
 }
@@ -202,17 +233,18 @@ async fn send_and_record(
     // A slot limits submit requests, not whole runs: a Dify run followed on
     // its stream must not keep it.
     drop(send.submit_slot);
-    engine.throttles.observe(
-        &run.provider,
-        match &outcome {
-            SubmitOutcome::Accepted(_) => Some(200),
-            SubmitOutcome::Rejected(e) => Some(e.http_status),
-            SubmitOutcome::Unclear(u) => u.http_status,
-        },
-    );
+    send.ticket.answered(match &outcome {
+        SubmitOutcome::Accepted(_) => Some(200),
+        SubmitOutcome::Rejected(e) => Some(e.http_status),
+        SubmitOutcome::Unclear(u) => u.http_status,
+    });
     match &outcome {
         SubmitOutcome::Accepted(a) => {
             tracing::info!(provider_run_id = %a.provider_run_id, replay = a.idempotent_replay, "submit accepted");
+            if let Some(reservation) = send.reservation {
+                reservation.keep();
+            }
+            engine.account_accepted(&run.provider).await;
         }
         SubmitOutcome::Unclear(u) if u.account_refused => {
             engine
@@ -226,15 +258,22 @@ async fn send_and_record(
         attempts: run.attempts + 1,
         ..progress(&run)
     };
-    let mut t = lifecycle::after_submit(
-        &progress,
-        &outcome,
-        client.submit_guard(),
-        &engine.submit,
-        &engine.poll,
-        Utc::now(),
-        unit(),
-    );
+    let refusal = match &outcome {
+        SubmitOutcome::Rejected(e) => Some(refusal_of(&engine, profile, &run, e, send.quote).await),
+        _ => None,
+    };
+    let mut t = match &refusal {
+        Some(Refusal::Account(t)) => (**t).clone(),
+        _ => lifecycle::after_submit(
+            &progress,
+            &outcome,
+            client.submit_guard(),
+            &engine.submit,
+            &engine.poll,
+            Utc::now(),
+            unit(),
+        ),
+    };
     // A run followed on its stream stays ours while we read it, if the
     // worker's stream budget has room; otherwise it is followed by status
     // checks like any other.
@@ -276,6 +315,11 @@ async fn send_and_record(
             return Err(e);
         }
     };
+    if let (Some(Refusal::Run { trips: true }), SubmitOutcome::Rejected(e)) = (&refusal, &outcome) {
+        engine
+            .trip_breaker(&run.provider, &e.code, &run.workflow_id)
+            .await;
+    }
     match (stream, permit, recorded, outcome) {
         (Some(stream), Some(permit), Some(version), SubmitOutcome::Accepted(accepted)) => {
             Ok(Some(Follow {
@@ -289,4 +333,128 @@ async fn send_and_record(
         }
         _ => Ok(None),
     }
+}
+
+/// What a refused submit was refused for.
+enum Refusal {
+    /// The account: the run goes back to the queue with this transition,
+    /// and the profile is paused.
+    Account(Box<lifecycle::Transition>),
+    /// The run: it fails; `trips`: the refusal tripped the breaker.
+    Run { trips: bool },
+}
+
+/// Reads a refusal: a code listed as about the account, or the code of the
+/// profile's current pause, puts the run back and pauses the profile; any
+/// other counts toward the breaker.
+async fn refusal_of(
+    engine: &Engine,
+    profile: &crate::runtime::Profile,
+    run: &ClaimedRun,
+    e: &crate::providers::ProviderError,
+    quote: Option<rust_decimal::Decimal>,
+) -> Refusal {
+    let paused = engine.pauses.kind(&run.provider);
+    let scope = lifecycle::refusal_scope(
+        &e.code,
+        &profile.account_refusals,
+        profile.client.reads_balance(),
+    );
+    let kind = match (&paused, scope) {
+        (Some(kind), _) if kind.covers(&e.code) => kind.clone(),
+        (_, RefusalScope::Balance) => PauseKind::Balance { needed: quote },
+        (_, RefusalScope::Account) => PauseKind::Account {
+            code: e.code.clone(),
+        },
+        (_, RefusalScope::Run) => {
+            let trips = engine.breakers.refused(
+                &run.provider,
+                &e.code,
+                &run.workflow_id,
+                run.id,
+                &profile.breaker,
+                std::time::Instant::now(),
+            );
+            return Refusal::Run { trips };
+        }
+    };
+    let reason = format!(
+        "the provider refused the account ({}): {}",
+        e.code, e.message
+    );
+    engine
+        .pause_for_account(&run.provider, kind, &run.workflow_id, &reason)
+        .await;
+    Refusal::Account(Box::new(lifecycle::account_refused(e, &reason, Utc::now())))
+}
+
+/// A quote from the cached balance, given back when dropped unless the
+/// submit froze it ([`Reservation::keep`]).
+struct Reservation {
+    engine: Arc<Engine>,
+    profile: String,
+    amount: Option<rust_decimal::Decimal>,
+}
+
+impl Reservation {
+    fn new(engine: &Arc<Engine>, profile: &str, amount: rust_decimal::Decimal) -> Self {
+        Reservation {
+            engine: engine.clone(),
+            profile: profile.to_owned(),
+            amount: Some(amount),
+        }
+    }
+
+    /// The provider froze the quote: it stays spent.
+    fn keep(mut self) {
+        self.amount = None;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(amount) = self.amount.take() {
+            self.engine.balances.credit(&self.profile, amount);
+        }
+    }
+}
+
+/// The balance cannot cover the run's quote: the run waits queued with the
+/// reason, and the profile pauses for its balance (a top-up is noticed
+/// within one probe interval).
+async fn hold_for_balance(
+    engine: &Engine,
+    run: &ClaimedRun,
+    quote: rust_decimal::Decimal,
+    balance: rust_decimal::Decimal,
+) -> Result<(), StepError> {
+    let reason = format!(
+        "balance: the quote {quote} exceeds the account's balance {balance}; waiting for a top-up"
+    );
+    tracing::info!(%quote, %balance, "the balance cannot cover the run's quote; holding it");
+    engine
+        .pause_for_account(
+            &run.provider,
+            PauseKind::Balance {
+                needed: Some(quote),
+            },
+            &run.workflow_id,
+            &reason,
+        )
+        .await;
+    store::hold_run(
+        &engine.pool,
+        run.id,
+        run.version,
+        &engine.worker_id,
+        &reason,
+        Utc::now(),
+    )
+    .await
+    .map_err(|source| StepError::Database {
+        run_id: run.id,
+        event: "balance_hold",
+        source,
+    })?;
+    Ok(())
 }

@@ -22,6 +22,14 @@
 //!   start does after a loss. The first steps keep the steady state within
 //!   a few percent of the limit (a few refusals per cycle, below 5 %); the
 //!   doubling finds a raised limit within seconds (x1.8 in six windows).
+//! - **Slow start** while no limit is known: at most [`INITIAL_FLIGHT`]
+//!   requests in flight, one more per clean answer (as TCP's slow start)
+//!   but at most doubling per [`FLIGHT_PERIOD`] (answers on loopback come
+//!   back in microseconds), until the first [`FIRST_REFUSALS`] refusals
+//!   show the limit or the window passes [`MAX_FLIGHT`] (then nothing
+//!   limits the profile). A worker that claims a hundred runs at once
+//!   against a limit of 5/s sends a few, not a hundred that would almost
+//!   all be refused.
 //! - A configured `requests_per_second` is a hard ceiling throughout.
 //!
 //! Measured against a modelled provider (tests below): goodput above 95 %
@@ -34,6 +42,16 @@ use std::time::{Duration, Instant};
 
 /// The slowest a learned rate goes (requests per second).
 pub const MIN_RATE: f64 = 0.2;
+/// Requests in flight at first while no limit is known.
+pub const INITIAL_FLIGHT: f64 = 4.0;
+/// The slow start's window doubles at most once in this long.
+const FLIGHT_PERIOD: Duration = Duration::from_millis(100);
+/// Past this many in flight without a refusal, no limit is looked for.
+const MAX_FLIGHT: f64 = 1024.0;
+/// While no limit is known, this many refusals in a row end the window at
+/// once: a limit refuses everything once its burst is spent, while a busy
+/// pool's stray refusals come between answered requests.
+const FIRST_REFUSALS: u32 = 4;
 /// A window ends after this long, once it has [`MIN_ANSWERS`] answers.
 const WINDOW: Duration = Duration::from_secs(1);
 /// Fewer answers than this say little about a refusal share (at 5/s a
@@ -62,7 +80,7 @@ const FIRST_PROBE: f64 = 0.01;
 const MAX_PROBE: f64 = 0.5;
 /// The rate counts as what held requests back when they were sent at
 /// least this close to it.
-const BOUND: f64 = 0.85;
+const BOUND: f64 = 0.95;
 
 /// Answers counted since the window began.
 #[derive(Debug, Clone, Copy)]
@@ -70,16 +88,47 @@ struct Window {
     start: Instant,
     answered: u32,
     refused: u32,
+    /// Refusals since the last answered request.
+    refused_in_a_row: u32,
+    /// When the first refusal came, and what was accepted from then on:
+    /// once a limiter refuses, its burst is spent and what it accepts is
+    /// its rate, where the whole window's count includes the burst.
+    first_refusal: Option<Instant>,
+    accepted_since_refusal: u32,
 }
 
-/// A cut whose effect the next window checks.
+impl Window {
+    fn new(start: Instant) -> Self {
+        Window {
+            start,
+            answered: 0,
+            refused: 0,
+            refused_in_a_row: 0,
+            first_refusal: None,
+            accepted_since_refusal: 0,
+        }
+    }
+}
+
+/// The shortest span after a first refusal whose accepted count is taken
+/// for the provider's rate.
+const MEASURED_SPAN: Duration = Duration::from_millis(250);
+
+/// A cut whose effect the next window checks, at [`TRIAL_DEPTH`] of the
+/// rate found: under a limit that rate is clean, while strays are refused
+/// there as much as anywhere.
 #[derive(Debug, Clone, Copy)]
 struct Trial {
     /// The rate before the cut.
     previous: Option<f64>,
     /// The refused share that made it.
     share: f64,
+    /// The rate found, set once the check passes.
+    found: f64,
 }
+
+/// How far below the rate found a cut is checked.
+const TRIAL_DEPTH: f64 = 0.9;
 
 /// What a window decided, for logs and tests.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,6 +156,18 @@ pub struct RateControl {
     streak: u32,
     /// The share of requests the provider refuses whatever the rate.
     stray: f64,
+    /// A limit or strays have been seen: runs of refusals no longer end a
+    /// window at once (strays come in runs, now and then).
+    known: bool,
+    /// While no limit is known: the most requests in flight (slow start),
+    /// and what it was when its current doubling period began.
+    flight: Option<f64>,
+    flight_base: f64,
+    flight_since: Instant,
+    /// Bumped by every cut: answers to requests sent before it say nothing
+    /// about the new rate (they were sent at the old one), so they cannot
+    /// make a second cut.
+    epoch: u64,
 }
 
 impl RateControl {
@@ -116,16 +177,28 @@ impl RateControl {
         RateControl {
             configured,
             limit: configured,
-            window: Window {
-                start: now,
-                answered: 0,
-                refused: 0,
-            },
+            window: Window::new(now),
             sent: 0,
             trial: None,
             streak: 0,
             stray: 0.0,
+            known: configured.is_some(),
+            flight: configured.is_none().then_some(INITIAL_FLIGHT),
+            flight_base: INITIAL_FLIGHT,
+            flight_since: now,
+            epoch: 0,
         }
+    }
+
+    /// The current epoch, to be handed back with the answer of a request
+    /// sent now.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The most requests in flight now (`None`: no such cap).
+    pub fn flight_cap(&self) -> Option<u32> {
+        self.flight.map(|f| f as u32)
     }
 
     /// The rate in force (`None`: unlimited).
@@ -143,18 +216,47 @@ impl RateControl {
         self.sent = self.sent.saturating_add(1);
     }
 
-    /// An answer: `refused` when the provider said 429.
-    pub fn observe(&mut self, refused: bool, now: Instant) -> Option<RateChange> {
+    /// An answer to a request sent in `epoch`: `refused` when the provider
+    /// said 429.
+    pub fn observe(&mut self, refused: bool, epoch: u64, now: Instant) -> Option<RateChange> {
+        if epoch < self.epoch {
+            return None;
+        }
+        if !refused && let Some(flight) = self.flight {
+            if now.saturating_duration_since(self.flight_since) >= FLIGHT_PERIOD {
+                self.flight_base = flight;
+                self.flight_since = now;
+            }
+            let grown = (flight + 1.0).min(self.flight_base * 2.0);
+            self.flight = (grown < MAX_FLIGHT).then_some(grown);
+        }
         self.window.answered += 1;
         if refused {
             self.window.refused += 1;
+            self.window.refused_in_a_row += 1;
+            self.window.first_refusal.get_or_insert(now);
+        } else {
+            self.window.refused_in_a_row = 0;
+            if self.window.first_refusal.is_some() {
+                self.window.accepted_since_refusal += 1;
+            }
         }
         let age = now.saturating_duration_since(self.window.start);
-        let flooded =
-            self.window.refused >= FAST_REFUSED && self.window.refused * 2 >= self.window.answered;
-        if (age >= WINDOW && self.window.answered >= MIN_ANSWERS) || age >= MAX_WINDOW || flooded
-        {
-            return self.close_window(now);
+        let flooded = match self.known {
+            false => self.window.refused_in_a_row >= FIRST_REFUSALS,
+            true => {
+                self.window.refused >= FAST_REFUSED
+                    && self.window.refused * 2 >= self.window.answered
+            }
+        };
+        // A window that checks a cut needs answers enough to tell strays
+        // from a limit.
+        let enough = match self.trial {
+            Some(_) => STRAY_EVIDENCE,
+            None => MIN_ANSWERS,
+        };
+        if (age >= WINDOW && self.window.answered >= enough) || age >= MAX_WINDOW || flooded {
+            return self.close_window(now, flooded);
         }
         None
     }
@@ -164,11 +266,25 @@ impl RateControl {
         self.configured.map_or(rate, |c| rate.min(c))
     }
 
-    fn close_window(&mut self, now: Instant) -> Option<RateChange> {
+    /// Follows the stray share of clean windows (a moving average), so that
+    /// it tracks a busy pool's refusals and fades once they stop, and an old
+    /// share cannot hide a limit for ever.
+    fn follow_strays(&mut self, share: f64) {
+        if self.stray > 0.0 {
+            self.stray = 0.9 * self.stray + 0.1 * share;
+        }
+    }
+
+    /// Ends the window; `flooded`: it ended early on a run of refusals,
+    /// which is a limit whatever the share.
+    fn close_window(&mut self, now: Instant, flooded: bool) -> Option<RateChange> {
         let Window {
             start,
             answered,
             refused,
+            first_refusal,
+            accepted_since_refusal,
+            ..
         } = self.window;
         // A window cut short by a flood still counts as a second: what the
         // provider accepted in it is about one second's budget (its burst).
@@ -177,47 +293,58 @@ impl RateControl {
             .as_secs_f64()
             .max(WINDOW.as_secs_f64());
         let sent = self.sent;
-        self.window = Window {
-            start: now,
-            answered: 0,
-            refused: 0,
-        };
+        self.window = Window::new(now);
         self.sent = 0;
         let share = f64::from(refused) / f64::from(answered.max(1));
-        let accepted = f64::from(answered - refused) / seconds;
-        let over = refused >= 1 && share > self.stray + TOLERANCE;
-        if let Some(trial) = self.trial.take()
-            && over
-            && answered >= STRAY_EVIDENCE
-            && share < MAX_STRAY
-            && share >= trial.share * 0.5
-        {
-            // A slower rate refused as many: not a limit.
-            self.limit = trial.previous;
-            self.stray = share;
-            self.streak = 0;
-            return Some(RateChange::Strays(share));
+        let accepted = match first_refusal.map(|at| now.saturating_duration_since(at)) {
+            Some(span) if span >= MEASURED_SPAN => {
+                f64::from(accepted_since_refusal) / span.as_secs_f64()
+            }
+            _ => f64::from(answered - refused) / seconds,
+        };
+        let over = flooded || (refused >= 1 && share > self.stray + TOLERANCE);
+        if let Some(trial) = self.trial.take() {
+            if over && answered >= STRAY_EVIDENCE && share < MAX_STRAY && share >= trial.share * 0.5
+            {
+                // A slower rate refused as many: not a limit.
+                self.limit = trial.previous;
+                self.stray = share;
+                self.streak = 0;
+                self.known = true;
+                return Some(RateChange::Strays(share));
+            }
+            if !over {
+                // Clean below the rate found: it was a limit.
+                self.limit = Some(trial.found);
+                return Some(RateChange::Cut(trial.found));
+            }
+            // Refused even there: the limit is lower still (cut below).
         }
         if over {
             // At most half in one window: a window cut short by a flood
             // right after a change can under-count what the provider takes.
-            let cut = self.clamp(match self.limit {
+            let found = self.clamp(match self.limit {
                 Some(limit) => (accepted * CUT_MARGIN).clamp(limit / 2.0, limit),
                 None => accepted * CUT_MARGIN,
             });
             self.trial = Some(Trial {
                 previous: self.limit,
                 share,
+                found,
             });
-            self.limit = Some(cut);
+            self.limit = Some(self.clamp(found * TRIAL_DEPTH));
+            self.flight = None;
+            self.known = true;
+            self.epoch += 1;
             self.streak = 0;
-            return Some(RateChange::Cut(cut));
+            return Some(RateChange::Cut(found));
         }
         let bound = self
             .limit
             .is_some_and(|limit| f64::from(sent) / seconds >= BOUND * limit);
         match self.limit {
             Some(limit) if bound && self.configured.is_none_or(|c| limit < c) => {
+                self.follow_strays(share);
                 let step = (FIRST_PROBE * f64::from(1u32 << self.streak.min(16))).min(MAX_PROBE);
                 self.streak += 1;
                 let probed = self.clamp(limit * (1.0 + step));
@@ -226,11 +353,7 @@ impl RateControl {
             }
             _ => {
                 self.streak = 0;
-                // An old stray share fades, so that it cannot hide a
-                // limit for ever.
-                if share < self.stray {
-                    self.stray *= 0.9;
-                }
+                self.follow_strays(share);
                 None
             }
         }
