@@ -79,6 +79,11 @@ impl Fetcher {
     /// Never returns an empty batch: apalis reads "no task" as end of stream.
     pub async fn next_batch(&mut self) -> Vec<RunJob> {
         loop {
+            // Cut off from the database, other workers may be taking this
+            // one's runs: claim nothing until the liveness session is back.
+            if !self.engine.liveness.is_live() {
+                self.engine.liveness.wait_live().await;
+            }
             if self.drained {
                 self.sleep_until_due().await;
             }
@@ -111,6 +116,9 @@ impl Fetcher {
                 Ok(runs) => {
                     let rescued = runs.iter().filter(|r| r.rescued_from.is_some()).count();
                     engine.metrics.claimed(runs.len(), rescued);
+                    for cause in runs.iter().filter_map(|r| r.rescue_cause) {
+                        engine.metrics.rescued(cause.as_str());
+                    }
                     if self.db_failures > 0 {
                         tracing::info!("database is back; claiming again");
                         self.db_failures = 0;
@@ -127,9 +135,9 @@ impl Fetcher {
                             .into_iter()
                             .zip(slots)
                             .map(|(run, slot)| RunJob {
+                                lease: engine.leases.hold(run.id, taken),
                                 run,
                                 slot,
-                                lease: LeaseClock::new(taken, engine.lease),
                             })
                             .collect();
                     }
