@@ -748,6 +748,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_rescue_is_a_crash_exactly_when_the_owner_is_marked_dead() {
+        assert_eq!(RescueCause::of(true), RescueCause::Crash);
+        assert_eq!(RescueCause::of(false), RescueCause::LeaseExpiry);
+        assert_eq!(RescueCause::Crash.as_str(), "crash");
+        assert_eq!(RescueCause::LeaseExpiry.as_str(), "lease_expiry");
+    }
+
+    #[test]
     fn only_a_refused_startup_option_turns_session_settings_off() {
         let cases = [
             (

@@ -175,7 +175,7 @@ async fn write(
         }
         None => tracing::info!(
             event = t.event.kind,
-            "run changed under us (canceled, or taken over after the lease expired); leaving it"
+            "run changed under us (canceled, or taken over by another worker): dropped this step's outcome"
         ),
     }
     Ok(applied)
