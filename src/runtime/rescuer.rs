@@ -13,6 +13,11 @@
 //! unexpired leases: a claim or write of theirs that committed after their
 //! session ended. Rows of workers dead for `forget_dead_after` are deleted.
 //!
+//! Two statements rather than one transaction: the probe runs on its own
+//! (autocommit, its try-locks gone with it), which is all a round costs
+//! while every worker is alive, and only when it found a free lock does the
+//! second statement act, taking the locks again for its own duration.
+//!
 //! Every live worker runs it; when two find the same dead worker, the first
 //! one's lock makes the other see it as alive for that round, and the next
 //! round skips it because it is marked.
