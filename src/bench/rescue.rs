@@ -8,8 +8,9 @@
 //! opens. Per run of the victim: the time from the kill (read on the
 //! database clock right after the process was reaped) to the other
 //! worker's first step on it (its `lease_rescued` event, written as that
-//! step starts, on the same clock). `--rescue-kills` rounds, each with a
-//! fresh pair member in place of the victim.
+//! step starts, on the same clock). The victim is the worker holding more
+//! of the runs. `--rescue-kills` rounds, each with a fresh worker in place
+//! of the victim.
 
 use std::time::{Duration, Instant};
 
@@ -65,15 +66,21 @@ pub(crate) async fn rescue(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), 
                 "{held} status checks were not all held within 60 s"
             )));
         }
-        // The victim alternates, so each pair member is killed in turn.
-        let (victim, victim_id) = pair.remove(round as usize % 2);
-        let killed_at = kill(victim, pool).await?;
+        // The victim is the one holding more of the runs (one claim can
+        // take them all).
+        let mut in_hand = Vec::new();
+        for (_, id) in &pair {
+            in_hand.push(runs_in_hand(pool, id).await?);
+        }
+        let victim = usize::from(in_hand[1] > in_hand[0]);
+        let (process, victim_id) = pair.remove(victim);
+        let killed_at = kill(process, pool).await?;
         sim.set_faults(Faults::default());
         let outcome = measure(pool, &victim_id, killed_at, &mut pair[0].0).await?;
         rounds.push(outcome);
         let mut fresh = WorkerProcess::start(plan, url, pool, &sim, POLL).await?;
         let id = fresh.wait_registered(pool).await?;
-        pair.insert(round as usize % 2, (fresh, id));
+        pair.push((fresh, id));
     }
     for (worker, _) in pair {
         worker.stop().await?;
@@ -108,6 +115,16 @@ pub(crate) async fn rescue(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), 
 fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
     let rank = ((sorted.len() as f64 * q).ceil() as usize).saturating_sub(1);
     sorted.get(rank).copied()
+}
+
+/// The active runs worker `id` holds.
+async fn runs_in_hand(pool: &PgPool, id: &str) -> Result<i64, BenchError> {
+    Ok(
+        sqlx::query_scalar("SELECT runs_in_hand FROM wfq.workers_live WHERE id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await?,
+    )
 }
 
 /// SIGKILLs `victim`; the database's clock right after it was reaped.
