@@ -604,20 +604,22 @@ async fn an_alive_but_slow_worker_keeps_its_runs(_: PgPoolOptions, connect: PgCo
     tokio::time::timeout(LIMIT, sim.wait_until_held(1))
         .await
         .expect("the status check is held");
-    let first_end: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("SELECT lease_expires_at FROM wfq.runs WHERE id = $1")
+    let (first_end, version): (chrono::DateTime<chrono::Utc>, i64) =
+        sqlx::query_as("SELECT lease_expires_at, version FROM wfq.runs WHERE id = $1")
             .bind(id)
             .fetch_one(&pool)
             .await
             .unwrap();
     let other = start_worker(short("other"), pool.clone());
     // The lease it was claimed with is over (renewed since, by more than a
-    // whole lease), and the check is still held.
+    // whole lease), the check is still held, and the run was never claimed
+    // again (a claim changes the version; a renewal does not).
     assert!(
         holds_within(
             &pool,
             &format!(
-                "(SELECT lease_owner = 'slow' AND lease_expires_at > '{}'::timestamptz + interval '2 seconds' \
+                "(SELECT lease_owner = 'slow' AND version = {version} \
+                 AND lease_expires_at > '{}'::timestamptz + interval '2 seconds' \
                  FROM wfq.runs WHERE id = {id})",
                 first_end.to_rfc3339()
             ),

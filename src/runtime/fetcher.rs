@@ -79,11 +79,6 @@ impl Fetcher {
     /// Never returns an empty batch: apalis reads "no task" as end of stream.
     pub async fn next_batch(&mut self) -> Vec<RunJob> {
         loop {
-            // Cut off from the database, other workers may be taking this
-            // one's runs: claim nothing until the liveness session is back.
-            if !self.engine.liveness.is_live() {
-                self.engine.liveness.wait_live().await;
-            }
             if self.drained {
                 self.sleep_until_due().await;
             }
@@ -99,6 +94,11 @@ impl Fetcher {
                     Ok(slot) => slots.push(slot),
                     Err(_) => break,
                 }
+            }
+            // Cut off from the database, other workers may be taking this
+            // one's runs: claim nothing until the liveness session is back.
+            if !self.engine.liveness.is_live() {
+                self.engine.liveness.wait_live().await;
             }
             self.discover_profiles().await;
             let engine = &self.engine;
