@@ -162,7 +162,9 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// Most runs claimed by one statement.
     pub claim_batch: usize,
-    /// How long a claim is valid; another worker takes the run after that.
+    /// How long a claim is valid unless renewed; renewed every third of it
+    /// while a step works on the run, so it only ends for a worker that
+    /// cannot renew (frozen, cut off, or gone without session liveness).
     pub lease: Duration,
     /// Longest sleep between claims when no notification arrives.
     pub fallback_poll: Duration,
@@ -185,6 +187,15 @@ pub struct WorkerConfig {
     pub budget_timezone: String,
     /// How often a run held back by a spend limit is checked again.
     pub budget_recheck: Duration,
+    /// Hold a database session of its own with an advisory lock, so that
+    /// the other workers see at once when this process is gone (`false`
+    /// behind a pooler in transaction mode: its runs then come back when
+    /// their leases end).
+    pub session_liveness: bool,
+    /// How often this worker looks for workers whose session is gone.
+    pub rescue_every: Duration,
+    /// Rows of `wfq.workers` dead for this long are deleted.
+    pub forget_dead_after: Duration,
     /// Dify run streams read at once by one process (each an open
     /// connection and a task, not a slot of `concurrency`); a run beyond
     /// it is followed by status checks.
@@ -452,6 +463,9 @@ struct RawWorker {
     budget_timezone: Option<String>,
     budget_recheck: Option<String>,
     max_streams: Option<usize>,
+    session_liveness: Option<bool>,
+    rescue_every: Option<String>,
+    forget_dead_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -684,16 +698,38 @@ impl Config {
                 0 => return Err(invalid("worker.max_streams", "must be at least 1".into())),
                 n => n,
             },
+            session_liveness: raw.worker.session_liveness.unwrap_or(true),
+            rescue_every: duration(
+                "worker.rescue_every",
+                &raw.worker.rescue_every,
+                Duration::from_secs(1),
+            )?,
+            forget_dead_after: duration(
+                "worker.forget_dead_after",
+                &raw.worker.forget_dead_after,
+                Duration::from_secs(24 * 3600),
+            )?,
         };
-        // One step is at most a manifest read, a write and a submit; the lease
-        // must outlive that or a slow provider hands the run to a second worker.
-        if worker.lease < http.timeout * 3 {
+        // A sanity bound, no longer a rule about steps: leases are renewed
+        // every third of their length while a step runs, so a provider call
+        // may outlast the lease; a lease shorter than this would make the
+        // renewals themselves the load.
+        if worker.lease < Duration::from_secs(1) {
             return Err(invalid(
                 "worker.lease",
-                format!(
-                    "must be at least 3 x http.timeout ({:?}) so a step cannot outlive its lease",
-                    http.timeout * 3
-                ),
+                "must be at least 1s (it is renewed every third of it while a step runs)".into(),
+            ));
+        }
+        if worker.rescue_every < Duration::from_millis(10) {
+            return Err(invalid(
+                "worker.rescue_every",
+                "must be at least 10ms".into(),
+            ));
+        }
+        if worker.forget_dead_after < Duration::from_secs(60) {
+            return Err(invalid(
+                "worker.forget_dead_after",
+                "must be at least 1m".into(),
             ));
         }
 
@@ -1163,7 +1199,12 @@ mod tests {
             ("[poll]\nmultiplier = 0.5", "poll.multiplier"),
             ("[poll]\njitter = 1.5", "poll.jitter"),
             ("[worker]\nconcurrency = 0", "worker.concurrency"),
-            ("[worker]\nlease = \"10s\"", "worker.lease"),
+            ("[worker]\nlease = \"500ms\"", "worker.lease"),
+            ("[worker]\nrescue_every = \"1ms\"", "worker.rescue_every"),
+            (
+                "[worker]\nforget_dead_after = \"10s\"",
+                "worker.forget_dead_after",
+            ),
             (
                 "[providers.x]\nkind = \"foo\"\nbase_url = \"http://a\"\napi_key_env = \"CHENYU_API_KEY\"",
                 "providers.x.kind",

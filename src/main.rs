@@ -75,6 +75,12 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         batch: i64,
     },
+    /// The worker processes registered in wfq.workers: alive or not, runs in hand, last seen.
+    Workers {
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Live counts of runs by provider and state, refreshed in place.
     Top {
         /// Print one snapshot and exit (for scripts).
@@ -354,6 +360,17 @@ async fn run(cli: Cli) -> Result<()> {
             };
             terminal::top::run_top(&pool, options, &mut stdout, shutdown_signal()).await?;
         }
+        Command::Workers { json } => {
+            let pool = connect(cli.config.as_deref()).await?;
+            let workers = store::list_workers(&pool).await?;
+            if json {
+                for worker in &workers {
+                    println!("{}", serde_json::to_string(worker)?);
+                }
+            } else {
+                print_workers(&workers, chrono::Utc::now());
+            }
+        }
         Command::Sim(args) => run_sim(args).await?,
         Command::Demo => demo::run_demo().await?,
         Command::Bench(args) => wfq::bench::run(args).await?,
@@ -471,6 +488,56 @@ fn print_show(run: &Value, events: &[store::EventRow]) {
     println!(
         "{}",
         table::render(&["at", "event", "state", "worker", "detail"], &rows)
+    );
+}
+
+fn print_workers(workers: &[store::WorkerRow], now: chrono::DateTime<chrono::Utc>) {
+    let ago = |at: chrono::DateTime<chrono::Utc>| {
+        let secs = (now - at).num_milliseconds().max(0) as f64 / 1000.0;
+        match secs {
+            s if s < 120.0 => format!("{s:.1}s ago"),
+            s if s < 7200.0 => format!("{:.0}m ago", s / 60.0),
+            s => format!("{:.1}h ago", s / 3600.0),
+        }
+    };
+    let rows: Vec<Vec<String>> = workers
+        .iter()
+        .map(|w| {
+            vec![
+                w.id.clone(),
+                match (w.alive, &w.died_cause) {
+                    (Some(true), _) => "alive".to_owned(),
+                    (_, Some(cause)) => cause.clone(),
+                    (Some(false), None) => "gone".to_owned(),
+                    // No session liveness: only its heartbeat tells.
+                    (None, None) => "no session".to_owned(),
+                },
+                w.runs_in_hand.to_string(),
+                ago(w.last_seen),
+                w.host.clone(),
+                w.pid.to_string(),
+                w.version.clone(),
+                table::truncate(&w.profiles.join(","), 40),
+                ago(w.started_at),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        table::render(
+            &[
+                "id",
+                "state",
+                "runs",
+                "last seen",
+                "host",
+                "pid",
+                "version",
+                "profiles",
+                "started"
+            ],
+            &rows
+        )
     );
 }
 

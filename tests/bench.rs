@@ -36,6 +36,9 @@ fn bench_quick_prints_every_figure() {
         "inflight_worker_rss",
         "inflight_polls_per_s",
         "inflight_db_commits_per_s",
+        "rescue_p50",
+        "rescue_p99",
+        "rescue_max",
     ] {
         assert!(
             stdout

@@ -472,6 +472,11 @@ async fn a_worker_stopped_mid_poll_hands_over_to_the_next(
     sim.shutdown().await;
 }
 
+/// The lease is the backstop: a worker that dies holding a run, and that
+/// has no liveness session the others could see end (here
+/// `worker.session_liveness = false`, as behind a transaction pooler), loses
+/// the run once its lease has run out, and another worker finishes it.
+/// Killed at a known point: its status check is held by the simulator.
 #[sqlx::test]
 async fn a_killed_workers_runs_continue_after_their_lease_expires(
     _: PgPoolOptions,
@@ -479,27 +484,19 @@ async fn a_killed_workers_runs_continue_after_their_lease_expires(
 ) {
     let pool = pool(connect).await;
     let sim = start_sim(100, 1500, 100).await;
-    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
-    // Hang every poll of the first worker so it is killed holding the lease.
-    let first = start_worker(config(&sim, "doomed", ""), pool.clone());
-    wait_for(
-        &pool,
-        &format!("(SELECT state = 'running' FROM wfq.runs WHERE id = {id})"),
-        LIMIT,
-    )
-    .await;
     sim.set_faults(Faults {
-        latency: Duration::from_millis(900),
+        hold_status_checks: true,
         ..Default::default()
     });
-    wait_for(
-        &pool,
-        &format!("(SELECT lease_owner IS NOT NULL FROM wfq.runs WHERE id = {id})"),
-        LIMIT,
-    )
-    .await;
+    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    let mut doomed = config(&sim, "doomed", "");
+    doomed.worker.session_liveness = false;
+    // The held check must still be in flight when the worker is killed.
+    doomed.http.timeout = Duration::from_secs(30);
+    let first = start_worker(doomed, pool.clone());
+    sim.wait_until_held(1).await;
     first.kill().await;
-    // Killed mid-poll (every poll now takes 900 ms): the lease is still held.
+    // Killed mid-poll: the lease is still held.
     assert_eq!(run(&pool, id).await.lease_owner.as_deref(), Some("doomed"));
     sim.set_faults(Faults::default());
 
@@ -517,14 +514,16 @@ async fn a_killed_workers_runs_continue_after_their_lease_expires(
     .await
     .unwrap();
     assert_eq!(finisher.as_deref(), Some("rescuer"));
-    let rescued_from: Option<String> = sqlx::query_scalar(
-        "SELECT detail->>'previous_owner' FROM wfq.run_events WHERE run_id = $1 AND kind = 'lease_rescued' AND worker = 'rescuer'",
+    let (rescued_from, cause): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT detail->>'previous_owner', detail->>'cause' FROM wfq.run_events \
+         WHERE run_id = $1 AND kind = 'lease_rescued' AND worker = 'rescuer'",
     )
     .bind(id)
     .fetch_one(&pool)
     .await
     .unwrap();
     assert_eq!(rescued_from.as_deref(), Some("doomed"));
+    assert_eq!(cause.as_deref(), Some("lease_expiry"));
     sim.shutdown().await;
 }
 

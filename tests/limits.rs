@@ -60,7 +60,15 @@ async fn eight_workers_racing_for_the_last_of_the_money_never_cross_the_cap(
             "max_outstanding_frozen = \"0.15\"", // 5 x the quote of 0.03
         );
         cfg.worker.budget_recheck = Duration::from_millis(100);
-        workers.push(start_worker(cfg, self::pool(&connect).await));
+        // Small pools: eight workers (each with its claim loop and liveness
+        // session besides) must fit the server's connections with the rest.
+        cfg.database.max_connections = 6;
+        let small = PgPoolOptions::new()
+            .max_connections(6)
+            .connect_with(connect.clone())
+            .await
+            .expect("test database");
+        workers.push(start_worker(cfg, small));
     }
     wait_for(
         &pool,

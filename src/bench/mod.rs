@@ -1,5 +1,5 @@
-//! `wfq bench`: throughput, pick-up latency, in-flight scale, polls per run
-//! and enqueue rate of wfq against the built-in simulator (latency zero),
+//! `wfq bench`: throughput, pick-up latency, in-flight scale, polls per run,
+//! enqueue rate and the rescue of a killed worker's runs, of wfq against the built-in simulator (latency zero),
 //! on a database of its own (`wfq_bench`, dropped and recreated on every
 //! run), with the worker as a child process (`wfq worker`), plus the peers
 //! under `benches/peers/` when they are installed.
@@ -11,6 +11,7 @@
 mod figures;
 mod limits;
 mod peers;
+mod rescue;
 mod worker;
 
 use std::fmt::Display;
@@ -49,7 +50,13 @@ pub struct BenchArgs {
     /// Rate limits (requests per second) of the limit figures.
     #[arg(long, value_delimiter = ',', default_values_t = [5.0, 20.0, 100.0, 500.0])]
     pub limits: Vec<f64>,
-    /// Only these figures (comma separated: lifecycle, pickup, inflight, polls, enqueue, peers, limits).
+    /// Runs in flight when a worker of the rescue figure is killed.
+    #[arg(long, default_value_t = 200)]
+    pub rescue_runs: u32,
+    /// Kills of the rescue figure (one worker of two each time).
+    #[arg(long, default_value_t = 5)]
+    pub rescue_kills: u32,
+    /// Only these figures (comma separated: lifecycle, pickup, inflight, polls, enqueue, rescue, limits, peers).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Small sizes and short durations: an end-to-end check, not a measurement.
@@ -101,6 +108,8 @@ impl Plan {
             args.pickup = args.pickup.min(50);
             args.inflight = args.inflight.min(300);
             args.enqueue = args.enqueue.min(2_000);
+            args.rescue_runs = args.rescue_runs.min(20);
+            args.rescue_kills = args.rescue_kills.min(2);
             inflight_duration = inflight_duration.min(Duration::from_secs(2));
             pgbench_seconds = 1;
         }
@@ -180,7 +189,7 @@ async fn fresh_database(name: &str) -> Result<(String, PgPool), BenchError> {
 
 /// Empties the queue between figures, so each starts from the same table.
 pub(crate) async fn reset(pool: &PgPool) -> Result<(), BenchError> {
-    sqlx::query("TRUNCATE wfq.run_events, wfq.runs RESTART IDENTITY CASCADE")
+    sqlx::query("TRUNCATE wfq.run_events, wfq.runs, wfq.workers RESTART IDENTITY CASCADE")
         .execute(pool)
         .await?;
     sqlx::query("VACUUM ANALYZE wfq.runs").execute(pool).await?;
@@ -215,6 +224,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if plan.wants("enqueue") {
         reset(&pool).await?;
         figures::enqueue(&plan, &url, &pool).await?;
+    }
+    if plan.wants("rescue") {
+        reset(&pool).await?;
+        rescue::rescue(&plan, &url, &pool).await?;
     }
     if plan.wants("inflight") {
         reset(&pool).await?;

@@ -165,6 +165,37 @@ api_key_env = "{API_KEY_ENV}"
         }
     }
 
+    /// Waits until the worker is registered in `wfq.workers` and its
+    /// liveness session holds its lock; returns its worker id.
+    pub async fn wait_registered(&mut self, pool: &PgPool) -> Result<String, BenchError> {
+        let started = Instant::now();
+        loop {
+            self.check_alive()?;
+            let id: Option<String> = sqlx::query_scalar(
+                "SELECT id FROM wfq.workers_live WHERE pid = $1 AND alive AND died_at IS NULL",
+            )
+            .bind(self.pid as i32)
+            .fetch_optional(pool)
+            .await?;
+            if let Some(id) = id {
+                return Ok(id);
+            }
+            if started.elapsed() > Duration::from_secs(15) {
+                return Err(BenchError::Failed(format!(
+                    "the worker did not register within 15 s: {}",
+                    self.log_tail()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL, and waits for the process to be gone.
+    pub async fn kill(mut self) -> Result<(), BenchError> {
+        self.child.kill().await?;
+        Ok(())
+    }
+
     /// VmRSS of the worker in kB.
     pub fn rss_kb(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;

@@ -212,6 +212,7 @@ pub struct Metrics {
     request_duration: Family<Histogram>,
     claim_batch_size: Histogram,
     lease_rescues: Counter,
+    rescues: Family<Counter>,
     steps_in_flight: AtomicI64,
     started: Instant,
     /// Milliseconds after `started` of the last successful claim, plus one
@@ -222,8 +223,15 @@ pub struct Metrics {
     bound: watch::Sender<Option<SocketAddr>>,
 }
 
+/// The causes of `wfq_rescues_total`, written from the start at 0.
+pub const RESCUE_CAUSES: [&str; 2] = ["crash", "lease_expiry"];
+
 impl Default for Metrics {
     fn default() -> Self {
+        let rescues = Family::new(&["cause"]);
+        for cause in RESCUE_CAUSES {
+            rescues.get(&[cause], Counter::default);
+        }
         Metrics {
             submits: Family::new(&["provider", "outcome"]),
             polls: Family::new(&["provider", "outcome"]),
@@ -232,6 +240,7 @@ impl Default for Metrics {
             request_duration: Family::new(&["provider", "call"]),
             claim_batch_size: Histogram::new(BATCH_BUCKETS),
             lease_rescues: Counter::default(),
+            rescues,
             steps_in_flight: AtomicI64::new(0),
             started: Instant::now(),
             last_claim: AtomicU64::new(0),
@@ -349,6 +358,12 @@ impl Metrics {
         self.last_claim.store(now, Ordering::Relaxed);
     }
 
+    /// Counts a run taken over from another worker, by why its lease had
+    /// ended: `crash` (its owner's session was gone) or `lease_expiry`.
+    pub fn rescued(&self, cause: &'static str) {
+        self.rescues.get(&[cause], Counter::default).add(1);
+    }
+
     /// Awaits `wait` (the claim loop waiting for a free slot) while telling
     /// `/readyz` that the loop is busy, not stuck.
     pub async fn waiting_for_slot<F: Future>(&self, wait: F) -> F::Output {
@@ -463,9 +478,16 @@ impl Metrics {
         out.header(
             "wfq_lease_rescues_total",
             Kind::Counter,
-            "Runs this worker took over after another worker's lease expired.",
+            "Runs this worker took over from another worker, whatever the cause (see wfq_rescues_total).",
         );
         out.sample("wfq_lease_rescues_total", &[], self.lease_rescues.get());
+        out.header(
+            "wfq_rescues_total",
+            Kind::Counter,
+            "Runs this worker took over from another worker, by cause: crash (the owner's database session was gone), lease_expiry (its lease ran out).",
+        );
+        self.rescues
+            .each(|labels, c| out.sample("wfq_rescues_total", labels, c.get()));
         out.header(
             "wfq_steps_in_flight",
             Kind::Gauge,
@@ -579,6 +601,7 @@ mod tests {
         let m = Metrics::default();
         assert_eq!(m.claim_loop(), ClaimLoop::NotYet);
         m.claimed(3, 1);
+        m.rescued("crash");
         assert!(matches!(m.claim_loop(), ClaimLoop::LastClaim(d) if d < Duration::from_secs(5)));
         {
             let _a = m.step_started();
@@ -592,6 +615,14 @@ mod tests {
         m.encode(&mut out);
         let text = out.finish();
         assert!(text.contains("wfq_lease_rescues_total 1\n"), "{text}");
+        assert!(
+            text.contains("wfq_rescues_total{cause=\"crash\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("wfq_rescues_total{cause=\"lease_expiry\"} 0\n"),
+            "{text}"
+        );
         assert!(text.contains("wfq_claim_batch_size_count 1\n"), "{text}");
         assert!(text.contains("wfq_claim_batch_size_sum 3\n"), "{text}");
     }

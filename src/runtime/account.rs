@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
 
-use super::{Coverage, Engine, LeaseClock, PauseKind, Profile, run_step};
+use super::{Coverage, Engine, PauseKind, Profile, run_step};
 use crate::lifecycle::RunState;
 use crate::store::{self, ClaimScope};
 
@@ -279,7 +279,8 @@ async fn let_one_through(engine: &Arc<Engine>, profile: &str, slot: &Arc<tokio::
         "letting one run through to see whether the account may run again"
     );
     let engine = engine.clone();
-    let lease = LeaseClock::new(taken, engine.lease);
+    // Renewed with the steps of the claim loop while it runs.
+    let lease = engine.leases.hold(run.id, taken);
     tokio::spawn(async move {
         if let Err(e) = run_step(engine, run, lease, permit).await {
             tracing::warn!(error = %e, "the probe run's step was not recorded");

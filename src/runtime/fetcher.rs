@@ -95,6 +95,11 @@ impl Fetcher {
                     Err(_) => break,
                 }
             }
+            // Cut off from the database, other workers may be taking this
+            // one's runs: claim nothing until the liveness session is back.
+            if !self.engine.liveness.is_live() {
+                self.engine.liveness.wait_live().await;
+            }
             self.discover_profiles().await;
             let engine = &self.engine;
             let taken = Instant::now();
@@ -111,6 +116,9 @@ impl Fetcher {
                 Ok(runs) => {
                     let rescued = runs.iter().filter(|r| r.rescued_from.is_some()).count();
                     engine.metrics.claimed(runs.len(), rescued);
+                    for cause in runs.iter().filter_map(|r| r.rescue_cause) {
+                        engine.metrics.rescued(cause.as_str());
+                    }
                     if self.db_failures > 0 {
                         tracing::info!("database is back; claiming again");
                         self.db_failures = 0;
@@ -127,9 +135,9 @@ impl Fetcher {
                             .into_iter()
                             .zip(slots)
                             .map(|(run, slot)| RunJob {
+                                lease: engine.leases.hold(run.id, taken),
                                 run,
                                 slot,
-                                lease: LeaseClock::new(taken, engine.lease),
                             })
                             .collect();
                     }

@@ -7,10 +7,14 @@ pub(crate) mod account;
 mod balances;
 mod breaker;
 mod fetcher;
+mod fleet;
 mod health;
+mod leases;
 mod manifests;
 mod metrics;
 mod pauses;
+mod registry;
+mod rescuer;
 mod retention;
 mod shutdown;
 mod step;
@@ -35,9 +39,13 @@ use sqlx::PgPool;
 pub use balances::{Balances, Coverage};
 pub use breaker::{BreakerConfig, Breakers};
 pub use fetcher::{Fetcher, FetcherConfig, RunJob};
+pub use fleet::FleetServices;
+pub use leases::Leases;
 pub use manifests::ManifestCache;
 pub use metrics::MeteredClient;
 pub use pauses::{DueProbe, PauseKind, ProviderPauses};
+pub use registry::{Liveness, Registry, RegistryConfig};
+pub use rescuer::RescuerConfig;
 pub use shutdown::{InFlight, InFlightGuard, Shutdown};
 pub use step::{LeaseClock, Slot, StepError, run_step};
 pub use throttle::{Admission, Class, RateControl, Throttles, Ticket};
@@ -93,6 +101,11 @@ pub struct Engine {
     pub submits_in_flight: InFlight,
     /// The stream budget (`worker.max_streams`).
     pub streams: Arc<tokio::sync::Semaphore>,
+    /// Whether this process is in touch with the database (its liveness
+    /// session answers): no claim and no provider call otherwise.
+    pub liveness: Liveness,
+    /// The leases of the runs this process's steps work on (renewed together).
+    pub leases: Leases,
     /// Profiles with queued runs that this worker does not have, found by
     /// the claim loop from time to time (to fail those runs).
     unknown_profiles: std::sync::Mutex<Vec<String>>,
@@ -190,7 +203,13 @@ impl Engine {
                 },
             );
         }
+        let liveness = match config.worker.session_liveness {
+            true => Liveness::pending(),
+            false => Liveness::always(),
+        };
         Ok(Engine {
+            leases: Leases::new(config.worker.lease, liveness.clone()),
+            liveness,
             pauses: ProviderPauses::default(),
             breakers: Breakers::default(),
             balances: Balances::default(),
@@ -292,7 +311,7 @@ async fn handle(job: RunJob, engine: Data<Arc<Engine>>) -> Result<(), StepError>
     let _in_flight = engine.metrics.step_started();
     let result = run_step(engine.0.clone(), run, lease, slot).await;
     if let Err(e) = &result {
-        tracing::warn!(error = %e, "step not recorded; the run returns when its lease expires");
+        tracing::warn!(error = %e, "step not recorded; the run returns when its lease expires (or at once if this worker is cut off and comes back)");
     }
     result
 }
@@ -331,6 +350,7 @@ where
             })?;
     }
     let metrics_server = health::start(config, engine.clone()).await?;
+    let fleet = FleetServices::start(config, &pool, &engine);
     let fetcher_config = FetcherConfig {
         concurrency: config.worker.concurrency,
         claim_batch: config.worker.claim_batch,
@@ -468,6 +488,7 @@ where
             tracing::warn!(error = %e, "could not give back leases; they expire by themselves")
         }
     }
+    fleet.stop().await;
     if let Some(server) = metrics_server {
         server.stop().await;
     }

@@ -42,6 +42,8 @@ pub struct ClaimedRun {
     pub submitted_at: Option<DateTime<Utc>>,
     /// The worker whose expired lease this claim took over, if any.
     pub rescued_from: Option<String>,
+    /// Why that lease had ended (set exactly when `rescued_from` is).
+    pub rescue_cause: Option<RescueCause>,
     /// Since when a submit may be at the provider without its answer.
     pub submit_in_doubt_since: Option<DateTime<Utc>>,
     /// `wfq cancel` asked for the running run to be stopped.
@@ -95,6 +97,7 @@ struct ClaimRow {
     provider_run_id: Option<String>,
     submitted_at: Option<DateTime<Utc>>,
     previous_owner: Option<String>,
+    owner_marked_dead: Option<bool>,
     submit_in_doubt_since: Option<DateTime<Utc>>,
     cancel_requested: bool,
     task_id: Option<String>,
@@ -103,6 +106,36 @@ struct ClaimRow {
     in_doubt_for: Option<f64>,
     unknown_status_for: Option<f64>,
     unsettled_for: Option<f64>,
+}
+
+/// Why a claim took a run over from another worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RescueCause {
+    /// Its owner is marked dead: its session ended (`wfq.workers.died_at`).
+    Crash,
+    /// Its owner's lease ran out (a frozen or cut-off worker, or one
+    /// without session liveness).
+    LeaseExpiry,
+}
+
+impl RescueCause {
+    /// The cause of a rescue whose previous owner is (or is not) marked dead.
+    pub fn of(owner_marked_dead: bool) -> Self {
+        if owner_marked_dead {
+            RescueCause::Crash
+        } else {
+            RescueCause::LeaseExpiry
+        }
+    }
+
+    /// `crash` or `lease_expiry` (the `lease_rescued` event's `cause`, the
+    /// `wfq_rescues_total` label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RescueCause::Crash => "crash",
+            RescueCause::LeaseExpiry => "lease_expiry",
+        }
+    }
 }
 
 /// Which runs a worker may take, as lanes of (provider profile, state):
@@ -250,11 +283,13 @@ struct Session {
 }
 
 impl ClaimConnection {
-    /// A connection to `pool`'s database, opened on first use.
+    /// A connection to `pool`'s database, opened on first use. Its
+    /// `application_name` is `wfq claim loop`, followed by the pool's own in
+    /// parentheses when the pool has one (so one worker's sessions can be
+    /// told apart in `pg_stat_activity`).
     pub fn new(pool: &PgPool) -> Self {
-        let options = (*pool.connect_options())
-            .clone()
-            .application_name("wfq claim loop");
+        let name = session_name("wfq claim loop", pool);
+        let options = (*pool.connect_options()).clone().application_name(&name);
         ClaimConnection {
             options,
             conn: None,
@@ -362,6 +397,14 @@ impl ClaimConnection {
     }
 }
 
+/// `base`, with `pool`'s `application_name` in parentheses when it has one.
+pub fn session_name(base: &str, pool: &PgPool) -> String {
+    match pool.connect_options().get_application_name() {
+        Some(name) if !name.is_empty() => format!("{base} ({name})"),
+        _ => base.to_owned(),
+    }
+}
+
 /// The longest a connect or statement of the claim loop may take: a host
 /// that stopped answering (a failover leaving a half-open connection) must
 /// not stall claiming until TCP gives up.
@@ -463,7 +506,15 @@ pub const CLAIM_DUE_RUNS_SQL: &str = r#"
                   extract(epoch FROM now() - r.provider_finished_at)::float8 AS unsettled_for
         )
         -- Handed out in claim order: highest priority, then longest due.
-        SELECT * FROM claimed ORDER BY priority DESC, was_due, id
+        -- Whether a rescued run's previous owner is marked dead is looked
+        -- up for rescued rows only (a CASE runs its subquery only when it
+        -- gets there), so an ordinary claim pays nothing for it.
+        SELECT claimed.*,
+               CASE WHEN claimed.previous_owner IS NULL THEN NULL
+                    ELSE EXISTS (SELECT 1 FROM wfq.workers w
+                                 WHERE w.id = claimed.previous_owner AND w.died_at IS NOT NULL)
+               END AS owner_marked_dead
+        FROM claimed ORDER BY priority DESC, was_due, id
         "#;
 
 async fn claim_on(
@@ -505,6 +556,10 @@ async fn claim_on(
                 version: row.version,
                 provider_run_id: row.provider_run_id,
                 submitted_at: row.submitted_at,
+                rescue_cause: row
+                    .previous_owner
+                    .as_ref()
+                    .map(|_| RescueCause::of(row.owner_marked_dead.unwrap_or(false))),
                 rescued_from: row.previous_owner,
                 submit_in_doubt_since: row.submit_in_doubt_since,
                 cancel_requested: row.cancel_requested,
@@ -631,26 +686,30 @@ pub async fn release_leases(pool: &PgPool, worker: &str) -> Result<u64, sqlx::Er
     Ok(released)
 }
 
-/// Records that `worker` took over run `id` after `previous`'s lease expired
-/// (the audit trail of rescues; the claim itself writes no event).
+/// Records that `worker` took over run `id` from `previous`, and why (the
+/// audit trail of rescues; the claim itself writes no event). Written as
+/// the rescuing step starts: its time is when the run moved on.
 #[tracing::instrument(name = "record_rescue", skip(pool), err)]
 pub async fn record_rescue(
     pool: &PgPool,
     id: i64,
     state: RunState,
     previous: &str,
+    cause: RescueCause,
     worker: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         r#"
         INSERT INTO wfq.run_events (run_id, kind, from_state, to_state, worker, detail)
-        VALUES ($1, 'lease_rescued', $2, $2, $3, jsonb_build_object('previous_owner', $4::text))
+        VALUES ($1, 'lease_rescued', $2, $2, $3,
+                jsonb_build_object('previous_owner', $4::text, 'cause', $5::text))
         "#,
     )
     .bind(id)
     .bind(state.as_str())
     .bind(worker)
     .bind(previous)
+    .bind(cause.as_str())
     .execute(pool)
     .await?;
     Ok(())
@@ -687,6 +746,14 @@ pub async fn renew_lease(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rescue_is_a_crash_exactly_when_the_owner_is_marked_dead() {
+        assert_eq!(RescueCause::of(true), RescueCause::Crash);
+        assert_eq!(RescueCause::of(false), RescueCause::LeaseExpiry);
+        assert_eq!(RescueCause::Crash.as_str(), "crash");
+        assert_eq!(RescueCause::LeaseExpiry.as_str(), "lease_expiry");
+    }
 
     #[test]
     fn only_a_refused_startup_option_turns_session_settings_off() {

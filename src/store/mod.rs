@@ -5,6 +5,7 @@
 
 mod callbacks;
 mod claim;
+mod leases;
 mod metrics;
 mod pauses;
 mod read;
@@ -13,15 +14,18 @@ mod retention;
 mod spend;
 mod stats;
 mod transition;
+mod workers;
 
 pub use callbacks::{
     CallbackAttempt, ClaimedCallback, claim_due_callbacks, pending_callbacks,
     record_callback_attempts,
 };
 pub use claim::{
-    CLAIM_DUE_RUNS_SQL, CLAIM_SETTINGS, ClaimConnection, ClaimScope, ClaimedRun, RunAges,
-    active_profiles, claim_due_runs, next_due_in, record_rescue, release_leases, renew_lease,
+    CLAIM_DUE_RUNS_SQL, CLAIM_SETTINGS, ClaimConnection, ClaimScope, ClaimedRun, RescueCause,
+    RunAges, active_profiles, claim_due_runs, next_due_in, record_rescue, release_leases,
+    renew_lease, session_name,
 };
+pub use leases::{give_back_idle_leases, renew_leases};
 pub use metrics::{count_runs, outstanding_frozen, ping};
 pub use pauses::{
     ProviderPause, manual_pauses, pause_provider, paused_providers, requeue_refused,
@@ -38,6 +42,11 @@ pub use spend::{
 };
 pub use stats::{StateCount, queue_stats};
 pub use transition::{TransitionWrite, apply_transition, apply_transitions, written_transitions};
+pub use workers::{
+    LIVENESS_LOCK_NAMESPACE, Rescued, SessionKeepalives, WorkerInfo, WorkerProbe, WorkerRow,
+    configure_liveness_session, forget_dead_workers, list_workers, lock_worker, probe_workers,
+    rescue_workers, unlock_worker, upsert_worker, worker_heartbeat, worker_stopped,
+};
 
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;

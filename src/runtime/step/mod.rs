@@ -41,35 +41,7 @@ pub enum StepError {
     },
 }
 
-/// This worker's view of when its lease on a run ends, on the monotonic
-/// clock (which keeps running while the process is stopped or starved, so a
-/// worker that was frozen past its lease knows it).
-#[derive(Debug, Clone, Copy)]
-pub struct LeaseClock {
-    deadline: Instant,
-}
-
-impl LeaseClock {
-    /// A lease taken at `taken` (measured before the claim, so the local
-    /// deadline is never later than the database's) for `lease`.
-    pub fn new(taken: Instant, lease: Duration) -> Self {
-        LeaseClock {
-            deadline: taken + lease,
-        }
-    }
-
-    /// When the lease ends, on the monotonic clock.
-    pub fn deadline(&self) -> Instant {
-        self.deadline
-    }
-
-    /// Whether a provider call of at most `call` ends before the lease does.
-    /// A call that might outlive the lease is not started: by then another
-    /// worker may hold the run, and two workers must never act on one run.
-    fn allows(&self, call: Duration) -> bool {
-        Instant::now() + call < self.deadline
-    }
-}
+pub use crate::runtime::leases::LeaseClock;
 
 /// The slot in the worker's concurrency a claimed run occupies; a step that
 /// goes on to read a Dify run's stream gives it back (streams have a budget
@@ -86,9 +58,10 @@ pub async fn run_step(
     let span = tracing::info_span!("run", run_id = run.id, provider = %run.provider, workflow_id = %run.workflow_id);
     async move {
         if let Some(previous) = &run.rescued_from {
-            tracing::info!(previous_owner = %previous, state = %run.state, "took over a run whose lease expired");
+            let cause = run.rescue_cause.unwrap_or(store::RescueCause::LeaseExpiry);
+            tracing::info!(previous_owner = %previous, state = %run.state, cause = cause.as_str(), "took over a run from another worker");
             // Audit only: a failure here must not stop the step.
-            if let Err(e) = store::record_rescue(&engine.pool, run.id, run.state, previous, &engine.worker_id).await {
+            if let Err(e) = store::record_rescue(&engine.pool, run.id, run.state, previous, cause, &engine.worker_id).await {
                 tracing::warn!(error = %e, "could not record the rescue");
             }
         }
@@ -202,7 +175,7 @@ async fn write(
         }
         None => tracing::info!(
             event = t.event.kind,
-            "run changed under us (canceled, or taken over after the lease expired); leaving it"
+            "run changed under us (canceled, or taken over by another worker): dropped this step's outcome"
         ),
     }
     Ok(applied)

@@ -155,7 +155,7 @@ pub(super) async fn submit_step(
         return Ok(());
     };
     // Recording `submitting` renewed the lease: the run is progressing.
-    let lease = LeaseClock::new(renewed_at, engine.lease);
+    lease.renewed_by_write(renewed_at, engine.lease);
     if !lease.allows(engine.call_timeout) {
         return lease_ran_out("submit");
     }
