@@ -35,35 +35,6 @@ fn write_config(sim: &SimServer, name: &str, grace: &str) -> std::path::PathBuf 
     path
 }
 
-fn spawn(config: &std::path::Path, database_url: &str) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_wfq"))
-        .args(["worker", "--config"])
-        .arg(config)
-        .env("DATABASE_URL", database_url)
-        .env("SHUTDOWN_KEY", API_KEY)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
-async fn sigterm(child: &mut tokio::process::Child) -> std::process::ExitStatus {
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("the worker exits after SIGTERM")
-        .unwrap()
-}
-
 async fn leased(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM wfq.runs WHERE lease_owner IS NOT NULL")
         .fetch_one(pool)
@@ -71,76 +42,67 @@ async fn leased(pool: &PgPool) -> i64 {
         .unwrap()
 }
 
+/// SIGTERM while the provider holds four submits: each is answered and
+/// recorded before the exit, and no lease is left behind.
 #[sqlx::test]
 async fn steps_in_flight_finish_within_the_grace_period(
     _: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
     let url = database_url(&connect);
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(connect)
-        .await
-        .unwrap();
+    let pool = test_pool(connect).await;
     let sim = start_sim(0, 60_000, 100).await;
-    // Every answer takes a second: SIGTERM lands while submits are in flight.
     sim.set_faults(Faults {
-        latency: Duration::from_secs(1),
+        hold_submits: true,
         ..Default::default()
     });
-    for _ in 0..8 {
+    // Four: as many as the worker's slow start sends at once.
+    for _ in 0..4 {
         enqueue(&pool, TEXT_TO_IMAGE, serde_json::json!({})).await;
     }
     let config = write_config(&sim, "grace", "10s");
-    let mut worker = spawn(&config, &url);
-    wait_for(
-        &pool,
-        "(SELECT count(*) FROM wfq.runs WHERE state = 'submitting') = 8",
-        Duration::from_secs(30),
-    )
-    .await;
-    let status = sigterm(&mut worker).await;
+    let (mut worker, mut log) = spawn_logged(&config, &url);
+    wait_held(&sim, 4).await;
+    signal_term(&worker);
+    assert!(until_logged(&mut log, "shutting down: no new claims").await);
+    sim.set_faults(Faults::default());
+    let status = exit_status(&mut worker).await;
     assert!(status.success(), "{status:?}");
     // Each submit in flight completed and was recorded before the exit.
     let running: i64 = sqlx::query_scalar("SELECT count(*) FROM wfq.runs WHERE state = 'running'")
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(running, 8);
+    assert_eq!(running, 4);
     assert_eq!(leased(&pool).await, 0);
-    assert_eq!(sim.ledger().len(), 8);
+    assert_eq!(sim.ledger().len(), 4);
     let _ = std::fs::remove_file(&config);
     sim.shutdown().await;
 }
 
+/// SIGTERM while the provider holds status checks past a short grace
+/// period: the worker gives their leases back and exits without waiting
+/// for the answers, and the next worker continues at once.
 #[sqlx::test]
 async fn steps_past_the_grace_period_are_given_back_at_once(
     _: PgPoolOptions,
     connect: PgConnectOptions,
 ) {
     let url = database_url(&connect);
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect_with(connect)
-        .await
-        .unwrap();
+    let pool = test_pool(connect).await;
     let sim = start_sim(0, 200, 100).await;
     sim.set_faults(Faults {
-        latency: Duration::from_secs(3),
+        hold_status_checks: true,
         ..Default::default()
     });
     for _ in 0..4 {
         enqueue(&pool, TEXT_TO_IMAGE, serde_json::json!({})).await;
     }
     let config = write_config(&sim, "short", "200ms");
-    let mut first = spawn(&config, &url);
-    wait_for(
-        &pool,
-        "(SELECT count(*) FROM wfq.runs WHERE state = 'submitting') = 4",
-        Duration::from_secs(30),
-    )
-    .await;
-    let status = sigterm(&mut first).await;
+    let (mut first, _log) = spawn_logged(&config, &url);
+    wait_held(&sim, 4).await;
+    signal_term(&first);
+    let status = exit_status(&mut first).await;
     assert!(status.success(), "{status:?}");
     assert_eq!(
         leased(&pool).await,
@@ -150,9 +112,10 @@ async fn steps_past_the_grace_period_are_given_back_at_once(
 
     // The next worker continues at once, with the same keys: no second charge.
     sim.set_faults(Faults::default());
-    let mut second = spawn(&config, &url);
+    let (mut second, _log) = spawn_logged(&config, &url);
     wait_all_final(&pool, Duration::from_secs(30)).await;
-    assert!(sigterm(&mut second).await.success());
+    signal_term(&second);
+    assert!(exit_status(&mut second).await.success());
     let ledger = sim.ledger();
     assert_eq!(ledger.len(), 4);
     assert!(ledger.iter().all(|e| e.charges == 1));
@@ -330,7 +293,7 @@ async fn a_submit_held_at_sigterm_is_recorded_before_the_exit(
     let id = kind.enqueue(&pool, 1).await;
     let config = write_kind_config(&sim, "held", "300ms", kind, "");
     let (mut first, mut log) = spawn_logged(&config, &url);
-    sim.wait_until_held(1).await;
+    wait_held(&sim, 1).await;
     signal_term(&first);
     // The grace period is over and the step was given up on: the worker
     // now waits for the submit it sent (an older worker exits here).

@@ -57,15 +57,10 @@ pub(crate) async fn rescue(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), 
             ..Default::default()
         });
         insert_runs(pool, runs, &format!("rescue-{round}")).await?;
-        let held = u64::from(runs);
-        if tokio::time::timeout(Duration::from_secs(60), sim.wait_until_held(held))
-            .await
-            .is_err()
-        {
-            return Err(BenchError::Failed(format!(
-                "{held} status checks were not all held within 60 s"
-            )));
-        }
+        // Every run submitted, its status check claimed and in flight (held
+        // at the simulator, or waiting in the throttle's slow-start window
+        // for a place in flight): its lease held by one of the two.
+        in_flight(pool, runs, &mut pair).await?;
         // The victim is the one holding more of the runs (one claim can
         // take them all).
         let mut in_hand = Vec::new();
@@ -115,6 +110,34 @@ pub(crate) async fn rescue(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), 
 fn quantile(sorted: &[f64], q: f64) -> Option<f64> {
     let rank = ((sorted.len() as f64 * q).ceil() as usize).saturating_sub(1);
     sorted.get(rank).copied()
+}
+
+/// Waits until all `runs` are `running` and leased.
+async fn in_flight(
+    pool: &PgPool,
+    runs: u32,
+    pair: &mut [(WorkerProcess, String)],
+) -> Result<(), BenchError> {
+    let started = Instant::now();
+    loop {
+        let leased: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM wfq.runs WHERE state = 'running' AND lease_owner IS NOT NULL",
+        )
+        .fetch_one(pool)
+        .await?;
+        if leased >= i64::from(runs) {
+            return Ok(());
+        }
+        for (worker, _) in pair.iter_mut() {
+            worker.check_alive()?;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(BenchError::Failed(format!(
+                "only {leased} of {runs} runs were running and leased within 60 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The active runs worker `id` holds.

@@ -188,6 +188,19 @@ pub async fn wait_for(pool: &PgPool, condition: &str, limit: Duration) {
     }
 }
 
+/// Waits until at least `n` requests (or Dify streams) are held at the
+/// simulator's closed gates; panics after 60 s. The worker's slow start
+/// lets only a few requests be in flight at first (while no rate is
+/// configured), so `n` must fit that window.
+pub async fn wait_held(sim: &SimServer, n: u64) {
+    if tokio::time::timeout(Duration::from_secs(60), sim.wait_until_held(n))
+        .await
+        .is_err()
+    {
+        panic!("{n} requests were never held at the simulator within 60 s");
+    }
+}
+
 /// Waits until no run is active any more.
 pub async fn wait_all_final(pool: &PgPool, limit: Duration) {
     wait_for(
