@@ -28,6 +28,8 @@ fn bench_quick_prints_every_figure() {
         "lifecycle_throughput",
         "pickup_latency_p50",
         "pickup_latency_p99",
+        "pickup_busy_p50",
+        "pickup_busy_p99",
         "polls_per_run_5s",
         "polls_per_run_60s",
         "polls_per_run_600s",

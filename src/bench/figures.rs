@@ -137,7 +137,7 @@ pub(crate) async fn lifecycle(plan: &Plan, url: &str, pool: &PgPool) -> Result<f
     Ok(rate)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }

@@ -8,6 +8,7 @@
 //! `figure=NAME value=V unit=U target=T [key=value...]`. Nothing here is
 //! asserted: timing depends on the machine (see BENCHMARKS.md).
 
+mod busy_pickup;
 mod figures;
 mod limits;
 mod peers;
@@ -32,6 +33,16 @@ pub struct BenchArgs {
     /// Single-row inserts of the pick-up latency figure.
     #[arg(long, default_value_t = 1_000)]
     pub pickup: u32,
+    /// Runs in flight (polled on the default schedule) while the busy
+    /// pick-up figure inserts new ones.
+    #[arg(long, default_value_t = 1_000)]
+    pub busy_inflight: u32,
+    /// Single-row inserts of the busy pick-up figure.
+    #[arg(long, default_value_t = 600)]
+    pub busy_inserts: u32,
+    /// Inserts per second of the busy pick-up figure.
+    #[arg(long, default_value_t = 20.0)]
+    pub busy_rate: f64,
     /// Runs kept in flight by the simulator for the in-flight scale figure.
     #[arg(long, default_value_t = 100_000)]
     pub inflight: u32,
@@ -56,7 +67,7 @@ pub struct BenchArgs {
     /// Kills of the rescue figure (one worker of two each time).
     #[arg(long, default_value_t = 5)]
     pub rescue_kills: u32,
-    /// Only these figures (comma separated: lifecycle, pickup, inflight, polls, enqueue, rescue, limits, peers).
+    /// Only these figures (comma separated: lifecycle, pickup, busy, inflight, polls, enqueue, rescue, limits, peers).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Small sizes and short durations: an end-to-end check, not a measurement.
@@ -106,6 +117,8 @@ impl Plan {
         if args.quick {
             args.runs = args.runs.min(200);
             args.pickup = args.pickup.min(50);
+            args.busy_inflight = args.busy_inflight.min(100);
+            args.busy_inserts = args.busy_inserts.min(20);
             args.inflight = args.inflight.min(300);
             args.enqueue = args.enqueue.min(2_000);
             args.rescue_runs = args.rescue_runs.min(20);
@@ -216,6 +229,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if plan.wants("pickup") {
         reset(&pool).await?;
         figures::pickup(&plan, &url, &pool).await?;
+    }
+    if plan.wants("busy") {
+        reset(&pool).await?;
+        busy_pickup::busy_pickup(&plan, &url, &pool).await?;
     }
     if plan.wants("polls") {
         reset(&pool).await?;
