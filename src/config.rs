@@ -512,6 +512,7 @@ struct RawProvider {
     max_resubmits: Option<u32>,
     max_outstanding_frozen: Option<RawAmount>,
     daily_budget: Option<RawAmount>,
+    unknown_cost: Option<RawAmount>,
     requests_per_second: Option<f64>,
     max_submits_in_flight: Option<usize>,
     max_running: Option<u32>,
@@ -956,6 +957,21 @@ impl Config {
                             return Err(invalid(&key("max_running"), "must be at least 1".into()));
                         }
                         n => n,
+                    },
+                    unknown_cost: match raw
+                        .unknown_cost
+                        .as_ref()
+                        .map(|a| a.parse().map_err(|m| invalid(&key("unknown_cost"), m)))
+                        .transpose()?
+                    {
+                        // Counting unknown money as nothing is what it is for.
+                        Some(amount) if amount <= rust_decimal::Decimal::ZERO => {
+                            return Err(invalid(
+                                &key("unknown_cost"),
+                                "must be more than 0".into(),
+                            ));
+                        }
+                        amount => amount,
                     },
                 },
                 requests_per_second: match raw.requests_per_second {

@@ -20,6 +20,11 @@ pub struct SpendLimits {
     /// Most runs submitted and not final at once (`max_running`), for
     /// providers that cap an account's concurrent runs.
     pub max_running: Option<u32>,
+    /// What a finished run whose cost the provider never reported counts,
+    /// when no settled run of its workflow had a cost lately (`None`: such
+    /// a run holds the profile's submits while it counts toward a money
+    /// limit). Not a limit: it sets no lock.
+    pub unknown_cost: Option<Decimal>,
 }
 
 impl SpendLimits {
@@ -40,6 +45,12 @@ pub struct Committed {
     pub today: Decimal,
     /// Runs submitted (or being submitted) and not final.
     pub running: i64,
+    /// Finished runs counted in `outstanding` whose cost is unknown and
+    /// has no estimate (no quote, no settled run of the workflow with a
+    /// cost lately, no `unknown_cost`).
+    pub unpriced_outstanding: i64,
+    /// The same, among the runs counted in `today`.
+    pub unpriced_today: i64,
 }
 
 /// Why a run waits instead of being submitted.
@@ -71,6 +82,15 @@ pub enum SpendHold {
         /// Runs at once now.
         running: i64,
     },
+    /// Runs that count toward a money limit cost an unknown amount that
+    /// nothing estimates: whether the limit has room cannot be told.
+    UnknownCost {
+        /// The limit they count toward (`max_outstanding_frozen` or
+        /// `daily_budget`).
+        limit: &'static str,
+        /// How many.
+        runs: i64,
+    },
 }
 
 impl SpendHold {
@@ -86,8 +106,15 @@ impl SpendHold {
             SpendHold::Outstanding { limit, quote, .. } | SpendHold::Daily { limit, quote, .. } => {
                 quote > limit
             }
-            SpendHold::Running { .. } => false,
+            SpendHold::Running { .. } | SpendHold::UnknownCost { .. } => false,
         }
+    }
+
+    /// Whether the hold lifts only by someone's hand (an operator settles
+    /// the runs of unknown cost, or sets `unknown_cost`), which wakes
+    /// nothing: the run is checked again every `worker.budget_recheck`.
+    pub fn needs_an_operator(&self) -> bool {
+        matches!(self, SpendHold::UnknownCost { .. })
     }
 }
 
@@ -114,6 +141,10 @@ impl std::fmt::Display for SpendHold {
                 f,
                 "max_running: {running} runs submitted and not finished, the limit is {limit}; waiting for one to finish"
             ),
+            SpendHold::UnknownCost { limit, runs } => write!(
+                f,
+                "unknown_cost: {runs} finished runs counted toward {limit} have a cost the provider never reported and nothing to estimate it by; waiting for them to be settled by hand (final_amount, settled_at) or for the profile's unknown_cost"
+            ),
         }
     }
 }
@@ -122,12 +153,27 @@ impl std::fmt::Display for SpendHold {
 /// Dify) be submitted, given what is committed?
 ///
 /// A run without a quote adds nothing known in advance, so it passes while
-/// neither limit is used up.
+/// neither limit is used up. Money that is unknown for good is never
+/// counted as nothing: while a money limit counts a finished run whose
+/// cost nothing estimates, the limit's room cannot be told and the run
+/// waits.
 pub fn check(
     limits: &SpendLimits,
     committed: Committed,
     quote: Option<Decimal>,
 ) -> Result<(), SpendHold> {
+    if limits.max_outstanding_frozen.is_some() && committed.unpriced_outstanding > 0 {
+        return Err(SpendHold::UnknownCost {
+            limit: "max_outstanding_frozen",
+            runs: committed.unpriced_outstanding,
+        });
+    }
+    if limits.daily_budget.is_some() && committed.unpriced_today > 0 {
+        return Err(SpendHold::UnknownCost {
+            limit: "daily_budget",
+            runs: committed.unpriced_today,
+        });
+    }
     let known = quote.unwrap_or_default();
     let crosses = |committed: Decimal, limit: Decimal| match quote {
         Some(quote) => committed + quote > limit,
@@ -176,11 +222,12 @@ mod tests {
             max_outstanding_frozen: Some(d("0.10")),
             daily_budget: Some(d("1.00")),
             max_running: None,
+            unknown_cost: None,
         };
         let c = |outstanding: &str, today: &str| Committed {
             outstanding: d(outstanding),
             today: d(today),
-            running: 0,
+            ..Committed::default()
         };
         // (limits, committed, quote, allowed, hold kind)
         let table: Vec<(SpendLimits, Committed, Option<&str>, Option<&str>)> = vec![
@@ -207,6 +254,7 @@ mod tests {
                 Err(SpendHold::Outstanding { .. }) => Some("outstanding"),
                 Err(SpendHold::Daily { .. }) => Some("daily"),
                 Err(SpendHold::Running { .. }) => Some("running"),
+                Err(SpendHold::UnknownCost { .. }) => Some("unknown"),
             };
             assert_eq!(kind, hold, "{committed:?} {quote:?} -> {got:?}");
         }
@@ -218,6 +266,7 @@ mod tests {
             max_outstanding_frozen: Some(d("1.00")),
             daily_budget: None,
             max_running: None,
+            unknown_cost: None,
         };
         let hold = check(&limits, Committed::default(), Some(d("1.50"))).unwrap_err();
         assert!(hold.never_fits());
@@ -225,8 +274,7 @@ mod tests {
             &limits,
             Committed {
                 outstanding: d("0.90"),
-                today: d("0"),
-                running: 0,
+                ..Committed::default()
             },
             Some(d("0.50")),
         )
@@ -241,11 +289,11 @@ mod tests {
                 max_outstanding_frozen: Some(d("0.10")),
                 daily_budget: None,
                 max_running: None,
+                unknown_cost: None,
             },
             Committed {
                 outstanding: d("0.09"),
-                today: d("0"),
-                running: 0,
+                ..Committed::default()
             },
             Some(d("0.03")),
         )
@@ -274,5 +322,68 @@ mod tests {
             hold.to_string().starts_with("max_running: 2 runs"),
             "{hold}"
         );
+    }
+
+    #[test]
+    fn a_put_back_run_is_checked_with_its_recorded_quote() {
+        // daily_budget 1.00 with 0.99 committed: the same run passes as a
+        // run without a quote (nothing used up) and waits with the quote
+        // its first submit recorded (0.99 + 0.30 > 1.00).
+        let limits = SpendLimits {
+            daily_budget: Some(d("1.00")),
+            max_outstanding_frozen: Some(d("1.00")),
+            ..SpendLimits::default()
+        };
+        let committed = Committed {
+            outstanding: d("0.99"),
+            today: d("0.99"),
+            ..Committed::default()
+        };
+        assert_eq!(check(&limits, committed, None), Ok(()));
+        let hold = check(&limits, committed, Some(d("0.30"))).unwrap_err();
+        assert!(matches!(hold, SpendHold::Outstanding { .. }), "{hold}");
+    }
+
+    #[test]
+    fn runs_of_unknown_cost_without_an_estimate_hold_the_limits_they_count_toward() {
+        let daily = SpendLimits {
+            daily_budget: Some(d("100")),
+            ..SpendLimits::default()
+        };
+        let outstanding = SpendLimits {
+            max_outstanding_frozen: Some(d("100")),
+            ..SpendLimits::default()
+        };
+        let unpriced = |outstanding: i64, today: i64| Committed {
+            unpriced_outstanding: outstanding,
+            unpriced_today: today,
+            ..Committed::default()
+        };
+        // (limits, committed, held)
+        let table = [
+            (daily.clone(), unpriced(0, 0), false),
+            (daily.clone(), unpriced(1, 1), true),
+            // Yesterday's: not in today's budget any more.
+            (daily.clone(), unpriced(1, 0), false),
+            (outstanding.clone(), unpriced(1, 0), true),
+            // No money limit: nothing to count it toward.
+            (SpendLimits::default(), unpriced(3, 3), false),
+            (
+                SpendLimits {
+                    max_running: Some(5),
+                    ..SpendLimits::default()
+                },
+                unpriced(3, 3),
+                false,
+            ),
+        ];
+        for (limits, committed, held) in table {
+            let got = check(&limits, committed, None);
+            assert_eq!(got.is_err(), held, "{limits:?} {committed:?} -> {got:?}");
+            if let Err(hold) = got {
+                assert!(hold.needs_an_operator() && !hold.never_fits() && !hold.until_next_day());
+                assert!(hold.to_string().starts_with("unknown_cost: "), "{hold}");
+            }
+        }
     }
 }

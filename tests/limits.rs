@@ -304,3 +304,326 @@ async fn a_submit_slot_is_not_held_for_a_whole_dify_run(
     assert!(most_at_once >= 2, "runs overlapped: {most_at_once}");
     sim.shutdown().await;
 }
+
+/// A run put back in the queue after its quote was recorded (here: the
+/// provider's cap on runs at once refused it) is checked against the daily
+/// budget with that quote when it is tried again, not as a run without
+/// one: with 0.99 of 1.00 committed by then, its 0.03 would cross the
+/// budget, and it waits instead of ending the day at 1.02.
+#[sqlx::test]
+async fn a_run_put_back_in_the_queue_is_checked_with_its_recorded_quote(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    // Nothing finishes during the test: the first run keeps its place.
+    let sim = start_sim(0, 60_000, 60_000).await;
+    sim.set_faults(Faults {
+        max_running_runs: Some(1),
+        ..Faults::default()
+    });
+    enqueue_many(&pool, 2).await;
+    let mut cfg = config(
+        &sim,
+        "w1",
+        "daily_budget = \"1.00\"\naccount_probe = \"200ms\"",
+    );
+    cfg.worker.budget_recheck = Duration::from_millis(100);
+    let worker = start_worker(cfg, pool.clone());
+    wait_for(
+        &pool,
+        "EXISTS (SELECT 1 FROM wfq.run_events e JOIN wfq.runs r ON r.id = e.run_id \
+                 WHERE e.kind = 'account_refused' AND r.state = 'queued' \
+                   AND r.quote_amount = 0.03 AND r.sent_inputs IS NOT NULL)",
+        LIMIT,
+    )
+    .await;
+    // Meanwhile the day's spending reached 0.96 (+ 0.03 frozen by the run
+    // at the provider = 0.99), and the provider takes runs again.
+    sqlx::query(
+        "INSERT INTO wfq.runs (workflow_id, inputs, state, submitted_at, finished_at, settled_at, \
+                               currency, frozen_amount, final_amount, released_amount) \
+         VALUES ('wf_861ef31e94dcfb10e6e7', '{}', 'succeeded', now(), now(), now(), 'CNY', 0.96, 0.96, 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sim.set_faults(Faults::default());
+    wait_for(
+        &pool,
+        "EXISTS (SELECT 1 FROM wfq.runs WHERE state = 'queued' AND hold_reason LIKE 'daily_budget:%') \
+         OR (SELECT count(*) FROM wfq.runs WHERE provider_run_id IS NOT NULL) = 2",
+        LIMIT,
+    )
+    .await;
+    worker.stop().await;
+    assert_eq!(sim.ledger().len(), 1, "the put-back run was not submitted");
+    let reason: String =
+        sqlx::query_scalar("SELECT hold_reason FROM wfq.runs WHERE state = 'queued'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        reason.starts_with("daily_budget: 0.99") && reason.contains("this run's quote 0.03"),
+        "{reason}"
+    );
+    sim.shutdown().await;
+}
+
+/// Enqueues a Dify run of profile `dify` (app `text`).
+async fn enqueue_dify(pool: &PgPool, provider: &str, n: u32) -> i64 {
+    enqueue_on(
+        pool,
+        provider,
+        "text",
+        serde_json::json!({"query": format!("q{n}")}),
+    )
+    .await
+}
+
+/// A Dify run whose price can never be known (its nodes are priced in two
+/// currencies) is final with its money unknown, not settled at nothing;
+/// with no settled run of the workflow to estimate it by and no
+/// `unknown_cost`, the profile's next run waits under the daily budget
+/// until an operator settles the unknown one by hand.
+#[sqlx::test]
+async fn unknown_money_with_nothing_to_estimate_it_holds_the_budget(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 100, 20).await;
+    sim.set_faults(Faults {
+        dify_start_node_currency: Some("EUR".into()),
+        ..Faults::default()
+    });
+    let extra = other_providers(&sim).replace(
+        "[providers.dify]\nkind = \"dify\"",
+        "[providers.dify]\nkind = \"dify\"\ndaily_budget = \"100\"",
+    );
+    let mut cfg = config(&sim, "w1", &extra);
+    cfg.worker.budget_recheck = Duration::from_millis(100);
+    let worker = start_worker(cfg, pool.clone());
+    let first = enqueue_dify(&pool, "dify", 1).await;
+    wait_for(
+        &pool,
+        &format!("(SELECT state = 'succeeded' FROM wfq.runs WHERE id = {first})"),
+        LIMIT,
+    )
+    .await;
+    let row = run(&pool, first).await;
+    assert!(row.settled_at.is_none(), "unknown money is not settled");
+    assert_eq!(row.final_amount, None);
+    assert_eq!(row.settlement_status.as_deref(), Some("unknown"));
+    let estimate: Option<Decimal> =
+        sqlx::query_scalar("SELECT cost_estimate FROM wfq.runs WHERE id = $1")
+            .bind(first)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(estimate, None, "no settled run of the workflow to go by");
+
+    let second = enqueue_dify(&pool, "dify", 2).await;
+    wait_for(
+        &pool,
+        &format!(
+            "(SELECT hold_reason LIKE 'unknown_cost:%' OR state <> 'queued' FROM wfq.runs WHERE id = {second})"
+        ),
+        LIMIT,
+    )
+    .await;
+    let held = run(&pool, second).await;
+    assert_eq!(held.state, "queued", "{held:?}");
+    assert_eq!(sim.dify_ledger().len(), 1, "the second run was not sent");
+
+    // The operator learns what it cost and settles it: the budget can be
+    // told again, and the held run goes.
+    sqlx::query("UPDATE wfq.runs SET final_amount = 0.01, settled_at = now() WHERE id = $1")
+        .bind(first)
+        .execute(&pool)
+        .await
+        .unwrap();
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+    assert_eq!(run(&pool, second).await.state, "succeeded");
+    sim.shutdown().await;
+}
+
+/// Unknown money is counted by an estimate, never as nothing: the highest
+/// cost of the workflow's settled runs lately, else the profile's
+/// `unknown_cost`, which counts against the daily budget.
+#[sqlx::test]
+async fn unknown_money_is_counted_by_the_workflows_cost_or_the_profiles_unknown_cost(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 100, 20).await;
+    let extra = other_providers(&sim)
+        .replace(
+            "[providers.dify]\nkind = \"dify\"",
+            "[providers.dify]\nkind = \"dify\"\ndaily_budget = \"100\"",
+        )
+        .replace(
+            "[providers.dify_fails]\nkind = \"dify\"",
+            "[providers.dify_fails]\nkind = \"dify\"\ndaily_budget = \"0.75\"\nunknown_cost = \"0.50\"",
+        );
+    let mut cfg = config(&sim, "w1", &extra);
+    cfg.worker.budget_recheck = Duration::from_millis(100);
+    let worker = start_worker(cfg, pool.clone());
+
+    // A run whose price is known, then one whose price is not.
+    let known = enqueue_dify(&pool, "dify", 1).await;
+    wait_for(
+        &pool,
+        &format!("(SELECT settled_at IS NOT NULL FROM wfq.runs WHERE id = {known})"),
+        LIMIT,
+    )
+    .await;
+    sim.set_faults(Faults {
+        dify_start_node_currency: Some("EUR".into()),
+        ..Faults::default()
+    });
+    let unknown = enqueue_dify(&pool, "dify", 2).await;
+    wait_for(
+        &pool,
+        &format!("(SELECT state = 'succeeded' FROM wfq.runs WHERE id = {unknown})"),
+        LIMIT,
+    )
+    .await;
+    let (price, estimate): (Option<Decimal>, Option<Decimal>) = sqlx::query_as(
+        "SELECT (SELECT final_amount FROM wfq.runs WHERE id = $1), \
+                (SELECT cost_estimate FROM wfq.runs WHERE id = $2)",
+    )
+    .bind(known)
+    .bind(unknown)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(price.is_some_and(|p| p > Decimal::ZERO), "{price:?}");
+    assert_eq!(estimate, price, "the workflow's highest known cost");
+    // Estimated, so the profile goes on.
+    let next = enqueue_dify(&pool, "dify", 3).await;
+    wait_for(
+        &pool,
+        &format!("(SELECT state = 'succeeded' FROM wfq.runs WHERE id = {next})"),
+        LIMIT,
+    )
+    .await;
+
+    // No history for this one: `unknown_cost` (0.50) counts per run of
+    // unknown cost. Two fit a budget of 0.75 (an unquoted run passes while
+    // the budget is not used up); the third waits for the next day.
+    for n in 0..3 {
+        enqueue_on(
+            &pool,
+            "dify_fails",
+            "fails",
+            serde_json::json!({"query": format!("f{n}")}),
+        )
+        .await;
+        if n < 2 {
+            wait_for(
+                &pool,
+                "(SELECT count(*) FROM wfq.runs WHERE provider = 'dify_fails' AND state = 'failed') = (SELECT count(*) FROM wfq.runs WHERE provider = 'dify_fails')",
+                LIMIT,
+            )
+            .await;
+        }
+    }
+    wait_for(
+        &pool,
+        "EXISTS (SELECT 1 FROM wfq.runs WHERE provider = 'dify_fails' AND state = 'queued' \
+                 AND hold_reason LIKE 'daily_budget: 1.00 committed today%')",
+        LIMIT,
+    )
+    .await;
+    worker.stop().await;
+    let unsettled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM wfq.runs WHERE provider = 'dify_fails' AND state = 'failed' \
+         AND settled_at IS NULL AND cost_estimate IS NULL AND final_amount IS NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(unsettled, 2);
+    sim.shutdown().await;
+}
+
+/// A burst of finished runs wakes as many runs held by `max_running` as
+/// it freed places, in one statement, not a fixed handful (the rest would
+/// wait for the hour's backstop while fresh runs took the room).
+#[sqlx::test]
+async fn a_burst_of_finished_runs_wakes_as_many_held_runs(pool: PgPool) {
+    let finished: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO wfq.runs (workflow_id, inputs, state, submitted_at, finished_at, settled_at) \
+         SELECT 'wf_861ef31e94dcfb10e6e7', '{}', 'succeeded', now(), now(), now() \
+         FROM generate_series(1, 20) RETURNING id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO wfq.runs (workflow_id, inputs, hold_reason, due_at) \
+         SELECT 'wf_861ef31e94dcfb10e6e7', '{}', 'max_running: 20 runs submitted and not finished', \
+                now() + interval '1 hour' + g * interval '1 second' \
+         FROM generate_series(1, 30) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let woken = wfq::store::wake_held_runs(&pool, &finished).await.unwrap();
+    assert_eq!(woken, 20, "one per place freed");
+    let due: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM wfq.runs WHERE state = 'queued' AND due_at <= now()",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(due, 20);
+}
+
+/// `wfq.daily_costs` counts the spend guard's days (midnight to midnight in
+/// `worker.budget_timezone`, stored by the worker), whatever the reading
+/// session's time zone: a run submitted at 23:30 UTC on 1 January counts
+/// on 2 January in Tokyo.
+#[sqlx::test]
+async fn daily_costs_counts_the_budget_days_of_the_workers_zone(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 50, 20).await;
+    enqueue_many(&pool, 1).await;
+    let mut cfg = config(&sim, "w1", "daily_budget = \"10\"");
+    cfg.worker.budget_timezone = "Asia/Tokyo".into();
+    work_until_idle(&pool, cfg).await;
+    sqlx::query("UPDATE wfq.runs SET submitted_at = '2026-01-01 23:30:00+00'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::query("SET TIME ZONE 'UTC'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let (day, date, zone, runs): (chrono::DateTime<chrono::Utc>, String, String, i64) =
+        sqlx::query_as("SELECT day, budget_date::text, budget_timezone, runs FROM wfq.daily_costs")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    sqlx::query("RESET TIME ZONE")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        day.to_rfc3339(),
+        "2026-01-01T15:00:00+00:00",
+        "midnight in Tokyo"
+    );
+    assert_eq!(
+        (date.as_str(), zone.as_str(), runs),
+        ("2026-01-02", "Asia/Tokyo", 1)
+    );
+    sim.shutdown().await;
+}

@@ -344,3 +344,304 @@ async fn a_run_queued_at_chenyu_records_its_place(_: PgPoolOptions, connect: PgC
     assert_eq!(places, vec![1, 2, 3]);
     sim.shutdown().await;
 }
+
+/// A GPTBots profile on `sim` (workflow `news`) with a short account probe:
+/// `workflow_id` names the workflow for reading, so runs of `wf_a` and
+/// `wf_b` count as two workflows for the breaker.
+fn gptbots_profile(sim: &wfq::sim::SimServer) -> String {
+    format!(
+        "\n[providers.gptbots]\nkind = \"gptbots\"\nbase_url = \"{}\"\napi_key_env = \"TEST_CHENYU_KEY\"\naccount_probe = \"200ms\"\n",
+        sim.gptbots_base_url("news")
+    )
+}
+
+/// A producer bug sends inputs GPTBots refuses (`400001`) to two workflows:
+/// the breaker takes the shared code for the account's, pauses and puts the
+/// runs back; a valid probe gets through and the profile resumes. The runs
+/// put back, refused alike again, fail for good (and do not trip the
+/// breaker again): every run ends, the valid ones succeed.
+#[sqlx::test]
+async fn runs_the_breaker_put_back_fail_for_good_when_refused_alike_after_a_resume(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 100, 20).await;
+    for (workflow, n) in [("wf_a", 1), ("wf_b", 2), ("wf_a", 3), ("wf_b", 4)] {
+        enqueue_on(
+            &pool,
+            "gptbots",
+            workflow,
+            serde_json::json!({"subject": n}),
+        )
+        .await;
+    }
+    let worker = start_worker(config(&sim, "w1", &gptbots_profile(&sim)), pool.clone());
+    wait_for(
+        &pool,
+        "EXISTS (SELECT 1 FROM wfq.provider_pauses WHERE profile = 'gptbots' AND kind = 'breaker') \
+         AND EXISTS (SELECT 1 FROM wfq.run_events WHERE kind = 'breaker_requeued') \
+         AND NOT EXISTS (SELECT 1 FROM wfq.runs WHERE state = 'failed') \
+         AND (SELECT count(*) FROM wfq.runs WHERE state = 'queued') = 4",
+        LIMIT,
+    )
+    .await;
+    // Valid runs, behind the ones put back: one of them is a probe soon.
+    for (workflow, n) in [("wf_a", 5), ("wf_b", 6)] {
+        enqueue_on(
+            &pool,
+            "gptbots",
+            workflow,
+            serde_json::json!({"topic": format!("t{n}")}),
+        )
+        .await;
+    }
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+    let states: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT state, error_code FROM wfq.runs ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let failed = (String::from("failed"), Some(String::from("400001")));
+    let succeeded = (String::from("succeeded"), None);
+    assert_eq!(
+        states,
+        vec![
+            failed.clone(),
+            failed.clone(),
+            failed.clone(),
+            failed,
+            succeeded.clone(),
+            succeeded
+        ]
+    );
+    assert_eq!(sim.gptbots_ledger().len(), 2);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM wfq.provider_pauses").await,
+        0,
+        "resumed"
+    );
+    sim.shutdown().await;
+}
+
+/// chenyu refuses a submit for its balance and `balance/info` cannot be
+/// read (404: an account without it): the profile pauses for its balance,
+/// and its probe lets one run through per interval instead of waiting for
+/// a read that never comes; after a top-up that run is accepted, the
+/// profile resumes and every run succeeds.
+#[sqlx::test]
+async fn a_balance_pause_without_a_readable_balance_lets_one_run_through(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    sim.set_balance(Some(d("0.05")));
+    sim.set_faults(Faults {
+        balance_info_missing: true,
+        ..Faults::default()
+    });
+    enqueue_many(&pool, TEXT_TO_IMAGE, "jsonb_build_object('n3_seed', g)", 3).await;
+    let worker = start_worker(
+        config(&sim, "w1", "account_probe = \"200ms\""),
+        pool.clone(),
+    );
+    wait_for(
+        &pool,
+        "EXISTS (SELECT 1 FROM wfq.provider_pauses WHERE profile = 'chenyu' AND kind = 'balance')",
+        LIMIT,
+    )
+    .await;
+    assert!(sim.stats().balance_refusals >= 1, "{:?}", sim.stats());
+    sim.top_up(d("10"));
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM wfq.runs WHERE state = 'succeeded'"
+        )
+        .await,
+        3
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM wfq.provider_pauses").await,
+        0
+    );
+    money_matches_the_ledger(&pool, &sim).await;
+    sim.shutdown().await;
+}
+
+/// While the profile waits for its balance, a submit refused for the run
+/// itself (a code about its inputs, not money) fails the run as usual; it
+/// is not put back as if the balance had refused it.
+#[sqlx::test]
+async fn a_run_refused_for_itself_during_a_balance_pause_fails(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    // One quote of 0.03 fits; the other run finds the balance short and
+    // pauses the profile while the first one's submit is held.
+    sim.set_balance(Some(d("0.05")));
+    sim.set_faults(Faults {
+        hold_submits: true,
+        ..Faults::default()
+    });
+    enqueue_many(&pool, TEXT_TO_IMAGE, "jsonb_build_object('n3_seed', g)", 2).await;
+    // A probe (which would read the balance and resume) is far off.
+    let worker = start_worker(config(&sim, "w1", "account_probe = \"10m\""), pool.clone());
+    wait_for(
+        &pool,
+        "EXISTS (SELECT 1 FROM wfq.provider_pauses WHERE profile = 'chenyu' AND kind = 'balance')",
+        LIMIT,
+    )
+    .await;
+    wait_held(&sim, 1).await;
+    sim.set_faults(Faults {
+        refuse_submits_code: Some("SEED_OUT_OF_RANGE".into()),
+        ..Faults::default()
+    });
+    wait_for(
+        &pool,
+        "EXISTS (SELECT 1 FROM wfq.runs WHERE state = 'failed') \
+         OR EXISTS (SELECT 1 FROM wfq.run_events WHERE kind = 'account_refused')",
+        LIMIT,
+    )
+    .await;
+    worker.stop().await;
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM wfq.run_events WHERE kind = 'account_refused'"
+        )
+        .await,
+        0,
+        "not put back"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM wfq.runs WHERE state = 'failed' AND error_code = 'SEED_OUT_OF_RANGE'"
+        )
+        .await,
+        1
+    );
+    sim.shutdown().await;
+}
+
+/// One run whose quote (1.20) exceeds the balance waits by itself while
+/// smaller runs (0.03) that the balance covers go on; the profile is not
+/// paused for it. After a top-up it goes too.
+#[sqlx::test]
+async fn a_quote_above_the_balance_holds_its_run_not_the_profile(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 100, 20).await;
+    sim.set_balance(Some(d("1.00")));
+    let worker = start_worker(
+        config(&sim, "w1", "account_probe = \"200ms\""),
+        pool.clone(),
+    );
+    // The profile's usual runs are small.
+    enqueue_many(&pool, TEXT_TO_IMAGE, "jsonb_build_object('n3_seed', g)", 1).await;
+    wait_all_final(&pool, LIMIT).await;
+    sqlx::query(
+        "INSERT INTO wfq.runs (workflow_id, inputs, accept_external_cost_risk) \
+         VALUES ('wf_seedance_video_2f0c', '{\"prompt\": \"p\"}', true)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    wait_for(
+        &pool,
+        "EXISTS (SELECT 1 FROM wfq.runs WHERE workflow_id = 'wf_seedance_video_2f0c' \
+                 AND state = 'queued' AND hold_reason LIKE 'balance:%')",
+        LIMIT,
+    )
+    .await;
+    enqueue_many(
+        &pool,
+        TEXT_TO_IMAGE,
+        "jsonb_build_object('n3_seed', 10 + g)",
+        3,
+    )
+    .await;
+    wait_for(
+        &pool,
+        "(SELECT count(*) FROM wfq.runs WHERE workflow_id = 'wf_861ef31e94dcfb10e6e7' AND state = 'succeeded') = 4",
+        LIMIT,
+    )
+    .await;
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM wfq.runs WHERE workflow_id = 'wf_seedance_video_2f0c' AND state = 'queued'"
+        )
+        .await,
+        1,
+        "the large run still waits"
+    );
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM wfq.provider_pauses WHERE kind = 'balance'"
+        )
+        .await,
+        0,
+        "the profile was not paused for it"
+    );
+    sim.top_up(d("5"));
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM wfq.runs WHERE state = 'succeeded'"
+        )
+        .await,
+        5
+    );
+    money_matches_the_ledger(&pool, &sim).await;
+    sim.shutdown().await;
+}
+
+/// An operator's manual pause holds from a new worker's first claim: the
+/// paused profile's run is not submitted while another profile's run is,
+/// and goes once the pause is removed.
+#[sqlx::test]
+async fn a_manual_pause_holds_from_the_first_claim(_: PgPoolOptions, connect: PgConnectOptions) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 100, 20).await;
+    sqlx::query(
+        "INSERT INTO wfq.provider_pauses (profile, worker, kind, reason) \
+         VALUES ('gptbots', 'operator', 'manual', 'maintenance')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let paused = enqueue_on(&pool, "gptbots", "news", serde_json::json!({"topic": "t"})).await;
+    let other = enqueue(&pool, TEXT_TO_IMAGE, serde_json::json!({"n3_seed": 1})).await;
+    let worker = start_worker(config(&sim, "w1", &gptbots_profile(&sim)), pool.clone());
+    wait_for(
+        &pool,
+        &format!("(SELECT state = 'succeeded' FROM wfq.runs WHERE id = {other})"),
+        LIMIT,
+    )
+    .await;
+    let row = run(&pool, paused).await;
+    assert_eq!((row.state.as_str(), row.attempts), ("queued", 0), "{row:?}");
+    assert!(sim.gptbots_ledger().is_empty(), "nothing was sent");
+    sqlx::query("DELETE FROM wfq.provider_pauses WHERE profile = 'gptbots'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+    assert_eq!(run(&pool, paused).await.state, "succeeded");
+    sim.shutdown().await;
+}

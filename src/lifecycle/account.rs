@@ -29,12 +29,18 @@ pub fn refusal_scope(code: &str, account_refusals: &[String], reads_balance: boo
     {
         return RefusalScope::Run;
     }
-    let upper = code.to_ascii_uppercase();
-    if reads_balance && (upper.contains("BALANCE") || upper.contains("FUND")) {
+    if reads_balance && is_balance_code(code) {
         RefusalScope::Balance
     } else {
         RefusalScope::Account
     }
+}
+
+/// Whether a refusal code is about the account's money (`BALANCE` or
+/// `FUND` in it, any case).
+pub fn is_balance_code(code: &str) -> bool {
+    let upper = code.to_ascii_uppercase();
+    upper.contains("BALANCE") || upper.contains("FUND")
 }
 
 /// A submit refused for an account reason: the run goes back to `queued`

@@ -19,7 +19,7 @@ mod submit;
 #[cfg(test)]
 mod test_support;
 
-pub use account::{RefusalScope, account_refused, refusal_scope};
+pub use account::{RefusalScope, account_refused, is_balance_code, refusal_scope};
 pub use find::{FindDecision, InDoubt, after_find};
 pub use poll::after_poll;
 pub use prepare::{

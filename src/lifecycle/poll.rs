@@ -130,6 +130,15 @@ fn after_report(
     if report.status.is_final() && report.settled {
         return finished(report, cancel_requested, facts, "run_finished");
     }
+    if report.status.is_final() && report.money_unknown {
+        // Over, and the provider will never say what it cost: final now
+        // (waiting would not tell more), the money not settled and counted
+        // by an estimate, never as zero.
+        let mut t = finished(report, cancel_requested, facts, "finished_unpriced");
+        t.settled = false;
+        t.estimate_cost = true;
+        return t;
+    }
     if report.status.is_final() {
         // Over at the provider, money not final yet: settlement follows
         // (chenyu settles shortly after the end). A provider that never
@@ -471,6 +480,40 @@ mod tests {
             0.5,
         );
         assert_eq!(t.unknown_status, Mark::Clear);
+    }
+
+    #[test]
+    fn a_finished_run_whose_price_can_never_be_known_ends_unsettled_and_estimated() {
+        // (status, money_unknown, settled, final, estimated)
+        let table = [
+            (RunStatus::Succeeded, true, false, true, true),
+            (RunStatus::Failed, true, false, true, true),
+            (RunStatus::Succeeded, false, true, true, false),
+            // Still running: the price is not asked yet.
+            (RunStatus::Active, false, false, false, false),
+        ];
+        for (status, money_unknown, settled, is_final, estimated) in table {
+            let outcome = PollOutcome::Report(Box::new(RunReport {
+                status: status.clone(),
+                money_unknown,
+                settled: settled && !money_unknown,
+                ..RunReport::default()
+            }));
+            let t = after_poll(
+                &run(RunState::Running, 1, 0),
+                &outcome,
+                false,
+                &poll(),
+                now(),
+                1.0,
+            );
+            assert_eq!(t.to.is_final(), is_final, "{status:?} {money_unknown}");
+            assert_eq!(
+                t.settled, settled,
+                "{status:?} {money_unknown}: unknown is not settled"
+            );
+            assert_eq!(t.estimate_cost, estimated, "{status:?} {money_unknown}");
+        }
     }
 
     #[test]

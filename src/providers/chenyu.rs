@@ -468,6 +468,7 @@ fn parse_report(data: &str) -> Result<RunReport, Unclear> {
         repairs: Repairs::default(),
         queue_position: None,
         queue_wait_secs: None,
+        money_unknown: false,
     })
 }
 

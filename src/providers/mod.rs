@@ -274,6 +274,10 @@ pub struct RunReport {
     pub error_message: Option<String>,
     /// Whether the money is final.
     pub settled: bool,
+    /// The provider will never tell what this finished run cost (Dify:
+    /// nodes priced in two currencies, no event replay): the run is final
+    /// with its money unknown (not settled), and counted by an estimate.
+    pub money_unknown: bool,
     /// The answer's data object, for the audit trail.
     pub raw: Value,
     /// What was changed in the answer to make it storable (empty: nothing).

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
 
+use super::pauses::{BalanceProbe, balance_probe};
 use super::{Coverage, Engine, PauseKind, Profile, run_step};
 use crate::lifecycle::RunState;
 use crate::store::{self, ClaimScope};
@@ -110,7 +111,7 @@ impl Engine {
 
     /// A refusal with `code` that nobody listed tripped the breaker of
     /// `profile`: pause it, and put back the runs the same code failed
-    /// lately (they froze nothing).
+    /// lately (they froze nothing), each at most once per code.
     pub async fn trip_breaker(&self, profile: &str, code: &str, workflow_id: &str) {
         let Some(window) = self.provider(profile).map(|p| p.breaker.window) else {
             return;
@@ -196,7 +197,8 @@ impl Engine {
 pub(super) async fn probe_paused_profiles(engine: Arc<Engine>) {
     // One probe run at a time, outside the claim loop's slots.
     let probe_slot = Arc::new(tokio::sync::Semaphore::new(1));
-    let mut manual_read = Instant::now() - MANUAL_PAUSES_EVERY;
+    // Read once before the first claim (`read_manual_pauses_at_start`).
+    let mut manual_read = Instant::now();
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         if manual_read.elapsed() >= MANUAL_PAUSES_EVERY {
@@ -221,27 +223,35 @@ pub(super) async fn probe_paused_profiles(engine: Arc<Engine>) {
                             .await;
                     }
                 },
-                PauseKind::Balance { needed } => match profile.client.balance().await {
-                    Some(Ok(read)) => {
-                        engine
-                            .balances
-                            .read(&due.profile, read.balance, Instant::now());
-                        if read.balance >= needed.unwrap_or(Decimal::ZERO)
-                            && read.balance > Decimal::ZERO
-                        {
-                            tracing::info!(profile = %due.profile, balance = %read.balance, "the balance covers the waiting runs again");
+                PauseKind::Balance { needed } => {
+                    let read = match profile.client.balance().await {
+                        Some(Ok(read)) => {
+                            engine
+                                .balances
+                                .read(&due.profile, read.balance, Instant::now());
+                            Some(Some(read.balance))
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(profile = %due.profile, error = %e, "could not read the balance of a profile paused for it; letting one run through instead");
+                            Some(None)
+                        }
+                        None => None,
+                    };
+                    match balance_probe(read, *needed) {
+                        BalanceProbe::Resume => {
+                            tracing::info!(profile = %due.profile, balance = ?read.flatten(), "the balance covers the waiting runs again");
                             engine
                                 .resume_profile(&due.profile, |k| {
                                     matches!(k, PauseKind::Balance { .. })
                                 })
                                 .await;
                         }
+                        BalanceProbe::Wait => {}
+                        BalanceProbe::LetOneThrough => {
+                            let_one_through(&engine, &due.profile, &probe_slot).await;
+                        }
                     }
-                    Some(Err(e)) => {
-                        tracing::warn!(profile = %due.profile, error = %e, "could not read the balance of a profile paused for it");
-                    }
-                    None => let_one_through(&engine, &due.profile, &probe_slot).await,
-                },
+                }
                 PauseKind::Account { .. } | PauseKind::Breaker { .. } => {
                     let_one_through(&engine, &due.profile, &probe_slot).await;
                 }
@@ -251,8 +261,8 @@ pub(super) async fn probe_paused_profiles(engine: Arc<Engine>) {
     }
 }
 
-/// The probe of an account refusal: one queued run of `profile` is
-/// submitted. Accepted, the profile resumes ([`Engine::account_accepted`]);
+/// The probe of an account refusal (or of a balance that cannot be read):
+/// one queued run of `profile` is submitted. Accepted, the profile resumes ([`Engine::account_accepted`]);
 /// refused alike, the run goes back to the queue and the pause stays.
 async fn let_one_through(engine: &Arc<Engine>, profile: &str, slot: &Arc<tokio::sync::Semaphore>) {
     let Ok(permit) = slot.clone().try_acquire_owned() else {
@@ -288,14 +298,32 @@ async fn let_one_through(engine: &Arc<Engine>, profile: &str, slot: &Arc<tokio::
     });
 }
 
+/// Reads the operators' manual pauses before the worker claims anything:
+/// a worker that started claiming first could submit runs of a profile an
+/// operator paused, in the second before its first periodic read. A
+/// database that does not answer is asked again a few times (the claim
+/// loop could not claim from it either); then the periodic read takes over.
+pub(super) async fn read_manual_pauses_at_start(engine: &Engine) {
+    let mut wait = Duration::from_millis(100);
+    for _ in 0..6 {
+        if sync_manual_pauses(engine).await {
+            return;
+        }
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+    }
+    tracing::warn!("could not read the manual pauses at start-up; they are read again every 2 s");
+}
+
 /// Follows `wfq.provider_pauses` rows of kind `manual`: an operator's pause
 /// stops every worker from submitting for the profile until it is removed.
-async fn sync_manual_pauses(engine: &Engine) {
+/// False when they could not be read.
+async fn sync_manual_pauses(engine: &Engine) -> bool {
     let manual = match store::manual_pauses(&engine.pool).await {
         Ok(manual) => manual,
         Err(e) => {
             tracing::debug!(error = %e, "could not read the manual pauses");
-            return;
+            return false;
         }
     };
     for profile in engine.provider_names() {
@@ -319,4 +347,5 @@ async fn sync_manual_pauses(engine: &Engine) {
             _ => {}
         }
     }
+    true
 }

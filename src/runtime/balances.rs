@@ -47,6 +47,10 @@ pub struct Balances {
     /// once wait for one read instead of each reading (and each reserving
     /// from the same fresh balance).
     reading: Mutex<HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    /// The smallest quote this process has been asked to cover, per
+    /// profile: whether a balance too short for one run still covers
+    /// others (see [`crate::runtime::pauses::short_balance`]).
+    smallest: Mutex<HashMap<String, Decimal>>,
 }
 
 impl Balances {
@@ -57,6 +61,11 @@ impl Balances {
 
     /// Reserves `quote` if the cached balance covers it.
     pub fn reserve(&self, profile: &str, quote: Decimal, now: Instant) -> Coverage {
+        {
+            let mut smallest = self.smallest.lock().unwrap_or_else(|p| p.into_inner());
+            let seen = smallest.entry(profile.to_owned()).or_insert(quote);
+            *seen = (*seen).min(quote);
+        }
         let mut known = self.lock();
         let Some(k) = known.get_mut(profile) else {
             return Coverage::ReadFirst;
@@ -103,6 +112,16 @@ impl Balances {
         if let Some(k) = self.lock().get_mut(profile) {
             k.available += amount;
         }
+    }
+
+    /// The smallest quote this process has been asked to cover for
+    /// `profile`.
+    pub fn smallest_quote(&self, profile: &str) -> Option<Decimal> {
+        self.smallest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(profile)
+            .copied()
     }
 
     /// The balance as this process sees it (for `/metrics`).

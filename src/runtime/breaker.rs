@@ -5,6 +5,11 @@
 //! runs (a quota, a suspended account, a code the provider added): the
 //! profile pauses, the runs it failed go back to the queue, and one run per
 //! probe interval is let through until the refusals stop.
+//!
+//! A run is given back at most once per code: refused with that code again
+//! once the profile runs, it fails for good and is not counted here
+//! (`store::given_back_for`), so runs that really are refused for
+//! themselves cannot keep tripping the breaker for ever.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;

@@ -349,6 +349,24 @@ where
                 ))
             })?;
     }
+    // `wfq.daily_costs` counts days in the zone the spend guard uses (a
+    // zone PostgreSQL does not know would break the view: not stored).
+    let known_zone = crate::store::check_timezone(&pool, &engine.budget_timezone).await;
+    let stored = match known_zone {
+        Ok(()) => crate::store::record_budget_timezone(&pool, &engine.budget_timezone).await,
+        Err(e) => Err(e),
+    };
+    match stored {
+        Ok(Some(other)) => tracing::warn!(
+            budget_timezone = %engine.budget_timezone,
+            previous = %other,
+            "another worker stored a different worker.budget_timezone; workers should agree on the budget day"
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "could not store worker.budget_timezone for wfq.daily_costs")
+        }
+    }
     let metrics_server = health::start(config, engine.clone()).await?;
     let fleet = FleetServices::start(config, &pool, &engine);
     let fetcher_config = FetcherConfig {
@@ -360,6 +378,9 @@ where
         .worker
         .listen
         .then(|| tokio::spawn(wake::listen_for_new_runs(pool.clone(), engine.wake.clone())));
+    // Before the claim loop starts: an operator's pause must hold from the
+    // first claim on.
+    account::read_manual_pauses_at_start(&engine).await;
     let prober = tokio::spawn(account::probe_paused_profiles(engine.clone()));
     let pruner = config
         .retention

@@ -71,13 +71,79 @@ impl PauseKind {
     }
 
     /// Whether a refusal with `code` is this pause's own (a probe run
-    /// refused alike goes back to the queue instead of failing).
+    /// refused alike goes back to the queue instead of failing). A balance
+    /// pause owns only refusals about money (`BALANCE`, `FUND` in the code,
+    /// as [`crate::lifecycle::refusal_scope`] reads them): a run refused
+    /// for its inputs while the profile waits for a top-up fails as usual.
     pub fn covers(&self, code: &str) -> bool {
         match self {
             PauseKind::Account { code: c } | PauseKind::Breaker { code: c } => c == code,
-            PauseKind::Balance { .. } => true,
+            PauseKind::Balance { .. } => crate::lifecycle::is_balance_code(code),
             PauseKind::Key | PauseKind::Manual => false,
         }
+    }
+}
+
+/// What the probe of a balance pause does with what the balance read gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalanceProbe {
+    /// The balance covers the smallest quote waiting: resume.
+    Resume,
+    /// Still too short: stay paused.
+    Wait,
+    /// The balance cannot be read (an error, an account or version without
+    /// `balance/info`): let one run through, as for an account pause. The
+    /// provider decides; accepted, the profile resumes. Only a successful
+    /// read lifting the pause would keep it for ever.
+    LetOneThrough,
+}
+
+/// Decides a balance pause's probe from the balance read (`None`: the
+/// provider tells no balance; `Some(None)`: the read failed) and the
+/// smallest quote waiting.
+pub fn balance_probe(read: Option<Option<Decimal>>, needed: Option<Decimal>) -> BalanceProbe {
+    match read {
+        Some(Some(balance))
+            if balance >= needed.unwrap_or(Decimal::ZERO) && balance > Decimal::ZERO =>
+        {
+            BalanceProbe::Resume
+        }
+        Some(Some(_)) => BalanceProbe::Wait,
+        Some(None) | None => BalanceProbe::LetOneThrough,
+    }
+}
+
+/// What a run whose quote the balance cannot cover does to its profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShortBalance {
+    /// Only the run waits: the balance still covers the smallest quote
+    /// this process has seen for the profile, so smaller runs may go.
+    HoldRun,
+    /// The profile pauses for its balance until it covers `needed`.
+    PauseProfile {
+        /// The smallest quote seen: what a top-up must cover to resume.
+        needed: Decimal,
+    },
+}
+
+/// Decides what a quote the balance cannot cover does. One large run must
+/// not stop every submit of the profile while smaller runs still fit (the
+/// balance covers the smallest quote seen): then only that run waits, and
+/// the smaller ones go on (a large run may so wait behind smaller ones
+/// until a top-up; it is not starved by them for ever, since each one it
+/// lets through brings the balance closer to the pause). Once the balance
+/// covers no quote seen, the profile pauses, so a thousand queued runs are
+/// not each claimed and held in turn.
+pub fn short_balance(
+    quote: Decimal,
+    balance: Decimal,
+    smallest_seen: Option<Decimal>,
+) -> ShortBalance {
+    let smallest = smallest_seen.map_or(quote, |s| s.min(quote));
+    if smallest <= balance && smallest > Decimal::ZERO {
+        ShortBalance::HoldRun
+    } else {
+        ShortBalance::PauseProfile { needed: smallest }
     }
 }
 
@@ -318,5 +384,78 @@ mod tests {
         assert!(!account.covers("INVALID_WORKFLOW_INPUT"));
         assert!(PauseKind::Balance { needed: None }.covers("INSUFFICIENT_BALANCE"));
         assert_eq!(account.as_str(), "account");
+    }
+
+    #[test]
+    fn a_balance_pause_covers_money_refusals_only() {
+        let balance = PauseKind::Balance { needed: None };
+        // (code, covered)
+        let table = [
+            ("INSUFFICIENT_BALANCE", true),
+            ("insufficient_funds", true),
+            ("INVALID_WORKFLOW_INPUT", false),
+            ("400001", false),
+            ("ACCOUNT_ON_HOLD_7", false),
+        ];
+        for (code, covered) in table {
+            assert_eq!(balance.covers(code), covered, "{code}");
+        }
+    }
+
+    #[test]
+    fn a_balance_probe_resumes_waits_or_lets_one_run_through() {
+        let d = |n: i64| Decimal::new(n, 2);
+        // (read, needed, decision)
+        let table = [
+            (Some(Some(d(50))), Some(d(30)), BalanceProbe::Resume),
+            (Some(Some(d(30))), Some(d(30)), BalanceProbe::Resume),
+            (Some(Some(d(10))), None, BalanceProbe::Resume),
+            (Some(Some(d(20))), Some(d(30)), BalanceProbe::Wait),
+            (Some(Some(d(0))), None, BalanceProbe::Wait),
+            // Unreadable (an error, a 404): the provider decides.
+            (Some(None), Some(d(30)), BalanceProbe::LetOneThrough),
+            (None, None, BalanceProbe::LetOneThrough),
+        ];
+        for (read, needed, want) in table {
+            assert_eq!(balance_probe(read, needed), want, "{read:?} {needed:?}");
+        }
+    }
+
+    #[test]
+    fn one_large_quote_holds_its_run_while_smaller_ones_fit() {
+        let d = |n: i64| Decimal::new(n, 2);
+        // (quote, balance, smallest seen, decision)
+        let table = [
+            // A video run (1.20) on 1.00 while image runs (0.03) fit.
+            (d(120), d(100), Some(d(3)), ShortBalance::HoldRun),
+            (d(120), d(3), Some(d(3)), ShortBalance::HoldRun),
+            // Nothing seen fits any more: the profile pauses.
+            (
+                d(120),
+                d(2),
+                Some(d(3)),
+                ShortBalance::PauseProfile { needed: d(3) },
+            ),
+            // Nothing smaller seen: pause for this quote.
+            (
+                d(120),
+                d(100),
+                None,
+                ShortBalance::PauseProfile { needed: d(120) },
+            ),
+            (
+                d(120),
+                d(100),
+                Some(d(150)),
+                ShortBalance::PauseProfile { needed: d(120) },
+            ),
+        ];
+        for (quote, balance, seen, want) in table {
+            assert_eq!(
+                short_balance(quote, balance, seen),
+                want,
+                "{quote} {balance} {seen:?}"
+            );
+        }
     }
 }

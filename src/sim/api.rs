@@ -86,6 +86,13 @@ async fn balance_info(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> 
     let (fault, balance, as_numbers) = {
         let mut inner = shared.lock();
         inner.stats.balance_requests += 1;
+        if inner.faults.balance_info_missing {
+            return (
+                StatusCode::NOT_FOUND,
+                "404 page not found: this account has no balance/info",
+            )
+                .into_response();
+        }
         let as_numbers = inner.stats.balance_requests.is_multiple_of(2);
         let fault = inner.faults.random_fault();
         fault.inspect(|&f| inner.record_injected(f));

@@ -111,6 +111,12 @@ pub struct Faults {
     /// GPTBots: finished runs' `query/result` answers have no `totalCost`
     /// member at all; `SimStats::gptbots_costs_omitted`.
     pub gptbots_omit_total_cost: bool,
+    /// chenyu: `GET /balance/info` answers HTTP 404 (an account or API
+    /// version without it), after the key check.
+    pub balance_info_missing: bool,
+    /// Dify: runs created while set price their Start node (at 0) in this
+    /// currency, the LLM node staying in USD: no single total exists.
+    pub dify_start_node_currency: Option<String>,
 }
 
 /// A fault chosen for one request, rendered by `envelope::injected`.

@@ -24,6 +24,10 @@ pub struct ClaimedRun {
     pub inputs: Value,
     /// The inputs as sent by an earlier attempt.
     pub sent_inputs: Option<Value>,
+    /// The quote recorded by an earlier attempt (with `sent_inputs`): a run
+    /// put back in the queue is checked against the money limits and the
+    /// balance with it, as its first submit was.
+    pub quote_amount: Option<rust_decimal::Decimal>,
     /// The run's idempotency key.
     pub idempotency_key: String,
     /// The producer's consent to external-model costs.
@@ -88,6 +92,7 @@ struct ClaimRow {
     revision_id: Option<String>,
     inputs: Value,
     sent_inputs: Option<Value>,
+    quote_amount: Option<rust_decimal::Decimal>,
     idempotency_key: String,
     accept_external_cost_risk: bool,
     state: String,
@@ -496,7 +501,7 @@ pub const CLAIM_DUE_RUNS_SQL: &str = r#"
             FROM due
             WHERE r.id = due.id
             RETURNING due.priority, due.was_due, r.id, r.provider, r.workflow_id, r.revision_id, r.inputs, r.sent_inputs,
-                  r.idempotency_key, r.accept_external_cost_risk, r.state, r.attempts, r.polls,
+                  r.quote_amount, r.idempotency_key, r.accept_external_cost_risk, r.state, r.attempts, r.polls,
                   r.version, r.provider_run_id, r.submitted_at, due.previous_owner,
                   r.submit_in_doubt_since, r.cancel_requested_at IS NOT NULL AS cancel_requested,
                   r.task_id, r.resubmits,
@@ -548,6 +553,7 @@ async fn claim_on(
                 revision_id: row.revision_id,
                 inputs: row.inputs,
                 sent_inputs: row.sent_inputs,
+                quote_amount: row.quote_amount,
                 idempotency_key: row.idempotency_key,
                 accept_external_cost_risk: row.accept_external_cost_risk,
                 state,

@@ -28,8 +28,8 @@ pub use claim::{
 pub use leases::{give_back_idle_leases, renew_leases};
 pub use metrics::{count_runs, outstanding_frozen, ping};
 pub use pauses::{
-    ProviderPause, manual_pauses, pause_provider, paused_providers, requeue_refused,
-    resume_provider,
+    ProviderPause, given_back_for, manual_pauses, pause_provider, paused_providers,
+    requeue_refused, resume_provider,
 };
 pub use read::{EventRow, RunRow, list_runs, run_events, show_run};
 pub use requests::{
@@ -38,7 +38,7 @@ pub use requests::{
 pub use retention::prune_finished_runs;
 pub use spend::{
     Guarded, GuardedRun, begin_within_limits, check_timezone, hold_run, next_budget_day,
-    wake_held_runs,
+    record_budget_timezone, wake_held_runs,
 };
 pub use stats::{StateCount, queue_stats};
 pub use transition::{TransitionWrite, apply_transition, apply_transitions, written_transitions};

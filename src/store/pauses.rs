@@ -81,6 +81,10 @@ pub async fn manual_pauses(pool: &PgPool) -> Result<Vec<(String, String)>, sqlx:
 /// breaker found the refusal to be about the account. Their failure's
 /// callback, if not yet delivered, is withdrawn (it is armed again when the
 /// run ends). Returns the runs put back.
+///
+/// A run is put back at most once per code (see [`given_back_for`]): one
+/// that was put back for `code` before and is refused with it again after
+/// the profile resumed is refused for itself, and its failure stands.
 #[tracing::instrument(name = "requeue_refused", skip(pool), err)]
 pub async fn requeue_refused(
     pool: &PgPool,
@@ -102,6 +106,10 @@ pub async fn requeue_refused(
             WHERE provider = $1 AND state = 'failed' AND error_code = $2
               AND finished_at > now() - make_interval(secs => $3)
               AND provider_run_id IS NULL AND lease_owner IS NULL
+              AND NOT EXISTS (
+                  SELECT 1 FROM wfq.run_events e
+                  WHERE e.run_id = wfq.runs.id AND e.kind IN ('breaker_requeued', 'account_refused')
+                    AND e.detail->>'code' = $2)
             RETURNING id
         ),
         event AS (
@@ -118,5 +126,29 @@ pub async fn requeue_refused(
     .bind(window.as_secs_f64())
     .bind(reason)
     .fetch_all(pool)
+    .await
+}
+
+/// Whether run `id` was given back to the queue for a refusal with `code`
+/// before: put back by the breaker (`breaker_requeued`), or refused alike
+/// as the probe of a pause for that code (`account_refused`). Such a run,
+/// refused with `code` again while its profile runs, is refused for itself
+/// (its inputs, say), not for the account: it fails for good and does not
+/// count toward the breaker, which would otherwise trip, requeue it and
+/// resume for ever. Asked only when a submit is refused (rare), through
+/// `run_events_run_idx`.
+#[tracing::instrument(name = "given_back_for", skip(pool), err, level = "debug")]
+pub async fn given_back_for(pool: &PgPool, id: i64, code: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"
+        SELECT EXISTS (
+            SELECT 1 FROM wfq.run_events
+            WHERE run_id = $1 AND kind IN ('breaker_requeued', 'account_refused')
+              AND detail->>'code' = $2)
+        "#,
+    )
+    .bind(id)
+    .bind(code)
+    .fetch_one(pool)
     .await
 }

@@ -76,7 +76,7 @@ pub async fn begin_within_limits(
         }
         Err(e) => return Err(e),
     }
-    let committed = committed(&mut tx, run.provider, timezone).await?;
+    let committed = committed(&mut tx, run.provider, timezone, limits.unknown_cost).await?;
     if let Err(hold) = spend::check(limits, committed, run.quote) {
         tx.rollback().await?;
         return Ok(Guarded::Held(hold));
@@ -89,45 +89,71 @@ pub async fn begin_within_limits(
 
 /// What `provider` has outstanding and committed on the current budget day
 /// (midnight to midnight in `timezone`, any name PostgreSQL knows).
+/// `unknown_cost` is what a finished run of unknown cost counts when
+/// nothing else estimates it.
 async fn committed(
     tx: &mut sqlx::PgConnection,
     provider: &str,
     timezone: &str,
+    unknown_cost: Option<Decimal>,
 ) -> Result<Committed, sqlx::Error> {
-    // A run whose cost the provider did not report counts as its estimate
-    // (the highest cost of the workflow lately), never as nothing.
-    let (outstanding, today, running): (Decimal, Decimal, i64) = sqlx::query_as(
+    // A run whose cost the provider did not report counts as its quote or
+    // its estimate (the highest cost of the workflow lately), then as the
+    // profile's `unknown_cost`; never as nothing: one that nothing
+    // estimates is counted in `unpriced` (and holds the profile). A run
+    // still at the provider without a quote counts once its cost is known.
+    let (outstanding, unpriced_outstanding, today, unpriced_today, running): (
+        Decimal,
+        i64,
+        Decimal,
+        i64,
+        i64,
+    ) = sqlx::query_as(
         r#"
         WITH day AS (
             SELECT date_trunc('day', now() AT TIME ZONE $2) AT TIME ZONE $2 AS start
+        ),
+        outstanding AS (
+            SELECT coalesce(sum(coalesce(frozen_amount, quote_amount, cost_estimate,
+                                         CASE WHEN finished_at IS NOT NULL THEN $3::numeric END, 0)), 0) AS amount,
+                   count(*) FILTER (WHERE finished_at IS NOT NULL
+                       AND coalesce(frozen_amount, quote_amount, cost_estimate, $3::numeric) IS NULL) AS unpriced
+            FROM wfq.runs
+            WHERE provider = $1 AND settled_at IS NULL AND state <> 'queued'
+        ),
+        today AS (
+            SELECT coalesce(sum(CASE WHEN settled_at IS NOT NULL THEN coalesce(final_amount, 0)
+                                     ELSE coalesce(frozen_amount, quote_amount, cost_estimate,
+                                                   CASE WHEN finished_at IS NOT NULL THEN $3::numeric END, 0) END), 0) AS amount,
+                   count(*) FILTER (WHERE settled_at IS NULL AND finished_at IS NOT NULL
+                       AND coalesce(frozen_amount, quote_amount, cost_estimate, $3::numeric) IS NULL) AS unpriced
+            FROM wfq.runs, day
+            WHERE provider = $1
+              AND (submitted_at >= day.start
+                   -- Submits in flight, and failures whose money is not
+                   -- known, count on the day they were last touched, not
+                   -- on every day after.
+                   OR (submitted_at IS NULL AND settled_at IS NULL AND state <> 'queued'
+                       AND updated_at >= day.start))
         )
-        SELECT
-            (SELECT coalesce(sum(coalesce(frozen_amount, quote_amount, cost_estimate, 0)), 0)
-             FROM wfq.runs
-             WHERE provider = $1 AND settled_at IS NULL AND state <> 'queued'),
-            (SELECT coalesce(sum(CASE WHEN settled_at IS NOT NULL THEN coalesce(final_amount, 0)
-                                      ELSE coalesce(frozen_amount, quote_amount, cost_estimate, 0) END), 0)
-             FROM wfq.runs, day
-             WHERE provider = $1
-               AND (submitted_at >= day.start
-                    -- Submits in flight, and failures whose money is not
-                    -- known, count on the day they were last touched, not
-                    -- on every day after.
-                    OR (submitted_at IS NULL AND settled_at IS NULL AND state <> 'queued'
-                        AND updated_at >= day.start))),
+        SELECT outstanding.amount, outstanding.unpriced, today.amount, today.unpriced,
             -- Two ranges of runs_claim_lane_idx: as many rows as runs at once.
             (SELECT count(*) FROM wfq.runs
              WHERE provider = $1 AND state IN ('submitting', 'running'))
+        FROM outstanding, today
         "#,
     )
     .bind(provider)
     .bind(timezone)
+    .bind(unknown_cost)
     .fetch_one(&mut *tx)
     .await?;
     Ok(Committed {
         outstanding,
         today,
         running,
+        unpriced_outstanding,
+        unpriced_today,
     })
 }
 
@@ -185,6 +211,33 @@ pub async fn check_timezone(pool: &PgPool, timezone: &str) -> Result<(), sqlx::E
     Ok(())
 }
 
+/// Stores `timezone` as the budget day's zone for SQL readers
+/// (`wfq.budget_timezone()`, which `wfq.daily_costs` groups by), so the
+/// view's days are the spend guard's. Returns the zone stored before, if
+/// another one was (workers configured with different zones disagree on
+/// the budget day: worth a warning).
+#[tracing::instrument(name = "record_budget_timezone", skip(pool), err)]
+pub async fn record_budget_timezone(
+    pool: &PgPool,
+    timezone: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"
+        WITH old AS (
+            SELECT value FROM wfq.settings WHERE name = 'budget_timezone'
+        ),
+        new AS (
+            INSERT INTO wfq.settings (name, value) VALUES ('budget_timezone', $1)
+            ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+        )
+        SELECT value FROM old WHERE value <> $1
+        "#,
+    )
+    .bind(timezone)
+    .fetch_optional(pool)
+    .await
+}
+
 /// When the next budget day begins (midnight in `timezone`): a run held by
 /// the daily budget is due then, not every few seconds until then.
 #[tracing::instrument(name = "next_budget_day", skip(pool), err, level = "debug")]
@@ -198,15 +251,22 @@ pub async fn next_budget_day(pool: &PgPool, timezone: &str) -> Result<DateTime<U
 }
 
 /// Wakes runs held by a limit that the runs `finished` (final, or their
-/// money settled) may have freed: a few per profile, oldest held first,
-/// and tells the workers. Runs held by the daily budget are left to their
-/// day. Returns how many were woken.
+/// money settled) may have freed, in one statement: per profile, as many
+/// held runs as it has runs in `finished` (each one frees a `max_running`
+/// place and its frozen money: room for about one run of its size), at
+/// least 8 (a large run's money may fit several small ones), oldest held
+/// first; and tells the workers. A woken run that still does not fit is
+/// held again under the profile's lock. Runs held by the daily budget are
+/// left to their day. Returns how many were woken.
+///
+/// (A fixed handful per batch left the rest of a burst's freed room to
+/// fresh runs, and the held ones waited for the hour's backstop.)
 #[tracing::instrument(name = "wake_held_runs", skip(pool, finished), fields(finished = finished.len()), err, level = "debug")]
 pub async fn wake_held_runs(pool: &PgPool, finished: &[i64]) -> Result<u64, sqlx::Error> {
     let woken = sqlx::query(
         r#"
         WITH freed AS (
-            SELECT DISTINCT provider FROM wfq.runs WHERE id = ANY($1)
+            SELECT provider, count(*) AS runs FROM wfq.runs WHERE id = ANY($1) GROUP BY provider
         ),
         held AS (
             SELECT h.id
@@ -217,7 +277,7 @@ pub async fn wake_held_runs(pool: &PgPool, finished: &[i64]) -> Result<u64, sqlx
                   AND due_at > now() AND lease_owner IS NULL
                   AND (hold_reason LIKE 'max_outstanding_frozen:%' OR hold_reason LIKE 'max_running:%')
                 ORDER BY due_at
-                LIMIT 8
+                LIMIT greatest(f.runs, 8)
                 FOR NO KEY UPDATE SKIP LOCKED
             ) h
         )

@@ -160,11 +160,18 @@ pub async fn apply_transitions<'e>(
                     ELSE r.provider_finished_at END,
                 -- The highest cost a settled run of the same workflow had
                 -- lately: a stand-in the spend guard can count, where the
-                -- provider reported none (rare: only then is it looked up).
-                cost_estimate = CASE WHEN i.estimate_cost THEN (
+                -- provider reported none (rare: only then is it looked up):
+                -- asked for, or for any run that ends with its money not
+                -- settled. Zero is no estimate (unknown is never counted as
+                -- nothing); without one the guard falls back to the
+                -- profile's `unknown_cost`, then holds the profile.
+                cost_estimate = CASE WHEN i.estimate_cost
+                        OR (i.state IN ('succeeded', 'failed', 'canceled') AND NOT i.settled
+                            AND r.settled_at IS NULL AND r.cost_estimate IS NULL) THEN (
                     SELECT max(o.final_amount) FROM wfq.runs o
                     WHERE o.provider = r.provider AND o.submitted_at > now() - interval '30 days'
                       AND o.workflow_id = r.workflow_id AND o.settled_at IS NOT NULL
+                      AND o.final_amount > 0
                 ) ELSE r.cost_estimate END
             FROM input i
             WHERE r.id = i.id AND r.version = i.version AND r.lease_owner = $38

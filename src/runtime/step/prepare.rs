@@ -12,15 +12,27 @@ use crate::store::{self, ClaimedRun};
 pub(super) struct Prepared {
     pub(super) revision_id: Option<String>,
     pub(super) sent_inputs: Map<String, Value>,
-    /// The manifest's quote, for the spend guard (`None` when the inputs
-    /// were recorded earlier or the provider quotes nothing).
+    /// The quote, for the spend guard and the balance (`None` when the
+    /// provider quotes nothing).
     pub(super) quote: Option<Quote>,
 }
 
-/// A workflow's quote from its manifest.
+/// A workflow's quote from its manifest (or recorded by an earlier
+/// attempt).
 pub(super) struct Quote {
     pub(super) amount: Option<rust_decimal::Decimal>,
     pub(super) currency: Option<String>,
+}
+
+impl Quote {
+    /// The quote an earlier attempt recorded with the inputs it sent; its
+    /// currency is on the row already.
+    pub(super) fn recorded(amount: rust_decimal::Decimal) -> Self {
+        Quote {
+            amount: Some(amount),
+            currency: None,
+        }
+    }
 }
 
 /// Records `begin` only if the run's quote fits the profile's money
@@ -92,6 +104,11 @@ pub(super) async fn begin_within_limits(
                 store::next_budget_day(&engine.pool, &engine.budget_timezone)
                     .await
                     .map_err(database)?
+            } else if hold.needs_an_operator() {
+                // An operator's fix (settling by hand) wakes nothing.
+                Utc::now()
+                    + chrono::Duration::from_std(engine.budget_recheck)
+                        .unwrap_or(chrono::Duration::seconds(30))
             } else {
                 Utc::now() + chrono::Duration::hours(1)
             };

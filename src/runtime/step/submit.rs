@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::doubt::{self, DoubtSettled};
-use super::prepare::{Prepared, begin_within_limits, prepare};
+use super::prepare::{Prepared, Quote, begin_within_limits, prepare};
 use super::stream::{self, Follow};
 use super::{
     Engine, LeaseClock, Slot, StepError, defer, lease_ran_out, progress, record, record_durably,
@@ -25,6 +25,7 @@ use super::{
 use crate::lifecycle::{self, RefusalScope, RunProgress, RunState};
 use crate::providers::{SubmitOutcome, SubmitRequest, Submitted};
 use crate::runtime::account::QuoteCover;
+use crate::runtime::pauses::ShortBalance;
 use crate::runtime::shutdown::InFlightGuard;
 use crate::runtime::{Admission, Class, PauseKind, Ticket};
 use crate::store::{self, ClaimedRun};
@@ -46,11 +47,14 @@ pub(super) async fn submit_step(
     // A repeated submit must send exactly what the first one sent, so it
     // reuses the recorded inputs instead of re-reading a manifest that may
     // have changed since (also after an operator reset the row to queued).
+    // Its recorded quote goes with them: a run put back in the queue (an
+    // account refusal, the breaker) is checked against the money limits and
+    // the balance like a new one, never as a run without a quote.
     let recorded = match &run.sent_inputs {
         Some(Value::Object(sent)) => Some(Prepared {
             revision_id: run.revision_id.clone(),
             sent_inputs: sent.clone(),
-            quote: None,
+            quote: run.quote_amount.map(Quote::recorded),
         }),
         _ => None,
     };
@@ -315,10 +319,20 @@ async fn send_and_record(
             return Err(e);
         }
     };
-    if let (Some(Refusal::Run { trips: true }), SubmitOutcome::Rejected(e)) = (&refusal, &outcome) {
-        engine
-            .trip_breaker(&run.provider, &e.code, &run.workflow_id)
-            .await;
+    if let (Some(Refusal::Run { trips }), SubmitOutcome::Rejected(e)) = (&refusal, &outcome) {
+        // A refusal read as the run's before another one tripped the
+        // breaker for the same code, and recorded after that trip put the
+        // failed runs back, is put back too: otherwise it alone stays
+        // failed for an account refusal.
+        let tripped_meanwhile = engine
+            .pauses
+            .kind(&run.provider)
+            .is_some_and(|k| matches!(k, PauseKind::Breaker { .. }) && k.covers(&e.code));
+        if *trips || tripped_meanwhile {
+            engine
+                .trip_breaker(&run.provider, &e.code, &run.workflow_id)
+                .await;
+        }
     }
     match (stream, permit, recorded, outcome) {
         (Some(stream), Some(permit), Some(version), SubmitOutcome::Accepted(accepted)) => {
@@ -367,6 +381,20 @@ async fn refusal_of(
             code: e.code.clone(),
         },
         (_, RefusalScope::Run) => {
+            // Given back for this code once already and refused alike while
+            // the profile runs: the run's own fault. Counted, it would trip
+            // the breaker again and again (requeued, resumed by a valid
+            // probe, refused...), and never end.
+            let given_back = store::given_back_for(&engine.pool, run.id, &e.code)
+                .await
+                .unwrap_or_else(|err| {
+                    tracing::warn!(error = %err, "could not read whether the run was given back before; counting its refusal");
+                    false
+                });
+            if given_back {
+                tracing::info!(code = %e.code, "refused again with the code it was given back for: the run fails for good");
+                return Refusal::Run { trips: false };
+            }
             let trips = engine.breakers.refused(
                 &run.provider,
                 &e.code,
@@ -420,8 +448,10 @@ impl Drop for Reservation {
 }
 
 /// The balance cannot cover the run's quote: the run waits queued with the
-/// reason, and the profile pauses for its balance (a top-up is noticed
-/// within one probe interval).
+/// reason. The profile pauses for its balance (a top-up is noticed within
+/// one probe interval) only when the balance covers no quote seen; while it
+/// still covers smaller runs, only this run waits (for one probe interval,
+/// then it is checked again) and the others go on.
 async fn hold_for_balance(
     engine: &Engine,
     run: &ClaimedRun,
@@ -431,24 +461,38 @@ async fn hold_for_balance(
     let reason = format!(
         "balance: the quote {quote} exceeds the account's balance {balance}; waiting for a top-up"
     );
-    tracing::info!(%quote, %balance, "the balance cannot cover the run's quote; holding it");
-    engine
-        .pause_for_account(
-            &run.provider,
-            PauseKind::Balance {
-                needed: Some(quote),
-            },
-            &run.workflow_id,
-            &reason,
-        )
-        .await;
+    let smallest = engine.balances.smallest_quote(&run.provider);
+    let due = match crate::runtime::pauses::short_balance(quote, balance, smallest) {
+        ShortBalance::HoldRun => {
+            tracing::info!(%quote, %balance, "the balance cannot cover the run's quote but covers smaller ones; holding this run only");
+            let probe = engine
+                .provider(&run.provider)
+                .map_or(std::time::Duration::from_secs(15), |p| p.account_probe);
+            Utc::now() + chrono::Duration::from_std(probe).unwrap_or(chrono::Duration::seconds(15))
+        }
+        ShortBalance::PauseProfile { needed } => {
+            tracing::info!(%quote, %balance, "the balance cannot cover the run's quote; holding it");
+            engine
+                .pause_for_account(
+                    &run.provider,
+                    PauseKind::Balance {
+                        needed: Some(needed),
+                    },
+                    &run.workflow_id,
+                    &reason,
+                )
+                .await;
+            // Not claimed while the profile is paused.
+            Utc::now()
+        }
+    };
     store::hold_run(
         &engine.pool,
         run.id,
         run.version,
         &engine.worker_id,
         &reason,
-        Utc::now(),
+        due,
     )
     .await
     .map_err(|source| StepError::Database {

@@ -274,6 +274,10 @@ fn decide_run(shared: &Shared, app: &'static DifyApp, pinned: Option<&str>, body
         ));
     }
     let run_id = inner.dify.create(app, req.user, req.inputs, now);
+    let start_node_currency = inner.faults.dify_start_node_currency.clone();
+    if let Some(run) = inner.dify.runs.get_mut(&run_id) {
+        run.start_node_currency = start_node_currency;
+    }
     inner.stats.dify_runs_created += 1;
     let drop_answer = inner.faults.take_answer_drop();
     inner.stats.dropped_answers += u64::from(drop_answer);

@@ -80,7 +80,7 @@ enum WirePrice {
 struct Metadata {
     total_tokens: i64,
     total_price: WirePrice,
-    currency: &'static str,
+    currency: String,
 }
 
 /// `node_finished` data: the plain fields plus the metadata, which cannot
@@ -144,7 +144,7 @@ pub(crate) fn timeline(
                 "node_finished",
                 &NodeFinished {
                     fields,
-                    execution_metadata: metadata(run, tokens),
+                    execution_metadata: metadata(run, node, tokens),
                 },
             )
         };
@@ -241,8 +241,12 @@ fn node_fields(run: &DifyRun, node: Node, created_at: i64) -> Value {
     })
 }
 
-fn metadata(run: &DifyRun, tokens: i64) -> Metadata {
+fn metadata(run: &DifyRun, node: Node, tokens: i64) -> Metadata {
     let total = price(tokens);
+    let currency = match &run.start_node_currency {
+        Some(other) if node.node_id == START.node_id => other.clone(),
+        _ => CURRENCY.to_owned(),
+    };
     Metadata {
         total_tokens: tokens,
         total_price: if run.sequence_number.is_multiple_of(2) {
@@ -250,7 +254,7 @@ fn metadata(run: &DifyRun, tokens: i64) -> Metadata {
         } else {
             WirePrice::Number(ExactNumber(total))
         },
-        currency: CURRENCY,
+        currency,
     }
 }
 

@@ -74,6 +74,9 @@ pub(crate) struct DifyRun {
     /// The id of its log entry, and of the end user who started it.
     pub log_id: String,
     pub end_user_id: String,
+    /// The currency of its Start node's price, when not `CURRENCY`
+    /// (`Faults::dify_start_node_currency`).
+    pub start_node_currency: Option<String>,
 }
 
 impl DifyRun {
@@ -269,6 +272,7 @@ impl DifyStore {
             abandoned: false,
             log_id: uuid::Uuid::new_v4().to_string(),
             end_user_id,
+            start_node_currency: None,
         };
         self.by_task.insert(task_id, id.clone());
         self.runs.insert(id.clone(), run);
