@@ -67,7 +67,7 @@ pub struct BenchArgs {
     /// Kills of the rescue figure (one worker of two each time).
     #[arg(long, default_value_t = 5)]
     pub rescue_kills: u32,
-    /// Only these figures (comma separated: lifecycle, pickup, busy, inflight, polls, enqueue, rescue, limits, peers).
+    /// Only these figures (comma separated: lifecycle, pickup, busy, inflight, polls, enqueue, rescue, limits (or one of goodput, limit_change, strays), peers).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Small sizes and short durations: an end-to-end check, not a measurement.
@@ -250,13 +250,19 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
         reset(&pool).await?;
         figures::inflight(&plan, &url, &pool).await?;
     }
-    if plan.wants("limits") {
+    // `limits` is all three; each also runs alone by its own name.
+    if plan.wants("limits") || plan.wants("goodput") {
         for &limit in &plan.args.limits {
             reset(&pool).await?;
             limits::goodput(&plan, &url, &pool, limit).await?;
         }
+    }
+    if plan.wants("limits") || plan.wants("limit_change") {
         reset(&pool).await?;
         limits::limit_change(&plan, &url, &pool, 100.0).await?;
+    }
+    if plan.wants("limits") || plan.wants("strays") {
+        reset(&pool).await?;
         limits::stray_429s(&plan, &url, &pool).await?;
     }
     if plan.wants("peers") {

@@ -121,13 +121,19 @@ struct Inner {
     control: RateControl,
     bucket: Bucket,
     /// Waiters per class, in arrival order.
-    queues: [VecDeque<oneshot::Sender<()>>; 2],
+    /// A waiter is sent its ticket: a ticket the waiter no longer takes
+    /// (it timed out between the send and its drop) is dropped with the
+    /// channel and gives its place in flight back.
+    queues: [VecDeque<oneshot::Sender<Ticket>>; 2],
     /// The class served next when both wait.
     turn: usize,
     /// A task hands out tokens to the queues.
     dispatching: bool,
     /// Requests sent and not answered yet (tickets held).
     in_flight: u32,
+    /// Turns promised to deferred steps run up to here: each deferral books
+    /// the next turn after the queues and the turns booked before it.
+    booked_until: Option<Instant>,
 }
 
 impl Inner {
@@ -183,6 +189,35 @@ impl Inner {
         let other = &self.queues[1 - class.index()];
         let shares = if other.is_empty() { 1.0 } else { 2.0 };
         Duration::from_secs_f64(own as f64 * shares / rate)
+    }
+
+    /// The turns already promised to deferred steps, from `now`.
+    fn booked(&self, now: Instant) -> Duration {
+        self.booked_until
+            .map_or(Duration::ZERO, |until| until.saturating_duration_since(now))
+    }
+
+    /// How long until a new request of `class` would go: the queue ahead of
+    /// it and the turns booked by deferred steps, which come back and take
+    /// them.
+    fn backlog(&self, class: Class, now: Instant) -> Duration {
+        self.expected_wait(class) + self.booked(now)
+    }
+
+    /// Books a turn for a step that will not wait for one: the first turn
+    /// after the queues and after every turn booked before, so that steps
+    /// deferred together come back one turn apart, at the rate in force,
+    /// instead of all at once after the same estimate (the rate would sit
+    /// unused until then, and the whole backlog would collide again).
+    /// Returns how long until that turn.
+    fn book(&mut self, class: Class, now: Instant) -> Duration {
+        let Some(rate) = self.control.rate() else {
+            return Duration::ZERO;
+        };
+        let queued = now + self.expected_wait(class);
+        let start = self.booked_until.map_or(queued, |until| until.max(queued));
+        self.booked_until = Some(start + Duration::from_secs_f64(1.0 / rate));
+        start.saturating_duration_since(now)
     }
 }
 
@@ -251,10 +286,16 @@ async fn dispatch(throttle: Arc<ProfileThrottle>) {
                 if wait.is_zero() {
                     inner.take(now);
                     let class = inner.next_class().expect("someone waits");
+                    let ticket = Ticket {
+                        throttle: Some(throttle.clone()),
+                        epoch: inner.control.epoch(),
+                    };
                     if let Some(tx) = inner.queues[class].pop_front()
-                        && let Err(()) = tx.send(())
+                        && let Err(mut ticket) = tx.send(ticket)
                     {
-                        // It gave up just now: its place goes back.
+                        // It gave up just now: its place goes back, here,
+                        // under the lock the ticket's own drop would take.
+                        ticket.throttle = None;
                         inner.in_flight -= 1;
                         let rate = inner.control.rate();
                         inner.bucket.refund(rate);
@@ -329,6 +370,7 @@ impl Throttles {
                     turn: 0,
                     dispatching: false,
                     in_flight: 0,
+                    booked_until: None,
                 }),
                 submits: max_submits.map(|n| Arc::new(Semaphore::new(n))),
                 answered: tokio::sync::Notify::new(),
@@ -354,9 +396,8 @@ impl Throttles {
             if inner.waiting() == 0 && inner.take(now) {
                 return Admission::Go(ticket(inner.control.epoch()));
             }
-            let wait = inner.expected_wait(class);
-            if wait > max_wait {
-                return Admission::Defer(wait);
+            if inner.backlog(class, now) > max_wait {
+                return Admission::Defer(inner.book(class, now));
             }
             let (tx, rx) = oneshot::channel();
             inner.queues[class.index()].push_back(tx);
@@ -367,12 +408,9 @@ impl Throttles {
             rx
         };
         match tokio::time::timeout(max_wait, granted).await {
-            Ok(Ok(())) => {
-                let epoch = throttle.lock().control.epoch();
-                Admission::Go(ticket(epoch))
-            }
-            // The rate fell while it waited: come back when a turn is likely.
-            _ => Admission::Defer(throttle.lock().expected_wait(class)),
+            Ok(Ok(ticket)) => Admission::Go(ticket),
+            // The rate fell while it waited: come back at a turn of its own.
+            _ => Admission::Defer(throttle.lock().book(class, now())),
         }
     }
 
@@ -491,6 +529,68 @@ mod tests {
         for w in waiting {
             assert!(w.await.unwrap());
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn steps_deferred_together_get_turns_one_period_apart() {
+        let throttles = Arc::new(limited(2.0));
+        assert!(go(&throttles, Class::Submit, Duration::from_secs(1)).await);
+        // Two wait their turn (half a second each) ...
+        let waiting: Vec<_> = (0..2)
+            .map(|_| {
+                let throttles = throttles.clone();
+                tokio::spawn(
+                    async move { go(&throttles, Class::Submit, Duration::from_secs(5)).await },
+                )
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        // ... and the next four, which cannot wait a second, are each given
+        // a turn of their own after the queue, half a second apart.
+        let mut waits = Vec::new();
+        for _ in 0..4 {
+            match throttles
+                .admit("p", Class::Submit, Duration::from_millis(1000))
+                .await
+            {
+                Admission::Defer(wait) => waits.push(wait.as_millis()),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(waits, vec![1500, 2000, 2500, 3000]);
+        for w in waiting {
+            assert!(w.await.unwrap());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_that_time_out_together_come_back_one_turn_apart() {
+        let throttles = Arc::new(limited(1.0));
+        assert!(go(&throttles, Class::Poll, Duration::from_secs(1)).await);
+        // Three wait up to 1.5 s at one per second: one is let through, two
+        // time out at the same moment and are given different turns.
+        let tasks: Vec<_> = (0..3)
+            .map(|_| {
+                let throttles = throttles.clone();
+                tokio::spawn(async move {
+                    throttles
+                        .admit("p", Class::Poll, Duration::from_millis(1500))
+                        .await
+                })
+            })
+            .collect();
+        let mut deferred = Vec::new();
+        let mut went = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Admission::Go(_) => went += 1,
+                Admission::Defer(wait) => deferred.push(wait),
+            }
+        }
+        assert_eq!(went, 1);
+        deferred.sort();
+        assert_eq!(deferred.len(), 2);
+        assert_eq!(deferred[1] - deferred[0], Duration::from_secs(1), "{deferred:?}");
     }
 
     #[tokio::test(start_paused = true)]
