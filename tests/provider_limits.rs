@@ -13,7 +13,9 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use common::*;
-use wfq::sim::Faults;
+use serde_json::json;
+use wfq::config::{ProviderKind, default_account_refusals};
+use wfq::sim::{Faults, SimServer};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const AUDIO: &str = "wf_audio_dub_7c21";
@@ -196,6 +198,238 @@ async fn the_providers_cap_on_runs_at_once_never_fails_a_run(
     );
     money_matches_the_ledger(&pool, &sim).await;
     sim.shutdown().await;
+}
+
+/// What refuses every submit for the account, and is then lifted.
+#[derive(Debug, Clone, Copy)]
+enum AccountLimit {
+    /// The simulator's cap on runs at once, at 0 (Dify: HTTP 429
+    /// `too_many_requests`; GPTBots: HTTP 429 `code: 429001`), then 2.
+    Cap,
+    /// GPTBots' credits, at 0 (HTTP 200 `code: 403200`), then topped up.
+    Credits,
+}
+
+/// A Dify profile `dify` (app `text`) and a GPTBots profile `gptbots`
+/// (workflow `news`) on `sim`, probed every 100 ms while paused. Dify's
+/// profile lists the code its cap on runs at once is refused with beside
+/// the defaults (Dify also sends it for a plain rate limit, so it is not a
+/// default); GPTBots' lists nothing beyond its defaults (`429001`,
+/// `403200`, ...).
+fn dify_and_gptbots(sim: &SimServer) -> String {
+    let dify_refusals: Vec<String> = default_account_refusals(ProviderKind::Dify)
+        .into_iter()
+        .chain(["too_many_requests".to_owned()])
+        .map(|code| format!("{code:?}"))
+        .collect();
+    format!(
+        r#"
+[providers.dify]
+kind = "dify"
+base_url = "{dify}"
+api_key_env = "TEST_CHENYU_KEY"
+find_window = "2s"
+max_run_time = "1s"
+account_probe = "100ms"
+account_refusals = [{refusals}]
+
+[providers.gptbots]
+kind = "gptbots"
+base_url = "{gptbots}"
+api_key_env = "TEST_CHENYU_KEY"
+account_probe = "100ms"
+"#,
+        dify = sim.dify_base_url("text"),
+        gptbots = sim.gptbots_base_url("news"),
+        refusals = dify_refusals.join(", "),
+    )
+}
+
+/// A refusal for the account (the provider's cap on runs at once, which
+/// comes as HTTP 429, or GPTBots' credits) refuses every submit: no run
+/// fails, nothing is created at the provider, the profile pauses with the
+/// account's reason, the refused runs are back in the queue, and no run is
+/// taken for rate-limited. Once the provider allows runs again, every run
+/// succeeds, each exactly one run at the provider.
+async fn an_account_refusal_pauses_the_profile_and_puts_the_runs_back(
+    connect: PgConnectOptions,
+    kind: ProviderKind,
+    limit: AccountLimit,
+) {
+    const RUNS: i64 = 6;
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    let (profile, workflow, code, status) = match (kind, limit) {
+        (ProviderKind::Dify, AccountLimit::Cap) => ("dify", "text", "too_many_requests", 429),
+        (ProviderKind::Gptbots, AccountLimit::Cap) => ("gptbots", "news", "429001", 429),
+        (ProviderKind::Gptbots, AccountLimit::Credits) => ("gptbots", "news", "403200", 200),
+        other => unreachable!("not a case: {other:?}"),
+    };
+    match limit {
+        AccountLimit::Cap => sim.set_faults(Faults {
+            max_running_runs: Some(0),
+            ..Faults::default()
+        }),
+        AccountLimit::Credits => sim.set_balance(Some(d("0"))),
+    }
+    for n in 0..RUNS {
+        let inputs = match kind {
+            ProviderKind::Dify => json!({"query": format!("summarise {n}"), "tone": "casual"}),
+            _ => json!({"topic": format!("news {n}")}),
+        };
+        enqueue_on(&pool, profile, workflow, inputs).await;
+    }
+    let worker = start_worker(config(&sim, "w1", &dify_and_gptbots(&sim)), pool.clone());
+    wait_for(
+        &pool,
+        &format!(
+            "EXISTS (SELECT 1 FROM wfq.provider_pauses WHERE profile = '{profile}' AND kind = 'account') \
+             AND EXISTS (SELECT 1 FROM wfq.run_events WHERE kind = 'account_refused') \
+             AND (SELECT count(*) FROM wfq.runs WHERE state = 'queued') = {RUNS}"
+        ),
+        LIMIT,
+    )
+    .await;
+    let created = match kind {
+        ProviderKind::Dify => sim.dify_ledger().len(),
+        _ => sim.gptbots_ledger().len(),
+    };
+    assert_eq!(created, 0, "nothing was created at the provider");
+    let stats = sim.stats();
+    match limit {
+        AccountLimit::Cap => assert!(stats.cap_refusals > 0, "{stats:?}"),
+        AccountLimit::Credits => assert!(stats.balance_refusals > 0, "{stats:?}"),
+    }
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM wfq.runs WHERE state = 'failed'"
+        )
+        .await,
+        0
+    );
+    let reason: String = sqlx::query_scalar(
+        "SELECT reason FROM wfq.provider_pauses WHERE profile = $1 AND kind = 'account'",
+    )
+    .bind(profile)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        reason.contains("refused the account") && reason.contains(code),
+        "{reason}"
+    );
+    let refused: Vec<(Option<String>, Option<i32>)> = sqlx::query_as(
+        "SELECT detail->>'code', (detail->>'http_status')::int FROM wfq.run_events \
+         WHERE kind = 'account_refused'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        refused
+            .iter()
+            .all(|r| *r == (Some(code.to_owned()), Some(status))),
+        "{refused:?}"
+    );
+    // The refused runs say why they wait; the attempt was given back.
+    assert!(
+        count(
+            &pool,
+            "SELECT count(*) FROM wfq.runs WHERE state = 'queued' AND hold_reason LIKE 'paused:%' \
+             AND attempts = 0 AND submit_in_doubt_since IS NULL"
+        )
+        .await
+            >= 1
+    );
+
+    match limit {
+        AccountLimit::Cap => sim.set_faults(Faults {
+            max_running_runs: Some(2),
+            ..Faults::default()
+        }),
+        AccountLimit::Credits => {
+            sim.top_up(d("100"));
+        }
+    }
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM wfq.runs WHERE state = 'succeeded'"
+        )
+        .await,
+        RUNS
+    );
+    let runs = provider_runs(&sim, kind);
+    let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM wfq.runs ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    for id in ids {
+        assert_one_provider_run(kind, &run(&pool, id).await, &runs);
+    }
+    assert_eq!(
+        runs.values().map(Vec::len).sum::<usize>(),
+        RUNS as usize,
+        "one run at the provider per run"
+    );
+    // Never taken for a rate limit or a refused key.
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM wfq.run_events \
+             WHERE kind IN ('submit_rate_limited', 'submit_unauthorized', 'submit_rejected')"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM wfq.provider_pauses").await,
+        0,
+        "resumed"
+    );
+    sim.shutdown().await;
+}
+
+#[sqlx::test]
+async fn difys_cap_on_runs_at_once_pauses_the_profile_and_puts_the_runs_back(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    an_account_refusal_pauses_the_profile_and_puts_the_runs_back(
+        connect,
+        ProviderKind::Dify,
+        AccountLimit::Cap,
+    )
+    .await;
+}
+
+#[sqlx::test]
+async fn gptbots_cap_on_runs_at_once_pauses_the_profile_and_puts_the_runs_back(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    an_account_refusal_pauses_the_profile_and_puts_the_runs_back(
+        connect,
+        ProviderKind::Gptbots,
+        AccountLimit::Cap,
+    )
+    .await;
+}
+
+#[sqlx::test]
+async fn gptbots_credits_running_out_pause_the_profile_and_put_the_runs_back(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    an_account_refusal_pauses_the_profile_and_puts_the_runs_back(
+        connect,
+        ProviderKind::Gptbots,
+        AccountLimit::Credits,
+    )
+    .await;
 }
 
 /// `max_running` keeps a profile within a cap of its own: the provider's

@@ -256,6 +256,7 @@ async fn the_chenyu_client_reads_queue_place_and_progress() {
         inputs: &inputs,
         idempotency_key: key,
         accept_external_cost_risk: false,
+        account_refusals: &[],
     };
     let accepted = |outcome: SubmitOutcome| match outcome {
         SubmitOutcome::Accepted(a) => a.provider_run_id,

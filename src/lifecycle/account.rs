@@ -23,10 +23,7 @@ pub enum RefusalScope {
 /// Reads a refusal code against the profile's list of account refusals
 /// (`account_refusals`); `reads_balance`: the provider tells the balance.
 pub fn refusal_scope(code: &str, account_refusals: &[String], reads_balance: bool) -> RefusalScope {
-    if !account_refusals
-        .iter()
-        .any(|c| c.eq_ignore_ascii_case(code))
-    {
+    if !crate::providers::is_account_refusal(code, account_refusals) {
         return RefusalScope::Run;
     }
     if reads_balance && is_balance_code(code) {

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use super::edge::{Storable, note_repairs};
 use super::storable::{AnswerLimits, Repairs};
-use super::wire::{RawAnswer, audit_copy, non_empty, repaired, snippet, unreadable};
+use super::wire::{Call, RawAnswer, audit_copy, non_empty, repaired, snippet, unreadable};
 use super::{
     Accepted, Manifest, ManifestError, ParamKind, Parameter, PollOutcome, ProviderError, RunReport,
     RunStatus, SubmitOutcome, SubmitRequest, Unclear,
@@ -59,7 +59,7 @@ impl ChenyuClient {
             .http
             .get(format!("{}/workflow/market/info", self.base_url))
             .query(&[("workflow_id", workflow_id)]);
-        match self.classify(self.send(request).await) {
+        match self.classify(Call::Other, self.send(request).await) {
             Answer::Data { data, .. } => parse_manifest(&data).map_err(ManifestError::Unclear),
             Answer::Rejected(e) => Err(ManifestError::Rejected(e)),
             Answer::Unclear(u) => Err(ManifestError::Unclear(u)),
@@ -80,7 +80,10 @@ impl ChenyuClient {
             .http
             .post(format!("{}/workflow/run/submit", self.base_url))
             .json(&body);
-        match self.classify(self.send(request).await) {
+        let call = Call::Submit {
+            account_refusals: run.account_refusals,
+        };
+        match self.classify(call, self.send(request).await) {
             Answer::Data { data, repairs } => match parse_accepted(&data) {
                 Ok(accepted) => SubmitOutcome::Accepted(Accepted {
                     repairs,
@@ -101,8 +104,8 @@ impl ChenyuClient {
             .http
             .get(format!("{}/workflow/run/info", self.base_url))
             .query(&[("run_order_id", run_order_id)]);
-        let mut outcome =
-            poll_outcome(self.classify(self.send(request).await)).storable(&self.limits);
+        let mut outcome = poll_outcome(self.classify(Call::Other, self.send(request).await))
+            .storable(&self.limits);
         if let PollOutcome::Report(report) = &mut outcome
             && report.run_status.as_deref() == Some("queued")
             && let Ok(progress) = self.progress(run_order_id).await
@@ -119,9 +122,9 @@ impl ChenyuClient {
         super::wire::send(request, &self.api_key, self.limits.max_value_bytes).await
     }
 
-    fn classify(&self, answer: Result<RawAnswer, Unclear>) -> Answer {
+    fn classify(&self, call: Call<'_>, answer: Result<RawAnswer, Unclear>) -> Answer {
         match answer {
-            Ok(raw) => classify_raw(raw.status, raw.retry_after, &raw.body, &self.limits),
+            Ok(raw) => classify_raw(call, raw.status, raw.retry_after, &raw.body, &self.limits),
             Err(unclear) => Answer::Unclear(unclear),
         }
     }
@@ -173,8 +176,16 @@ fn poll_outcome(answer: Answer) -> PollOutcome {
     }
 }
 
-/// The shared rules, as a pure function of status, `Retry-After` and body.
+/// The shared rules, as a pure function of the call, the status,
+/// `Retry-After` and the body.
+///
+/// The body decides before the status line in one case: on a submit, an
+/// error whose `engine_code` the profile lists as about the account
+/// (`account_refusals`) refuses the account whatever the status (a cap on
+/// runs at once may come as HTTP 429, a suspended account as 403). A
+/// status check never refuses the account.
 fn classify_raw(
+    call: Call<'_>,
     status: StatusCode,
     retry_after: Option<Duration>,
     body: &[u8],
@@ -189,6 +200,17 @@ fn classify_raw(
             nothing_created: false,
         })
     };
+    let (text, repairs) = repaired(body, limits);
+    let envelope = serde_json::from_str::<Envelope>(&text);
+    let refused = match &envelope {
+        Ok(envelope) if envelope.code != 0 => Some(refusal(status, envelope, repairs)),
+        _ => None,
+    };
+    if let Some(refused) = &refused
+        && call.refuses_account(Some(&refused.error.code))
+    {
+        return Answer::Rejected(refused.error.clone());
+    }
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         return Answer::Unclear(Unclear {
             reason: format!("HTTP {status}: the provider refused the API key"),
@@ -207,8 +229,7 @@ fn classify_raw(
     if status.is_server_error() || matches!(status.as_u16(), 408 | 409 | 423 | 425) {
         return unclear(format!("HTTP {status}: {}", snippet(body)));
     }
-    let (text, repairs) = repaired(body, limits);
-    let envelope: Envelope = match serde_json::from_str(&text) {
+    let envelope = match envelope {
         Ok(envelope) => envelope,
         Err(e) => {
             return unclear(format!(
@@ -217,7 +238,11 @@ fn classify_raw(
             ));
         }
     };
-    if envelope.code == 0 {
+    let Some(Refused {
+        error,
+        reported_status,
+    }) = refused
+    else {
         return if status.is_success() {
             Answer::Data {
                 data: envelope
@@ -228,7 +253,27 @@ fn classify_raw(
         } else {
             unclear(format!("HTTP {status} with code 0"))
         };
+    };
+    // An engine failure reported inside a 200 (scheduling, instance
+    // crashes) says nothing about our request: it may have been created.
+    if reported_status.is_some_and(|code| code >= 500) {
+        return unclear(format!(
+            "HTTP {status}, code {}: provider-side failure {}",
+            envelope.code, error.detail
+        ));
     }
+    Answer::Rejected(error)
+}
+
+/// A non-zero `code`: the refusal it states, and the status its body
+/// reports.
+struct Refused {
+    error: ProviderError,
+    reported_status: Option<i64>,
+}
+
+/// Reads the refusal of an envelope whose `code` is not 0.
+fn refusal(status: StatusCode, envelope: &Envelope, repairs: Repairs) -> Refused {
     let mut detail = envelope
         .data
         .as_ref()
@@ -237,14 +282,6 @@ fn classify_raw(
         .unwrap_or_else(|| json!({ "code": envelope.code, "msg": envelope.msg }));
     let error: ErrorObject = serde_json::from_value(detail.clone()).unwrap_or_default();
     note_repairs(&mut detail, repairs);
-    // An engine failure reported inside a 200 (scheduling, instance
-    // crashes) says nothing about our request: it may have been created.
-    if error.status_code.is_some_and(|code| code >= 500) {
-        return unclear(format!(
-            "HTTP {status}, code {}: provider-side failure {}",
-            envelope.code, detail
-        ));
-    }
     let code =
         non_empty(error.engine_code).unwrap_or_else(|| format!("PROVIDER_CODE_{}", envelope.code));
     let reason = non_empty(error.reason)
@@ -254,12 +291,15 @@ fn classify_raw(
         Some(detail) if detail != reason => format!("{reason}: {detail}"),
         _ => reason,
     };
-    Answer::Rejected(ProviderError {
-        code,
-        message,
-        detail,
-        http_status: status.as_u16(),
-    })
+    Refused {
+        error: ProviderError {
+            code,
+            message,
+            detail,
+            http_status: status.as_u16(),
+        },
+        reported_status: error.status_code,
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -485,9 +525,13 @@ mod tests {
     #[test]
     fn a_non_zero_code_on_http_200_is_a_rejection_with_the_engine_code() {
         let body = br#"{"code":1,"msg":"Workflow input content is invalid.","data":{"error":{"reason":"Workflow input content is invalid.","detail":"input n4_video must be an uploaded file URL or file id","engine_code":"INVALID_WORKFLOW_INPUT","status_code":400}}}"#;
-        let Answer::Rejected(e) =
-            classify_raw(StatusCode::OK, None, body, &AnswerLimits::default())
-        else {
+        let Answer::Rejected(e) = classify_raw(
+            Call::Other,
+            StatusCode::OK,
+            None,
+            body,
+            &AnswerLimits::default(),
+        ) else {
             panic!("expected a rejection");
         };
         assert_eq!(e.code, "INVALID_WORKFLOW_INPUT");
@@ -513,9 +557,84 @@ mod tests {
         for (status, body) in cases {
             let status = StatusCode::from_u16(*status).unwrap();
             assert!(
-                matches!(classify_raw(status, Some(Duration::from_secs(3)), body, &AnswerLimits::default()), Answer::Unclear(ref u) if u.retry_after == Some(Duration::from_secs(3)) && !u.account_refused),
+                matches!(classify_raw(Call::Other, status, Some(Duration::from_secs(3)), body, &AnswerLimits::default()), Answer::Unclear(ref u) if u.retry_after == Some(Duration::from_secs(3)) && !u.account_refused),
                 "{status} {:?}",
                 String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    /// What a submit and a status check make of refusals, with chenyu's
+    /// default `account_refusals`.
+    #[test]
+    fn listed_codes_refuse_the_account_on_a_submit_whatever_the_status() {
+        let listed = crate::config::default_account_refusals(crate::config::ProviderKind::Chenyu);
+        let submit = Call::Submit {
+            account_refusals: &listed,
+        };
+        let envelope = |engine_code: &str, status: u16| {
+            format!(
+                r#"{{"code":1,"msg":"refused","data":{{"error":{{"reason":"refused","engine_code":"{engine_code}","status_code":{status}}}}}}}"#
+            )
+        };
+        let read = |call: Call<'_>, status: u16, body: &str| {
+            let status = StatusCode::from_u16(status).unwrap();
+            match classify_raw(
+                call,
+                status,
+                None,
+                body.as_bytes(),
+                &AnswerLimits::default(),
+            ) {
+                Answer::Rejected(e) => format!("refused {} ({})", e.code, e.http_status),
+                Answer::Unclear(u) if u.account_refused => "key".to_owned(),
+                Answer::Unclear(_) if status == StatusCode::TOO_MANY_REQUESTS => "rate".to_owned(),
+                Answer::Unclear(_) => "again".to_owned(),
+                Answer::Data { .. } => "data".to_owned(),
+            }
+        };
+        let cap = envelope("CONCURRENT_RUN_LIMIT_EXCEEDED", 429);
+        let suspended = envelope("ACCOUNT_SUSPENDED", 403);
+        let balance = envelope("INSUFFICIENT_BALANCE", 402);
+        let unlisted = envelope("SOMETHING_NEW", 429);
+        let table: &[(Call<'_>, u16, &str, &str)] = &[
+            (
+                submit,
+                429,
+                &cap,
+                "refused CONCURRENT_RUN_LIMIT_EXCEEDED (429)",
+            ),
+            (
+                submit,
+                200,
+                &cap,
+                "refused CONCURRENT_RUN_LIMIT_EXCEEDED (200)",
+            ),
+            (submit, 403, &suspended, "refused ACCOUNT_SUSPENDED (403)"),
+            (submit, 503, &balance, "refused INSUFFICIENT_BALANCE (503)"),
+            (submit, 429, &unlisted, "rate"),
+            (
+                submit,
+                429,
+                r#"{"code":429,"msg":"slow down","data":null}"#,
+                "rate",
+            ),
+            (submit, 429, "", "rate"),
+            (
+                submit,
+                401,
+                r#"{"code":401,"msg":"bad key","data":null}"#,
+                "key",
+            ),
+            (Call::Other, 429, &cap, "rate"),
+            (Call::Other, 403, &suspended, "key"),
+            (Call::Other, 503, &balance, "again"),
+        ];
+        for &(call, status, body, expected) in table {
+            assert_eq!(
+                read(call, status, body),
+                expected,
+                "{call:?} {status} {body}"
             );
         }
     }
@@ -523,6 +642,7 @@ mod tests {
     #[test]
     fn bad_credentials_are_unclear_and_flagged() {
         let Answer::Unclear(u) = classify_raw(
+            Call::Other,
             StatusCode::UNAUTHORIZED,
             None,
             b"{}",
@@ -628,8 +748,14 @@ mod tests {
             "task_id":"task\u0000","outputs":{}}}}}"#,
             hostile::outputs()
         );
-        let outcome = poll_outcome(classify_raw(StatusCode::OK, None, body.as_bytes(), &limits))
-            .storable(&limits);
+        let outcome = poll_outcome(classify_raw(
+            Call::Other,
+            StatusCode::OK,
+            None,
+            body.as_bytes(),
+            &limits,
+        ))
+        .storable(&limits);
         let PollOutcome::Report(report) = outcome else {
             panic!("not a report: {outcome:?}");
         };
@@ -649,7 +775,8 @@ mod tests {
     fn hostile_submit_answers_and_refusals_are_storable() {
         let limits = AnswerLimits::default();
         let body = br#"{"code":0,"data":{"run_order_id":"wfrun_1","quote_amount":"0.03000000","freeze_status":"frozen","run_status":"queued\u0000","extra":1e400}}"#;
-        let Answer::Data { data, repairs } = classify_raw(StatusCode::OK, None, body, &limits)
+        let Answer::Data { data, repairs } =
+            classify_raw(Call::Other, StatusCode::OK, None, body, &limits)
         else {
             panic!("not data");
         };
@@ -661,7 +788,8 @@ mod tests {
 
         // A run id the provider sent with a NUL cannot address the run.
         let body = br#"{"code":0,"data":{"run_order_id":"wfrun_\u0000","quote_amount":"0.03"}}"#;
-        let Answer::Data { data, repairs } = classify_raw(StatusCode::OK, None, body, &limits)
+        let Answer::Data { data, repairs } =
+            classify_raw(Call::Other, StatusCode::OK, None, body, &limits)
         else {
             panic!("not data");
         };
@@ -673,7 +801,8 @@ mod tests {
         assert!(matches!(outcome, SubmitOutcome::Unclear(u) if u.reason.contains("run id")));
 
         let body = br#"{"code":1,"msg":"bad\u0000","data":{"error":{"reason":"no\ud800","engine_code":"INVALID_WORKFLOW_INPUT","status_code":400}}}"#;
-        let Answer::Rejected(e) = classify_raw(StatusCode::OK, None, body, &limits) else {
+        let Answer::Rejected(e) = classify_raw(Call::Other, StatusCode::OK, None, body, &limits)
+        else {
             panic!("not a rejection");
         };
         let e = e.storable(&limits);

@@ -6,7 +6,9 @@
 //! lifecycle fails such a run `SUBMIT_OUTCOME_UNKNOWN` rather than risk a
 //! second charge (see `SubmitGuard::Nothing`). The error format is not
 //! documented; six-digit codes such as `403200` have been seen, so the
-//! status line decides and the body only adds words.
+//! status line decides, except that a submit's code the profile lists as
+//! about the account (`403200`, or `429001` for too many runs at once,
+//! which comes with HTTP 429) refuses the account whatever the status below 500.
 //!
 //! Every body is repaired before it is parsed (see [`super::storable`]);
 //! `totalCost` is read from the repaired text, whose numbers keep their
@@ -17,7 +19,10 @@ use serde_json::{Value, json};
 
 use super::edge::Storable;
 use super::storable::AnswerLimits;
-use super::wire::{RawAnswer, audit_copy, error_detail, non_empty, repaired, snippet, unreadable};
+use super::wire::{
+    Call, ErrorAnswer, RawAnswer, audit_copy, error_detail, non_empty, repaired, snippet,
+    unreadable,
+};
 use super::{
     Accepted, PollOutcome, ProviderError, RunReport, RunStatus, SubmitOutcome, SubmitRequest,
     Unclear, end_user,
@@ -63,7 +68,7 @@ impl GptbotsClient {
                 "isAsync": true,
             }));
         let outcome = match self.send(request).await {
-            Ok(raw) => submit_outcome(&raw, &self.limits),
+            Ok(raw) => submit_outcome(&raw, run.account_refusals, &self.limits),
             Err(u) => SubmitOutcome::Unclear(u),
         };
         outcome.storable(&self.limits)
@@ -83,10 +88,15 @@ impl GptbotsClient {
     }
 }
 
-/// What an invoke answer means (pure: the client's unit tests feed it bodies).
-fn submit_outcome(raw: &RawAnswer, limits: &AnswerLimits) -> SubmitOutcome {
+/// What an invoke answer means, read against the profile's refusal codes
+/// about the account (pure: the client's unit tests feed it bodies).
+fn submit_outcome(
+    raw: &RawAnswer,
+    account_refusals: &[String],
+    limits: &AnswerLimits,
+) -> SubmitOutcome {
     if !raw.status.is_success() {
-        return match classify_error(raw, limits) {
+        return match classify_error(raw, Call::Submit { account_refusals }, limits) {
             Err(e) => SubmitOutcome::Rejected(e),
             Ok(u) => SubmitOutcome::Unclear(u),
         };
@@ -103,7 +113,7 @@ fn submit_outcome(raw: &RawAnswer, limits: &AnswerLimits) -> SubmitOutcome {
 /// What a query/result answer means.
 fn poll_outcome(raw: &RawAnswer, limits: &AnswerLimits) -> PollOutcome {
     if !raw.status.is_success() {
-        return match classify_error(raw, limits) {
+        return match classify_error(raw, Call::Other, limits) {
             Err(e) => PollOutcome::Rejected(e),
             Ok(u) => PollOutcome::Unclear(u),
         };
@@ -125,8 +135,13 @@ struct ErrorBody {
     message: Option<String>,
 }
 
-/// A non-2xx answer: `Err` for a definite refusal, `Ok` for an unclear one.
-fn classify_error(raw: &RawAnswer, limits: &AnswerLimits) -> Result<Unclear, ProviderError> {
+/// A non-2xx answer to `call`: `Err` for a definite refusal, `Ok` for an
+/// unclear one.
+fn classify_error(
+    raw: &RawAnswer,
+    call: Call<'_>,
+    limits: &AnswerLimits,
+) -> Result<Unclear, ProviderError> {
     let body: ErrorBody = serde_json::from_str(&repaired(&raw.body, limits).0).unwrap_or_default();
     let code = match body.code {
         Some(Value::String(code)) if !code.trim().is_empty() => Some(code),
@@ -135,12 +150,15 @@ fn classify_error(raw: &RawAnswer, limits: &AnswerLimits) -> Result<Unclear, Pro
     };
     let message = non_empty(body.message).unwrap_or_else(|| snippet(&raw.body));
     super::wire::classify_error_status(
-        raw.status.as_u16(),
-        raw.retry_after,
-        code,
-        message,
+        ErrorAnswer {
+            status: raw.status.as_u16(),
+            retry_after: raw.retry_after,
+            code: code.as_deref(),
+            message: &message,
+            body: &raw.body,
+        },
+        call,
         false,
-        &raw.body,
         limits,
     )
 }
@@ -292,31 +310,85 @@ mod tests {
         AnswerLimits::default()
     }
 
+    fn listed() -> Vec<String> {
+        crate::config::default_account_refusals(crate::config::ProviderKind::Gptbots)
+    }
+
     #[test]
     fn error_answers_are_classified_by_status() {
-        let e = classify_error(
-            &raw(
-                400,
-                r#"{"code":400001,"message":"input.topic is required"}"#,
-            ),
-            &l(),
-        )
+        let submit = |r: &RawAnswer| {
+            let listed = listed();
+            classify_error(
+                r,
+                Call::Submit {
+                    account_refusals: &listed,
+                },
+                &l(),
+            )
+        };
+        let e = submit(&raw(
+            400,
+            r#"{"code":400001,"message":"input.topic is required"}"#,
+        ))
         .unwrap_err();
         assert_eq!(
             (e.code.as_str(), e.message.as_str()),
             ("400001", "input.topic is required")
         );
-        let u = classify_error(&raw(403, r#"{"code":403200,"message":"no"}"#), &l()).unwrap();
+        let u = submit(&raw(401, r#"{"code":401001,"message":"no"}"#)).unwrap();
         assert!(u.account_refused && u.nothing_created);
-        let u = classify_error(&raw(429, ""), &l()).unwrap();
+        let u = submit(&raw(429, "")).unwrap();
         assert!(u.nothing_created && !u.account_refused);
-        let u = classify_error(&raw(502, "<html>"), &l()).unwrap();
+        let u = submit(&raw(502, "<html>")).unwrap();
         assert!(
             !u.nothing_created,
             "a 5xx may come after the run was created"
         );
-        let e = classify_error(&raw(404, "not json"), &l()).unwrap_err();
+        let e = submit(&raw(404, "not json")).unwrap_err();
         assert_eq!(e.code, "HTTP_404");
+    }
+
+    /// The simulator's answers (`sim::gptbots`) and what a submit and a
+    /// status check make of them with the default `account_refusals`.
+    #[test]
+    fn listed_codes_refuse_the_account_on_a_submit_and_never_on_a_status_check() {
+        let cap = raw(
+            429,
+            r#"{"code":429001,"message":"too many concurrent workflow runs"}"#,
+        );
+        let rate = raw(
+            429,
+            r#"{"code":429000,"message":"too many requests: rate limit exceeded"}"#,
+        );
+        let credits_403 = raw(403, r#"{"code":403200,"message":"insufficient credits"}"#);
+        let credits_200 = raw(200, r#"{"code":403200,"message":"insufficient credits"}"#);
+        let submit = |r: &RawAnswer| match submit_outcome(r, &listed(), &l()) {
+            SubmitOutcome::Rejected(e) => format!("refused {} ({})", e.code, e.http_status),
+            SubmitOutcome::Unclear(u) if u.account_refused => "key".to_owned(),
+            SubmitOutcome::Unclear(u) if u.http_status == Some(429) => "rate".to_owned(),
+            other => format!("{other:?}"),
+        };
+        let poll = |r: &RawAnswer| match poll_outcome(r, &l()) {
+            PollOutcome::Rejected(e) => format!("refused {} ({})", e.code, e.http_status),
+            PollOutcome::Unclear(u) if u.account_refused => "key".to_owned(),
+            PollOutcome::Unclear(u) if u.http_status == Some(429) => "rate".to_owned(),
+            other => format!("{other:?}"),
+        };
+        let table = [
+            (&cap, "refused 429001 (429)", "rate"),
+            (&rate, "rate", "rate"),
+            (&credits_403, "refused 403200 (403)", "key"),
+            (&credits_200, "refused 403200 (200)", "refused 403200 (200)"),
+        ];
+        for (answer, on_submit, on_poll) in table {
+            assert_eq!(submit(answer), on_submit, "submit: {answer:?}");
+            assert_eq!(poll(answer), on_poll, "status check: {answer:?}");
+        }
+        // A profile that lists nothing reads the cap as the rate.
+        assert!(matches!(
+            submit_outcome(&cap, &[], &l()),
+            SubmitOutcome::Unclear(u) if u.http_status == Some(429) && !u.account_refused
+        ));
     }
 
     #[test]
@@ -419,7 +491,9 @@ mod tests {
             body,
             ..raw(200, "")
         };
-        let SubmitOutcome::Accepted(a) = submit_outcome(&answer, &limits).storable(&limits) else {
+        let SubmitOutcome::Accepted(a) =
+            submit_outcome(&answer, &listed(), &limits).storable(&limits)
+        else {
             panic!("not accepted");
         };
         assert_eq!(a.provider_run_id, "r1");

@@ -86,7 +86,7 @@ impl ParamKind {
     }
 }
 
-/// What a submit sends.
+/// What a submit sends, and how its refusal is read.
 #[derive(Debug, Clone)]
 pub struct SubmitRequest<'a> {
     /// The workflow to run.
@@ -99,6 +99,19 @@ pub struct SubmitRequest<'a> {
     pub idempotency_key: &'a str,
     /// The producer's consent to external-model costs.
     pub accept_external_cost_risk: bool,
+    /// The profile's refusal codes about the account (`account_refusals`):
+    /// an answer carrying one refuses the account, whatever its status
+    /// line (GPTBots and Dify refuse a cap on runs at once with HTTP 429),
+    /// and is read as [`SubmitOutcome::Rejected`] with that code.
+    pub account_refusals: &'a [String],
+}
+
+/// Whether `code` is one of a profile's refusal codes about the account
+/// (`account_refusals`), compared as providers spell codes either way.
+pub fn is_account_refusal(code: &str, account_refusals: &[String]) -> bool {
+    account_refusals
+        .iter()
+        .any(|listed| listed.eq_ignore_ascii_case(code))
 }
 
 /// The provider's answer to a submit, as far as it can be known.

@@ -140,19 +140,86 @@ pub(crate) async fn read_answer(
     })
 }
 
-/// How an error answer reads when its status line decides (Dify, GPTBots):
-/// `Ok` is worth asking again, `Err` a definite refusal. `quota` marks an
-/// answer that says the account may not run anything now (Dify's
-/// `rate_limit_error`), which pauses the profile like a refused key.
+/// The request an error answer is to: only a submit's can refuse the
+/// account.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Call<'a> {
+    /// A submit, read against the profile's `account_refusals`.
+    Submit {
+        /// The profile's refusal codes about the account.
+        account_refusals: &'a [String],
+    },
+    /// Any other request (a status check, a manifest, a lookup, a stop):
+    /// it asks about a run or a workflow, not for room to start one, so
+    /// it never refuses the account, and a 429 to it is the rate.
+    Other,
+}
+
+impl Call<'_> {
+    /// Whether an answer carrying `code` refuses the account: a code the
+    /// profile lists, on a submit.
+    pub(crate) fn refuses_account(&self, code: Option<&str>) -> bool {
+        match (self, code) {
+            (Call::Submit { account_refusals }, Some(code)) => {
+                super::is_account_refusal(code, account_refusals)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// An error answer (Dify, GPTBots), its body read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ErrorAnswer<'a> {
+    /// The status line.
+    pub status: u16,
+    /// `Retry-After`, when sent.
+    pub retry_after: Option<Duration>,
+    /// The body's error code, when it has one.
+    pub code: Option<&'a str>,
+    /// What the body says, or its start.
+    pub message: &'a str,
+    /// The whole body, for the refusal's detail.
+    pub body: &'a [u8],
+}
+
+/// How an error answer reads (Dify, GPTBots): `Ok` is worth asking again,
+/// `Err` a definite refusal.
+///
+/// The body's code decides first: on a submit, a code the profile lists as
+/// about the account is a refusal with that code whatever the status line below 500
+/// (a cap on runs at once comes as HTTP 429, a balance as 403 or 200); the
+/// worker then pauses the profile and puts the run back, and the answer
+/// teaches the rate nothing. Otherwise the status line decides, and a 429
+/// is the rate. `quota` marks an answer that says the account may not run
+/// anything now (Dify's `rate_limit_error`), which pauses the profile like
+/// a refused key.
 pub(crate) fn classify_error_status(
-    status: u16,
-    retry_after: Option<Duration>,
-    code: Option<String>,
-    message: String,
+    answer: ErrorAnswer<'_>,
+    call: Call<'_>,
     quota: bool,
-    body: &[u8],
     limits: &AnswerLimits,
 ) -> Result<Unclear, super::ProviderError> {
+    let ErrorAnswer {
+        status,
+        retry_after,
+        code,
+        message,
+        body,
+    } = answer;
+    let refusal = |code: Option<&str>| super::ProviderError {
+        code: code.map_or_else(|| format!("HTTP_{status}"), str::to_owned),
+        message: message.to_owned(),
+        detail: error_detail(body, limits),
+        http_status: status,
+    };
+    // Only a refusal below 500 is taken at its word: a server error may
+    // have come after the run was created (GPTBots and Dify have no
+    // idempotency key), so putting that run back could bill it twice; it
+    // stays unclear below.
+    if status < 500 && call.refuses_account(code) {
+        return Err(refusal(code));
+    }
     let unclear = |reason: String, nothing_created: bool, account_refused: bool| Unclear {
         reason,
         http_status: Some(status),
@@ -182,12 +249,7 @@ pub(crate) fn classify_error_status(
         500..=599 | 408 | 409 | 423 | 425 => {
             Ok(unclear(format!("HTTP {status}: {message}"), false, false))
         }
-        _ => Err(super::ProviderError {
-            code: code.unwrap_or_else(|| format!("HTTP_{status}")),
-            message,
-            detail: error_detail(body, limits),
-            http_status: status,
-        }),
+        _ => Err(refusal(code)),
     }
 }
 
@@ -337,6 +399,102 @@ mod tests {
             "é".repeat(160),
             "not cut"
         );
+    }
+
+    /// How a read answer is summed up in the table below.
+    fn read(answer: Result<Unclear, crate::providers::ProviderError>) -> String {
+        match answer {
+            Err(e) => format!("refused {} ({})", e.code, e.http_status),
+            Ok(u) if u.account_refused => "key or quota".to_owned(),
+            Ok(u) if u.http_status == Some(429) && u.nothing_created => "rate".to_owned(),
+            Ok(u) if u.nothing_created => "again, nothing created".to_owned(),
+            Ok(_) => "again, maybe created".to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_listed_code_refuses_the_account_on_a_submit_below_500() {
+        let listed = [
+            "403200".to_owned(),
+            "429001".to_owned(),
+            "quota_exceeded".to_owned(),
+        ];
+        let submit = Call::Submit {
+            account_refusals: &listed,
+        };
+        let limits = AnswerLimits::default();
+        // (call, status, code, quota flag, reading)
+        let table: &[(Call<'_>, u16, Option<&str>, bool, &str)] = &[
+            // A cap on runs at once (GPTBots, Dify) and a balance, listed.
+            (submit, 429, Some("429001"), false, "refused 429001 (429)"),
+            (submit, 403, Some("403200"), false, "refused 403200 (403)"),
+            (
+                submit,
+                400,
+                Some("QUOTA_EXCEEDED"),
+                false,
+                "refused QUOTA_EXCEEDED (400)",
+            ),
+            // A server error may come after the run was created: unclear,
+            // never put back (that could bill twice).
+            (
+                submit,
+                503,
+                Some("quota_exceeded"),
+                false,
+                "again, maybe created",
+            ),
+            // The list wins over the quota flag.
+            (
+                submit,
+                429,
+                Some("quota_exceeded"),
+                true,
+                "refused quota_exceeded (429)",
+            ),
+            // A 429 without a listed code is the rate.
+            (submit, 429, Some("429000"), false, "rate"),
+            (submit, 429, Some("too_many_requests"), false, "rate"),
+            (submit, 429, None, false, "rate"),
+            (submit, 429, Some("rate_limit_error"), true, "key or quota"),
+            (submit, 401, Some("401001"), false, "key or quota"),
+            (submit, 500, None, false, "again, maybe created"),
+            (submit, 400, Some("400001"), false, "refused 400001 (400)"),
+            (submit, 404, None, false, "refused HTTP_404 (404)"),
+            // A status check never refuses the account.
+            (Call::Other, 429, Some("429001"), false, "rate"),
+            (Call::Other, 403, Some("403200"), false, "key or quota"),
+            (
+                Call::Other,
+                503,
+                Some("quota_exceeded"),
+                false,
+                "again, maybe created",
+            ),
+            (
+                Call::Submit {
+                    account_refusals: &[],
+                },
+                429,
+                Some("429001"),
+                false,
+                "rate",
+            ),
+        ];
+        for &(call, status, code, quota, expected) in table {
+            let answer = ErrorAnswer {
+                status,
+                retry_after: None,
+                code,
+                message: "no",
+                body: br#"{"code":"x"}"#,
+            };
+            assert_eq!(
+                read(classify_error_status(answer, call, quota, &limits)),
+                expected,
+                "{call:?} {status} {code:?} quota={quota}"
+            );
+        }
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub use registry::{Liveness, Registry, RegistryConfig};
 pub use rescuer::RescuerConfig;
 pub use shutdown::{InFlight, InFlightGuard, Shutdown};
 pub use step::{LeaseClock, Slot, StepError, run_step};
-pub use throttle::{Admission, Class, RateControl, Throttles, Ticket};
+pub use throttle::{Admission, Answered, Class, RateControl, Throttles, Ticket};
 pub use wake::Wake;
 pub use writer::TransitionWriter;
 

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::{Answer, ChenyuClient};
 use crate::money::{WireAmount, parse_amount};
-use crate::providers::wire::unreadable;
+use crate::providers::wire::{Call, unreadable};
 use crate::providers::{ProviderError, Unclear};
 
 /// What the account holds.
@@ -58,7 +58,7 @@ impl ChenyuClient {
     /// `GET /balance/info`.
     pub async fn balance(&self) -> Result<AccountBalance, BalanceError> {
         let request = self.http.get(format!("{}/balance/info", self.base_url));
-        match self.classify(self.send(request).await) {
+        match self.classify(Call::Other, self.send(request).await) {
             Answer::Data { data, .. } => parse_balance(&data).map_err(BalanceError::Unclear),
             Answer::Rejected(e) => Err(BalanceError::Rejected(e)),
             Answer::Unclear(u) => Err(BalanceError::Unclear(u)),

@@ -7,7 +7,7 @@ use serde_json::Value;
 use super::{Answer, ChenyuClient};
 use crate::providers::edge::Storable;
 use crate::providers::storable::{AnswerLimits, storable_text};
-use crate::providers::wire::{non_empty, unreadable};
+use crate::providers::wire::{Call, non_empty, unreadable};
 use crate::providers::{ProviderError, Unclear};
 
 /// What `run/execution` says about a run in progress. Every field is
@@ -43,7 +43,7 @@ impl ChenyuClient {
             .http
             .get(format!("{}/workflow/run/execution", self.base_url))
             .query(&[("run_order_id", run_order_id)]);
-        let progress = match self.classify(self.send(request).await) {
+        let progress = match self.classify(Call::Other, self.send(request).await) {
             Answer::Data { data, .. } => parse_progress(&data).map_err(ProgressError::Unclear),
             Answer::Rejected(e) => Err(ProgressError::Rejected(e)),
             Answer::Unclear(u) => Err(ProgressError::Unclear(u)),

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::lifecycle::{self, FindDecision, InDoubt};
 use crate::providers::{FindOutcome, SubmitGuard};
-use crate::runtime::{Admission, Class};
+use crate::runtime::{Admission, Answered, Class};
 use crate::store::ClaimedRun;
 
 /// What became of a submit in doubt.
@@ -57,9 +57,9 @@ pub(super) async fn settle_doubt(
                 .find_submitted(&run.idempotency_key, lease.deadline())
                 .await;
             ticket.answered(match &found {
-                Some(FindOutcome::Unclear(u)) => u.http_status,
-                Some(_) => Some(200),
-                None => None,
+                Some(FindOutcome::Unclear(u)) => Answered::status(u.http_status),
+                Some(_) => Answered::Status(200),
+                None => Answered::Nothing,
             });
             found
         }

@@ -9,7 +9,7 @@ use super::{
 use crate::lifecycle;
 use crate::lifecycle::RunState;
 use crate::providers::{PollOutcome, PollRequest, StopOutcome, Unclear};
-use crate::runtime::{Admission, Class};
+use crate::runtime::{Admission, Answered, Class};
 use crate::store::ClaimedRun;
 
 pub(super) async fn poll_step(
@@ -52,9 +52,9 @@ pub(super) async fn poll_step(
         engine.throttles.observe(
             &run.provider,
             match stop {
-                StopOutcome::Requested => Some(200),
-                StopOutcome::Rejected(e) => Some(e.http_status),
-                StopOutcome::Unclear(u) => u.http_status,
+                StopOutcome::Requested => Answered::Status(200),
+                StopOutcome::Rejected(e) => Answered::Status(e.http_status),
+                StopOutcome::Unclear(u) => Answered::status(u.http_status),
             },
         );
         match stop {
@@ -77,10 +77,11 @@ pub(super) async fn poll_step(
         )),
         false => return lease_ran_out("status check"),
     };
+    // A status check is never refused for the account: its 429 is the rate.
     ticket.answered(match &outcome {
-        PollOutcome::Report(_) => Some(200),
-        PollOutcome::Rejected(e) => Some(e.http_status),
-        PollOutcome::Unclear(u) => u.http_status,
+        PollOutcome::Report(_) => Answered::Status(200),
+        PollOutcome::Rejected(e) => Answered::Status(e.http_status),
+        PollOutcome::Unclear(u) => Answered::status(u.http_status),
     });
     if let PollOutcome::Unclear(u) = &outcome
         && u.account_refused

@@ -27,7 +27,7 @@ use crate::providers::{SubmitOutcome, SubmitRequest, Submitted};
 use crate::runtime::account::QuoteCover;
 use crate::runtime::pauses::ShortBalance;
 use crate::runtime::shutdown::InFlightGuard;
-use crate::runtime::{Admission, Class, PauseKind, Ticket};
+use crate::runtime::{Admission, Answered, Class, PauseKind, Ticket};
 use crate::store::{self, ClaimedRun};
 
 pub(super) async fn submit_step(
@@ -232,15 +232,24 @@ async fn send_and_record(
             inputs: &send.sent_inputs,
             idempotency_key: &run.idempotency_key,
             accept_external_cost_risk: run.accept_external_cost_risk,
+            account_refusals: &profile.account_refusals,
         })
         .await;
     // A slot limits submit requests, not whole runs: a Dify run followed on
     // its stream must not keep it.
     drop(send.submit_slot);
-    send.ticket.answered(match &outcome {
-        SubmitOutcome::Accepted(_) => Some(200),
-        SubmitOutcome::Rejected(e) => Some(e.http_status),
-        SubmitOutcome::Unclear(u) => u.http_status,
+    let refusal = match &outcome {
+        SubmitOutcome::Rejected(e) => Some(refusal_of(&engine, profile, &run, e, send.quote).await),
+        _ => None,
+    };
+    send.ticket.answered(match (&outcome, &refusal) {
+        // Refused for the account, whatever the status line (a cap on runs
+        // at once comes as HTTP 429): the profile pauses instead, and the
+        // rate learns nothing it would slow down for.
+        (_, Some(Refusal::Account { .. })) => Answered::AccountRefused,
+        (SubmitOutcome::Accepted(_), _) => Answered::Status(200),
+        (SubmitOutcome::Rejected(e), _) => Answered::Status(e.http_status),
+        (SubmitOutcome::Unclear(u), _) => Answered::status(u.http_status),
     });
     match &outcome {
         SubmitOutcome::Accepted(a) => {
@@ -257,17 +266,18 @@ async fn send_and_record(
         }
         _ => {}
     }
+    if let Some(Refusal::Account { kind, reason, .. }) = &refusal {
+        engine
+            .pause_for_account(&run.provider, kind.clone(), &run.workflow_id, reason)
+            .await;
+    }
     let progress = RunProgress {
         state: RunState::Submitting,
         attempts: run.attempts + 1,
         ..progress(&run)
     };
-    let refusal = match &outcome {
-        SubmitOutcome::Rejected(e) => Some(refusal_of(&engine, profile, &run, e, send.quote).await),
-        _ => None,
-    };
     let mut t = match &refusal {
-        Some(Refusal::Account(t)) => (**t).clone(),
+        Some(Refusal::Account { transition, .. }) => (**transition).clone(),
         _ => lifecycle::after_submit(
             &progress,
             &outcome,
@@ -351,9 +361,13 @@ async fn send_and_record(
 
 /// What a refused submit was refused for.
 enum Refusal {
-    /// The account: the run goes back to the queue with this transition,
-    /// and the profile is paused.
-    Account(Box<lifecycle::Transition>),
+    /// The account: the profile pauses for `kind` (`reason` says why), and
+    /// the run goes back to the queue with `transition`.
+    Account {
+        kind: PauseKind,
+        reason: String,
+        transition: Box<lifecycle::Transition>,
+    },
     /// The run: it fails; `trips`: the refusal tripped the breaker.
     Run { trips: bool },
 }
@@ -410,10 +424,12 @@ async fn refusal_of(
         "the provider refused the account ({}): {}",
         e.code, e.message
     );
-    engine
-        .pause_for_account(&run.provider, kind, &run.workflow_id, &reason)
-        .await;
-    Refusal::Account(Box::new(lifecycle::account_refused(e, &reason, Utc::now())))
+    let transition = Box::new(lifecycle::account_refused(e, &reason, Utc::now()));
+    Refusal::Account {
+        kind,
+        reason,
+        transition,
+    }
 }
 
 /// A quote from the cached balance, given back when dropped unless the

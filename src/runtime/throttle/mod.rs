@@ -62,6 +62,39 @@ impl Admission {
     }
 }
 
+/// What the answer to a request tells its profile's learned rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answered {
+    /// No answer arrived (the request failed in transport): nothing to learn.
+    Nothing,
+    /// An answer with this HTTP status: a 429 is a refusal over the rate,
+    /// anything else a request the rate let through.
+    Status(u16),
+    /// A refusal of the account (a balance, a quota, a cap on runs at
+    /// once), whatever its status line: the provider's rate let the request
+    /// through, so it counts as taken, never as over the rate. GPTBots and
+    /// Dify refuse a cap on runs at once with HTTP 429, and sending slower
+    /// does not lift a cap; the profile pauses instead.
+    AccountRefused,
+}
+
+impl Answered {
+    /// An answer with `http_status` (`None`: no answer arrived).
+    pub fn status(http_status: Option<u16>) -> Self {
+        http_status.map_or(Answered::Nothing, Answered::Status)
+    }
+
+    /// Whether the provider refused the request over its rate (`None`:
+    /// nothing to learn).
+    fn over_the_rate(self) -> Option<bool> {
+        match self {
+            Answered::Nothing => None,
+            Answered::Status(status) => Some(status == 429),
+            Answered::AccountRefused => Some(false),
+        }
+    }
+}
+
 /// A request's place in its profile's rate and in-flight window: held
 /// until the request is answered, then told what the answer was
 /// ([`Ticket::answered`]). Dropped unanswered (the step gave up before
@@ -83,11 +116,10 @@ impl Ticket {
         }
     }
 
-    /// The request was answered with `http_status` (`None`: no answer at
-    /// all, which teaches nothing about the rate).
-    pub fn answered(mut self, http_status: Option<u16>) {
-        if let (Some(throttle), Some(status)) = (&self.throttle, http_status) {
-            throttle.learn(status, self.epoch);
+    /// The request was answered (see [`Answered`]).
+    pub fn answered(mut self, answer: Answered) {
+        if let (Some(throttle), Some(over)) = (&self.throttle, answer.over_the_rate()) {
+            throttle.learn(over, self.epoch);
         }
         self.release();
     }
@@ -248,13 +280,13 @@ impl ProfileThrottle {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Learns from an answer's status.
-    fn learn(&self, status: u16, epoch: u64) {
+    /// Learns from an answer: `over`, the provider refused it over its rate.
+    fn learn(&self, over: bool, epoch: u64) {
         let change = {
             let mut inner = self.lock();
             let now = now();
-            let change = inner.control.observe(status == 429, epoch, now);
-            tracing::trace!(profile = %self.name, status, epoch, in_flight = inner.in_flight, cap = ?inner.control.flight_cap(), rate = ?inner.control.rate(), "answer");
+            let change = inner.control.observe(over, epoch, now);
+            tracing::trace!(profile = %self.name, over, epoch, in_flight = inner.in_flight, cap = ?inner.control.flight_cap(), rate = ?inner.control.rate(), "answer");
             if matches!(change, Some(RateChange::Cut(_))) {
                 // No burst right after a cut.
                 inner.bucket.drain(now);
@@ -431,13 +463,14 @@ impl Throttles {
     }
 
     /// Learns from the answer to a request made beside a ticket's (a stop
-    /// request before a status check); `None`, no answer, teaches nothing.
-    pub fn observe(&self, profile: &str, http_status: Option<u16>) {
-        let (Some(status), Some(throttle)) = (http_status, self.profiles.get(profile)) else {
+    /// request before a status check).
+    pub fn observe(&self, profile: &str, answer: Answered) {
+        let (Some(over), Some(throttle)) = (answer.over_the_rate(), self.profiles.get(profile))
+        else {
             return;
         };
         let epoch = throttle.lock().control.epoch();
-        throttle.learn(status, epoch);
+        throttle.learn(over, epoch);
     }
 
     /// The rate in force for `profile` (`None`: unlimited).
@@ -590,7 +623,11 @@ mod tests {
         assert_eq!(went, 1);
         deferred.sort();
         assert_eq!(deferred.len(), 2);
-        assert_eq!(deferred[1] - deferred[0], Duration::from_secs(1), "{deferred:?}");
+        assert_eq!(
+            deferred[1] - deferred[0],
+            Duration::from_secs(1),
+            "{deferred:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -635,9 +672,44 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!next.is_finished(), "the window is full");
         // One clean answer frees a place and widens the window.
-        tickets.pop().unwrap().answered(Some(200));
+        tickets.pop().unwrap().answered(Answered::Status(200));
         assert!(next.await.unwrap());
         assert!(go(&throttles, Class::Submit, Duration::from_secs(5)).await);
+    }
+
+    /// Refusals of the account come with HTTP 429 from GPTBots and Dify (a
+    /// cap on runs at once): answered as such, they never cut the rate,
+    /// where the same number of rate refusals does.
+    #[tokio::test(start_paused = true)]
+    async fn an_account_refusal_does_not_cut_the_rate() {
+        for (answer, cut) in [
+            (Answered::AccountRefused, false),
+            (Answered::Status(429), true),
+        ] {
+            for configured in [None, Some(20.0)] {
+                let mut throttles = Throttles::default();
+                throttles.add("p", configured, None);
+                for _ in 0..40 {
+                    let Admission::Go(ticket) = throttles
+                        .admit("p", Class::Submit, Duration::from_secs(60))
+                        .await
+                    else {
+                        panic!("deferred");
+                    };
+                    tokio::time::advance(Duration::from_millis(50)).await;
+                    ticket.answered(answer);
+                }
+                let rate = throttles.current_rate("p");
+                assert_eq!(
+                    rate != configured,
+                    cut,
+                    "{answer:?} with {configured:?} per second: the rate is {rate:?}"
+                );
+                if !cut {
+                    assert_eq!(throttles.stray_share("p"), 0.0);
+                }
+            }
+        }
     }
 
     #[tokio::test]
