@@ -41,6 +41,11 @@ fn bench_quick_prints_every_figure() {
         "rescue_p50",
         "rescue_p99",
         "rescue_max",
+        "limit_goodput",
+        "limit_halved_recovery",
+        "limit_restored_recovery",
+        "stray_429_slowdown",
+        "stray_429_slowdown_short",
     ] {
         assert!(
             stdout

@@ -82,7 +82,7 @@ pub(crate) async fn goodput(
     // three status checks), at least 200 runs: the first second's
     // discovery (about one burst of the provider's refused) is part of it.
     let runs = if plan.args.quick {
-        100
+        60
     } else {
         ((limit * 60.0 / 3.0) as u32).max(200)
     };
@@ -211,10 +211,39 @@ pub(crate) async fn limit_change(
 }
 
 /// A batch of runs against a provider that refuses 5 % of all requests
-/// whatever the rate (a busy pool, not a limit): its time relative to the
-/// same batch without refusals.
+/// whatever the rate (429 + `Retry-After: 1`), against the same batch
+/// without refusals: how much longer it takes. Two batches:
+///
+/// - `stray_429_slowdown`: 1,000 runs (quick: 200) under a configured
+///   ceiling of 100 requests per second, so the batch is bound by the rate
+///   (about 30 s of requests): a rate cut for the strays would show in full,
+///   while each refused request costs only its own second's wait.
+/// - `stray_429_slowdown_short`: 300 runs with no ceiling, about 4 s of
+///   work; here the unluckiest run's refused requests (a second each) make
+///   most of the difference, whatever the rate does.
 pub(crate) async fn stray_429s(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), BenchError> {
-    let runs = if plan.args.quick { 100 } else { 300 };
+    let bound = if plan.args.quick { 200 } else { 1_000 };
+    stray_batch(
+        plan,
+        url,
+        pool,
+        "stray_429_slowdown",
+        bound,
+        "requests_per_second = 100",
+    )
+    .await?;
+    let short = if plan.args.quick { 100 } else { 300 };
+    stray_batch(plan, url, pool, "stray_429_slowdown_short", short, "").await
+}
+
+async fn stray_batch(
+    plan: &Plan,
+    url: &str,
+    pool: &PgPool,
+    name: &str,
+    runs: u32,
+    profile: &str,
+) -> Result<(), BenchError> {
     let mut seconds = Vec::new();
     for rate in [0.0, 0.05] {
         super::reset(pool).await?;
@@ -224,7 +253,7 @@ pub(crate) async fn stray_429s(plan: &Plan, url: &str, pool: &PgPool) -> Result<
             retry_after_secs: Some(1),
             ..Faults::default()
         });
-        let mut worker = WorkerProcess::start(plan, url, pool, &sim, POLL).await?;
+        let mut worker = WorkerProcess::start_with(plan, url, pool, &sim, POLL, profile).await?;
         let started = Instant::now();
         insert_runs(pool, runs, "stray").await?;
         loop {
@@ -245,13 +274,16 @@ pub(crate) async fn stray_429s(plan: &Plan, url: &str, pool: &PgPool) -> Result<
         sim.shutdown().await;
         if rate > 0.0 {
             figure(
-                "stray_429_slowdown",
+                name,
                 format!("{:.2}", seconds[1] / seconds[0]),
                 "x",
-                "<=1.25",
+                if profile.is_empty() { "-" } else { "<=1.25" },
                 &format!(
-                    "runs={runs} without={:.1}s with={:.1}s refused={}",
-                    seconds[0], seconds[1], stats.injected_429
+                    "runs={runs} without={:.1}s with={:.1}s refused={} ceiling={}",
+                    seconds[0],
+                    seconds[1],
+                    stats.injected_429,
+                    if profile.is_empty() { "none" } else { "100/s" }
                 ),
             );
         }

@@ -123,6 +123,13 @@ impl Plan {
             args.enqueue = args.enqueue.min(2_000);
             args.rescue_runs = args.rescue_runs.min(20);
             args.rescue_kills = args.rescue_kills.min(2);
+            // A limit of a few per second makes a minute of work of any
+            // batch: an end-to-end check needs one limit, not the sweep.
+            args.limits.retain(|&l| l >= 20.0);
+            args.limits.truncate(1);
+            if args.limits.is_empty() {
+                args.limits.push(50.0);
+            }
             inflight_duration = inflight_duration.min(Duration::from_secs(2));
             pgbench_seconds = 1;
         }

@@ -35,6 +35,26 @@ pub fn after_poll(
                 },
             )
         },
+        // Refused for the rate before anything was looked up: the check
+        // goes again after its own `Retry-After` (capped), not after the
+        // schedule's next, longer step, and it is no step of the schedule.
+        PollOutcome::Unclear(u) if u.http_status == Some(429) && !u.account_refused => {
+            let wait = u
+                .retry_after
+                .map_or_else(|| poll.delay(run.polls, unit), |asked| asked.min(poll.max));
+            let mut t = Transition {
+                due_at: Some(later(now, wait)),
+                ..Transition::new(
+                    RunState::Running,
+                    Event {
+                        kind: "poll_unclear",
+                        detail: unclear_detail(u),
+                    },
+                )
+            };
+            t.counts_poll = false;
+            return deadline(run, outcome, poll, t);
+        }
         PollOutcome::Unclear(u) => {
             let wait = wait_after_unclear(u, poll.delay(run.polls + 1, unit), poll.max);
             Transition {
@@ -50,6 +70,16 @@ pub fn after_poll(
         }
     };
     transition.counts_poll = true;
+    deadline(run, outcome, poll, transition)
+}
+
+/// Fails a run still not final at its deadline, with what was last known.
+fn deadline(
+    run: &RunProgress,
+    outcome: &PollOutcome,
+    poll: &PollPolicy,
+    mut transition: Transition,
+) -> Transition {
     // Measured on the database's clock from the submit, or from `wfq retry`
     // resuming the run (which gives it a deadline of its own).
     let past_deadline = run.since_submit.is_some_and(|d| d >= poll.deadline);
@@ -339,6 +369,40 @@ mod tests {
             assert!(t.counts_poll);
             assert_eq!(t.settled, state.is_final());
         }
+    }
+
+    #[test]
+    fn a_check_refused_for_the_rate_goes_again_after_its_retry_after() {
+        let refused = |retry_after: Option<u64>| {
+            PollOutcome::Unclear(Unclear {
+                reason: "HTTP 429".into(),
+                http_status: Some(429),
+                retry_after: retry_after.map(Duration::from_secs),
+                account_refused: false,
+                nothing_created: true,
+            })
+        };
+        // Third check due: the schedule's next step would be 4 s and more.
+        let r = run(RunState::Running, 1, 3);
+        let t = after_poll(&r, &refused(Some(1)), false, &poll(), now(), 0.5);
+        assert_eq!(t.to, RunState::Running);
+        assert_eq!(secs(&t), 1);
+        assert!(!t.counts_poll, "a refused check is no step of the schedule");
+        // Without a Retry-After: the step it was at, not the next one.
+        let t = after_poll(&r, &refused(None), false, &poll(), now(), 0.5);
+        assert_eq!(
+            t.due_at.unwrap(),
+            later(now(), poll().delay(3, 0.5)),
+            "{t:?}"
+        );
+        // A wild header is capped by the schedule's own cap.
+        let t = after_poll(&r, &refused(Some(86_400)), false, &poll(), now(), 0.5);
+        assert_eq!(t.due_at.unwrap(), later(now(), poll().max));
+        // The deadline still holds while checks are refused.
+        let mut late = r.clone();
+        late.since_submit = Some(Duration::from_secs(7200));
+        let t = after_poll(&late, &refused(Some(1)), false, &poll(), now(), 0.5);
+        assert_eq!(t.error.unwrap().code, "POLL_DEADLINE");
     }
 
     #[test]

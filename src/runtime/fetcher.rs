@@ -51,6 +51,9 @@ pub struct Fetcher {
     db_failures: u32,
     /// When the profiles with active runs were last looked up.
     profiles_seen: Option<Instant>,
+    /// Profiles were left out of the last claim for their rate: look again
+    /// after this long at most.
+    room_in: Option<Duration>,
 }
 
 /// How often the claim loop looks for queued runs of profiles it does not
@@ -72,6 +75,7 @@ impl Fetcher {
             empty_claims: 0,
             db_failures: 0,
             profiles_seen: None,
+            room_in: None,
         }
     }
 
@@ -102,15 +106,17 @@ impl Fetcher {
             }
             self.discover_profiles().await;
             let engine = &self.engine;
+            let (scope, room_in) = engine.claim_scope_with_room();
+            self.room_in = room_in;
+            if scope.lanes.is_empty() {
+                drop(slots);
+                self.drained = true;
+                continue;
+            }
             let taken = Instant::now();
             match self
                 .db
-                .claim(
-                    &engine.worker_id,
-                    slots.len(),
-                    engine.lease,
-                    &engine.claim_scope(),
-                )
+                .claim(&engine.worker_id, slots.len(), engine.lease, &scope)
                 .await
             {
                 Ok(runs) => {
@@ -179,8 +185,20 @@ impl Fetcher {
     }
 
     async fn sleep_until_due(&mut self) {
-        let fallback = self.config.fallback_poll;
-        let next = match self.db.next_due_in(&self.engine.claim_scope()).await {
+        // A profile left out for its rate gets room as its requests go: look
+        // again by then, whatever the other lanes say.
+        let fallback = match self.room_in {
+            Some(room) => self.config.fallback_poll.min(room.max(MIN_PAUSE)),
+            None => self.config.fallback_poll,
+        };
+        let (scope, _) = self.engine.claim_scope_with_room();
+        if scope.lanes.is_empty() {
+            let until = Utc::now() + chrono::Duration::from_std(fallback).unwrap_or_default();
+            self.engine.wake.sleep_until(until).await;
+            self.drained = false;
+            return;
+        }
+        let next = match self.db.next_due_in(&scope).await {
             Ok(next) => next,
             // Not the fallback poll: that may be long, and nothing else
             // wakes the loop when the database comes back.

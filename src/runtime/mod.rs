@@ -259,9 +259,21 @@ impl Engine {
     /// paused, and the queued runs of profiles this worker does not have
     /// (to fail them `UNKNOWN_PROVIDER`, when so configured).
     pub fn claim_scope(&self) -> crate::store::ClaimScope {
+        self.claim_scope_with_room().0
+    }
+
+    /// [`Engine::claim_scope`] without the profiles whose request rate is
+    /// taken for now ([`Throttles::claim_room`]), and the soonest of those
+    /// profiles' room (when the claim loop should look again).
+    pub fn claim_scope_with_room(&self) -> (crate::store::ClaimScope, Option<Duration>) {
         use crate::lifecycle::RunState;
         let mut scope = crate::store::ClaimScope::default();
+        let mut room_in: Option<Duration> = None;
         for profile in self.providers.keys() {
+            if let Some(wait) = self.throttles.claim_room(profile) {
+                room_in = Some(room_in.map_or(wait, |w| w.min(wait)));
+                continue;
+            }
             match self.pauses.kind(profile) {
                 None => scope.add(
                     profile,
@@ -279,7 +291,7 @@ impl Engine {
                 scope.add(profile, &[RunState::Queued]);
             }
         }
-        scope
+        (scope, room_in)
     }
 
     /// Whether queued runs of profiles this worker does not have are

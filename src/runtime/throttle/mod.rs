@@ -22,6 +22,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use rate::Bucket;
 pub use rate::{RateChange, RateControl};
 
+/// How far ahead of the rate the claim loop takes a limited profile's runs:
+/// enough that a request is always ready when a token is, little enough
+/// that a claimed run never waits long with its lease.
+const CLAIM_HORIZON: Duration = Duration::from_secs(2);
+
+/// How soon the claim loop looks again at a profile whose slow-start window
+/// is full (room comes with answers, which are not timed).
+const ROOM_RECHECK: Duration = Duration::from_millis(50);
+
 /// Now, on tokio's clock (which tests can pause and advance).
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
@@ -223,17 +232,22 @@ impl Inner {
         Duration::from_secs_f64(own as f64 * shares / rate)
     }
 
-    /// The turns already promised to deferred steps, from `now`.
-    fn booked(&self, now: Instant) -> Duration {
-        self.booked_until
-            .map_or(Duration::ZERO, |until| until.saturating_duration_since(now))
-    }
-
-    /// How long until a new request of `class` would go: the queue ahead of
-    /// it and the turns booked by deferred steps, which come back and take
-    /// them.
-    fn backlog(&self, class: Class, now: Instant) -> Duration {
-        self.expected_wait(class) + self.booked(now)
+    /// See [`Throttles::claim_room`]: room while what waits in the queues
+    /// is served within [`CLAIM_HORIZON`] at the rate in force, or, while no
+    /// rate is known, while fewer wait than the slow start lets fly. Turns
+    /// booked by deferred steps do not count: their runs stay in the table
+    /// until then, and the rate meanwhile is for whoever is due now.
+    fn claim_room(&self) -> Option<Duration> {
+        match (self.control.rate(), self.control.flight_cap()) {
+            (Some(rate), _) => {
+                let ahead = Duration::from_secs_f64(self.waiting() as f64 / rate);
+                ahead
+                    .checked_sub(CLAIM_HORIZON)
+                    .filter(|over| !over.is_zero())
+            }
+            (None, Some(cap)) if self.waiting() >= cap as usize => Some(ROOM_RECHECK),
+            (None, _) => None,
+        }
     }
 
     /// Books a turn for a step that will not wait for one: the first turn
@@ -428,7 +442,10 @@ impl Throttles {
             if inner.waiting() == 0 && inner.take(now) {
                 return Admission::Go(ticket(inner.control.epoch()));
             }
-            if inner.backlog(class, now) > max_wait {
+            // Only the queue counts here, not the turns booked by deferred
+            // steps: those runs are in the table until their turn, and a
+            // turn nobody claims now would go unused.
+            if inner.expected_wait(class) > max_wait {
                 return Admission::Defer(inner.book(class, now));
             }
             let (tx, rx) = oneshot::channel();
@@ -471,6 +488,18 @@ impl Throttles {
         };
         let epoch = throttle.lock().control.epoch();
         throttle.learn(over, epoch);
+    }
+
+    /// Whether the claim loop should take more runs of `profile` now:
+    /// `None` when it should, else about how long until it should. A run
+    /// claimed beyond what the rate serves soon would only wait in a queue
+    /// with its lease running down, then be given back (a write each); left
+    /// in the table it keeps its place in due order, and a rate found
+    /// higher later is used at once.
+    pub fn claim_room(&self, profile: &str) -> Option<Duration> {
+        let throttle = self.profiles.get(profile)?;
+        let inner = throttle.lock();
+        inner.claim_room()
     }
 
     /// The rate in force for `profile` (`None`: unlimited).

@@ -121,13 +121,40 @@ const MEASURED_SPAN: Duration = Duration::from_millis(250);
 struct Trial {
     /// The rate before the cut.
     previous: Option<f64>,
+    /// The slow start's window before the cut, given back with an unknown
+    /// rate if the refusals turn out to be strays: an unknown limit is
+    /// still approached gradually, never with everything at once.
+    previous_flight: Option<f64>,
     /// The refused share that made it.
     share: f64,
     /// The rate found, set once the check passes.
     found: f64,
 }
 
-/// How far below the rate found a cut is checked.
+/// A window sent at less than this share of the rate in force was held
+/// back by the work at hand, not by the rate.
+const DEMAND_BOUND: f64 = 0.8;
+
+/// Whether `refused` of `answered` is more than the provider's stray share
+/// explains: above the share by [`TOLERANCE`] and, once strays are known,
+/// at least two refusals beyond two standard deviations of what the strays
+/// would give (a small window with one stray more is noise). Without
+/// strays, any refusal over the tolerance counts: a limit at a few
+/// requests per second shows one refusal per window at a time.
+fn significant(answered: u32, refused: u32, stray: f64) -> bool {
+    let n = f64::from(answered.max(1));
+    let k = f64::from(refused);
+    if stray <= 0.0 {
+        return refused >= 1 && k / n > TOLERANCE;
+    }
+    let spread = 2.0 * (n * stray * (1.0 - stray)).sqrt();
+    refused >= 2 && k / n > stray + TOLERANCE && k > n * stray + spread
+}
+
+/// How far below the rate found a cut is checked. Deep enough that a rate
+/// found a little high (a provider's burst counted in the first window)
+/// is still clean there under a limit; otherwise the limit's refusals at
+/// the trial rate look like strays and the cut is undone.
 const TRIAL_DEPTH: f64 = 0.9;
 
 /// What a window decided, for logs and tests.
@@ -164,6 +191,11 @@ pub struct RateControl {
     flight: Option<f64>,
     flight_base: f64,
     flight_since: Instant,
+    /// The most the provider accepted per second in a clean window since
+    /// the last cut: a floor for a cut made in a window cut short by a flood
+    /// of refusals (which measures almost nothing: the provider's bucket was
+    /// already empty), and the rate below which refusals are not ours.
+    last_accepted: Option<f64>,
     /// Bumped by every cut: answers to requests sent before it say nothing
     /// about the new rate (they were sent at the old one), so they cannot
     /// make a second cut.
@@ -186,6 +218,7 @@ impl RateControl {
             flight: configured.is_none().then_some(INITIAL_FLIGHT),
             flight_base: INITIAL_FLIGHT,
             flight_since: now,
+            last_accepted: None,
             epoch: 0,
         }
     }
@@ -302,12 +335,49 @@ impl RateControl {
             }
             _ => f64::from(answered - refused) / seconds,
         };
-        let over = flooded || (refused >= 1 && share > self.stray + TOLERANCE);
+        let over = flooded || significant(answered, refused, self.stray);
+        let sent_rate = f64::from(sent) / seconds;
+        let floor = self.last_accepted;
+        if !over {
+            // What the provider took cleanly: a rate it has shown it accepts.
+            let clean = f64::from(answered - refused) / seconds;
+            self.last_accepted = Some(floor.map_or(clean, |f| f.max(clean)));
+        }
+        // Refusals while sending well below our own rate and below what the
+        // provider has cleanly taken: our rate did not cause them (a busy
+        // pool refusing a share of everything). Taken for a limit, they
+        // would cut the rate to the little that was asked (accepted is
+        // what was asked, not what is allowed) and starve the profile. A
+        // lowered limit still shows: it refuses more than `MAX_STRAY`.
+        if over && !flooded && self.trial.is_none() && share < MAX_STRAY {
+            let below_own = self
+                .limit
+                .is_none_or(|limit| sent_rate < DEMAND_BOUND * limit);
+            let below_proven = floor.is_some_and(|proven| sent_rate <= DEMAND_BOUND * proven);
+            // Strays already known explain refusals at a rate we are not
+            // pushing, even before a clean window proved a rate.
+            if below_own && (below_proven || self.stray > 0.0) {
+                self.stray = if self.stray > 0.0 {
+                    0.7 * self.stray + 0.3 * share
+                } else {
+                    share
+                };
+                self.known = true;
+                self.streak = 0;
+                return Some(RateChange::Strays(self.stray));
+            }
+        }
         if let Some(trial) = self.trial.take() {
             if over && answered >= STRAY_EVIDENCE && share < MAX_STRAY && share >= trial.share * 0.5
             {
-                // A slower rate refused as many: not a limit.
+                // A slower rate refused as many: not a limit. What it
+                // accepted was taken despite the strays: a proven rate.
+                let taken = f64::from(answered - refused) / seconds;
+                self.last_accepted = Some(floor.map_or(taken, |f| f.max(taken)));
                 self.limit = trial.previous;
+                if trial.previous.is_none() {
+                    self.flight = trial.previous_flight;
+                }
                 self.stray = share;
                 self.streak = 0;
                 self.known = true;
@@ -323,16 +393,25 @@ impl RateControl {
         if over {
             // At most half in one window: a window cut short by a flood
             // right after a change can under-count what the provider takes.
+            // A flood's short window measures almost nothing: what a full
+            // window accepted before is the better guess of the limit.
+            let accepted = match (flooded, floor) {
+                (true, Some(floor)) => accepted.max(floor),
+                _ => accepted,
+            };
             let found = self.clamp(match self.limit {
                 Some(limit) => (accepted * CUT_MARGIN).clamp(limit / 2.0, limit),
                 None => accepted * CUT_MARGIN,
             });
             self.trial = Some(Trial {
                 previous: self.limit,
+                previous_flight: self.flight,
                 share,
                 found,
             });
             self.limit = Some(self.clamp(found * TRIAL_DEPTH));
+            // Clean rates seen before a cut no longer prove anything.
+            self.last_accepted = None;
             self.flight = None;
             self.known = true;
             self.epoch += 1;

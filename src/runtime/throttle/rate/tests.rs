@@ -67,6 +67,8 @@ struct Model {
     seconds: Vec<Second>,
     at: Duration,
     changes: Vec<RateChange>,
+    /// The work at hand: requests per second the worker has to send.
+    speed: f64,
 }
 
 impl Model {
@@ -80,12 +82,13 @@ impl Model {
             seconds: Vec::new(),
             at: Duration::ZERO,
             changes: Vec::new(),
+            speed: WORKER_SPEED,
         }
     }
 
     /// Sends as fast as the bucket allows until `until`.
     fn run_until(&mut self, until: Duration) {
-        let step = Duration::from_secs_f64(1.0 / WORKER_SPEED);
+        let step = Duration::from_secs_f64(1.0 / self.speed);
         while self.at < until {
             let now = self.t0 + self.at;
             let rate = self.control.rate();
@@ -214,6 +217,35 @@ fn stray_refusals_do_not_cut_the_rate_for_good() {
     // The worker kept its speed: about WORKER_SPEED answers a second.
     let (goodput, _) = model.over(3, 30);
     assert!(goodput >= 0.9 * WORKER_SPEED * 0.95, "{goodput}");
+}
+
+#[test]
+fn stray_refusals_while_little_is_asked_are_not_a_limit() {
+    // 5 % refused whatever the rate, and work that comes and goes: a burst,
+    // a trickle of status checks (5/s), a burst again. Refusals in the
+    // trickle are no reason to cut to the trickle's rate.
+    let mut model = Model::new(None, Provider::new(None, 0.05));
+    model.speed = 300.0;
+    model.run_until(secs(5));
+    model.speed = 5.0;
+    model.run_until(secs(35));
+    model.speed = 300.0;
+    model.run_until(secs(45));
+    let lowest_cut = model
+        .changes
+        .iter()
+        .filter_map(|c| match c {
+            RateChange::Cut(rate) => Some(*rate),
+            _ => None,
+        })
+        .fold(f64::INFINITY, f64::min);
+    assert!(lowest_cut >= 100.0, "{:?}", model.changes);
+    let (goodput, _) = model.over(37, 45);
+    assert!(
+        goodput >= 0.9 * 300.0 * 0.95,
+        "{goodput} {:?}",
+        model.changes
+    );
 }
 
 #[test]
