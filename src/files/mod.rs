@@ -17,6 +17,7 @@
 //! files into a local copy), `mirror` (the output mirror service),
 //! `upload` (input uploads before a submit).
 
+pub mod cli;
 pub mod config;
 pub mod location;
 pub mod media;

@@ -68,6 +68,11 @@ pub use run::LedgerEntry;
 pub use state::SimStats;
 pub use uploads::UploadEntry;
 
+/// A small generated PNG (the simulator's image outputs), e.g. for the demo.
+pub fn sample_png(seed: u64) -> Vec<u8> {
+    media::png(seed)
+}
+
 use state::Shared;
 use timeline::Timing;
 

@@ -646,3 +646,18 @@ pub async fn record_input_link(
     .await?;
     Ok(())
 }
+
+/// `(media_state, mirrored_outputs)` of a run (`wfq show`).
+#[tracing::instrument(name = "media_of_run", skip(pool), err, level = "debug")]
+pub async fn media_of_run(
+    pool: &PgPool,
+    run_id: i64,
+) -> Result<(Option<String>, Option<Value>), sqlx::Error> {
+    Ok(
+        sqlx::query_as("SELECT media_state, mirrored_outputs FROM wfq.runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_optional(pool)
+            .await?
+            .unwrap_or((None, None)),
+    )
+}
