@@ -81,6 +81,8 @@ pub struct Config {
     pub metrics: Option<MetricsConfig>,
     /// Delivery of completion callbacks (off unless configured).
     pub callbacks: Option<CallbacksConfig>,
+    /// Where files are kept: mirrored outputs, CLI input files (off unless configured).
+    pub storage: Option<crate::files::StorageConfig>,
     /// Provider profiles by name (the value of `wfq.runs.provider`).
     pub providers: BTreeMap<String, ProviderProfile>,
 }
@@ -415,6 +417,8 @@ struct RawConfig {
     #[serde(default)]
     metrics: Option<crate::metrics::RawMetricsConfig>,
     callbacks: Option<RawCallbacks>,
+    #[serde(default)]
+    storage: Option<crate::files::RawStorageConfig>,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
 }
@@ -799,6 +803,10 @@ impl Config {
             .metrics
             .map(|m| m.parse().map_err(|e| invalid("metrics.listen", e)));
         let metrics = metrics.transpose()?;
+        let storage = match raw.storage {
+            None => None,
+            Some(s) => Some(s.parse(env).map_err(|(key, m)| invalid(&key, m))?),
+        };
         let callbacks = match raw.callbacks {
             None => None,
             Some(c) => {
@@ -1033,6 +1041,7 @@ impl Config {
             retention,
             metrics,
             callbacks,
+            storage,
             providers,
         })
     }

@@ -45,6 +45,9 @@ pub enum DemoError {
     /// The worker failed.
     #[error("{0}")]
     Worker(#[from] crate::runtime::WorkerError),
+    /// The demo's files could not be written.
+    #[error("demo files: {0}")]
+    Files(String),
     /// Runs did not finish in time.
     #[error("{0} runs were still not final after {1:?}; see `wfq list`")]
     Timeout(i64, Duration),
@@ -174,7 +177,7 @@ impl Environment for DemoEnv {
 /// The runs the demo enqueues: successes, an external-cost video, a run the
 /// provider fails (still settled), a typo the worker rejects before submit,
 /// and one canceled before it is picked up.
-fn demo_runs() -> Vec<(&'static str, NewRun)> {
+fn demo_runs(picture: &str) -> Vec<(&'static str, NewRun)> {
     let run = |workflow: &str, inputs: serde_json::Value| NewRun {
         workflow_id: workflow.to_owned(),
         inputs,
@@ -193,13 +196,13 @@ fn demo_runs() -> Vec<(&'static str, NewRun)> {
             run("wf_861ef31e94dcfb10e6e7", json!({})),
         ),
         (
-            "video with an external model cost",
+            "video with an external model cost, from a local picture (uploaded first)",
             NewRun {
                 accept_external_cost_risk: true,
                 priority: 10,
                 ..run(
                     "wf_seedance_video_2f0c",
-                    json!({"prompt": "a paper boat in the rain", "image": "asset://sim/demo-image"}),
+                    json!({"prompt": "a paper boat in the rain", "image": {"$file": picture}}),
                 )
             },
         ),
@@ -256,8 +259,24 @@ pub async fn run_demo() -> Result<(), DemoError> {
         sim.gptbots_base_url("news")
     );
 
+    // Outputs are kept in a local store; one input is a local picture.
+    let media = std::env::temp_dir().join("wfq-demo-media");
+    let _ = std::fs::remove_dir_all(&media);
+    std::fs::create_dir_all(&media).map_err(|e| DemoError::Files(e.to_string()))?;
+    let picture = std::env::temp_dir().join("wfq-demo-boat.png");
+    std::fs::write(&picture, crate::sim::sample_png(7))
+        .map_err(|e| DemoError::Files(e.to_string()))?;
+    println!(
+        "files: input picture {}, outputs kept in {}",
+        picture.display(),
+        media.display()
+    );
     let toml = format!(
         r#"
+        [storage]
+        url = "file://{}"
+        initial = "200ms"
+        max = "1s"
         [worker]
         concurrency = 16
         fallback_poll = "1s"
@@ -278,6 +297,7 @@ pub async fn run_demo() -> Result<(), DemoError> {
         base_url = "{}"
         api_key_env = "WFQ_DEMO_KEY"
         "#,
+        media.display(),
         sim.base_url(),
         sim.dify_base_url("text"),
         sim.gptbots_base_url("news"),
@@ -289,7 +309,7 @@ pub async fn run_demo() -> Result<(), DemoError> {
     let config = Config::from_toml(&toml, "demo configuration", &env)?;
 
     let mut ids = Vec::new();
-    for (what, run) in demo_runs() {
+    for (what, run) in demo_runs(&format!("file://{}", picture.display())) {
         let id = store::enqueue_run(&pool, &run).await?;
         println!("enqueued run {id}: {what}");
         ids.push(id);
@@ -315,7 +335,8 @@ pub async fn run_demo() -> Result<(), DemoError> {
         let started = tokio::time::Instant::now();
         let outcome = loop {
             let active: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM wfq.runs WHERE state IN ('queued', 'submitting', 'running')",
+                "SELECT count(*) FROM wfq.runs WHERE state IN ('queued', 'submitting', 'running') \
+                 OR (state = 'succeeded' AND (media_state IS NULL OR media_state = 'pending'))",
             )
             .fetch_one(&watch_pool)
             .await
@@ -351,8 +372,38 @@ pub async fn run_demo() -> Result<(), DemoError> {
     }
 
     print_runs(&pool).await?;
+    print_files(&pool).await?;
     print_sql(&database.url);
     pool.close().await;
+    Ok(())
+}
+
+/// Where the input picture went and where the outputs were stored.
+async fn print_files(pool: &PgPool) -> Result<(), DemoError> {
+    type FileLine = (i64, String, String, String, Option<String>, Option<String>);
+    let files: Vec<FileLine> = sqlx::query_as(
+        "SELECT run_id, direction, key, state, COALESCE(stored_location, provider_file_id), error_code \
+         FROM wfq.run_files ORDER BY run_id, direction, key, position",
+    )
+    .fetch_all(pool)
+    .await?;
+    if files.is_empty() {
+        return Ok(());
+    }
+    println!("\nfiles (wfq.run_files):");
+    for (run, direction, key, state, place, error) in files {
+        let arrow = if direction == "input" {
+            "uploaded as"
+        } else {
+            "stored at"
+        };
+        println!(
+            "  run {run:<3} {direction:<6} {key:<10} {state:<8} {arrow} {}{}",
+            place.as_deref().unwrap_or("-"),
+            error.map(|e| format!(" ({e})")).unwrap_or_default()
+        );
+    }
+    println!("  get them back with: wfq media get RUN [KEY] -o DIR");
     Ok(())
 }
 

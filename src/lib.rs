@@ -10,6 +10,7 @@ pub mod bench;
 pub mod callbacks;
 pub mod config;
 pub mod demo;
+pub mod files;
 pub mod inputs;
 pub mod lifecycle;
 pub mod metrics;

@@ -90,12 +90,29 @@ enum Command {
         #[arg(long, default_value = "1s")]
         interval: String,
     },
+    /// Files of runs kept in [storage].
+    #[command(subcommand)]
+    Media(MediaCommand),
     /// Run the chenyu simulator.
     Sim(SimArgs),
     /// Run the whole thing against the built-in simulator and print the results.
     Demo,
     /// Measure wfq (and the peers in benches/peers) on its own database; see BENCHMARKS.md.
     Bench(wfq::bench::BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum MediaCommand {
+    /// Copy a run's mirrored outputs from [storage] into a directory.
+    Get {
+        /// Run id.
+        id: i64,
+        /// Only this output key.
+        key: Option<String>,
+        /// Where to write them (as <key>[/<n>].<ext>).
+        #[arg(short = 'o', long = "out", default_value = ".")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -109,6 +126,10 @@ struct EnqueueArgs {
     /// Inputs as a JSON object.
     #[arg(long, default_value = "{}")]
     inputs: String,
+    /// One input: KEY=VALUE (JSON, else text) or KEY=@PATH (a local file,
+    /// put into [storage] when configured, else passed as a file:// path).
+    #[arg(long = "input", value_name = "KEY=VALUE|KEY=@PATH")]
+    input: Vec<String>,
     /// Revision to pin (default: the published one at submit).
     #[arg(long)]
     revision: Option<String>,
@@ -259,7 +280,15 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Enqueue(args) => {
             let pool = connect(cli.config.as_deref()).await?;
             let (wait, json) = (args.wait, args.json);
-            let run = new_run(args)?;
+            let input_args = args.input.clone();
+            let mut run = new_run(args)?;
+            if !input_args.is_empty() {
+                let storage = load_storage(cli.config.as_deref())?;
+                let inputs = run.inputs.as_object().cloned().unwrap_or_default();
+                let merged =
+                    wfq::files::cli::merge_inputs(inputs, &input_args, storage.as_ref()).await?;
+                run.inputs = Value::Object(merged);
+            }
             let id = store::enqueue_run(&pool, &run).await?;
             if wait {
                 let provider = run.provider.as_deref().unwrap_or("chenyu");
@@ -274,12 +303,18 @@ async fn run(cli: Cli) -> Result<()> {
                 bail!("run {id} does not exist");
             };
             let events = store::run_events(&pool, id).await?;
+            let files = store::run_files(&pool, id).await?;
+            let (media_state, mirrored) = store::media_of_run(&pool, id).await?;
             let mut shown = serde_json::to_value(&run)?;
             if json {
+                shown["media_state"] = serde_json::to_value(&media_state)?;
+                shown["mirrored_outputs"] = serde_json::to_value(&mirrored)?;
+                shown["files"] = serde_json::to_value(&files)?;
                 shown["events"] = serde_json::to_value(events)?;
                 println!("{}", serde_json::to_string_pretty(&shown)?);
             } else {
                 print_show(&shown, &events);
+                print_files(media_state.as_deref(), &files);
             }
         }
         Command::List { state, limit, json } => {
@@ -345,6 +380,12 @@ async fn run(cli: Cli) -> Result<()> {
             let age = parse_duration(&finished_before)
                 .map_err(|e| anyhow::anyhow!("--finished-before: {e}"))?;
             let pool = connect(cli.config.as_deref()).await?;
+            if let Some(storage) = load_storage(cli.config.as_deref())? {
+                let storage = std::sync::Arc::new(storage);
+                let files =
+                    wfq::files::cli::prune_stored_files(&pool, &storage, age, batch.max(1)).await?;
+                println!("deleted {files} stored files of finished runs");
+            }
             let deleted = store::prune_finished_runs(&pool, age, batch.max(1)).await?;
             println!("deleted {deleted} finished runs and their events");
         }
@@ -371,6 +412,25 @@ async fn run(cli: Cli) -> Result<()> {
                 print_workers(&workers, chrono::Utc::now());
             }
         }
+        Command::Media(MediaCommand::Get { id, key, out }) => {
+            let Some(storage) = load_storage(cli.config.as_deref())? else {
+                bail!(
+                    "no [storage] in the configuration: nothing is mirrored, so there is nothing to get"
+                );
+            };
+            let pool = connect(cli.config.as_deref()).await?;
+            let written =
+                wfq::files::cli::media_get(&pool, &storage, id, key.as_deref(), &out).await?;
+            if written.is_empty() {
+                bail!(
+                    "run {id} has no stored outputs{}",
+                    key.map(|k| format!(" under key {k}")).unwrap_or_default()
+                );
+            }
+            for path in written {
+                println!("{}", path.display());
+            }
+        }
         Command::Sim(args) => run_sim(args).await?,
         Command::Demo => demo::run_demo().await?,
         Command::Bench(args) => wfq::bench::run(args).await?,
@@ -390,6 +450,41 @@ fn config_text(path: Option<&Path>) -> Result<(String, String)> {
             Ok((String::new(), "built-in defaults".to_owned()))
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// `[storage]` of the configuration, opened (`None` without one).
+fn load_storage(path: Option<&Path>) -> Result<Option<wfq::files::Storage>> {
+    let (text, origin) = config_text(path)?;
+    let Some(config) = wfq::files::cli::storage_from_toml(&text, &origin, &ProcessEnvironment)?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(wfq::files::Storage::open(&config)?))
+}
+
+/// The files of a run, under its show table.
+fn print_files(media_state: Option<&str>, files: &[store::RunFileRow]) {
+    if media_state.is_none() && files.is_empty() {
+        return;
+    }
+    println!();
+    println!("media_state  {}", media_state.unwrap_or("-"));
+    for f in files {
+        let place = f
+            .stored_location
+            .as_deref()
+            .or(f.provider_file_id.as_deref())
+            .unwrap_or("-");
+        let problem = match (&f.error_code, &f.error) {
+            (Some(code), Some(error)) => format!("  {code}: {error}"),
+            (Some(code), None) => format!("  {code}"),
+            _ => String::new(),
+        };
+        println!(
+            "{:<6} {}[{}]  {}  attempts={}  {}{}",
+            f.direction, f.key, f.position, f.state, f.attempts, place, problem
+        );
     }
 }
 

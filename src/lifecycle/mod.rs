@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use crate::providers::{Accepted, ERROR_REPAIRS_KEY, ProviderError, Repairs, RunReport, Unclear};
 
 mod account;
+mod files;
 mod find;
 mod poll;
 mod prepare;
@@ -20,6 +21,7 @@ mod submit;
 mod test_support;
 
 pub use account::{RefusalScope, account_refused, is_balance_code, refusal_scope};
+pub use files::{file_failed, upload_unclear};
 pub use find::{FindDecision, InDoubt, after_find};
 pub use poll::after_poll;
 pub use prepare::{

@@ -209,6 +209,7 @@ pub struct Metrics {
     polls: Family<Counter>,
     provider_errors: Family<Counter>,
     runs_finished: Family<Counter>,
+    media_copies: Family<Counter>,
     request_duration: Family<Histogram>,
     claim_batch_size: Histogram,
     lease_rescues: Counter,
@@ -237,6 +238,7 @@ impl Default for Metrics {
             polls: Family::new(&["provider", "outcome"]),
             provider_errors: Family::new(&["provider", "code"]),
             runs_finished: Family::new(&["provider", "state"]),
+            media_copies: Family::new(&["outcome"]),
             request_duration: Family::new(&["provider", "call"]),
             claim_batch_size: Histogram::new(BATCH_BUCKETS),
             lease_rescues: Counter::default(),
@@ -269,6 +271,19 @@ impl Metrics {
         self.submits
             .get(&[provider, outcome], Counter::default)
             .add(1);
+    }
+
+    /// Counts an output copy attempt by the state it left the file in:
+    /// `done`, `pending` (counted as `retry`), `failed`, `expired`, `skipped`.
+    pub fn media_copy(&self, state: &str) {
+        let outcome = match state {
+            "done" => "done",
+            "pending" => "retry",
+            "expired" => "expired",
+            "skipped" => "skipped",
+            _ => "failed",
+        };
+        self.media_copies.get(&[outcome], Counter::default).add(1);
     }
 
     /// Counts a status check's outcome.
@@ -451,6 +466,11 @@ impl Metrics {
                 "wfq_runs_finished_total",
                 "Runs this process moved into a final state (succeeded, failed, canceled), by provider profile and state.",
                 &self.runs_finished,
+            ),
+            (
+                "wfq_media_copies_total",
+                "Output copies to [storage] by outcome: done, retry (failed, tried again later), failed (gave up, too large, refused), expired (the link was gone), skipped (not media).",
+                &self.media_copies,
             ),
         ];
         for (name, help, family) in counters {

@@ -27,6 +27,7 @@ use super::{
 use crate::config::{ApiKey, HttpConfig};
 use crate::money::{WireAmount, parse_amount};
 
+mod assets;
 mod balance;
 mod progress;
 

@@ -4,6 +4,7 @@
 pub mod chenyu;
 pub mod dify;
 mod edge;
+pub mod files;
 pub mod gptbots;
 mod sse;
 pub mod storable;
@@ -17,6 +18,7 @@ use serde_json::{Map, Value};
 pub use chenyu::ChenyuClient;
 pub use dify::{DifyClient, RunStream, StreamEnd};
 pub use edge::ERROR_REPAIRS_KEY;
+pub use files::{FileLimits, UploadOutcome, UploadSource};
 pub use gptbots::GptbotsClient;
 pub use storable::{AnswerLimits, Repairs};
 

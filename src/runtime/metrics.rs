@@ -35,6 +35,11 @@ impl MeteredClient {
         }
     }
 
+    /// The client itself (file uploads are measured by their own step).
+    pub fn provider(&self) -> &ProviderClient {
+        &self.inner
+    }
+
     /// See [`ProviderClient::submit_guard`].
     pub fn submit_guard(&self) -> SubmitGuard {
         self.inner.submit_guard()

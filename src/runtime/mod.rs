@@ -106,6 +106,8 @@ pub struct Engine {
     pub liveness: Liveness,
     /// The leases of the runs this process's steps work on (renewed together).
     pub leases: Leases,
+    /// Input files: the store, limits and what was learned of providers' limits.
+    pub uploads: crate::files::upload::Uploads,
     /// Profiles with queued runs that this worker does not have, found by
     /// the claim loop from time to time (to fail those runs).
     unknown_profiles: std::sync::Mutex<Vec<String>>,
@@ -207,7 +209,10 @@ impl Engine {
             true => Liveness::pending(),
             false => Liveness::always(),
         };
+        let uploads = crate::files::upload::Uploads::new(config)
+            .map_err(|e| WorkerError::Runtime(e.to_string()))?;
         Ok(Engine {
+            uploads,
             leases: Leases::new(config.worker.lease, liveness.clone()),
             liveness,
             pauses: ProviderPauses::default(),
@@ -414,6 +419,14 @@ where
             None
         }
     };
+    // Media outputs copied to [storage], when configured.
+    let media = crate::files::mirror::MirrorService::start(
+        &pool,
+        engine.uploads.storage(),
+        &config.worker.id,
+        config.worker.listen,
+        engine.metrics.clone(),
+    );
     // A pause recorded by an earlier process says nothing about this one's
     // keys; it is recorded again if this process is refused too.
     for profile in engine.provider_names() {
@@ -520,6 +533,9 @@ where
         Err(e) => {
             tracing::warn!(error = %e, "could not give back leases; they expire by themselves")
         }
+    }
+    if let Some(media) = media {
+        media.stop().await;
     }
     fleet.stop().await;
     if let Some(server) = metrics_server {

@@ -27,6 +27,7 @@ pub(crate) fn routes(shared: Arc<Shared>) -> Router {
         .route("/_sim/dify/ledger", get(dify_ledger))
         .route("/_sim/gptbots/ledger", get(gptbots_ledger))
         .route("/_sim/stats", get(stats))
+        .route("/_sim/uploads", get(uploads))
         .route("/_sim/faults", get(get_faults).put(put_faults))
         .route("/_sim/balance", get(get_balance).put(put_balance))
         .route("/_sim/balance/top_up", post(top_up))
@@ -43,6 +44,10 @@ async fn dify_ledger(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn gptbots_ledger(State(shared): State<Arc<Shared>>) -> Response {
     Json(super::gptbots::ledger(&shared)).into_response()
+}
+
+async fn uploads(State(shared): State<Arc<Shared>>) -> Response {
+    Json(shared.lock().uploads.clone()).into_response()
 }
 
 async fn stats(State(shared): State<Arc<Shared>>) -> Response {

@@ -32,6 +32,7 @@ pub(crate) fn routes(shared: Arc<Shared>) -> Router {
         .route("/workflow/run/info", get(run_info))
         .route("/workflow/run/execution", get(run_execution))
         .route("/balance/info", get(balance_info))
+        .route("/assets", post(super::uploads::chenyu_assets))
         .fallback(|| async { envelope::plain(StatusCode::NOT_FOUND, "not found") })
         .with_state(shared)
 }
@@ -171,7 +172,7 @@ async fn poll(shared: &Shared, headers: &HeaderMap, params: &Params, kind: PollK
     let phase = shared.phase_now(run, now);
     let hostile = (inner.faults.hostile_outputs && phase >= Phase::Finished)
         .then(|| Variant::of_run(run.seq));
-    let data = match kind {
+    let mut data = match kind {
         PollKind::Info => views::run_info(run, phase, &shared.timing, hostile.is_some()),
         PollKind::Execution => {
             let elapsed = now.saturating_duration_since(run.submitted);
@@ -185,6 +186,7 @@ async fn poll(shared: &Shared, headers: &HeaderMap, params: &Params, kind: PollK
     };
     inner.stats.hostile_answers += u64::from(hostile.is_some());
     drop(inner);
+    super::media::link_outputs(&mut data, headers);
     match hostile {
         Some(variant) => envelope::json_text(hostile::splice(
             &envelope::ok_body("查询成功", data).to_string(),

@@ -38,7 +38,7 @@ impl ValueType {
         match self {
             Self::Image => "png",
             Self::Video => "mp4",
-            Self::Audio => "mp3",
+            Self::Audio => "wav",
             _ => "txt",
         }
     }

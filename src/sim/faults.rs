@@ -117,6 +117,23 @@ pub struct Faults {
     /// Dify: runs created while set price their Start node (at 0) in this
     /// currency, the LLM node staying in USD: no single total exists.
     pub dify_start_node_currency: Option<String>,
+    /// How long a finished run's output links (`GET /media/...`) stay
+    /// valid, in milliseconds from the run's end; `None` is one hour. Past
+    /// it a link answers HTTP 403 "Request has expired", as presigned
+    /// URLs do (`SimStats::media_expired`).
+    pub media_ttl_ms: Option<u64>,
+    /// The next N output downloads get HTTP 503.
+    pub fail_next_downloads: u32,
+    /// Every output download sends this many bytes instead of the small
+    /// file, chunked without a `Content-Length` (to test size limits on a
+    /// stream); the bytes are made as they are sent.
+    pub media_size_bytes: Option<u64>,
+    /// The next N uploads (chenyu `POST /assets`, Dify `POST
+    /// /files/upload`) get HTTP 503 before anything is recorded.
+    pub fail_next_uploads: u32,
+    /// Uploads larger than this are refused (chenyu HTTP 200 with
+    /// `engine_code: FILE_TOO_LARGE`, Dify HTTP 413 `file_too_large`).
+    pub max_upload_bytes: Option<u64>,
 }
 
 /// A fault chosen for one request, rendered by `envelope::injected`.
@@ -155,6 +172,16 @@ impl Faults {
             }
         }
         Ok(())
+    }
+
+    /// Consumes one `fail_next_downloads`.
+    pub(crate) fn take_download_fault(&mut self) -> bool {
+        take(&mut self.fail_next_downloads)
+    }
+
+    /// Consumes one `fail_next_uploads`.
+    pub(crate) fn take_upload_fault(&mut self) -> bool {
+        take(&mut self.fail_next_uploads)
     }
 
     /// The per-key rate limit in force, if any.

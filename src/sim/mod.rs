@@ -24,7 +24,9 @@
 //! and stats), `faults`, `balance` (the account), `hold` (hold gates),
 //! `hostile` (the hostile-answer corpus), `limits` (rate limit
 //! and run cap), `submit` (the submit decision), `views` (answer
-//! bodies), `envelope` (response envelopes), `api` and `admin` (routes).
+//! bodies), `envelope` (response envelopes), `api` and `admin` (routes),
+//! `media` (output files served at their links, which expire) and
+//! `uploads` (chenyu `POST /assets`, Dify `POST /files/upload`).
 
 mod admin;
 mod api;
@@ -39,11 +41,13 @@ mod hold;
 mod hostile;
 mod inputs;
 mod limits;
+mod media;
 mod money;
 mod run;
 mod state;
 mod submit;
 mod timeline;
+mod uploads;
 mod views;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -62,6 +66,12 @@ pub use gptbots::GptbotsLedgerEntry;
 pub use limits::RateLimitMode;
 pub use run::LedgerEntry;
 pub use state::SimStats;
+pub use uploads::UploadEntry;
+
+/// A small generated PNG (the simulator's image outputs), e.g. for the demo.
+pub fn sample_png(seed: u64) -> Vec<u8> {
+    media::png(seed)
+}
 
 use state::Shared;
 use timeline::Timing;
@@ -196,6 +206,12 @@ impl SimServer {
             .collect()
     }
 
+    /// Every file uploaded (chenyu `POST /assets`, Dify `POST
+    /// /files/upload`), in arrival order.
+    pub fn uploads(&self) -> Vec<UploadEntry> {
+        self.shared.lock().uploads.clone()
+    }
+
     /// A snapshot of the request counters.
     pub fn stats(&self) -> SimStats {
         self.shared.stats()
@@ -254,6 +270,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .nest(API_PREFIX, api::routes(Arc::clone(&shared)))
         .nest("/dify/{app}/v1", dify::routes(Arc::clone(&shared)))
         .nest("/gptbots/{workflow}", gptbots::routes(Arc::clone(&shared)))
+        .merge(media::routes(Arc::clone(&shared)))
         .merge(admin::routes(shared))
         .fallback(|| async { envelope::plain(StatusCode::NOT_FOUND, "not found") })
 }

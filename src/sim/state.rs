@@ -100,6 +100,16 @@ pub struct SimStats {
     pub gptbots_unknown_statuses: u64,
     /// GPTBots answers without `totalCost` (`gptbots_omit_total_cost`).
     pub gptbots_costs_omitted: u64,
+    /// Output downloads (`GET /media/...`), whatever their outcome.
+    pub media_requests: u64,
+    /// Output downloads refused because the link had expired.
+    pub media_expired: u64,
+    /// Body bytes of output downloads actually sent.
+    pub media_bytes_sent: u64,
+    /// Upload requests (chenyu `/assets`, Dify `/files/upload`) that passed the key check.
+    pub upload_requests: u64,
+    /// Uploads accepted and recorded (see `SimServer::uploads`).
+    pub uploads_accepted: u64,
 }
 
 /// Everything mutable, guarded by `Shared::inner`.
@@ -118,6 +128,8 @@ pub(crate) struct Inner {
     pub account: Account,
     /// chenyu runs created so far.
     pub chenyu_created: u64,
+    /// Files uploaded (chenyu assets, Dify uploads), in arrival order.
+    pub uploads: Vec<super::uploads::UploadEntry>,
 }
 
 impl Inner {

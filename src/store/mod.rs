@@ -5,6 +5,7 @@
 
 mod callbacks;
 mod claim;
+mod files;
 mod leases;
 mod metrics;
 mod pauses;
@@ -24,6 +25,13 @@ pub use claim::{
     CLAIM_DUE_RUNS_SQL, CLAIM_SETTINGS, ClaimConnection, ClaimScope, ClaimedRun, RescueCause,
     RunAges, active_profiles, claim_due_runs, next_due_in, record_rescue, release_leases,
     renew_lease, session_name,
+};
+pub use files::{
+    ClaimedMirror, InputFileFacts, MirrorRecord, PlannedFile, RunFileRow, UnplannedRun,
+    UploadClaim, begin_upload, claim_due_mirrors, fail_upload, finish_upload, forget_stored_files,
+    input_file, media_of_run, mirror_counts, next_mirror_due, prunable_runs_with_files,
+    record_input_link, record_mirrors, record_plan, release_mirror_leases, reusable_upload,
+    reuse_upload, run_files, unplanned_runs,
 };
 pub use leases::{give_back_idle_leases, renew_leases};
 pub use metrics::{count_runs, outstanding_frozen, ping};

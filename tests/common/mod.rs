@@ -2,6 +2,7 @@
 //! test's own database, and waits that end on a signal, not a sleep.
 #![allow(dead_code)]
 
+pub mod files;
 pub mod lossy_proxy;
 
 use std::collections::HashMap;

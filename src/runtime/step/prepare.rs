@@ -127,12 +127,41 @@ pub(super) async fn begin_within_limits(
     }
 }
 
-/// Reads the manifest and checks the inputs. `Err` is the transition that
+/// Reads the manifest, checks the inputs and uploads the input files
+/// (`{"$file": ...}`, see `files::upload`). `Err` is the transition that
 /// ends this step without a submit.
 pub(super) async fn prepare(
     engine: &Engine,
     run: &ClaimedRun,
     profile: &crate::runtime::Profile,
+) -> Result<Prepared, Transition> {
+    let split = match &run.inputs {
+        Value::Object(inputs) => {
+            crate::files::split_inputs(inputs).map_err(|e| lifecycle::reject_inputs(&e))?
+        }
+        _ => return check_inputs(engine, run, profile, &run.inputs).await,
+    };
+    let inputs = Value::Object(split.inputs);
+    let mut prepared = check_inputs(engine, run, profile, &inputs).await?;
+    if !split.files.is_empty() {
+        crate::files::upload::attach_files(
+            engine,
+            run,
+            profile,
+            &split.files,
+            &mut prepared.sent_inputs,
+        )
+        .await?;
+    }
+    Ok(prepared)
+}
+
+/// Reads the manifest and checks `inputs` (the run's, file values set aside).
+async fn check_inputs(
+    engine: &Engine,
+    run: &ClaimedRun,
+    profile: &crate::runtime::Profile,
+    inputs: &Value,
 ) -> Result<Prepared, Transition> {
     let manifest = engine
         .manifests
@@ -160,7 +189,7 @@ pub(super) async fn prepare(
             unit(),
         )
     })?;
-    let inputs = match &run.inputs {
+    let inputs = match inputs {
         Value::Object(inputs) => inputs,
         // The CHECK constraint rules this out; fail the row, not the worker.
         other => {

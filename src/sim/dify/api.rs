@@ -43,6 +43,7 @@ pub(crate) fn routes(shared: Arc<Shared>) -> Router {
         .route("/workflow/{workflow_run_id}/events", get(events))
         .route("/workflows/tasks/{task_id}/stop", post(stop))
         .route("/workflows/logs", get(logs))
+        .route("/files/upload", post(crate::sim::uploads::dify_upload))
         .fallback(|| async { not_found("The requested URL was not found on the server.") })
         .with_state(shared)
 }

@@ -1,0 +1,222 @@
+//! `{"$file": "<location>"}` input values, read at the edge into typed
+//! locations; and the inputs with those values set aside.
+
+use std::path::PathBuf;
+
+use serde_json::{Map, Value};
+
+use crate::inputs::InputError;
+
+/// The member that marks a file input.
+pub const FILE_MARKER: &str = "$file";
+
+/// Where an input file is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileLocation {
+    /// A path in the configured `[storage]` (no scheme, no leading slash).
+    Stored(String),
+    /// An object in an S3 bucket.
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// The key.
+        key: String,
+    },
+    /// A file on the worker's machine (`file:///abs/path`).
+    Local(PathBuf),
+    /// An http(s) URL to fetch and upload again (GPTBots gets it as is).
+    Web(url::Url),
+}
+
+impl FileLocation {
+    /// Reads a location; the error says what is wrong with it.
+    pub fn parse(text: &str) -> Result<FileLocation, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("an empty location".into());
+        }
+        let Some((scheme, _)) = text.split_once("://") else {
+            if text.starts_with('/') || text.split('/').any(|part| part == ".." || part.is_empty())
+            {
+                return Err(format!(
+                    "`{text}`: a path in the store is relative, without `..` or empty parts (use file:///abs/path for a local file)"
+                ));
+            }
+            return Ok(FileLocation::Stored(text.to_owned()));
+        };
+        let url = url::Url::parse(text).map_err(|e| format!("`{text}`: {e}"))?;
+        match scheme.to_ascii_lowercase().as_str() {
+            "file" => url
+                .to_file_path()
+                .map(FileLocation::Local)
+                .map_err(|()| format!("`{text}`: not an absolute local path")),
+            "s3" => {
+                let bucket = url.host_str().unwrap_or_default().to_owned();
+                let key = url.path().trim_start_matches('/').to_owned();
+                if bucket.is_empty() || key.is_empty() {
+                    return Err(format!("`{text}`: use s3://bucket/key"));
+                }
+                Ok(FileLocation::S3 { bucket, key })
+            }
+            "http" | "https" if url.host_str().is_some() => Ok(FileLocation::Web(url)),
+            other => Err(format!(
+                "`{text}`: scheme {other}: is not readable (a store path, file://, s3://, http(s)://)"
+            )),
+        }
+    }
+
+    /// The file's name, for the upload and for content-type guesses.
+    pub fn file_name(&self) -> String {
+        let name = match self {
+            FileLocation::Stored(path) => path.rsplit('/').next().unwrap_or_default().to_owned(),
+            FileLocation::S3 { key, .. } => key.rsplit('/').next().unwrap_or_default().to_owned(),
+            FileLocation::Local(path) => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            FileLocation::Web(url) => url
+                .path_segments()
+                .and_then(|mut s| s.next_back().map(str::to_owned))
+                .unwrap_or_default(),
+        };
+        if name.is_empty() {
+            "file".to_owned()
+        } else {
+            name
+        }
+    }
+}
+
+/// One file input of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInput {
+    /// The inputs key.
+    pub key: String,
+    /// Where to read it.
+    pub location: FileLocation,
+    /// The location as written (recorded as the file's source).
+    pub written: String,
+}
+
+/// The inputs with every file value replaced by a placeholder that passes
+/// the manifest's media checks, and the files themselves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitInputs {
+    /// The inputs to check against the manifest.
+    pub inputs: Map<String, Value>,
+    /// The file inputs, in key order.
+    pub files: Vec<FileInput>,
+}
+
+/// The placeholder a file value stands as until it is uploaded.
+pub fn placeholder(key: &str) -> Value {
+    Value::String(format!("asset://wfq-pending/{key}"))
+}
+
+/// Sets the `{"$file": ...}` values of `inputs` aside. A value that has a
+/// `$file` member and is not exactly `{"$file": "<location>"}` is refused,
+/// naming its key.
+pub fn split_inputs(inputs: &Map<String, Value>) -> Result<SplitInputs, InputError> {
+    let mut out = inputs.clone();
+    let mut files = Vec::new();
+    for (key, value) in inputs {
+        let Value::Object(object) = value else {
+            continue;
+        };
+        let Some(location) = object.get(FILE_MARKER) else {
+            continue;
+        };
+        let wrong = |got: String| InputError::WrongType {
+            key: key.clone(),
+            expected: r#"a file as {"$file": "<store path | file:// | s3:// | https:// URL>"}"#
+                .into(),
+            got,
+        };
+        if object.len() != 1 {
+            return Err(wrong(format!("an object with {} members", object.len())));
+        }
+        let Some(text) = location.as_str() else {
+            return Err(wrong(format!("$file = {location}")));
+        };
+        let location = FileLocation::parse(text).map_err(wrong)?;
+        files.push(FileInput {
+            key: key.clone(),
+            location,
+            written: text.trim().to_owned(),
+        });
+        out.insert(key.clone(), placeholder(key));
+    }
+    Ok(SplitInputs { inputs: out, files })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn locations() {
+        assert_eq!(
+            FileLocation::parse("inputs/boat.png"),
+            Ok(FileLocation::Stored("inputs/boat.png".into()))
+        );
+        assert_eq!(
+            FileLocation::parse("file:///tmp/boat.png"),
+            Ok(FileLocation::Local("/tmp/boat.png".into()))
+        );
+        assert_eq!(
+            FileLocation::parse("s3://b/in/boat.png"),
+            Ok(FileLocation::S3 {
+                bucket: "b".into(),
+                key: "in/boat.png".into()
+            })
+        );
+        assert!(matches!(
+            FileLocation::parse("https://example.com/a/boat.png?sig=1"),
+            Ok(FileLocation::Web(_))
+        ));
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a/../b",
+            "ftp://x/y",
+            "s3://bucket",
+            "file://relative",
+        ] {
+            assert!(FileLocation::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            FileLocation::parse("https://x/a/boat.png?x=1")
+                .unwrap()
+                .file_name(),
+            "boat.png"
+        );
+    }
+
+    #[test]
+    fn file_values_are_set_aside_and_bad_ones_named() {
+        let inputs =
+            json!({"prompt": "a boat", "image": {"$file": "in/boat.png"}, "meta": {"a": 1}});
+        let split = split_inputs(inputs.as_object().unwrap()).unwrap();
+        assert_eq!(split.files.len(), 1);
+        assert_eq!(split.files[0].key, "image");
+        assert_eq!(split.inputs["image"], "asset://wfq-pending/image");
+        assert_eq!(split.inputs["meta"], json!({"a": 1}));
+        for (bad, says) in [
+            (
+                json!({"image": {"$file": 5}}),
+                "inputs.image: expected a file",
+            ),
+            (
+                json!({"image": {"$file": "x", "y": 1}}),
+                "an object with 2 members",
+            ),
+            (json!({"image": {"$file": "ftp://h/x"}}), "scheme ftp"),
+        ] {
+            let e = split_inputs(bad.as_object().unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Files in: `{"$file": ...}` inputs uploaded to the provider before the
+//! submit (chenyu `POST /assets`), durably and once: the provider sees the
+//! asset URI, a crash between the upload and the submit uploads nothing
+//! twice, an oversized file is refused before anything is sent, and the
+//! same file for 20 runs is uploaded once.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sqlx::PgPool;
+
+use common::files::*;
+use common::*;
+use wfq::sim::Faults;
+use wfq::store::{self, NewRun};
+
+/// A small PNG-looking file in a directory of its own.
+fn picture(dir: &std::path::Path, name: &str, size: usize) -> (String, Vec<u8>) {
+    let mut bytes = b"\x89PNG\r\n\x1a\n".to_vec();
+    bytes.extend((0..size.saturating_sub(8)).map(|i| (i * 31 % 251) as u8));
+    let path = dir.join(name);
+    std::fs::write(&path, &bytes).expect("write picture");
+    (format!("file://{}", path.display()), bytes)
+}
+
+async fn enqueue_video(pool: &PgPool, image: &str) -> i64 {
+    store::enqueue_run(
+        pool,
+        &NewRun {
+            workflow_id: VIDEO.to_owned(),
+            inputs: json!({"prompt": "a paper boat", "image": {"$file": image}}),
+            accept_external_cost_risk: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("enqueue")
+}
+
+/// What the simulator holds as the run's inputs (`run/info` echoes them).
+async fn inputs_at_provider(sim: &wfq::sim::SimServer, run_order_id: &str) -> Value {
+    let answer: Value = reqwest::Client::new()
+        .get(format!("{}/workflow/run/info", sim.base_url()))
+        .query(&[("run_order_id", run_order_id)])
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .expect("run/info")
+        .json()
+        .await
+        .expect("JSON");
+    answer["data"]["inputs"].clone()
+}
+
+#[sqlx::test]
+async fn upload_then_submit_the_provider_saw_the_asset_uri(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    let dir = temp_store();
+    let (location, bytes) = picture(&dir, "boat.png", 3000);
+    let config = config_with_storage(
+        &sim,
+        "upload-basic",
+        &format!("url = \"file://{}/store\"", dir.display()),
+        "",
+    );
+    let worker = start_worker(config, pool.clone());
+    let id = enqueue_video(&pool, &location).await;
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    worker.stop().await;
+
+    let row = run(&pool, id).await;
+    assert_eq!(
+        row.state, "succeeded",
+        "{:?} {:?}",
+        row.error_code, row.error_message
+    );
+    let uploads = sim.uploads();
+    assert_eq!(uploads.len(), 1, "{uploads:?}");
+    let upload = &uploads[0];
+    assert_eq!(
+        (upload.api.as_str(), upload.bytes),
+        ("chenyu", bytes.len() as u64)
+    );
+    assert_eq!(upload.sha256, sha256(&bytes));
+    assert_eq!(upload.media_type.as_deref(), Some("image"));
+    assert_eq!(upload.purpose.as_deref(), Some("temp_input"));
+    let uri = upload.uri.clone().expect("asset uri");
+    assert_eq!(row.sent_inputs.as_ref().unwrap()["image"], json!(uri));
+    let seen = inputs_at_provider(&sim, row.provider_run_id.as_deref().unwrap()).await;
+    assert_eq!(seen["image"], json!(uri), "the provider saw the asset URI");
+    let files = files_of(&pool, id).await;
+    let inputs: Vec<_> = files.iter().filter(|f| f.0 == "input").collect();
+    assert_eq!(inputs.len(), 1);
+    assert_eq!(
+        (inputs[0].1.as_str(), inputs[0].3.as_str()),
+        ("image", "done")
+    );
+    assert_eq!(inputs[0].6.as_deref(), Some(sha256(&bytes).as_str()));
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[sqlx::test]
+async fn a_crash_between_upload_and_submit_uploads_nothing_twice(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    let dir = temp_store();
+    let (location, _) = picture(&dir, "boat.png", 2000);
+    let storage = format!("url = \"file://{}/store\"", dir.display());
+    // The submit is held at the provider (nothing recorded there), after
+    // the upload; then the worker dies.
+    sim.set_faults(Faults {
+        hold_submits: true,
+        ..Faults::default()
+    });
+    let first = start_worker(
+        config_with_storage(&sim, "upload-crash-1", &storage, ""),
+        pool.clone(),
+    );
+    let id = enqueue_video(&pool, &location).await;
+    wait_held(&sim, 1).await;
+    first.kill().await;
+    assert_eq!(sim.uploads().len(), 1);
+    // As if it had died before recording the submit at all: the run is
+    // prepared again from scratch by the next worker.
+    sqlx::query(
+        "UPDATE wfq.runs SET state = 'queued', sent_inputs = NULL, submit_in_doubt_since = NULL, \
+         lease_owner = NULL, lease_expires_at = NULL, due_at = now(), attempts = 0 WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sim.set_faults(Faults::default());
+    let second = start_worker(
+        config_with_storage(&sim, "upload-crash-2", &storage, ""),
+        pool.clone(),
+    );
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    second.stop().await;
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "succeeded", "{:?}", row.error_message);
+    let uploads = sim.uploads();
+    assert_eq!(uploads.len(), 1, "uploaded once: {uploads:?}");
+    assert_eq!(row.sent_inputs.unwrap()["image"], json!(uploads[0].uri));
+    assert_eq!(sim.ledger().len(), 1);
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[sqlx::test]
+async fn an_oversized_file_is_refused_before_any_upload(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    let dir = temp_store();
+    let (location, _) = picture(&dir, "huge.png", 4096);
+    let storage = format!(
+        "url = \"file://{}/store\"\nmax_file_bytes = \"1KiB\"",
+        dir.display()
+    );
+    let worker = start_worker(
+        config_with_storage(&sim, "upload-big", &storage, ""),
+        pool.clone(),
+    );
+    let id = enqueue_video(&pool, &location).await;
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    worker.stop().await;
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "failed");
+    assert_eq!(row.error_code.as_deref(), Some("FILE_TOO_LARGE"));
+    let message = row.error_message.unwrap_or_default();
+    assert!(message.starts_with("inputs.image: "), "{message}");
+    assert!(message.contains("1024 bytes"), "{message}");
+    assert!(sim.uploads().is_empty(), "nothing uploaded");
+    assert_eq!(sim.stats().submit_requests, 0, "nothing submitted");
+    assert!(row.frozen_amount.is_none() && row.provider_run_id.is_none());
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[sqlx::test]
+async fn the_same_file_for_20_runs_is_uploaded_once(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    let dir = temp_store();
+    let (location, bytes) = picture(&dir, "shared.png", 5000);
+    let storage = format!("url = \"file://{}/store\"", dir.display());
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(enqueue_video(&pool, &location).await);
+    }
+    let worker = start_worker(
+        config_with_storage(&sim, "upload-dedup", &storage, ""),
+        pool.clone(),
+    );
+    wait_all_final(&pool, Duration::from_secs(120)).await;
+    worker.stop().await;
+    let uploads = sim.uploads();
+    assert_eq!(uploads.len(), 1, "{uploads:?}");
+    let uri = json!(uploads[0].uri);
+    for id in ids {
+        let row = run(&pool, id).await;
+        assert_eq!(row.state, "succeeded", "run {id}: {:?}", row.error_message);
+        assert_eq!(row.sent_inputs.unwrap()["image"], uri, "run {id}");
+    }
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM wfq.run_files WHERE direction = 'input' AND state = 'done' AND sha256 = $1",
+    )
+    .bind(sha256(&bytes))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, 20, "every run records the file it sent");
+    assert_eq!(sim.ledger().len(), 20);
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[sqlx::test]
+async fn a_file_for_an_input_that_takes_none_is_refused(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    let dir = temp_store();
+    let (location, _) = picture(&dir, "boat.png", 100);
+    let worker = start_worker(
+        config_with_storage(
+            &sim,
+            "upload-wrong",
+            &format!("url = \"file://{}/s\"", dir.display()),
+            "",
+        ),
+        pool.clone(),
+    );
+    let wrong_key = store::enqueue_run(
+        &pool,
+        &NewRun {
+            workflow_id: VIDEO.to_owned(),
+            inputs: json!({"prompt": {"$file": location}}),
+            accept_external_cost_risk: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let bad_value = enqueue(&pool, TEXT_TO_IMAGE, json!({"n6_text": {"$file": 5}})).await;
+    let missing = enqueue_video(&pool, "file:///nonexistent/wfq/boat.png").await;
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    worker.stop().await;
+    let a = run(&pool, wrong_key).await;
+    assert_eq!(a.error_code.as_deref(), Some("INVALID_INPUT"));
+    assert!(
+        a.error_message
+            .as_deref()
+            .unwrap()
+            .starts_with("inputs.prompt: expected a string, not a file"),
+        "{:?}",
+        a.error_message
+    );
+    let b = run(&pool, bad_value).await;
+    assert_eq!(b.error_code.as_deref(), Some("INVALID_INPUT"));
+    assert!(
+        b.error_message
+            .as_deref()
+            .unwrap()
+            .starts_with("inputs.n6_text: expected a file"),
+        "{:?}",
+        b.error_message
+    );
+    let c = run(&pool, missing).await;
+    assert_eq!(c.error_code.as_deref(), Some("FILE_UNREADABLE"));
+    assert!(
+        c.error_message
+            .as_deref()
+            .unwrap()
+            .starts_with("inputs.image: cannot read"),
+        "{:?}",
+        c.error_message
+    );
+    assert!(sim.uploads().is_empty());
+    assert_eq!(sim.stats().submit_requests, 0);
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
