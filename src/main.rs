@@ -321,13 +321,7 @@ async fn run(cli: Cli) -> Result<()> {
             let pool = connect(cli.config.as_deref()).await?;
             let runs = store::list_runs(&pool, state.as_deref(), limit).await?;
             for pause in store::paused_providers(&pool).await? {
-                eprintln!(
-                    "PAUSED: provider profile `{}` since {} (worker {}): {}; its runs wait until the key is accepted again",
-                    pause.profile,
-                    pause.paused_at.format("%Y-%m-%d %H:%M:%S UTC"),
-                    pause.worker,
-                    pause.reason
-                );
+                eprintln!("{}", wfq::terminal::pauses::pause_line(&pause));
             }
             if json {
                 for run in &runs {

@@ -555,6 +555,50 @@ async fn new_runs_are_submitted_beside_a_backlog_of_status_checks(
     sim.shutdown().await;
 }
 
+/// The reverse: a backlog of 300 runs to submit under a limit of 5 per
+/// second does not hold back the status checks of runs already submitted;
+/// they get their share while most of the backlog still waits.
+#[sqlx::test]
+async fn status_checks_go_on_beside_a_backlog_of_submits(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(0, 100, 50).await;
+    // Submitted runs the provider does not know: each check is a request.
+    sqlx::query(
+        "INSERT INTO wfq.runs (workflow_id, inputs, state, provider_run_id, submitted_at, sent_inputs) \
+         SELECT 'wf_861ef31e94dcfb10e6e7', '{}', 'running', 'wfrun_unknown_' || g, now(), '{}' \
+         FROM generate_series(1, 5) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    enqueue_many(
+        &pool,
+        TEXT_TO_IMAGE,
+        "jsonb_build_object('n3_seed', g)",
+        300,
+    )
+    .await;
+    let worker = start_worker(config(&sim, "w1", "requests_per_second = 5"), pool.clone());
+    wait_for(
+        &pool,
+        "(SELECT count(*) FROM wfq.run_events WHERE kind = 'poll_rejected') >= 10",
+        LIMIT,
+    )
+    .await;
+    worker.stop().await;
+    // Served in turn: ten checks came while at most a few dozen runs were
+    // submitted (300 submits first would take a minute at this rate).
+    let submitted = sim.ledger().len();
+    assert!(
+        submitted <= 60,
+        "{submitted} runs were submitted before ten status checks"
+    );
+    sim.shutdown().await;
+}
+
 /// While a chenyu run waits in the provider's own queue, its place and the
 /// provider's estimate of the wait are recorded on the run.
 #[sqlx::test]

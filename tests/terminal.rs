@@ -87,8 +87,18 @@ async fn top_once_prints_counts_by_provider_and_state(pool: PgPool) {
     .await
     .unwrap();
 
+    // A profile paused for its balance shows with its kind and what ends it.
+    wfq::store::pause_provider(&pool, "chenyu", "w1", "balance", "INSUFFICIENT_BALANCE")
+        .await
+        .unwrap();
+
     let out = wfq(&db, &["top", "--once"], &[]).await;
     let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("PAUSED: provider profile `chenyu` (balance)")
+            && stdout.contains("until the account's balance covers them"),
+        "{stdout}"
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
         !stdout.contains('\x1b'),

@@ -275,7 +275,8 @@ impl Engine {
         let mut scope = crate::store::ClaimScope::default();
         let mut room_in: Option<Duration> = None;
         for profile in self.providers.keys() {
-            if let Some(wait) = self.throttles.claim_room(profile) {
+            // Half of what a step waits for its turn before it is deferred.
+            if let Some(wait) = self.throttles.claim_room(profile, self.lease / 8) {
                 room_in = Some(room_in.map_or(wait, |w| w.min(wait)));
                 continue;
             }

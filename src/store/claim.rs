@@ -472,7 +472,7 @@ pub const CLAIM_DUE_RUNS_SQL: &str = r#"
         -- lane's rows read but not chosen stay locked until this claim
         -- commits (a few milliseconds).
         candidates AS (
-            SELECT c.id, c.priority, c.due_at, c.previous_owner
+            SELECT c.id, c.priority, c.due_at, c.previous_owner, p.provider, p.state
             FROM priorities p
             CROSS JOIN LATERAL (
                 SELECT r.id, r.priority, r.due_at, r.lease_owner AS previous_owner
@@ -488,9 +488,19 @@ pub const CLAIM_DUE_RUNS_SQL: &str = r#"
             ) c
             WHERE p.priority IS NOT NULL
         ),
+        -- The lanes take turns within a priority: a claim is shared between
+        -- a profile's runs to submit and its runs to check, so that when a
+        -- profile's rate lets only a few be claimed at a time, a backlog of
+        -- one kind cannot hold the other back (longest due first in each).
+        turns AS (
+            SELECT candidates.*, row_number() OVER (
+                       PARTITION BY candidates.provider, candidates.state, candidates.priority
+                       ORDER BY candidates.due_at, candidates.id) AS turn
+            FROM candidates
+        ),
         due AS (
             SELECT id, priority, due_at AS was_due, previous_owner
-            FROM candidates ORDER BY priority DESC, due_at, id LIMIT $2
+            FROM turns ORDER BY priority DESC, turn, due_at, id LIMIT $2
         ),
         claimed AS (
             UPDATE wfq.runs r

@@ -4,6 +4,7 @@
 //! ANSI sequences when the output is a terminal, or print plain lines when
 //! it is not (a pipe, a log file, a test).
 
+pub mod pauses;
 pub mod top;
 pub mod wait;
 

@@ -52,6 +52,9 @@ impl ProviderCounts {
 pub struct Snapshot {
     /// Counts per provider profile, by name.
     pub providers: BTreeMap<String, ProviderCounts>,
+    /// The profiles paused now, each as a line that says why and what ends
+    /// it.
+    pub pauses: Vec<String>,
 }
 
 impl Snapshot {
@@ -70,7 +73,10 @@ impl Snapshot {
                 *counts.outstanding_frozen.entry(currency).or_default() += row.outstanding_frozen;
             }
         }
-        Snapshot { providers }
+        Snapshot {
+            providers,
+            pauses: Vec::new(),
+        }
     }
 
     /// All profiles together.
@@ -111,6 +117,10 @@ pub fn render_snapshot(snapshot: &Snapshot, at: DateTime<Utc>) -> Vec<String> {
     headers.extend(STATES);
     headers.extend(["finished/1m", "frozen (unsettled)"]);
     lines.extend(table::render(&headers, &rows).lines().map(str::to_owned));
+    if !snapshot.pauses.is_empty() {
+        lines.push(String::new());
+        lines.extend(snapshot.pauses.iter().cloned());
+    }
     lines
 }
 
@@ -171,8 +181,15 @@ pub async fn run_top(
             _ = &mut stop => break,
             _ = ticks.tick() => {}
         }
-        let lines = match store::queue_stats(pool).await {
-            Ok(rows) => render_snapshot(&Snapshot::from_counts(&rows), Utc::now()),
+        let read = async {
+            let rows = store::queue_stats(pool).await?;
+            let pauses = store::paused_providers(pool).await?;
+            let mut snapshot = Snapshot::from_counts(&rows);
+            snapshot.pauses = pauses.iter().map(super::pauses::pause_line).collect();
+            Ok::<_, sqlx::Error>(snapshot)
+        };
+        let lines = match read.await {
+            Ok(snapshot) => render_snapshot(&snapshot, Utc::now()),
             Err(e) if !options.once => vec![
                 format!("wfq top  {}", Utc::now().format("%Y-%m-%d %H:%M:%S UTC")),
                 String::new(),

@@ -172,9 +172,10 @@ struct Inner {
     dispatching: bool,
     /// Requests sent and not answered yet (tickets held).
     in_flight: u32,
-    /// Turns promised to deferred steps run up to here: each deferral books
-    /// the next turn after the queues and the turns booked before it.
-    booked_until: Option<Instant>,
+    /// Turns promised to deferred steps of each class run up to here: each
+    /// deferral books its class's next turn after the queues and the turns
+    /// booked before it.
+    booked_until: [Option<Instant>; 2],
 }
 
 impl Inner {
@@ -233,16 +234,16 @@ impl Inner {
     }
 
     /// See [`Throttles::claim_room`]: room while what waits in the queues
-    /// is served within [`CLAIM_HORIZON`] at the rate in force, or, while no
+    /// is served within `horizon` (at most [`CLAIM_HORIZON`]) at the rate in force, or, while no
     /// rate is known, while fewer wait than the slow start lets fly. Turns
     /// booked by deferred steps do not count: their runs stay in the table
     /// until then, and the rate meanwhile is for whoever is due now.
-    fn claim_room(&self) -> Option<Duration> {
+    fn claim_room(&self, horizon: Duration) -> Option<Duration> {
         match (self.control.rate(), self.control.flight_cap()) {
             (Some(rate), _) => {
                 let ahead = Duration::from_secs_f64(self.waiting() as f64 / rate);
                 ahead
-                    .checked_sub(CLAIM_HORIZON)
+                    .checked_sub(horizon.min(CLAIM_HORIZON))
                     .filter(|over| !over.is_zero())
             }
             (None, Some(cap)) if self.waiting() >= cap as usize => Some(ROOM_RECHECK),
@@ -256,13 +257,19 @@ impl Inner {
     /// instead of all at once after the same estimate (the rate would sit
     /// unused until then, and the whole backlog would collide again).
     /// Returns how long until that turn.
+    ///
+    /// Each class books at half the rate: the classes take turns when both
+    /// have work, so a class's deferred steps come back at its share, and a
+    /// backlog of one class booked far ahead never pushes the other's turns
+    /// behind it.
     fn book(&mut self, class: Class, now: Instant) -> Duration {
         let Some(rate) = self.control.rate() else {
             return Duration::ZERO;
         };
         let queued = now + self.expected_wait(class);
-        let start = self.booked_until.map_or(queued, |until| until.max(queued));
-        self.booked_until = Some(start + Duration::from_secs_f64(1.0 / rate));
+        let booked = &mut self.booked_until[class.index()];
+        let start = booked.map_or(queued, |until| until.max(queued));
+        *booked = Some(start + Duration::from_secs_f64(2.0 / rate));
         start.saturating_duration_since(now)
     }
 }
@@ -416,7 +423,7 @@ impl Throttles {
                     turn: 0,
                     dispatching: false,
                     in_flight: 0,
-                    booked_until: None,
+                    booked_until: [None, None],
                 }),
                 submits: max_submits.map(|n| Arc::new(Semaphore::new(n))),
                 answered: tokio::sync::Notify::new(),
@@ -496,10 +503,14 @@ impl Throttles {
     /// with its lease running down, then be given back (a write each); left
     /// in the table it keeps its place in due order, and a rate found
     /// higher later is used at once.
-    pub fn claim_room(&self, profile: &str) -> Option<Duration> {
+    ///
+    /// `horizon`: how much of the rate's time may wait in the queues (the
+    /// claim loop keeps it below what a step may wait within its lease, so
+    /// that claimed runs go, not come back deferred).
+    pub fn claim_room(&self, profile: &str, horizon: Duration) -> Option<Duration> {
         let throttle = self.profiles.get(profile)?;
         let inner = throttle.lock();
-        inner.claim_room()
+        inner.claim_room(horizon)
     }
 
     /// The rate in force for `profile` (`None`: unlimited).
@@ -608,7 +619,8 @@ mod tests {
             .collect();
         tokio::task::yield_now().await;
         // ... and the next four, which cannot wait a second, are each given
-        // a turn of their own after the queue, half a second apart.
+        // a turn of their own after the queue, at their class's half of the
+        // rate: a second apart.
         let mut waits = Vec::new();
         for _ in 0..4 {
             match throttles
@@ -619,14 +631,14 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(waits, vec![1500, 2000, 2500, 3000]);
+        assert_eq!(waits, vec![1500, 2500, 3500, 4500]);
         for w in waiting {
             assert!(w.await.unwrap());
         }
     }
 
     #[tokio::test(start_paused = true)]
-    async fn waiters_that_time_out_together_come_back_one_turn_apart() {
+    async fn waiters_that_time_out_together_come_back_turns_apart() {
         let throttles = Arc::new(limited(1.0));
         assert!(go(&throttles, Class::Poll, Duration::from_secs(1)).await);
         // Three wait up to 1.5 s at one per second: one is let through, two
@@ -652,9 +664,10 @@ mod tests {
         assert_eq!(went, 1);
         deferred.sort();
         assert_eq!(deferred.len(), 2);
+        // Apart by their class's share of the rate (half of one per second).
         assert_eq!(
             deferred[1] - deferred[0],
-            Duration::from_secs(1),
+            Duration::from_secs(2),
             "{deferred:?}"
         );
     }
