@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::{Engine, retry_transient};
 use crate::lifecycle::{self, Transition};
+use crate::providers::SubmitGuard;
 use crate::store::{self, ClaimedRun, LateAnswer};
 
 /// Whether the outcome `applied` of writing `t` (the answer to a submit)
@@ -36,16 +37,22 @@ pub(super) enum MovedPast {
     /// It names the very run the answer names (found again by the worker
     /// that took it over, or replayed by its key): nothing is lost.
     SameRun,
+    /// It names none yet, and the provider replays a submit sent again with
+    /// the run's key (chenyu): the submit that moved it on is answered with
+    /// this very run.
+    Replayed,
     /// It names another run, or none: the answer's run is billed and only
     /// the event and the log know it.
     Unrecorded,
 }
 
 impl MovedPast {
-    /// Compares the answer's provider run id with the run's.
-    pub(super) fn judge(answer: Option<&str>, row: Option<&str>) -> MovedPast {
+    /// Compares the answer's provider run id with the run's; `replays`:
+    /// the provider replays keys.
+    pub(super) fn judge(answer: Option<&str>, row: Option<&str>, replays: bool) -> MovedPast {
         match (answer, row) {
             (Some(a), Some(r)) if a == r => MovedPast::SameRun,
+            (Some(_), None) if replays => MovedPast::Replayed,
             _ => MovedPast::Unrecorded,
         }
     }
@@ -89,10 +96,17 @@ pub(super) async fn record_late(
             state,
             provider_run_id,
         } => {
-            match MovedPast::judge(ours, provider_run_id.as_deref()) {
+            let replays = engine
+                .provider(&run.provider)
+                .is_some_and(|p| p.client.submit_guard() == SubmitGuard::IdempotencyKey);
+            match MovedPast::judge(ours, provider_run_id.as_deref(), replays) {
                 MovedPast::SameRun => tracing::info!(
                     provider_run_id = ours,
                     "the run already names the provider run this answer names"
+                ),
+                MovedPast::Replayed => tracing::info!(
+                    provider_run_id = ours,
+                    "the run moved on to a submit with the same key, which the provider answers with this run"
                 ),
                 MovedPast::Unrecorded => tracing::error!(
                     provider_run_id = ours,
@@ -170,14 +184,23 @@ mod tests {
 
     #[test]
     fn a_run_that_moved_past_the_submit_loses_nothing_only_if_it_names_the_same_run() {
+        // (the answer's run, the row's run, the provider replays keys, judged)
         let table = [
-            (Some("r1"), Some("r1"), MovedPast::SameRun),
-            (Some("r1"), Some("r2"), MovedPast::Unrecorded),
-            (Some("r1"), None, MovedPast::Unrecorded),
-            (None, None, MovedPast::Unrecorded),
+            (Some("r1"), Some("r1"), false, MovedPast::SameRun),
+            (Some("r1"), Some("r1"), true, MovedPast::SameRun),
+            (Some("r1"), Some("r2"), false, MovedPast::Unrecorded),
+            (Some("r1"), Some("r2"), true, MovedPast::Unrecorded),
+            (Some("r1"), None, false, MovedPast::Unrecorded),
+            (Some("r1"), None, true, MovedPast::Replayed),
+            (None, None, false, MovedPast::Unrecorded),
+            (None, None, true, MovedPast::Unrecorded),
         ];
-        for (answer, row, judged) in table {
-            assert_eq!(MovedPast::judge(answer, row), judged, "{answer:?} {row:?}");
+        for (answer, row, replays, judged) in table {
+            assert_eq!(
+                MovedPast::judge(answer, row, replays),
+                judged,
+                "{answer:?} {row:?} replays {replays}"
+            );
         }
     }
 }
