@@ -390,9 +390,6 @@ async fn send_and_record(
             accept_external_cost_risk: run.accept_external_cost_risk,
         })
         .await;
-    // A slot limits submit requests, not whole runs: a Dify run followed on
-    // its stream must not keep it.
-    drop(send.submit_slot);
     send.ticket.answered(match &outcome {
         SubmitOutcome::Accepted(_) => Some(200),
         SubmitOutcome::Rejected(e) => Some(e.http_status),
@@ -465,6 +462,12 @@ async fn send_and_record(
         send.lease.deadline(),
     )
     .await;
+    // A slot limits submits, not whole runs: a Dify run followed on its
+    // stream must not keep it. It is given back once the answer is
+    // recorded, not as it arrives, so that the next submit's `submitting`
+    // is never recorded while this one's answer is not: a submit counts as
+    // on the wire from its `submitting` to its answer's record.
+    drop(send.submit_slot);
     let recorded = match recorded {
         Ok(recorded) => recorded,
         Err(e) => {
