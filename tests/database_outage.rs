@@ -6,68 +6,13 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 
+use common::cut_proxy::Proxy;
 use common::*;
-
-/// A TCP proxy to PostgreSQL that can drop every connection and refuse new ones.
-struct Proxy {
-    port: u16,
-    down: Arc<AtomicBool>,
-    attempts: Arc<AtomicUsize>,
-    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(target: String) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let down = Arc::new(AtomicBool::new(false));
-        let attempts = Arc::new(AtomicUsize::new(0));
-        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (d, a, l) = (down.clone(), attempts.clone(), links.clone());
-        tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                a.fetch_add(1, Ordering::SeqCst);
-                if d.load(Ordering::SeqCst) {
-                    drop(client);
-                    continue;
-                }
-                let target = target.clone();
-                let link = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                l.lock().unwrap().push(link);
-            }
-        });
-        Proxy {
-            port,
-            down,
-            attempts,
-            links,
-        }
-    }
-
-    /// Cuts every open connection and refuses new ones.
-    fn cut(&self) {
-        self.down.store(true, Ordering::SeqCst);
-        for link in self.links.lock().unwrap().drain(..) {
-            link.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.down.store(false, Ordering::SeqCst);
-    }
-}
 
 #[sqlx::test]
 async fn workers_ride_out_a_database_outage(_: PgPoolOptions, connect: PgConnectOptions) {

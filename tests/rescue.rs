@@ -33,14 +33,17 @@ async fn pool(connect: PgConnectOptions) -> PgPool {
         .expect("test database")
 }
 
-/// A Dify profile `dify` (app `text`) whose lost submits are looked for
-/// for twice `timeout` before they are sent again.
-fn dify_profile(sim: &SimServer, timeout: Duration) -> String {
+/// The profiles without idempotency keys: `dify` (app `text`), whose lost
+/// submits are looked for for twice `timeout` before they are sent again,
+/// and `gptbots` (workflow `news`).
+fn keyless_profiles(sim: &SimServer, timeout: Duration) -> String {
     format!(
         "\n[providers.dify]\nkind = \"dify\"\nbase_url = \"{}\"\napi_key_env = \"{KEY_ENV}\"\n\
-         find_window = \"{}s\"\nmax_run_time = \"1s\"\n",
+         find_window = \"{}s\"\nmax_run_time = \"1s\"\n\
+         \n[providers.gptbots]\nkind = \"gptbots\"\nbase_url = \"{}\"\napi_key_env = \"{KEY_ENV}\"\n",
         sim.dify_base_url("text"),
-        timeout.as_secs() * 2
+        timeout.as_secs() * 2,
+        sim.gptbots_base_url("news"),
     )
 }
 
@@ -76,14 +79,14 @@ api_key_env = "{KEY_ENV}"
 {}"#,
         timeout.as_secs(),
         sim.base_url(),
-        dify_profile(sim, timeout)
+        keyless_profiles(sim, timeout)
     )
 }
 
 /// The same settings for a worker in this process.
 fn in_process(sim: &SimServer, id: &str, timeout: Duration) -> Config {
-    let dify = dify_profile(sim, timeout).replace(KEY_ENV, "TEST_CHENYU_KEY");
-    let mut cfg = config(sim, id, &dify);
+    let keyless = keyless_profiles(sim, timeout).replace(KEY_ENV, "TEST_CHENYU_KEY");
+    let mut cfg = config(sim, id, &keyless);
     cfg.worker.lease = Duration::from_secs(600);
     cfg.http.timeout = timeout;
     cfg
@@ -644,5 +647,374 @@ async fn an_alive_but_slow_worker_keeps_its_runs(_: PgPoolOptions, connect: PgCo
     .unwrap();
     assert_eq!(finisher.as_deref(), Some("slow"));
     assert_chenyu_billed_once(&sim, &run(&pool, id).await);
+    sim.shutdown().await;
+}
+
+/// The providers without idempotency keys, for the tests of a submit whose
+/// sender's database session is cut while its request is in flight.
+#[derive(Debug, Clone, Copy)]
+enum Keyless {
+    Dify,
+    Gptbots,
+}
+
+impl Keyless {
+    fn kind(self) -> wfq::config::ProviderKind {
+        match self {
+            Keyless::Dify => wfq::config::ProviderKind::Dify,
+            Keyless::Gptbots => wfq::config::ProviderKind::Gptbots,
+        }
+    }
+
+    async fn enqueue(self, pool: &PgPool) -> i64 {
+        match self {
+            Keyless::Dify => enqueue_on(pool, "dify", "text", json!({"query": "summarise"})).await,
+            Keyless::Gptbots => enqueue_on(pool, "gptbots", "news", json!({"topic": "rust"})).await,
+        }
+    }
+}
+
+/// The kinds of run `id`'s events, in order.
+async fn kinds_of(pool: &PgPool, id: i64) -> Vec<String> {
+    event_kinds(pool, id).await
+}
+
+/// Ends the victim's liveness session (only that one: its pool, its claim
+/// loop and its requests go on) until another worker has marked it dead;
+/// a victim that takes its lock again before the rescuer looks is simply
+/// cut again.
+async fn cut_liveness_until_marked_dead(pool: &PgPool) {
+    for _ in 0..20 {
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name LIKE 'wfq liveness victim%'",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        if holds_within(
+            pool,
+            "(SELECT died_at IS NOT NULL FROM wfq.workers WHERE id = 'victim')",
+            Duration::from_secs(3),
+        )
+        .await
+        {
+            return;
+        }
+    }
+    panic!("the victim was never found gone");
+}
+
+/// Issue: a worker whose liveness session ends while it is alive (killed
+/// with pg_terminate_backend here; a database restart or a reset
+/// connection alike) has a GPTBots or Dify submit in flight. Another
+/// worker finds its lock free within a second and takes its status check
+/// over at once, but leaves the run with the submit in flight to its
+/// sender: when the provider answers, the sender records it. Exactly one
+/// provider run, the wfq run succeeds with it, the money is the ledger's.
+async fn a_submit_in_flight_stays_with_its_sender_when_its_liveness_session_is_cut(
+    kind: Keyless,
+    connect: PgConnectOptions,
+) {
+    let url = database_url(&connect);
+    let pool = pool(connect).await;
+    let sim = start_sim(50, 300, 50).await;
+    // First a chenyu run whose status check the victim holds: the canary
+    // of the rescue (a status check is safe to take over at once).
+    sim.set_faults(Faults {
+        hold_status_checks: true,
+        ..Default::default()
+    });
+    let canary = enqueue(&pool, TEXT_TO_IMAGE, json!({"n3_seed": 7})).await;
+    let calls = Duration::from_secs(60);
+    let victim = Process::spawn(&sim, "victim", &url, calls);
+    held(&sim, 1, &victim).await;
+    // Then the keyless run, its submit held.
+    sim.set_faults(Faults {
+        hold_status_checks: true,
+        hold_submits: true,
+        ..Default::default()
+    });
+    let id = kind.enqueue(&pool).await;
+    held(&sim, 2, &victim).await;
+    let mut other = in_process(&sim, "rescuer", calls);
+    other.worker.rescue_every = Duration::from_millis(100);
+    let rescuer = start_worker(other, pool.clone());
+    assert!(
+        holds_within(
+            &pool,
+            "EXISTS (SELECT 1 FROM wfq.workers_live WHERE id = 'rescuer' AND alive)",
+            LIMIT
+        )
+        .await
+    );
+
+    cut_liveness_until_marked_dead(&pool).await;
+    // The rescue made the canary due at once, and the rescuer's next claim
+    // took it: the keyless run, rescued by the same statement, would have
+    // been in that claim.
+    assert!(
+        holds_within(
+            &pool,
+            &format!(
+                "EXISTS (SELECT 1 FROM wfq.run_events WHERE run_id = {canary} AND kind = 'lease_rescued')"
+            ),
+            LIMIT
+        )
+        .await,
+        "the canary was never rescued"
+    );
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "submitting", "{kind:?}: {row:?}");
+    assert_eq!(
+        row.lease_owner.as_deref(),
+        Some("victim"),
+        "{kind:?}: {row:?}"
+    );
+    assert!(rescue_of(&pool, id).await.is_empty(), "{kind:?}: {row:?}");
+    // Its lease was cut to the grace (the rescuer's http.timeout and two
+    // write pauses), not left at ten minutes.
+    let grace_left: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM lease_expires_at - now())::float8 FROM wfq.runs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(grace_left <= 70.0, "{kind:?}: {grace_left} s left");
+
+    // The provider answers now: the sender records it.
+    sim.set_faults(Faults::default());
+    wait_all_final(&pool, LIMIT).await;
+    rescuer.stop().await;
+    let (status, logs) = victim.sigterm().await;
+    assert!(status.success(), "{status:?}\n{logs}");
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "succeeded", "{kind:?}: {row:?}\n{logs}");
+    let runs = provider_runs(&sim, kind.kind());
+    assert_eq!(runs.len(), 1, "{kind:?}: {runs:?}");
+    assert_one_provider_run(kind.kind(), &row, &runs);
+    let kinds = kinds_of(&pool, id).await;
+    assert!(
+        kinds.contains(&"submit_accepted".to_owned()),
+        "{kind:?}: {kinds:?}"
+    );
+    assert!(
+        !kinds
+            .iter()
+            .any(|k| k == "submit_outcome_unknown" || k == "resubmit_started"),
+        "{kind:?}: {kinds:?}"
+    );
+    assert_chenyu_billed_once(&sim, &run(&pool, canary).await);
+    sim.shutdown().await;
+    pool.close().await;
+}
+
+/// Issue: the same, but the sender is cut off from the database entirely
+/// (every connection, through a proxy) until after another worker has
+/// taken the run over and given up on it (GPTBots: `SUBMIT_OUTCOME_UNKNOWN`)
+/// or looked for it in vain (Dify). The answer arrives while the sender
+/// cannot write; once it can, its compare-and-set is refused, and the
+/// answer is recorded by the submit's token all the same: the run follows
+/// the provider's run, exactly one, to its end.
+async fn an_answer_recorded_after_the_run_was_taken_over_is_not_lost(
+    kind: Keyless,
+    connect: PgConnectOptions,
+) {
+    let (proxy, via_proxy) = cut_proxy::to_database(&connect).await;
+    let pool = pool(connect).await;
+    let sim = start_sim(50, 300, 50).await;
+    sim.set_faults(Faults {
+        hold_submits: true,
+        ..Default::default()
+    });
+    let id = kind.enqueue(&pool).await;
+    // The victim's request outlasts everything below.
+    let victim = Process::spawn(&sim, "victim", &via_proxy, Duration::from_secs(120));
+    held(&sim, 1, &victim).await;
+    // The rescuer's grace for a submit in flight is short (1 s requests),
+    // and it looks for a lost Dify run for long before sending it again.
+    let mut other = in_process(&sim, "rescuer", Duration::from_secs(1));
+    other.worker.rescue_every = Duration::from_millis(100);
+    if let Some(dify) = other.providers.get_mut("dify") {
+        dify.find_window = Duration::from_secs(600);
+    }
+    let rescuer = start_worker(other, pool.clone());
+    assert!(
+        holds_within(
+            &pool,
+            "EXISTS (SELECT 1 FROM wfq.workers_live WHERE id = 'rescuer' AND alive)",
+            LIMIT
+        )
+        .await
+    );
+
+    proxy.cut();
+    // The rescuer took the run over and decided without the answer.
+    let decided = match kind {
+        Keyless::Gptbots => format!(
+            "(SELECT state = 'failed' AND error_code = 'SUBMIT_OUTCOME_UNKNOWN' FROM wfq.runs WHERE id = {id})"
+        ),
+        Keyless::Dify => format!(
+            "EXISTS (SELECT 1 FROM wfq.run_events WHERE run_id = {id} AND kind = 'submit_not_found_yet')"
+        ),
+    };
+    assert!(
+        holds_within(&pool, &decided, LIMIT).await,
+        "{kind:?}: {:?}",
+        run(&pool, id).await
+    );
+    assert_eq!(
+        rescue_of(&pool, id).await.first().map(|r| r.1.as_str()),
+        Some("crash")
+    );
+    // The provider answers while the victim cannot write.
+    sim.set_faults(Faults::default());
+    let key = run(&pool, id).await.idempotency_key;
+    tokio::time::timeout(LIMIT, async {
+        while !provider_runs(&sim, kind.kind()).contains_key(&key) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the provider created the run");
+    proxy.restore();
+
+    assert!(
+        holds_within(
+            &pool,
+            &format!("(SELECT state = 'succeeded' FROM wfq.runs WHERE id = {id})"),
+            LIMIT
+        )
+        .await,
+        "{kind:?}: {:?}",
+        run(&pool, id).await
+    );
+    rescuer.stop().await;
+    let (status, logs) = victim.sigterm().await;
+    assert!(status.success(), "{status:?}\n{logs}");
+    assert!(
+        logs.contains("recorded the provider's answer after another worker had taken the run over"),
+        "{logs}"
+    );
+    let row = run(&pool, id).await;
+    let runs = provider_runs(&sim, kind.kind());
+    assert_eq!(runs.len(), 1, "{kind:?}: {runs:?}");
+    assert_one_provider_run(kind.kind(), &row, &runs);
+    assert!(row.error_code.is_none(), "{row:?}");
+    let kinds = kinds_of(&pool, id).await;
+    assert!(
+        kinds.contains(&"late_answer_recorded".to_owned()),
+        "{kind:?}: {kinds:?}"
+    );
+    assert!(
+        !kinds.contains(&"resubmit_started".to_owned()),
+        "{kind:?}: {kinds:?}"
+    );
+    sim.shutdown().await;
+    pool.close().await;
+}
+
+macro_rules! for_dify_and_gptbots {
+    ($($body:ident),* $(,)?) => {$(
+        mod $body {
+            use super::*;
+
+            #[sqlx::test]
+            async fn dify(_: PgPoolOptions, connect: PgConnectOptions) {
+                super::$body(Keyless::Dify, connect).await
+            }
+
+            #[sqlx::test]
+            async fn gptbots(_: PgPoolOptions, connect: PgConnectOptions) {
+                super::$body(Keyless::Gptbots, connect).await
+            }
+        }
+    )*};
+}
+
+for_dify_and_gptbots!(
+    a_submit_in_flight_stays_with_its_sender_when_its_liveness_session_is_cut,
+    an_answer_recorded_after_the_run_was_taken_over_is_not_lost,
+);
+
+/// Issue: a worker that comes back from being cut off gives back the
+/// leases of the runs none of its steps works on; a Dify run whose stream
+/// it is reading is one it works on. Its liveness session is cut while the
+/// stream is held open: once it is back (and claims again), the run is
+/// still its own, never released, and the stream's end finishes it.
+#[sqlx::test]
+async fn a_worker_back_from_being_cut_off_keeps_the_dify_stream_it_reads(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let worker_pool = pool(connect.clone()).await;
+    let pool = pool(connect).await;
+    let sim = start_sim(50, 300, 50).await;
+    sim.set_faults(Faults {
+        hold_streams: true,
+        ..Default::default()
+    });
+    let id = enqueue_on(&pool, "dify", "text", json!({"query": "a long one"})).await;
+    let reader = start_worker(in_process(&sim, "reader", SHORT_CALLS), worker_pool);
+    tokio::time::timeout(LIMIT, sim.wait_until_held(1))
+        .await
+        .expect("the stream is held");
+    let row = run(&pool, id).await;
+    assert_eq!(
+        (row.state.as_str(), row.lease_owner.as_deref()),
+        ("running", Some("reader"))
+    );
+
+    // Its liveness session ends; it notices, registers again on a new
+    // session, gives back what no step of it holds, and claims again.
+    let liveness = "SELECT pid FROM pg_stat_activity \
+                    WHERE datname = current_database() AND application_name LIKE 'wfq liveness reader%'";
+    let cut: i32 = sqlx::query_scalar(liveness).fetch_one(&pool).await.unwrap();
+    sqlx::query("SELECT pg_terminate_backend($1)")
+        .bind(cut)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(
+        holds_within(
+            &pool,
+            &format!(
+                "EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name LIKE 'wfq liveness reader%' AND pid <> {cut})"
+            ),
+            LIMIT
+        )
+        .await,
+        "the worker never registered again"
+    );
+    // A run claimed from now on is claimed after the idle leases were
+    // given back (the claim loop waits until the worker is back).
+    let canary = enqueue(&pool, TEXT_TO_IMAGE, json!({"n3_seed": 3})).await;
+    assert!(
+        holds_within(
+            &pool,
+            &format!("(SELECT state = 'succeeded' FROM wfq.runs WHERE id = {canary})"),
+            LIMIT
+        )
+        .await
+    );
+    let row = run(&pool, id).await;
+    assert_eq!(row.lease_owner.as_deref(), Some("reader"), "{row:?}");
+    let kinds = event_kinds(&pool, id).await;
+    assert!(!kinds.contains(&"lease_released".to_owned()), "{kinds:?}");
+
+    sim.set_faults(Faults::default());
+    wait_all_final(&pool, LIMIT).await;
+    reader.stop().await;
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "succeeded", "{row:?}");
+    assert_dify_billed_once(&sim, &row);
+    // Finished from its stream (the one read of it counts as a poll),
+    // never released, never claimed again.
+    assert_eq!(row.polls, 1, "{row:?}");
+    let kinds = event_kinds(&pool, id).await;
+    assert!(!kinds.contains(&"lease_released".to_owned()), "{kinds:?}");
+    assert!(rescue_of(&pool, id).await.is_empty());
     sim.shutdown().await;
 }

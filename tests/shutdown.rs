@@ -384,6 +384,109 @@ async fn runs_waiting_for_the_throttle_at_sigterm_are_not_submitted(
     sim.shutdown().await;
 }
 
+/// Issue: SIGTERM while `submitting` is being written, and the write
+/// outlasts the grace period (it waits for a row lock this test holds).
+/// The worker waits for it before it gives its leases back (it used to
+/// count a submit only once `submitting` was written: with none counted,
+/// it gave the lease back, the write landed after it, and the run stayed
+/// in doubt with nothing sent), and sends nothing once it knows it is
+/// stopping: the run is due again, not in doubt, its attempt given back.
+/// The next worker submits it once.
+async fn a_submitting_write_that_outlasts_the_grace_period_sends_nothing(
+    kind: Kind,
+    connect: PgConnectOptions,
+) {
+    let url = database_url(&connect);
+    let pool = test_pool(connect).await;
+    let sim = start_sim(20, 300, 50).await;
+    sim.set_faults(Faults {
+        hold_submits: true,
+        ..Default::default()
+    });
+    // One submit at a time: the first run's, held, keeps the second run
+    // (claimed) from writing `submitting` until the gate opens.
+    let config = write_kind_config(
+        &sim,
+        "slow-write",
+        "300ms",
+        kind,
+        "max_submits_in_flight = 1",
+    );
+    let first = kind.enqueue(&pool, 1).await;
+    let (mut worker, mut log) = spawn_logged(&config, &url);
+    wait_held(&sim, 1).await;
+    let second = kind.enqueue(&pool, 2).await;
+    wait_for(
+        &pool,
+        &format!("(SELECT lease_owner IS NOT NULL FROM wfq.runs WHERE id = {second})"),
+        Duration::from_secs(30),
+    )
+    .await;
+    let blocker = lock_row(&pool, second).await;
+    sim.set_faults(Faults::default());
+    // The second run's `submitting` write waits for the lock.
+    wait_lock_waiters(&pool, 1).await;
+    signal_term(&worker);
+    // Past the grace period: the worker waits for the write (or, as it
+    // used to, gives the leases back, which queues behind the write).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut waited = false;
+    while !waited && lock_waiters(&pool).await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker neither waited nor gave its leases back"
+        );
+        while let Ok(line) = log.try_recv() {
+            waited |= line.contains("waiting for submits in flight");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    blocker.rollback().await.unwrap();
+    let status = exit_status(&mut worker).await;
+    assert!(status.success(), "{status:?}");
+
+    let row = run(&pool, second).await;
+    assert_eq!(row.state, "submitting", "{kind:?}: {row:?}");
+    assert!(
+        row.submit_in_doubt_since.is_none(),
+        "{kind:?}: in doubt with nothing sent: {row:?}"
+    );
+    assert_eq!(
+        (row.attempts, row.lease_owner.as_deref()),
+        (0, None),
+        "{row:?}"
+    );
+    let kinds = event_kinds(&pool, second).await;
+    assert!(kinds.contains(&"submit_not_sent".to_owned()), "{kinds:?}");
+    assert_eq!(
+        provider_runs(&sim, kind.provider()).len(),
+        1,
+        "only the first run was sent"
+    );
+    assert_eq!(leased(&pool).await, 0);
+
+    let (mut next, _log) = spawn_logged(&config, &url);
+    wait_all_final(&pool, Duration::from_secs(30)).await;
+    signal_term(&next);
+    assert!(exit_status(&mut next).await.success());
+    let runs = provider_runs(&sim, kind.provider());
+    assert_eq!(runs.len(), 2, "{kind:?}: {runs:?}");
+    for id in [first, second] {
+        let row = run(&pool, id).await;
+        assert_eq!(row.state, "succeeded", "{kind:?}: {row:?}");
+        assert_one_provider_run(kind.provider(), &row, &runs);
+    }
+    let kinds = event_kinds(&pool, second).await;
+    assert!(
+        !kinds
+            .iter()
+            .any(|k| k == "submit_outcome_unknown" || k == "submit_not_found_yet"),
+        "{kind:?}: {kinds:?}"
+    );
+    let _ = std::fs::remove_file(&config);
+    sim.shutdown().await;
+}
+
 macro_rules! for_dify_and_gptbots {
     ($($body:ident),* $(,)?) => {$(
         mod $body {
@@ -405,4 +508,5 @@ macro_rules! for_dify_and_gptbots {
 for_dify_and_gptbots!(
     a_submit_held_at_sigterm_is_recorded_before_the_exit,
     runs_waiting_for_the_throttle_at_sigterm_are_not_submitted,
+    a_submitting_write_that_outlasts_the_grace_period_sends_nothing,
 );

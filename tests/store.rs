@@ -154,7 +154,7 @@ async fn a_leased_run_is_rescued_only_after_its_lease_expires(pool: PgPool) {
     assert_eq!(rescued[0].rescued_from.as_deref(), Some("w1"));
 
     // The first worker wakes up and tries to record its step: refused, no event.
-    let t = lifecycle::begin_submit(Some("wfr"), json!({}));
+    let t = lifecycle::begin_submit(Some("wfr"), json!({}), uuid::Uuid::new_v4());
     let stale = store::apply_transition(
         &pool,
         id,
@@ -368,7 +368,7 @@ async fn a_batch_with_two_writes_of_one_run_answers_each_write(pool: PgPool) {
     let new = store::claim_due_runs(&pool, "w1", 1, LEASE, &chenyu())
         .await
         .unwrap();
-    let t = lifecycle::begin_submit(Some("wfr"), json!({}));
+    let t = lifecycle::begin_submit(Some("wfr"), json!({}), uuid::Uuid::new_v4());
     let write = |version| store::TransitionWrite {
         id,
         version,
@@ -426,7 +426,7 @@ async fn a_leased_run_is_due_when_its_lease_ends_and_due_now_when_let_go(pool: P
     assert!(next.is_none(), "{next:?}");
 
     // `submitting` keeps the lease: due at the renewed lease's end.
-    let begin = lifecycle::begin_submit(None, json!({}));
+    let begin = lifecycle::begin_submit(None, json!({}), uuid::Uuid::new_v4());
     let version = store::apply_transition(
         &pool,
         id,

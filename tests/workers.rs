@@ -13,6 +13,15 @@ use wfq::store::{self, ClaimScope, NewRun, RescueCause, WorkerInfo};
 
 const LEASE: Duration = Duration::from_secs(600);
 
+/// The rescue policy of a worker with only GPTBots-like profiles: a
+/// submit in flight is left to its sender for 30 s.
+fn policy() -> store::RescuePolicy<'static> {
+    store::RescuePolicy {
+        replaying_profiles: &[],
+        submit_grace: Duration::from_secs(30),
+    }
+}
+
 fn chenyu() -> ClaimScope {
     ClaimScope::all_of(&["chenyu".to_owned()])
 }
@@ -62,7 +71,11 @@ async fn end_session(pool: &PgPool, conn: PgConnection, lock_id: i32) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let held: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'              AND classid = $1::oid AND objid = $2::oid AND objsubid = 2)",
+            // This database's lock only: the tests of this file run at once,
+            // each in a database of its own, with the same lock ids.
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND classid = $1::oid AND objid = $2::oid AND objsubid = 2)",
         )
         .bind(store::LIVENESS_LOCK_NAMESPACE)
         .bind(lock_id)
@@ -138,7 +151,7 @@ async fn a_worker_whose_session_ends_is_found_and_its_runs_rescued_as_a_crash(po
     let probes = store::probe_workers(&pool, "rescuer", LEASE).await.unwrap();
     assert_eq!(probes.len(), 1);
     assert!(probes[0].gone && !probes[0].marked_dead, "{probes:?}");
-    let rescued = store::rescue_workers(&pool, "rescuer", &["doomed".to_owned()])
+    let rescued = store::rescue_workers(&pool, "rescuer", &["doomed".to_owned()], policy())
         .await
         .unwrap();
     assert_eq!(rescued.died, ["doomed"]);
@@ -204,7 +217,7 @@ async fn a_worker_is_never_its_own_rescuer_and_a_returning_worker_is_left_alone(
             .is_empty()
     );
     assert!(
-        store::rescue_workers(&pool, "cut", &["cut".to_owned()])
+        store::rescue_workers(&pool, "cut", &["cut".to_owned()], policy())
             .await
             .unwrap()
             .died
@@ -215,7 +228,7 @@ async fn a_worker_is_never_its_own_rescuer_and_a_returning_worker_is_left_alone(
     end_session(&pool, cut, lock_id).await;
     let (back, again) = register(&pool, "cut").await;
     assert_eq!(again, lock_id, "the same lock id");
-    let rescued = store::rescue_workers(&pool, "other", &["cut".to_owned()])
+    let rescued = store::rescue_workers(&pool, "other", &["cut".to_owned()], policy())
         .await
         .unwrap();
     assert_eq!(rescued, store::Rescued::default());
@@ -237,7 +250,7 @@ async fn a_worker_is_never_its_own_rescuer_and_a_returning_worker_is_left_alone(
 
     // Found dead, then back: registering clears died_at.
     end_session(&pool, back, lock_id).await;
-    let rescued = store::rescue_workers(&pool, "other", &["cut".to_owned()])
+    let rescued = store::rescue_workers(&pool, "other", &["cut".to_owned()], policy())
         .await
         .unwrap();
     assert_eq!(rescued.died, ["cut"]);
@@ -303,7 +316,7 @@ async fn a_claim_or_write_that_lands_after_a_workers_death_is_rescued_too(pool: 
     let (doomed, doomed_lock) = register(&pool, "doomed").await;
     let (_rescuer, _) = register(&pool, "rescuer").await;
     end_session(&pool, doomed, doomed_lock).await;
-    let rescued = store::rescue_workers(&pool, "rescuer", &["doomed".to_owned()])
+    let rescued = store::rescue_workers(&pool, "rescuer", &["doomed".to_owned()], policy())
         .await
         .unwrap();
     assert_eq!((rescued.died.len(), rescued.runs), (1, 0));
@@ -321,7 +334,7 @@ async fn a_claim_or_write_that_lands_after_a_workers_death_is_rescued_too(pool: 
             gone: true
         }]
     );
-    let rescued = store::rescue_workers(&pool, "rescuer", &["doomed".to_owned()])
+    let rescued = store::rescue_workers(&pool, "rescuer", &["doomed".to_owned()], policy())
         .await
         .unwrap();
     assert!(rescued.died.is_empty(), "marked once");
@@ -416,4 +429,109 @@ async fn renewals_touch_only_this_workers_runs_and_idle_leases_are_given_back(po
             .await
             .unwrap();
     assert_eq!(kinds, ["lease_released"]);
+}
+
+/// A run of `provider` in `state` held by worker `owner` for ten minutes;
+/// `in_doubt`: a submit was recorded as about to be sent.
+async fn held_run(pool: &PgPool, owner: &str, provider: &str, state: &str, in_doubt: bool) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO wfq.runs (provider, workflow_id, inputs, sent_inputs, state, attempts, \
+         submit_in_doubt_since, lease_owner, lease_expires_at, due_at) \
+         VALUES ($1, 'wf', '{}', CASE WHEN $2 <> 'queued' THEN '{}'::jsonb END, $2, \
+                 CASE WHEN $2 <> 'queued' THEN 1 ELSE 0 END, \
+                 CASE WHEN $3 THEN now() END, $4, now() + interval '10 minutes', \
+                 now() + interval '10 minutes') \
+         RETURNING id",
+    )
+    .bind(provider)
+    .bind(state)
+    .bind(in_doubt)
+    .bind(owner)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Seconds until run `id`'s lease ends.
+async fn lease_left(pool: &PgPool, id: i64) -> f64 {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM lease_expires_at - now())::float8 FROM wfq.runs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Issue: a worker whose lock is free may be alive (its session was cut)
+/// with a request in flight. Its runs are due at once, but for one with a
+/// submit in flight to a provider that cannot replay it: that one stays
+/// with its owner for the grace (never longer than its own lease), so the
+/// owner can record the answer; later rounds change nothing.
+#[sqlx::test]
+async fn a_submit_in_flight_of_a_gone_worker_is_left_to_it_for_the_grace(pool: PgPool) {
+    let (doomed, doomed_lock) = register(&pool, "doomed").await;
+    let (_rescuer, _) = register(&pool, "rescuer").await;
+    let queued = held_run(&pool, "doomed", "gptbots", "queued", false).await;
+    let polled = held_run(&pool, "doomed", "gptbots", "running", false).await;
+    let retrying = held_run(&pool, "doomed", "gptbots", "submitting", false).await;
+    let sending = held_run(&pool, "doomed", "gptbots", "submitting", true).await;
+    let replayed = held_run(&pool, "doomed", "chenyu", "submitting", true).await;
+    let ending = held_run(&pool, "doomed", "dify", "submitting", true).await;
+    sqlx::query(
+        "UPDATE wfq.runs SET lease_expires_at = now() + interval '20 seconds' WHERE id = $1",
+    )
+    .bind(ending)
+    .execute(&pool)
+    .await
+    .unwrap();
+    end_session(&pool, doomed, doomed_lock).await;
+
+    let policy = store::RescuePolicy {
+        replaying_profiles: &["chenyu".to_owned()],
+        submit_grace: Duration::from_secs(30),
+    };
+    let rescued = store::rescue_workers(&pool, "rescuer", &["doomed".to_owned()], policy)
+        .await
+        .unwrap();
+    assert_eq!(rescued.died, ["doomed"]);
+    assert_eq!((rescued.runs, rescued.deferred), (4, 1));
+    let grace = lease_left(&pool, sending).await;
+    assert!((25.0..=30.0).contains(&grace), "{grace}");
+    let own_end = lease_left(&pool, ending).await;
+    assert!(own_end <= 20.0, "never later than its own lease: {own_end}");
+    // The next round (the worker still holds unexpired leases) leaves the
+    // grace as it is: it never moves on.
+    let again = store::rescue_workers(&pool, "rescuer", &["doomed".to_owned()], policy)
+        .await
+        .unwrap();
+    assert_eq!(again, store::Rescued::default());
+    assert!(lease_left(&pool, sending).await <= grace);
+
+    let scope = ClaimScope::all_of(&["chenyu".to_owned(), "dify".to_owned(), "gptbots".to_owned()]);
+    let taken = store::claim_due_runs(&pool, "rescuer", 10, LEASE, &scope)
+        .await
+        .unwrap();
+    let mut ids: Vec<i64> = taken.iter().map(|r| r.id).collect();
+    ids.sort();
+    assert_eq!(ids, [queued, polled, retrying, replayed]);
+    assert!(
+        taken
+            .iter()
+            .all(|r| r.rescue_cause == Some(RescueCause::Crash))
+    );
+
+    // The grace over (here: moved into the past), the run is taken like
+    // any other, as a crash.
+    sqlx::query("UPDATE wfq.runs SET lease_expires_at = now(), due_at = now() WHERE id = $1")
+        .bind(sending)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let taken = store::claim_due_runs(&pool, "rescuer", 10, LEASE, &scope)
+        .await
+        .unwrap();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].id, sending);
+    assert_eq!(taken[0].rescue_cause, Some(RescueCause::Crash));
 }

@@ -237,9 +237,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let again = begin_resubmit(None, json!({}), doubt.since);
+        let token = uuid::Uuid::new_v4();
+        let again = begin_resubmit(None, json!({}), doubt.since, token);
         assert_eq!(again.event.kind, "resubmit_started");
         assert_eq!((again.attempts_delta, again.doubt), (1, Mark::Set));
+        assert_eq!(
+            again.submit_token,
+            Some(token),
+            "a resubmit is a submit of its own"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 use crate::providers::{Accepted, ERROR_REPAIRS_KEY, ProviderError, Repairs, RunReport, Unclear};
 
@@ -255,6 +256,11 @@ pub struct Transition {
     /// Whether a submit may be at the provider without its answer recorded
     /// (`submit_in_doubt_since`; `Set` marks a submit about to be sent).
     pub doubt: Mark,
+    /// Names the submit this write records as about to be sent (with
+    /// `doubt: Set`; stored as `submit_token`), so that its sender can
+    /// record what became of it even after another worker took the run
+    /// over (see `store::submits`).
+    pub submit_token: Option<Uuid>,
     /// This submit is sent again after the earlier one's run could not be
     /// found: counts in `resubmits`.
     pub resubmitted: bool,
@@ -291,6 +297,7 @@ impl Transition {
             pin_revision: None,
             sent_inputs: None,
             doubt: Mark::Keep,
+            submit_token: None,
             resubmitted: false,
             unknown_status: Mark::Keep,
             provider_finished: Mark::Keep,

@@ -13,13 +13,19 @@ use crate::providers::ManifestError;
 /// The inputs passed the manifest: record what will be sent and count the
 /// attempt *before* sending, so a crash mid-submit is visible and bounded.
 /// From here until its answer is recorded the submit is in doubt.
-pub fn begin_submit(revision_id: Option<&str>, sent_inputs: Value) -> Transition {
+/// `submit_token` names this submit (see [`Transition::submit_token`]).
+pub fn begin_submit(
+    revision_id: Option<&str>,
+    sent_inputs: Value,
+    submit_token: uuid::Uuid,
+) -> Transition {
     Transition {
         attempts_delta: 1,
         keep_lease: true,
         pin_revision: revision_id.map(str::to_owned),
         sent_inputs: Some(sent_inputs),
         doubt: Mark::Set,
+        submit_token: Some(submit_token),
         ..Transition::new(
             RunState::Submitting,
             Event {
@@ -38,8 +44,9 @@ pub fn begin_resubmit(
     revision_id: Option<&str>,
     sent_inputs: Value,
     in_doubt_since: DateTime<Utc>,
+    submit_token: uuid::Uuid,
 ) -> Transition {
-    let mut t = begin_submit(revision_id, sent_inputs);
+    let mut t = begin_submit(revision_id, sent_inputs, submit_token);
     t.event = Event {
         kind: "resubmit_started",
         detail: json!({
@@ -226,10 +233,12 @@ mod tests {
 
     #[test]
     fn begin_submit_counts_the_attempt_and_keeps_the_lease() {
-        let t = begin_submit(Some("wfr_1"), json!({"a": 1}));
+        let token = uuid::Uuid::new_v4();
+        let t = begin_submit(Some("wfr_1"), json!({"a": 1}), token);
         assert_eq!(t.to, RunState::Submitting);
         assert_eq!(t.attempts_delta, 1);
         assert!(t.keep_lease);
+        assert_eq!((t.doubt, t.submit_token), (Mark::Set, Some(token)));
         assert_eq!(t.pin_revision.as_deref(), Some("wfr_1"));
     }
 }

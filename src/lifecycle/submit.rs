@@ -341,7 +341,10 @@ mod tests {
 
     #[test]
     fn submit_doubt_is_set_before_sending_and_cleared_by_a_clear_answer() {
-        assert_eq!(begin_submit(None, json!({})).doubt, Mark::Set);
+        assert_eq!(
+            begin_submit(None, json!({}), uuid::Uuid::new_v4()).doubt,
+            Mark::Set
+        );
         let nothing_created = Unclear {
             nothing_created: true,
             ..unclear(None, false)

@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use super::Engine;
 use super::leases::renew_periodically;
 use super::registry::{Registry, RegistryConfig, host_name};
-use super::rescuer::{RescuerConfig, rescue_periodically};
+use super::rescuer::{RescuerConfig, rescue_periodically, submit_grace};
 use crate::config::Config;
 use crate::store::WorkerInfo;
 
@@ -68,6 +68,8 @@ impl FleetServices {
                 every: config.worker.rescue_every,
                 forget_dead_after: config.worker.forget_dead_after,
                 lease: config.worker.lease,
+                submit_grace: submit_grace(config.http.timeout),
+                replaying_profiles: engine.profiles_replaying_keys(),
             },
             engine.liveness.clone(),
             engine.wake.clone(),

@@ -96,8 +96,9 @@ pub struct Engine {
     pub transitions: TransitionWriter,
     /// Whether the worker is stopping (no new submit starts then).
     pub shutdown: Shutdown,
-    /// Submits sent and not recorded yet: waited for before the leases are
-    /// given back at shutdown.
+    /// Submits from just before `submitting` is recorded until their answer
+    /// is (or until it is recorded that nothing was sent): waited for
+    /// before the leases are given back at shutdown.
     pub submits_in_flight: InFlight,
     /// The stream budget (`worker.max_streams`).
     pub streams: Arc<tokio::sync::Semaphore>,
@@ -258,6 +259,18 @@ impl Engine {
     /// The configured profiles' names.
     pub fn provider_names(&self) -> Vec<String> {
         self.providers.keys().cloned().collect()
+    }
+
+    /// The configured profiles whose provider replays a submit sent again
+    /// with its idempotency key (a rescue takes their submits over at once).
+    pub fn profiles_replaying_keys(&self) -> Vec<String> {
+        self.providers
+            .iter()
+            .filter(|(_, p)| {
+                p.client.submit_guard() == crate::providers::SubmitGuard::IdempotencyKey
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Which runs to claim now: every state of the profiles that are not
@@ -508,9 +521,12 @@ where
             task.abort();
         }
     }
-    // A submit that was sent is answered and recorded before its lease is
-    // given back: released under it, its answer could not be recorded.
-    // Bounded: the request's own timeout and a database write.
+    // A submit whose `submitting` is being recorded, or that was sent, is
+    // finished before its lease is given back: released under it, a
+    // `submitting` write could land after the release (a run in doubt for a
+    // request nobody sent), and an answer would be recorded only by the
+    // submit's token. Bounded: the request's own timeout and a database
+    // write.
     let sent = engine.submits_in_flight.count();
     if sent > 0 {
         tracing::info!(

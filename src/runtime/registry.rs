@@ -18,7 +18,12 @@
 //! moment, or while PostgreSQL has not yet dropped its old session), clears
 //! `died_at`, gives back the leases of runs its steps left meanwhile, and
 //! goes on. Whatever it writes about runs a rescuer took over is refused by
-//! the compare-and-set, which it logs as it drops them.
+//! the compare-and-set, which it logs as it drops them, but for the answer
+//! to a submit it sent: the rescuer leaves a run with a submit in flight to
+//! it for a grace (`rescuer.rs`), and an accepted answer recorded even
+//! later is applied by the submit's token while the run still waits for it
+//! (`step/late.rs`). The session is lost, not the process, and the answer
+//! is the only record of a run the provider bills.
 //!
 //! Without session liveness (`worker.session_liveness = false`, behind a
 //! pooler in transaction mode, where a session lock would be held by a

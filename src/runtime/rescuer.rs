@@ -13,6 +13,24 @@
 //! unexpired leases: a claim or write of theirs that committed after their
 //! session ended. Rows of workers dead for `forget_dead_after` are deleted.
 //!
+//! A run with a submit in flight (`submitting`, its doubt marked) is the
+//! exception, unless its provider replays a submit sent again with its key
+//! (chenyu): its lease is cut to `submit_grace`, not to now. A free lock
+//! proves that the session is gone, not that the process is: a database
+//! restart, a killed or reset connection, or a worker that gave up on a
+//! slow server all free it while the worker goes on, and its request may
+//! be answered right then. Taken over at once, such a run could only be
+//! looked for (Dify, which may not list the run yet) or failed
+//! `SUBMIT_OUTCOME_UNKNOWN` (GPTBots), though its sender is about to learn
+//! the answer. The grace covers the request's timeout and the writer's
+//! pauses while the database comes back; an answer that comes even later
+//! is still applied by its sender (`store::record_late_acceptance`). Every
+//! other run is safe to take at once: a queued run's step sends nothing
+//! before its compare-and-set on `submitting` (which the claim makes fail),
+//! a status check changes nothing at the provider, and a chenyu submit
+//! sent again is replayed. So a crash still costs about a second for every
+//! run but the ones that were mid-submit.
+//!
 //! Two statements rather than one transaction: the probe runs on its own
 //! (autocommit, its try-locks gone with it), which is all a round costs
 //! while every worker is alive, and only when it found a free lock does the
@@ -29,6 +47,7 @@ use sqlx::PgPool;
 
 use super::registry::Liveness;
 use super::wake::Wake;
+use super::writer::LONGEST_PAUSE as LONGEST_WRITE_PAUSE;
 use crate::store::{self, WorkerProbe};
 
 /// Settings of the rescuer.
@@ -41,6 +60,12 @@ pub struct RescuerConfig {
     /// `worker.lease`: a lease granted before a worker's death has ended by
     /// itself this long after it.
     pub lease: Duration,
+    /// How long a run with a submit in flight stays with a worker whose
+    /// session is gone ([`submit_grace`]).
+    pub submit_grace: Duration,
+    /// Profiles whose provider replays a submit sent again with its key:
+    /// their runs are taken over at once, also mid-submit.
+    pub replaying_profiles: Vec<String>,
 }
 
 impl Default for RescuerConfig {
@@ -49,8 +74,20 @@ impl Default for RescuerConfig {
             every: Duration::from_secs(1),
             forget_dead_after: Duration::from_secs(24 * 3600),
             lease: Duration::from_secs(120),
+            submit_grace: submit_grace(Duration::from_secs(30)),
+            replaying_profiles: Vec::new(),
         }
     }
+}
+
+/// How long a run with a submit in flight stays with a worker whose session
+/// is gone, for requests of at most `call_timeout` (`http.timeout`): the
+/// request may be answered at its very end, and its answer is then written
+/// through a writer that retries with pauses of up to
+/// [`LONGEST_WRITE_PAUSE`] while the database comes back (the rescue itself
+/// says the database is there); two of them leave room for the write.
+pub fn submit_grace(call_timeout: Duration) -> Duration {
+    call_timeout + 2 * LONGEST_WRITE_PAUSE
 }
 
 /// How often dead workers' rows are looked for to delete.
@@ -133,9 +170,21 @@ async fn round(pool: &PgPool, me: &str, config: &RescuerConfig) -> Result<i64, s
     if targets.is_empty() {
         return Ok(0);
     }
-    let rescued = store::rescue_workers(pool, me, &targets).await?;
+    let policy = store::RescuePolicy {
+        replaying_profiles: &config.replaying_profiles,
+        submit_grace: config.submit_grace,
+    };
+    let rescued = store::rescue_workers(pool, me, &targets, policy).await?;
     for worker in &rescued.died {
         tracing::warn!(worker = %worker, "a worker is gone (its liveness session ended): its runs are due again");
+    }
+    if rescued.deferred > 0 {
+        tracing::info!(
+            runs = rescued.deferred,
+            workers = ?targets,
+            grace = ?config.submit_grace,
+            "runs with a submit in flight stay with their worker a little longer, so that a worker that is alive can record the answer"
+        );
     }
     if rescued.runs > 0 {
         tracing::info!(
@@ -173,5 +222,22 @@ mod tests {
         ];
         assert_eq!(rescue_targets(&probes), ["dead", "left-leases"]);
         assert!(rescue_targets(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_submit_in_flight_gets_the_request_timeout_and_two_write_pauses() {
+        // (http.timeout, grace)
+        let table = [(30, 40), (1, 11), (5, 15), (120, 130)];
+        for (timeout, grace) in table {
+            assert_eq!(
+                submit_grace(Duration::from_secs(timeout)),
+                Duration::from_secs(grace),
+                "http.timeout {timeout}s"
+            );
+        }
+        assert_eq!(
+            RescuerConfig::default().submit_grace,
+            Duration::from_secs(40)
+        );
     }
 }

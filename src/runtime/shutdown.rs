@@ -1,6 +1,6 @@
 //! Shutdown as the steps see it: whether it has begun (no new submit may
-//! start), and the submits already sent, whose answers must be recorded
-//! before the worker gives its leases back.
+//! start), and the submits under way (being recorded, or sent), which must
+//! be finished before the worker gives its leases back.
 
 use std::sync::Arc;
 
@@ -40,7 +40,8 @@ impl Shutdown {
 }
 
 /// Work that must be finished before the worker lets go of its runs: a
-/// submit that was sent and whose answer is not recorded yet.
+/// submit from just before its `submitting` is recorded until its answer is
+/// (or until it is recorded that it was not sent).
 #[derive(Debug)]
 pub struct InFlight {
     count: Arc<watch::Sender<usize>>,

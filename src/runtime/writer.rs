@@ -211,7 +211,7 @@ async fn write_batches(pool: PgPool, worker: String, lease: Duration, rx: Queue,
 /// coming back).
 const BATCH_TRIES: u32 = 7;
 const FIRST_PAUSE: Duration = Duration::from_millis(200);
-const LONGEST_PAUSE: Duration = Duration::from_secs(5);
+pub(crate) const LONGEST_PAUSE: Duration = Duration::from_secs(5);
 
 /// Applies `writes`, one answer per write in order. `uncertain`: some may
 /// have landed already (an earlier attempt's answer was lost).

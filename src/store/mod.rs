@@ -14,6 +14,7 @@ mod requests;
 mod retention;
 mod spend;
 mod stats;
+mod submits;
 mod transition;
 mod workers;
 
@@ -49,11 +50,12 @@ pub use spend::{
     record_budget_timezone, wake_held_runs,
 };
 pub use stats::{StateCount, queue_stats};
+pub use submits::{LateAnswer, record_late_acceptance, record_unsent_submit};
 pub use transition::{TransitionWrite, apply_transition, apply_transitions, written_transitions};
 pub use workers::{
-    LIVENESS_LOCK_NAMESPACE, Rescued, SessionKeepalives, WorkerInfo, WorkerProbe, WorkerRow,
-    configure_liveness_session, forget_dead_workers, list_workers, lock_worker, probe_workers,
-    rescue_workers, unlock_worker, upsert_worker, worker_heartbeat, worker_stopped,
+    LIVENESS_LOCK_NAMESPACE, RescuePolicy, Rescued, SessionKeepalives, WorkerInfo, WorkerProbe,
+    WorkerRow, configure_liveness_session, forget_dead_workers, list_workers, lock_worker,
+    probe_workers, rescue_workers, unlock_worker, upsert_worker, worker_heartbeat, worker_stopped,
 };
 
 use sqlx::PgPool;

@@ -88,7 +88,7 @@ pub async fn apply_transitions<'e>(
                 $25::numeric[], $26::numeric[], $27::numeric[], $28::numeric[], $29::numeric[],
                 $30::text[], $31::text[], $32::jsonb[], $33::text[], $34::text[], $35::jsonb[],
                 $36::int8[], $37::text[], $40::uuid[], $41::bool[], $42::text[], $43::text[],
-                $44::bool[], $45::text[], $46::int4[], $47::int4[]
+                $44::bool[], $45::text[], $46::int4[], $47::int4[], $48::uuid[]
             ) WITH ORDINALITY AS i(id, version, state, attempts_delta, polls_delta, due_at,
                    keep_lease, submitted, settled, pin_revision, revision_id, sent_inputs,
                    provider_run_id, task_id, prompt_id, billing_run_id, run_status, freeze_status,
@@ -96,7 +96,7 @@ pub async fn apply_transitions<'e>(
                    final_amount, released_amount, compute_cost, external_model_cost, total_cost,
                    error_code, error_message, error_detail, kind, from_state, detail,
                    total_tokens, doubt, token, resubmitted, unknown_status, provider_finished,
-                   estimate_cost, hold_reason, queue_position, queue_wait_secs, n)
+                   estimate_cost, hold_reason, queue_position, queue_wait_secs, submit_token, n)
         ),
         updated AS (
             UPDATE wfq.runs r SET
@@ -149,6 +149,8 @@ pub async fn apply_transitions<'e>(
                     WHEN 'set' THEN now()
                     WHEN 'clear' THEN NULL
                     ELSE r.submit_in_doubt_since END,
+                -- The submit now in doubt, by name (see store::submits).
+                submit_token = CASE i.doubt WHEN 'set' THEN i.submit_token ELSE r.submit_token END,
                 resubmits = r.resubmits + CASE WHEN i.resubmitted THEN 1 ELSE 0 END,
                 unknown_status_since = CASE i.unknown_status
                     WHEN 'set' THEN COALESCE(r.unknown_status_since, now())
@@ -231,6 +233,7 @@ pub async fn apply_transitions<'e>(
     .bind(col(writes, |w| w.transition.hold_reason.clone()))
     .bind(all_facts.iter().map(|f| f.queue_position).collect::<Vec<_>>())
     .bind(all_facts.iter().map(|f| f.queue_wait_secs).collect::<Vec<_>>())
+    .bind(col(writes, |w| w.transition.submit_token))
     .fetch_all(pool)
     .await?;
     // By position in the batch, not by run id: two steps of one run (an

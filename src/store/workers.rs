@@ -246,23 +246,44 @@ pub async fn probe_workers(
 pub struct Rescued {
     /// Workers newly marked dead.
     pub died: Vec<String>,
-    /// Runs whose leases were ended.
+    /// Runs whose leases were ended now.
     pub runs: i64,
+    /// Runs with a submit in flight whose leases were shortened to the
+    /// grace instead (see [`RescuePolicy::submit_grace`]).
+    pub deferred: i64,
+}
+
+/// How [`rescue_workers`] hands on the runs of a worker that is gone.
+#[derive(Debug, Clone, Copy)]
+pub struct RescuePolicy<'a> {
+    /// Profiles whose provider replays a submit sent again with its key
+    /// (chenyu): their runs are taken over at once whatever their state.
+    pub replaying_profiles: &'a [String],
+    /// How long a run of any other profile with a submit in flight
+    /// (`submitting` with `submit_in_doubt_since`) stays with its owner
+    /// from the rescue on (never longer than its lease): a worker whose
+    /// liveness session was cut while it is alive must be able to record
+    /// an answer it is receiving; the next worker could only look for the
+    /// run (Dify) or fail it `SUBMIT_OUTCOME_UNKNOWN` (GPTBots).
+    pub submit_grace: Duration,
 }
 
 /// For each of `ids` whose liveness lock is (still) free, taken for this
 /// statement: marks it dead (`crash`) unless it is already, and ends the
 /// leases of its active runs (`lease_expires_at = due_at = now()`), so the
 /// next claim takes them (recorded there as `lease_rescued`, cause
-/// `crash`); then `NOTIFY wfq_runs_due`. A worker coming back waits on its
-/// own lock until this commits, then clears `died_at`.
-#[tracing::instrument(name = "rescue_workers", skip(pool), err)]
+/// `crash`); then `NOTIFY wfq_runs_due`. A run with a submit in flight is
+/// left to its owner for `policy.submit_grace` instead (unless its profile
+/// replays keys); a later round leaves it as it is. A worker coming back
+/// waits on its own lock until this commits, then clears `died_at`.
+#[tracing::instrument(name = "rescue_workers", skip(pool, policy), err)]
 pub async fn rescue_workers(
     pool: &PgPool,
     me: &str,
     ids: &[String],
+    policy: RescuePolicy<'_>,
 ) -> Result<Rescued, sqlx::Error> {
-    let (died, runs, _): (Option<Vec<String>>, i64, i64) = sqlx::query_as(
+    let (died, runs, deferred, _): (Option<Vec<String>>, i64, i64, i64) = sqlx::query_as(
         r#"
         WITH targets AS MATERIALIZED (
             SELECT w.id, w.lock_id, w.died_at IS NULL AS alive_before
@@ -279,29 +300,52 @@ pub async fn rescue_workers(
             WHERE w.id = g.id AND g.alive_before AND w.died_at IS NULL
             RETURNING w.id
         ),
+        -- `in flight` below is one condition, spelled three times: a submit
+        -- recorded as about to be sent, of a profile that cannot replay it.
+        -- Such a run's lease ends at the grace's end (or its own, if
+        -- sooner), every other run's now; a run whose lease ends by the
+        -- grace's end already is left alone, so later rounds change nothing.
         expired AS (
-            UPDATE wfq.runs r SET lease_expires_at = now(), due_at = now()
+            UPDATE wfq.runs r
+            SET lease_expires_at = CASE
+                    WHEN r.state = 'submitting' AND r.submit_in_doubt_since IS NOT NULL
+                         AND r.provider <> ALL($4::text[])
+                    THEN LEAST(r.lease_expires_at, now() + make_interval(secs => $5))
+                    ELSE now() END,
+                due_at = CASE
+                    WHEN r.state = 'submitting' AND r.submit_in_doubt_since IS NOT NULL
+                         AND r.provider <> ALL($4::text[])
+                    THEN LEAST(r.lease_expires_at, now() + make_interval(secs => $5))
+                    ELSE now() END
             WHERE r.lease_owner = ANY (ARRAY(SELECT g.id FROM gone g))
               AND r.state IN ('queued', 'submitting', 'running')
               AND r.lease_expires_at > now()
-            RETURNING r.id
+              AND NOT (r.state = 'submitting' AND r.submit_in_doubt_since IS NOT NULL
+                       AND r.provider <> ALL($4::text[])
+                       AND r.lease_expires_at <= now() + make_interval(secs => $5))
+            RETURNING r.id, r.lease_expires_at > now() AS deferred
         ),
         notified AS (
-            SELECT pg_notify('wfq_runs_due', '') FROM (SELECT 1 FROM expired LIMIT 1) e
+            SELECT pg_notify('wfq_runs_due', '')
+            FROM (SELECT 1 FROM expired WHERE NOT deferred LIMIT 1) e
         )
         SELECT (SELECT array_agg(m.id ORDER BY m.id) FROM marked m),
-               (SELECT count(*) FROM expired),
+               (SELECT count(*) FROM expired WHERE NOT deferred),
+               (SELECT count(*) FROM expired WHERE deferred),
                (SELECT count(*) FROM notified)
         "#,
     )
     .bind(me)
     .bind(ids)
     .bind(LIVENESS_LOCK_NAMESPACE)
+    .bind(policy.replaying_profiles)
+    .bind(policy.submit_grace.as_secs_f64())
     .fetch_one(pool)
     .await?;
     Ok(Rescued {
         died: died.unwrap_or_default(),
         runs,
+        deferred,
     })
 }
 

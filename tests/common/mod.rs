@@ -2,6 +2,7 @@
 //! test's own database, and waits that end on a signal, not a sleep.
 #![allow(dead_code)]
 
+pub mod cut_proxy;
 pub mod files;
 pub mod lossy_proxy;
 
@@ -358,4 +359,41 @@ pub fn assert_one_provider_run(
     assert_eq!(row.final_amount, p.charged, "{kind:?}: run {}", row.id);
     assert_eq!(row.total_tokens, p.tokens, "{kind:?}: run {}", row.id);
     assert!(row.submit_in_doubt_since.is_none(), "{row:?}");
+}
+
+/// Locks run `id`'s row in a transaction of the test's own, so that a
+/// worker's next write of it waits (claims skip it); rolling the
+/// transaction back (or dropping it) lets the write go on.
+pub async fn lock_row(pool: &PgPool, id: i64) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM wfq.runs WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .expect("lock the run");
+    tx
+}
+
+/// How many sessions of this database wait for a lock right now.
+pub async fn lock_waiters(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("pg_stat_activity")
+}
+
+/// Waits until at least `n` sessions of this database wait for a lock;
+/// panics after 60 s.
+pub async fn wait_lock_waiters(pool: &PgPool, n: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while lock_waiters(pool).await < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} sessions never waited for a lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -8,17 +8,20 @@
 //! (`stream`).
 
 mod doubt;
+mod late;
 mod poll;
 mod prepare;
 mod stream;
 mod submit;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
+use uuid::Uuid;
 
 use super::Engine;
 use crate::lifecycle::{self, RunProgress, RunState, Transition};
@@ -101,6 +104,11 @@ enum Persistence {
     /// An answer the provider acted on: keep trying until this instant
     /// (the lease's end), resolving lost COMMIT answers by reading back.
     Durable(Instant),
+    /// The answer to the submit named by the token: [`Persistence::Durable`],
+    /// and then, for an accepted answer that the compare-and-set refused
+    /// (the run was taken over) or that could not be written within the
+    /// lease, recorded by the submit's token ([`late`]).
+    Answer(Instant, Uuid),
 }
 
 /// Writes a transition; `None` when the run moved on without us.
@@ -112,6 +120,22 @@ async fn record(
     t: &Transition,
 ) -> Result<Option<i64>, StepError> {
     write(engine, run, from, version, t, Persistence::Normal).await
+}
+
+/// [`record`] for the answer to a submit (named by `submit_token`): tried
+/// until the lease ends, and an accepted answer then recorded even if the
+/// run was taken over meanwhile, as long as it still waits for this
+/// submit's outcome.
+async fn record_answer(
+    engine: &Engine,
+    run: &ClaimedRun,
+    version: i64,
+    t: &Transition,
+    submit_token: Uuid,
+    until: Instant,
+) -> Result<Option<i64>, StepError> {
+    let persistence = Persistence::Answer(until, submit_token);
+    write(engine, run, RunState::Submitting, version, t, persistence).await
 }
 
 /// [`record`] for an answer the provider acted on (an accepted submit, a
@@ -147,6 +171,17 @@ async fn write(
                 .transitions
                 .apply_durably(run.id, version, from, t, until)
                 .await
+        }
+        Persistence::Answer(until, submit_token) => {
+            let applied = engine
+                .transitions
+                .apply_durably(run.id, version, from, t, until)
+                .await;
+            if late::records_late(t, &applied) {
+                late::record_late(engine, run, t, submit_token).await
+            } else {
+                applied
+            }
         }
     };
     let applied = match applied {
@@ -194,6 +229,31 @@ fn log_transition(from: RunState, t: &Transition) {
         }
         None => {
             tracing::debug!(state = %t.to, event = t.event.kind, due_at = ?t.due_at, "run rescheduled")
+        }
+    }
+}
+
+/// Runs `attempt` until it answers, fails for good, or the next try would
+/// start after `until`, pausing 250 ms doubling to the writer's longest
+/// pause after errors of the connection (a database that is briefly away).
+async fn retry_transient<T, F, Fut>(
+    what: &'static str,
+    until: Instant,
+    mut attempt: F,
+) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match attempt().await {
+            Err(e) if store::is_transient(&e) && Instant::now() + pause < until => {
+                tracing::warn!(error = %e, retry_in = ?pause, what, "could not reach the database; trying again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(super::writer::LONGEST_PAUSE);
+            }
+            other => return other,
         }
     }
 }

@@ -19,6 +19,12 @@ pub(super) struct Follow {
     pub(super) task_id: Option<String>,
     /// When the lease was last renewed.
     pub(super) lease_from: Instant,
+    /// The step's clock of the run's lease, held for the stream's life:
+    /// it keeps the run among this process's leases (`Leases`), so that a
+    /// worker coming back from being cut off does not give back the lease
+    /// of a run whose stream it is reading (it would be claimed and
+    /// followed elsewhere, and this stream's final write refused).
+    pub(super) lease: super::LeaseClock,
     /// The rest of the run's stream.
     pub(super) stream: RunStream,
     /// Its place in the worker's stream budget (`worker.max_streams`).
@@ -61,6 +67,7 @@ pub(super) async fn follow_stream(
         provider_run_id,
         task_id,
         lease_from,
+        lease: _lease,
         mut stream,
         permit: _permit,
     } = followed;

@@ -2,11 +2,17 @@
 //! money limits, when the profile has any), the request sent and its answer
 //! recorded.
 //!
-//! Once `submitting` is recorded, sending and recording run as a task of
-//! their own: a worker that begins to stop waits for it (bounded) before it
-//! gives its leases back, so no submit is cut off between the provider's
-//! answer and its record. Before that point a stopping worker starts no
-//! submit at all.
+//! Recording `submitting`, sending and recording the answer run as a task
+//! of their own, counted as in flight from before the worker's last look at
+//! whether it is stopping: a worker that begins to stop waits for the task
+//! (bounded) before it gives its leases back, and the task never sends once
+//! it knows the worker is stopping. So no `submitting` lands after the
+//! leases were given back, and no submit is cut off between the provider's
+//! answer and its record. A `submitting` that is recorded but not followed
+//! by a send (the worker is stopping, the lease is too short or the worker
+//! cut off, or it cannot be told whether the write landed) is withdrawn by
+//! the submit's token, so the run is never left in doubt for a request
+//! nobody sent.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,15 +20,16 @@ use std::time::Instant;
 use chrono::Utc;
 use serde_json::Value;
 use tokio::sync::OwnedSemaphorePermit;
+use uuid::Uuid;
 
 use super::doubt::{self, DoubtSettled};
 use super::prepare::{Prepared, Quote, begin_within_limits, prepare};
 use super::stream::{self, Follow};
 use super::{
-    Engine, LeaseClock, Slot, StepError, defer, lease_ran_out, progress, record, record_durably,
-    unit, unknown_provider,
+    Engine, LeaseClock, Slot, StepError, defer, lease_ran_out, progress, record, record_answer,
+    retry_transient, unit, unknown_provider,
 };
-use crate::lifecycle::{self, RefusalScope, RunProgress, RunState};
+use crate::lifecycle::{self, RefusalScope, RunProgress, RunState, Transition};
 use crate::providers::{SubmitOutcome, SubmitRequest, Submitted};
 use crate::runtime::account::QuoteCover;
 use crate::runtime::pauses::ShortBalance;
@@ -75,8 +82,14 @@ pub(super) async fn submit_step(
         sent_inputs,
         quote,
     } = prepared;
-    let mut begin =
-        lifecycle::begin_submit(revision_id.as_deref(), Value::Object(sent_inputs.clone()));
+    // Names this submit, so that what becomes of it can be recorded also
+    // after another worker took the run over.
+    let token = Uuid::new_v4();
+    let mut begin = lifecycle::begin_submit(
+        revision_id.as_deref(),
+        Value::Object(sent_inputs.clone()),
+        token,
+    );
     if let Some(quote) = &quote {
         begin.facts.quote_amount = quote.amount;
         begin.facts.currency = quote.currency.clone();
@@ -89,6 +102,7 @@ pub(super) async fn submit_step(
                     revision_id.as_deref(),
                     Value::Object(sent_inputs.clone()),
                     since,
+                    token,
                 );
             }
             DoubtSettled::Repeat => {}
@@ -142,43 +156,37 @@ pub(super) async fn submit_step(
         ticket.unused();
         return lease_ran_out("record the submit");
     }
-    // No new `submitting` once the worker is stopping: this submit could
-    // be cut off between the provider's answer and its record.
+    // Counted from before the shutdown check: a worker that begins to stop
+    // after it waits for this submit before it gives its leases back, and
+    // one that began before it records nothing.
+    let in_flight = engine.submits_in_flight.enter();
     if engine.shutdown.has_begun() {
         ticket.unused();
         return Ok(());
     }
-    let renewed_at = Instant::now();
-    let mut ticket = Some(ticket);
-    let recorded = if run.state == RunState::Queued && profile.spend.any() {
-        begin_within_limits(engine, &run, profile, quote.as_ref(), &begin, &mut ticket).await?
-    } else {
-        record(engine, &run, run.state, run.version, &begin).await?
+    let submit = Submit {
+        begin,
+        quote,
+        send: Send {
+            version: run.version,
+            revision_id,
+            sent_inputs,
+            submit_slot,
+            ticket,
+            lease,
+            quote: None,
+            reservation,
+            token,
+        },
     };
-    let (Some(version), Some(ticket)) = (recorded, ticket) else {
-        return Ok(());
-    };
-    // Recording `submitting` renewed the lease: the run is progressing.
-    lease.renewed_by_write(renewed_at, engine.lease);
-    if !lease.allows(engine.call_timeout) {
-        return lease_ran_out("submit");
-    }
-
-    let send = Send {
-        version,
-        revision_id,
-        sent_inputs,
-        submit_slot,
-        ticket,
-        lease,
-        quote: quote.and_then(|q| q.amount),
-        reservation,
-    };
-    let in_flight = engine.submits_in_flight.enter();
-    let task = tokio::spawn(send_and_record(
+    // From the `submitting` write on, a task of its own, which a stopping
+    // worker waits for (bounded) and never aborts: a write handed to the
+    // writer lands even if its step is dropped, and must be followed by the
+    // send and its record, or by "not sent".
+    let task = tokio::spawn(record_send_and_record(
         engine.clone(),
         run.clone(),
-        send,
+        submit,
         in_flight,
     ));
     let follow = match task.await {
@@ -194,9 +202,22 @@ pub(super) async fn submit_step(
     Ok(())
 }
 
+/// A submit whose `submitting` is about to be recorded.
+struct Submit {
+    /// The `submitting` write (`submit_started` or `resubmit_started`).
+    begin: Transition,
+    /// The manifest's quote, for the spend guard.
+    quote: Option<Quote>,
+    /// The rest, for the send (its `version` is the claim's until the
+    /// write returns the new one).
+    send: Send,
+}
+
 /// A submit about to be sent, with `submitting` recorded at `version`.
 struct Send {
     version: i64,
+    /// Names this submit (`wfq.runs.submit_token`).
+    token: Uuid,
     revision_id: Option<String>,
     sent_inputs: serde_json::Map<String, Value>,
     /// Held until the request is answered (`max_submits_in_flight`).
@@ -212,15 +233,154 @@ struct Send {
     lease: LeaseClock,
 }
 
+/// What to do once `submitting` is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterBegin {
+    /// Send the submit.
+    Send,
+    /// Send nothing, and record that: the worker began to stop while the
+    /// write was on its way (its answer could be cut off before it is
+    /// recorded, after its leases were given back).
+    Stopping,
+    /// Send nothing, and record that: the lease, as the write renewed it,
+    /// is too short for the call, or the worker is cut off from the
+    /// database (another worker may hold the run by now).
+    NoLease,
+}
+
+impl AfterBegin {
+    /// Decides from whether shutdown has begun and whether the lease
+    /// allows a provider call now.
+    fn decide(shutdown_begun: bool, lease_allows: bool) -> AfterBegin {
+        match (shutdown_begun, lease_allows) {
+            (true, _) => AfterBegin::Stopping,
+            (false, false) => AfterBegin::NoLease,
+            (false, true) => AfterBegin::Send,
+        }
+    }
+
+    /// Why nothing was sent (the `submit_not_sent` event's reason).
+    fn reason(self) -> &'static str {
+        match self {
+            AfterBegin::Send => "sent",
+            AfterBegin::Stopping => "the worker began to stop while `submitting` was recorded",
+            AfterBegin::NoLease => {
+                "the lease was too short for the call, or the worker was cut off from the database, once `submitting` was recorded"
+            }
+        }
+    }
+}
+
+/// Records `submitting`, then sends the submit and records its answer (the
+/// run's stream, when it is to be read on), or records that nothing was
+/// sent. Runs as a task of its own, counted by `in_flight`.
+async fn record_send_and_record(
+    engine: Arc<Engine>,
+    run: ClaimedRun,
+    submit: Submit,
+    in_flight: InFlightGuard,
+) -> Result<Option<Follow>, StepError> {
+    let _in_flight = in_flight;
+    let Some(profile) = engine.provider(&run.provider) else {
+        return Ok(None);
+    };
+    let Submit {
+        begin,
+        quote,
+        mut send,
+    } = submit;
+    let renewed_at = Instant::now();
+    let mut ticket = Some(send.ticket);
+    let recorded = if run.state == RunState::Queued && profile.spend.any() {
+        begin_within_limits(&engine, &run, profile, quote.as_ref(), &begin, &mut ticket).await
+    } else {
+        record(&engine, &run, run.state, run.version, &begin).await
+    };
+    let recorded = match recorded {
+        Ok(recorded) => recorded,
+        Err(e) => {
+            // The write may have landed without its answer reaching us: a
+            // `submitting` with nothing sent must not stay in doubt (a
+            // GPTBots run would fail SUBMIT_OUTCOME_UNKNOWN for nothing).
+            not_sent(
+                &engine,
+                &run,
+                (send.token, &send.lease),
+                begin.resubmitted,
+                "it could not be told whether `submitting` was recorded",
+            )
+            .await;
+            return Err(e);
+        }
+    };
+    let (Some(version), Some(ticket)) = (recorded, ticket) else {
+        return Ok(None);
+    };
+    // Recording `submitting` renewed the lease: the run is progressing.
+    send.lease.renewed_by_write(renewed_at, engine.lease);
+    let next = AfterBegin::decide(
+        engine.shutdown.has_begun(),
+        send.lease.allows(engine.call_timeout),
+    );
+    if next != AfterBegin::Send {
+        ticket.unused();
+        let submit = (send.token, &send.lease);
+        not_sent(&engine, &run, submit, begin.resubmitted, next.reason()).await;
+        return Ok(None);
+    }
+    send.version = version;
+    send.ticket = ticket;
+    send.quote = quote.and_then(|q| q.amount);
+    send_and_record(engine, run, send).await
+}
+
+/// Records that the submit recorded as about to be sent was not sent, by
+/// its token (so also when the write's answer was lost, and whoever holds
+/// the run now): its doubt is cleared and the attempt given back, so the
+/// next worker submits it without a lookup, a wait or a failure. Tried
+/// within the lease; a run left in doubt after all is settled by the next
+/// worker as any lost answer.
+async fn not_sent(
+    engine: &Engine,
+    run: &ClaimedRun,
+    (token, lease): (Uuid, &LeaseClock),
+    resubmitted: bool,
+    reason: &str,
+) {
+    let until = lease.deadline();
+    let written = retry_transient("record a submit that was not sent", until, || {
+        store::record_unsent_submit(
+            &engine.pool,
+            run.id,
+            token,
+            resubmitted,
+            &engine.worker_id,
+            reason,
+        )
+    })
+    .await;
+    match written {
+        Ok(Some(_)) => {
+            tracing::info!(
+                reason,
+                "recorded `submitting` but sent nothing; the run is due again, not in doubt"
+            )
+        }
+        // The write had not landed, or the run moved on: nothing to undo.
+        Ok(None) => tracing::debug!(reason, "no submit of ours to withdraw"),
+        Err(e) => {
+            tracing::warn!(error = %e, reason, "could not record that nothing was sent; the run stays in doubt until the next worker settles it")
+        }
+    }
+}
+
 /// Sends the submit and records its answer; the run's stream, when it is to
-/// be read on. Runs as a task of its own, counted by `in_flight`.
+/// be read on.
 async fn send_and_record(
     engine: Arc<Engine>,
     run: ClaimedRun,
     send: Send,
-    in_flight: InFlightGuard,
 ) -> Result<Option<Follow>, StepError> {
-    let _in_flight = in_flight;
     let Some(profile) = engine.provider(&run.provider) else {
         return Ok(None);
     };
@@ -235,9 +395,6 @@ async fn send_and_record(
             account_refusals: &profile.account_refusals,
         })
         .await;
-    // A slot limits submit requests, not whole runs: a Dify run followed on
-    // its stream must not keep it.
-    drop(send.submit_slot);
     let refusal = match &outcome {
         SubmitOutcome::Rejected(e) => Some(refusal_of(&engine, profile, &run, e, send.quote).await),
         _ => None,
@@ -307,15 +464,24 @@ async fn send_and_record(
     let stream = stream.filter(|_| permit.is_some());
     t.keep_lease = stream.is_some();
     let renewed_at = Instant::now();
-    let recorded = record_durably(
+    // The only record of a run the provider may bill: tried within the
+    // lease, and applied by the submit's token when the run was taken over
+    // meanwhile (see `store::record_late_acceptance`).
+    let recorded = record_answer(
         &engine,
         &run,
-        RunState::Submitting,
         send.version,
         &t,
+        send.token,
         send.lease.deadline(),
     )
     .await;
+    // A slot limits submits, not whole runs: a Dify run followed on its
+    // stream must not keep it. It is given back once the answer is
+    // recorded, not as it arrives, so that the next submit's `submitting`
+    // is never recorded while this one's answer is not: a submit counts as
+    // on the wire from its `submitting` to its answer's record.
+    drop(send.submit_slot);
     let recorded = match recorded {
         Ok(recorded) => recorded,
         Err(e) => {
@@ -323,7 +489,7 @@ async fn send_and_record(
                 tracing::error!(
                     provider_run_id = %a.provider_run_id,
                     error = %e,
-                    "the provider accepted the run but its answer could not be recorded within the lease; the worker that takes the run next replays it (chenyu), looks for it (Dify) or fails it SUBMIT_OUTCOME_UNKNOWN (GPTBots): this provider run id is the one to look for"
+                    "the provider accepted the run but its answer could not be recorded, within the lease nor by the submit's token after it; the worker that takes the run next replays it (chenyu), looks for it (Dify) or fails it SUBMIT_OUTCOME_UNKNOWN (GPTBots): this provider run id is the one to look for"
                 );
             }
             return Err(e);
@@ -351,6 +517,7 @@ async fn send_and_record(
                 provider_run_id: accepted.provider_run_id,
                 task_id: accepted.task_id,
                 lease_from: renewed_at,
+                lease: send.lease,
                 stream,
                 permit,
             }))
@@ -517,4 +684,28 @@ async fn hold_for_balance(
         source,
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_submit_is_sent_only_by_a_worker_that_is_not_stopping_and_holds_its_lease() {
+        // (shutdown begun, lease allows the call, what follows the write)
+        let table = [
+            (false, true, AfterBegin::Send),
+            (false, false, AfterBegin::NoLease),
+            (true, true, AfterBegin::Stopping),
+            (true, false, AfterBegin::Stopping),
+        ];
+        for (stopping, lease, next) in table {
+            assert_eq!(
+                AfterBegin::decide(stopping, lease),
+                next,
+                "stopping {stopping}, lease {lease}"
+            );
+        }
+        assert_ne!(AfterBegin::Stopping.reason(), AfterBegin::NoLease.reason());
+    }
 }
