@@ -243,7 +243,13 @@ async fn metrics_and_health_of_a_working_worker(_: PgPoolOptions, connect: PgCon
     let pool = pool(&connect).await;
     // The worker gets a pool of its own, so closing it cuts only the worker off.
     let worker_pool = self::pool(&connect).await;
-    let sim = start_sim(50, 2500, 100).await;
+    let sim = start_sim(50, 100, 100).await;
+    // Status checks are held until the scrape below has seen the runs at
+    // the provider: they stay `running`, their quotes outstanding.
+    sim.set_faults(wfq::sim::Faults {
+        hold_status_checks: true,
+        ..Default::default()
+    });
     let worker = start(config(&sim, "w-metrics", METRICS_ON), worker_pool.clone());
     let addr = tokio::time::timeout(LIMIT, worker.metrics.bound_addr())
         .await
@@ -292,6 +298,7 @@ async fn metrics_and_health_of_a_working_worker(_: PgPoolOptions, connect: PgCon
         RUNS as f64
     );
 
+    sim.set_faults(wfq::sim::Faults::default());
     wait_all_final(&pool, LIMIT).await;
     let chenyu = ("provider", "chenyu");
     let samples = scrape_until(&client, &base, "no run running, 3 finished", |s| {

@@ -56,13 +56,17 @@ async fn register(pool: &PgPool, id: &str) -> (PgConnection, i32) {
 }
 
 /// Ends a liveness session and waits until PostgreSQL has let go of its
-/// lock (the backend exits a moment after the connection closes).
+/// lock (the backend exits a moment after the connection closes). Only
+/// this test's database counts: `pg_locks` shows the whole server, where
+/// the workers of other databases hold locks with the same numbers.
 async fn end_session(pool: &PgPool, conn: PgConnection, lock_id: i32) {
     conn.close().await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let held: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'              AND classid = $1::oid AND objid = $2::oid AND objsubid = 2)",
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND classid = $1::oid AND objid = $2::oid AND objsubid = 2)",
         )
         .bind(store::LIVENESS_LOCK_NAMESPACE)
         .bind(lock_id)
