@@ -177,8 +177,20 @@ impl Kind {
     }
 }
 
-/// A worker.toml for `kind` with `lease` and an HTTP timeout of `timeout`.
+/// A worker.toml for `kind`: a 2-minute lease, and HTTP calls that outlast
+/// any hold a test keeps them in (a minute).
 fn write_kind_config(
+    sim: &SimServer,
+    name: &str,
+    grace: &str,
+    kind: Kind,
+    profile_extra: &str,
+) -> std::path::PathBuf {
+    write_kind_config_with(sim, name, grace, kind, profile_extra, "120s", "60s")
+}
+
+/// [`write_kind_config`] with a `lease` and an HTTP timeout of `timeout`.
+fn write_kind_config_with(
     sim: &SimServer,
     name: &str,
     grace: &str,
@@ -297,7 +309,7 @@ async fn a_submit_held_at_sigterm_is_recorded_before_the_exit(
     // The held submit must outlast the hold, the signal, the grace period
     // and the log line that follows it, however slow the machine: a long
     // timeout (the Dify profile's find_window may not be shorter).
-    let config = write_kind_config(&sim, "held", "300ms", kind, "", "120s", "60s");
+    let config = write_kind_config(&sim, "held", "300ms", kind, "");
     let (mut first, mut log) = spawn_logged(&config, &url);
     wait_held(&sim, 1).await;
     signal_term(&first);
@@ -344,7 +356,7 @@ async fn runs_waiting_for_the_throttle_at_sigterm_are_not_submitted(
     // 250 s (within a quarter of the 20-minute lease), the rest are
     // deferred. The grace period would let the waiting one through; the
     // signal comes long before its turn, however slow the machine.
-    let config = write_kind_config(
+    let config = write_kind_config_with(
         &sim,
         "throttled",
         "30s",
