@@ -3,17 +3,50 @@
 
 use std::process::Command;
 
+use sqlx::Connection;
+
+/// The server `wfq bench` creates its database on (as it chooses it).
+fn server_url() -> String {
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Drops the bench's database when the test ends, passed or not.
+struct DropDatabase(String);
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        let dropped = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(async move {
+                let mut conn = sqlx::postgres::PgConnection::connect(&server_url()).await?;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await
+                .map(|_| ())
+            });
+        if let Err(e) = dropped {
+            eprintln!("could not drop database {}: {e}", self.0);
+        }
+    }
+}
+
 #[test]
 fn bench_quick_prints_every_figure() {
+    // A database of this test process's own: the bench drops and recreates
+    // it, so a fixed name would be shared with any other suite running on
+    // the same server at the same time.
+    let database = format!("wfq_bench_smoke_{}", std::process::id());
+    let _cleanup = DropDatabase(database.clone());
     let out = Command::new(env!("CARGO_BIN_EXE_wfq"))
-        .args([
-            "bench",
-            "--quick",
-            "--runs",
-            "200",
-            "--database",
-            "wfq_bench_smoke",
-        ])
+        .args(["bench", "--quick", "--runs", "200", "--database", &database])
         .env_remove("WFQ_DATABASE_URL")
         .env_remove("WFQ_CONFIG")
         .output()

@@ -116,7 +116,8 @@ async fn start_receiver() -> (Arc<Receiver>, String) {
 }
 
 /// The test configuration plus `[callbacks]` with a fast schedule; each
-/// receiver gets half the slots, as by default.
+/// receiver gets half the slots, as by default. The attempt timeout is long
+/// (10 s): a slow answer on a busy machine must not turn into a retry.
 fn with_callbacks(mut config: Config, max_attempts: u32, concurrency: usize) -> Config {
     config.callbacks = Some(CallbacksConfig {
         secret: ApiKey::new(SECRET),
@@ -127,7 +128,7 @@ fn with_callbacks(mut config: Config, max_attempts: u32, concurrency: usize) -> 
             multiplier: 2.0,
             jitter: 0.1,
         },
-        timeout: Duration::from_secs(2),
+        timeout: Duration::from_secs(10),
         concurrency,
         per_receiver: (concurrency / 2).max(1),
     });
@@ -385,12 +386,12 @@ async fn a_receiver_that_never_succeeds_ends_failed_and_the_run_stays_as_it_was(
     let (receiver, base) = start_receiver().await;
     let down = enqueue_with_callback(&pool, TEXT_TO_IMAGE, Some(format!("{base}/hook/down"))).await;
     let gone = enqueue_with_callback(&pool, TEXT_TO_IMAGE, Some(format!("{base}/hook/gone"))).await;
-    // Nothing listens here: no answer at all.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Nothing listens here: no answer at all. The port stays bound (without
+    // listening, so a connection is refused) for the whole test: nothing
+    // else can take it meanwhile.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = reserved.local_addr().unwrap().port();
     let unreachable = enqueue_with_callback(
         &pool,
         TEXT_TO_IMAGE,
@@ -477,6 +478,7 @@ async fn a_receiver_that_never_succeeds_ends_failed_and_the_run_stays_as_it_was(
         callback_state(&pool, unreachable).await,
         (Some("failed".into()), 3)
     );
+    drop(reserved);
 }
 
 #[sqlx::test]
@@ -853,8 +855,12 @@ async fn stopping_lets_the_attempt_in_flight_time_out_and_records_it(
     let (hanging, hanging_url) = start_hanging_receiver().await;
     let slow = finished_runs(&pool, &hanging_url, 1).await[0];
 
+    // The attempt times out after 10 s: the stop below comes while it is
+    // in flight, however slow the machine (a timeout that ran out before
+    // it would record the attempt and send it again). The worker waits for
+    // it, with 5 s more to record it.
     let worker = start_worker(
-        with_slots(config(&sim, "w1", ""), 4, 2, Duration::from_secs(1)),
+        with_slots(config(&sim, "w1", ""), 4, 2, Duration::from_secs(10)),
         pool.clone(),
     );
     hanging.wait_for_arrivals(1).await;

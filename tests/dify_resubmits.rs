@@ -24,14 +24,17 @@ async fn pool(connect: PgConnectOptions) -> PgPool {
         .expect("test database")
 }
 
-/// One Dify profile (app `text`) sent again at most `max_resubmits` times.
-fn dify_config(sim: &SimServer, max_resubmits: u32) -> Config {
+/// One Dify profile (app `text`) sent again at most `max_resubmits` times,
+/// lost submits looked for for `find_window` (`http.timeout` is as long:
+/// the window may not be shorter).
+fn dify_config(sim: &SimServer, max_resubmits: u32, find_window: &str) -> Config {
     config(
         sim,
         "w1",
         &format!(
             "\n[providers.dify]\nkind = \"dify\"\nbase_url = \"{}\"\napi_key_env = \"TEST_CHENYU_KEY\"\n\
-             find_window = \"2s\"\nmax_run_time = \"1s\"\nmax_resubmits = {max_resubmits}\n",
+             find_window = \"{find_window}\"\nmax_run_time = \"1s\"\nmax_resubmits = {max_resubmits}\n\
+             [http]\ntimeout = \"{find_window}\"\nconnect_timeout = \"1s\"\n",
             sim.dify_base_url("text")
         ),
     )
@@ -73,7 +76,9 @@ async fn a_submit_that_never_gets_through_is_sent_at_most_one_plus_max_resubmits
         ..Default::default()
     });
     let id = enqueue_on(&pool, "dify", "text", json!({"query": "never lands"})).await;
-    work_until_idle(&pool, dify_config(&sim, 2)).await;
+    // Each window runs out: a short one. (A request timed out meanwhile is
+    // in doubt like the refused ones, and looked for the same way.)
+    work_until_idle(&pool, dify_config(&sim, 2, "2s")).await;
     let row = run(&pool, id).await;
     assert_eq!(row.state, "failed", "{row:?}");
     assert_eq!(
@@ -113,7 +118,9 @@ async fn a_lost_answer_of_a_run_within_the_find_window_is_adopted_not_sent_again
     logs_include_running: bool,
     pool: PgPool,
 ) {
-    // The run takes 0.8 s, within max_run_time (1 s), so within find_window.
+    // The run takes 0.8 s, within max_run_time (1 s), so well within
+    // find_window (30 s, measured from before the submit was sent): listed
+    // by the time the window ends however slow the machine.
     let sim = start_sim(50, 800, 50).await;
     sim.set_faults(Faults {
         drop_next_submit_answers: 1,
@@ -121,7 +128,7 @@ async fn a_lost_answer_of_a_run_within_the_find_window_is_adopted_not_sent_again
         ..Default::default()
     });
     let id = enqueue_on(&pool, "dify", "text", json!({"query": "lost answer"})).await;
-    work_until_idle(&pool, dify_config(&sim, 1)).await;
+    work_until_idle(&pool, dify_config(&sim, 1, "30s")).await;
     let row = run(&pool, id).await;
     assert_eq!(row.state, "succeeded", "{row:?}");
     assert_eq!(row.attempts, 1, "found again, never sent again");

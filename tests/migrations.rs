@@ -14,7 +14,7 @@ use sqlx::{Connection, PgPool};
 const BEFORE_UPGRADE: i64 = 20261125000010;
 
 /// How long the test's producer lets an INSERT wait for a lock.
-const PRODUCER_LOCK_TIMEOUT: &str = "1s";
+const PRODUCER_LOCK_TIMEOUT: &str = "5s";
 
 /// The migrations up to and including `last`.
 fn migrations_up_to(last: i64) -> Migrator {
@@ -70,6 +70,7 @@ async fn open_producer_transaction(connect: &PgConnectOptions) -> PgConnection {
 async fn exclusive_lock_waiting(conn: &mut PgConnection) -> bool {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = 'wfq.runs'::regclass \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
          AND mode = 'AccessExclusiveLock' AND NOT granted)",
     )
     .fetch_one(conn)

@@ -89,9 +89,9 @@ async fn an_empty_balance_holds_the_queue_and_a_top_up_releases_it(
     connect: PgConnectOptions,
 ) {
     let pool = pool(&connect).await;
-    // Settled 20 s after the end: while the ten runs are checked below, none
-    // has released money back into the balance.
-    let sim = start_sim(0, 100, 20_000).await;
+    // Settled a minute after the end: while the ten runs are checked below,
+    // none has released money back into the balance.
+    let sim = start_sim(0, 100, 60_000).await;
     sim.set_balance(Some(d("0.30")));
     enqueue_many(
         &pool,
@@ -100,8 +100,14 @@ async fn an_empty_balance_holds_the_queue_and_a_top_up_releases_it(
         1000,
     )
     .await;
+    // Runs wait a minute for their settlement: checked every few seconds,
+    // not five times a second, or the thousand of them swamp the machine.
     let worker = start_worker(
-        config(&sim, "w1", "account_probe = \"200ms\""),
+        config(
+            &sim,
+            "w1",
+            "account_probe = \"200ms\"\n[poll]\ninitial = \"1s\"\nmax = \"10s\"\njitter = 0.1\n",
+        ),
         pool.clone(),
     );
     wait_for(

@@ -47,9 +47,13 @@ fn keyless_profiles(sim: &SimServer, timeout: Duration) -> String {
     )
 }
 
-/// Provider calls of the kill tests: longer than a hold lasts before the
-/// kill that follows it at once.
+/// Provider calls of the rescuers in the kill tests (a Dify submit of
+/// theirs that is lost is looked for for twice this long).
 const SHORT_CALLS: Duration = Duration::from_secs(5);
+
+/// Provider calls of the victims: a held request must still be in flight
+/// when the victim is killed, however slow the machine.
+const VICTIM_CALLS: Duration = Duration::from_secs(300);
 
 /// `worker.toml` of a worker process: a 10-minute lease, HTTP calls that
 /// outlast the holds (a kill follows a hold at once), fast schedules.
@@ -85,7 +89,8 @@ api_key_env = "{KEY_ENV}"
 
 /// The same settings for a worker in this process.
 fn in_process(sim: &SimServer, id: &str, timeout: Duration) -> Config {
-    let keyless = keyless_profiles(sim, timeout).replace(KEY_ENV, "TEST_CHENYU_KEY");
+    let keyless = keyless_profiles(sim, timeout).replace(KEY_ENV, "TEST_CHENYU_KEY")
+        + &format!("\n[http]\ntimeout = \"{}s\"\n", timeout.as_secs());
     let mut cfg = config(sim, id, &keyless);
     cfg.worker.lease = Duration::from_secs(600);
     cfg.http.timeout = timeout;
@@ -239,8 +244,8 @@ fn assert_dify_billed_once(sim: &SimServer, row: &wfq::store::RunRow) {
 }
 
 /// Kills the `victim` process once `hold` has held one request of its run,
-/// with another worker running in this process, then opens the gate; the
-/// run must be finished by the other worker, rescued as a crash.
+/// then starts another worker in this process and opens the gate; the run
+/// must be finished by the other worker, rescued as a crash.
 async fn killed_while_held(
     connect: PgConnectOptions,
     hold: Faults,
@@ -253,22 +258,16 @@ async fn killed_while_held(
     let sim = start_sim(50, 300, 50).await;
     sim.set_faults(hold);
     let id = enqueue_on(&pool, provider, workflow, inputs).await;
-    let victim = Process::spawn(&sim, "victim", &url, SHORT_CALLS);
+    let victim = Process::spawn(&sim, "victim", &url, VICTIM_CALLS);
     held(&sim, 1, &victim).await;
-    // Started now, so that the run is certainly the victim's.
-    let rescuer = start_worker(in_process(&sim, "rescuer", SHORT_CALLS), pool.clone());
-    assert!(
-        holds_within(
-            &pool,
-            "EXISTS (SELECT 1 FROM wfq.workers_live WHERE id = 'rescuer' AND alive)",
-            LIMIT
-        )
-        .await
-    );
+    // Killed with its request held: the run is certainly the victim's.
     let owner = run(&pool, id).await.lease_owner;
     assert_eq!(owner.as_deref(), Some("victim"));
     let logs = victim.sigkill().await;
     sim.set_faults(Faults::default());
+    // The rescuer starts after the death, and finds it by the victim's
+    // registration (its liveness lock is free).
+    let rescuer = start_worker(in_process(&sim, "rescuer", SHORT_CALLS), pool.clone());
     assert!(
         holds_within(
             &pool,
@@ -457,8 +456,9 @@ async fn a_worker_cut_off_from_the_database_recovers_and_its_stale_writes_are_re
     for n in 0..4 {
         ids.push(enqueue(&pool, TEXT_TO_IMAGE, json!({ "n3_seed": n })).await);
     }
-    // The checks stay held through the cut, the rescue and the return.
-    let calls = Duration::from_secs(60);
+    // The checks stay held through the cut, the rescue and the return
+    // (up to 20 cuts with 3 s each to be seen, the waits that follow).
+    let calls = Duration::from_secs(300);
     let victim = Process::spawn(&sim, "victim", &url, calls);
     held(&sim, 4, &victim).await;
     let mut other = in_process(&sim, "rescuer", calls);
@@ -597,10 +597,12 @@ async fn an_alive_but_slow_worker_keeps_its_runs(_: PgPoolOptions, connect: PgCo
         ..Default::default()
     });
     let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    // The lease is renewed every third of it: a 10 s lease outlasts any
+    // stall of the machine between two renewals.
     let short = |name: &str| {
         let mut cfg = config(&sim, name, "");
-        cfg.worker.lease = Duration::from_secs(2);
-        cfg.http.timeout = Duration::from_secs(20);
+        cfg.worker.lease = Duration::from_secs(10);
+        cfg.http.timeout = Duration::from_secs(60);
         cfg
     };
     let slow = start_worker(short("slow"), pool.clone());
@@ -622,7 +624,7 @@ async fn an_alive_but_slow_worker_keeps_its_runs(_: PgPoolOptions, connect: PgCo
             &pool,
             &format!(
                 "(SELECT lease_owner = 'slow' AND version = {version} \
-                 AND lease_expires_at > '{}'::timestamptz + interval '2 seconds' \
+                 AND lease_expires_at > '{}'::timestamptz + interval '10 seconds' \
                  FROM wfq.runs WHERE id = {id})",
                 first_end.to_rfc3339()
             ),

@@ -26,9 +26,9 @@ async fn a_retried_poll_deadline_run_is_followed_until_its_own_deadline(
         .connect_with(connect)
         .await
         .unwrap();
-    // The run takes 4.5 s at the provider, longer than the 3 s deadline
-    // after its submit, shorter than that plus a fresh 3 s after a retry.
-    let sim = start_sim(20, 4_500, 50).await;
+    // The run goes on at the provider for the whole test: it outlasts the
+    // 3 s deadline after its submit, and the fresh 3 s after the retry.
+    let sim = start_sim(20, 600_000, 50).await;
     let cfg = config(
         &sim,
         "w1",
@@ -50,6 +50,9 @@ async fn a_retried_poll_deadline_run_is_followed_until_its_own_deadline(
     wait_all_final(&pool, Duration::from_secs(30)).await;
     worker.stop().await;
 
+    // Followed again after the resume (the old deadline would have ended
+    // it at the first status check), until a full deadline of its own: both
+    // measured on the database's clock, which the worker's check uses too.
     let polled_after_resume: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM wfq.run_events WHERE run_id = $1 AND kind = 'polled' \
          AND id > (SELECT max(id) FROM wfq.run_events WHERE run_id = $1 AND kind = 'resumed')",
@@ -58,30 +61,21 @@ async fn a_retried_poll_deadline_run_is_followed_until_its_own_deadline(
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert!(
-        polled_after_resume > 1,
-        "polled {polled_after_resume} time(s) after the resume: the old deadline ended it at once"
-    );
+    assert!(polled_after_resume >= 1, "never polled after the resume");
     let row = run(&pool, id).await;
-    match row.state.as_str() {
-        "succeeded" => assert!(row.settled_at.is_some(), "{row:?}"),
-        // A slow machine: then only after a full deadline of its own.
-        "failed" => {
-            assert_eq!(row.error_code.as_deref(), Some("POLL_DEADLINE"), "{row:?}");
-            let followed_for: f64 = sqlx::query_scalar(
-                "SELECT extract(epoch FROM finished_at - resumed_at)::float8 FROM wfq.runs WHERE id = $1",
-            )
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-            assert!(
-                followed_for >= DEADLINE_SECS,
-                "{followed_for}s after the resume"
-            );
-        }
-        other => panic!("{other}: {row:?}"),
-    }
+    assert_eq!(row.state, "failed", "{row:?}");
+    assert_eq!(row.error_code.as_deref(), Some("POLL_DEADLINE"), "{row:?}");
+    let followed_for: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM finished_at - resumed_at)::float8 FROM wfq.runs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        followed_for >= DEADLINE_SECS,
+        "ended {followed_for} s after the resume"
+    );
     // Resumed with its own key: still one run at the provider.
     let runs = provider_runs(&sim, ProviderKind::Chenyu);
     assert_eq!(runs[&row.idempotency_key].len(), 1);

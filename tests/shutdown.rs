@@ -143,7 +143,7 @@ impl Kind {
         match self {
             Kind::Dify => format!(
                 "[providers.dify]\nkind = \"dify\"\nbase_url = \"{}\"\napi_key_env = \"SHUTDOWN_KEY\"\n\
-                 find_window = \"10s\"\nmax_run_time = \"5s\"\n{extra}\n",
+                 find_window = \"120s\"\nmax_run_time = \"5s\"\n{extra}\n",
                 sim.dify_base_url("text")
             ),
             Kind::Gptbots => format!(
@@ -177,6 +177,8 @@ impl Kind {
     }
 }
 
+/// A worker.toml for `kind`: a 2-minute lease, and HTTP calls that outlast
+/// any hold a test keeps them in (a minute).
 fn write_kind_config(
     sim: &SimServer,
     name: &str,
@@ -184,14 +186,27 @@ fn write_kind_config(
     kind: Kind,
     profile_extra: &str,
 ) -> std::path::PathBuf {
+    write_kind_config_with(sim, name, grace, kind, profile_extra, "120s", "60s")
+}
+
+/// [`write_kind_config`] with a `lease` and an HTTP timeout of `timeout`.
+fn write_kind_config_with(
+    sim: &SimServer,
+    name: &str,
+    grace: &str,
+    kind: Kind,
+    profile_extra: &str,
+    lease: &str,
+    timeout: &str,
+) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("wfq-shutdown-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!("{name}-{kind:?}.toml"));
     std::fs::write(
         &path,
         format!(
-            "[worker]\nconcurrency = 8\nlease = \"120s\"\nfallback_poll = \"200ms\"\nshutdown_grace = \"{grace}\"\n\
-             [http]\ntimeout = \"5s\"\n[poll]\ninitial = \"100ms\"\nmax = \"200ms\"\n{}",
+            "[worker]\nconcurrency = 8\nlease = \"{lease}\"\nfallback_poll = \"200ms\"\nshutdown_grace = \"{grace}\"\n\
+             [http]\ntimeout = \"{timeout}\"\n[poll]\ninitial = \"100ms\"\nmax = \"200ms\"\n{}",
             kind.profile(sim, profile_extra)
         ),
     )
@@ -291,6 +306,9 @@ async fn a_submit_held_at_sigterm_is_recorded_before_the_exit(
         ..Default::default()
     });
     let id = kind.enqueue(&pool, 1).await;
+    // The held submit must outlast the hold, the signal, the grace period
+    // and the log line that follows it, however slow the machine: a long
+    // timeout (the Dify profile's find_window may not be shorter).
     let config = write_kind_config(&sim, "held", "300ms", kind, "");
     let (mut first, mut log) = spawn_logged(&config, &url);
     wait_held(&sim, 1).await;
@@ -334,10 +352,19 @@ async fn runs_waiting_for_the_throttle_at_sigterm_are_not_submitted(
     for n in 0..4 {
         kind.enqueue(&pool, n).await;
     }
-    // One request every 20 s: the first run goes at once, the next waits
-    // 20 s (within a quarter of the lease), the rest are deferred. The
-    // grace period would let the waiting one through.
-    let config = write_kind_config(&sim, "throttled", "30s", kind, "requests_per_second = 0.05");
+    // One request every 250 s: the first run goes at once, the next waits
+    // 250 s (within a quarter of the 20-minute lease), the rest are
+    // deferred. The grace period would let the waiting one through; the
+    // signal comes long before its turn, however slow the machine.
+    let config = write_kind_config_with(
+        &sim,
+        "throttled",
+        "30s",
+        kind,
+        "requests_per_second = 0.004",
+        "1200s",
+        "5s",
+    );
     let (mut worker, _log) = spawn_logged(&config, &url);
     wait_for(
         &pool,

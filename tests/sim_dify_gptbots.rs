@@ -13,9 +13,13 @@ const TOKEN: &str = "Bearer test-key";
 const QUEUE: Duration = Duration::from_millis(50);
 const RUN: Duration = Duration::from_millis(200);
 
-/// A longer run time, for tests that must act while a run is running even
-/// on a loaded machine.
-const LONG_RUN: Duration = Duration::from_millis(800);
+/// A run time for tests that must act while a run is running: the run
+/// never ends by itself during the test (a stop ends it).
+const LONG_RUN: Duration = Duration::from_secs(600);
+
+/// The most any wait in these tests takes before it fails: far beyond what
+/// the simulator's timings need, so that only a real failure reaches it.
+const CEILING: Duration = Duration::from_secs(60);
 
 async fn start() -> SimServer {
     start_with(RUN).await
@@ -126,19 +130,19 @@ fn raw_price(event_json: &str) -> Decimal {
 /// Waits until `n` requests or streams are held, failing the test rather
 /// than hanging if the simulator never holds them.
 async fn held(sim: &SimServer, n: u64) {
-    tokio::time::timeout(Duration::from_secs(10), sim.wait_until_held(n))
+    tokio::time::timeout(CEILING, sim.wait_until_held(n))
         .await
         .unwrap_or_else(|_| panic!("{n} never held: {:?}", sim.stats()));
 }
 
-/// Polls the run detail until `pred` holds, for at most five seconds.
+/// Polls the run detail until `pred` holds, for at most [`CEILING`].
 async fn wait_detail(
     sim: &SimServer,
     app: &str,
     run_id: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + CEILING;
     loop {
         let (status, body) = dify_get(sim, app, &format!("/workflows/run/{run_id}")).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -153,12 +157,19 @@ async fn wait_detail(
 #[tokio::test]
 async fn dify_stream_starts_at_once_and_finishes_after_the_timings() {
     let sim = start().await;
+    // Streams are held: `workflow_started` comes at once all the same,
+    // while nothing later can (the run's clock is not waited for).
+    sim.set_faults(Faults {
+        hold_streams: true,
+        ..Faults::default()
+    });
     let began = Instant::now();
     let mut sse =
         Sse::new(dify_post(&sim, "text", "/workflows/run", &run_body("u1", "streaming")).await);
     let first = sse.next().await.expect("an event");
-    assert!(began.elapsed() < QUEUE + RUN, "workflow_started came late");
     assert_eq!(first["event"], "workflow_started");
+    held(&sim, 1).await;
+    sim.set_faults(Faults::default());
     let run_id = first["workflow_run_id"]
         .as_str()
         .expect("run id")
@@ -212,23 +223,28 @@ async fn dify_stream_starts_at_once_and_finishes_after_the_timings() {
     sim.shutdown().await;
 }
 
-#[tokio::test]
-async fn dify_run_goes_on_when_the_client_drops_the_stream() {
-    let sim = start_with(LONG_RUN).await;
-    let mut sse = Sse::new(
-        dify_post(
-            &sim,
-            "fails",
-            "/workflows/run",
-            &run_body("u1", "streaming"),
-        )
-        .await,
-    );
+/// Starts a streaming run of `app` for `user`, reads `workflow_started`
+/// and drops the stream; the run's id.
+async fn started_then_dropped(sim: &SimServer, app: &str, user: &str) -> String {
+    let mut sse =
+        Sse::new(dify_post(sim, app, "/workflows/run", &run_body(user, "streaming")).await);
     let started = sse.next().await.expect("workflow_started");
     drop(sse);
-    let run_id = started["workflow_run_id"].as_str().expect("id");
-    let running = wait_detail(&sim, "fails", run_id, |_| true).await;
+    started["workflow_run_id"].as_str().expect("id").to_owned()
+}
+
+#[tokio::test]
+async fn dify_run_goes_on_when_the_client_drops_the_stream() {
+    // A run that cannot have ended yet: still running without its stream.
+    let long = start_with(LONG_RUN).await;
+    let run_id = started_then_dropped(&long, "fails", "u1").await;
+    let running = wait_detail(&long, "fails", &run_id, |_| true).await;
     assert_eq!(running["status"], "running");
+    long.shutdown().await;
+    // And one with the short timings: it ends by itself, as without a drop.
+    let sim = start().await;
+    let run_id = started_then_dropped(&sim, "fails", "u1").await;
+    let run_id = run_id.as_str();
     let done = wait_detail(&sim, "fails", run_id, |d| d["status"] != "running").await;
     assert_eq!(done["status"], "failed");
     assert_eq!(done["error"], "simulated node failure");
@@ -274,7 +290,7 @@ async fn dify_lost_stream_creates_a_run_the_client_never_hears_of() {
     assert_eq!(ledger[0].user, "lost-user");
     assert_eq!(sim.stats().dropped_answers, 1);
     // The way back: the logs filtered by the user, once the run is over.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + CEILING;
     loop {
         let (status, logs) = dify_get(
             &sim,
@@ -300,11 +316,13 @@ async fn dify_lost_stream_creates_a_run_the_client_never_hears_of() {
 async fn dify_logs_hide_running_runs_by_default_and_filter_by_user() {
     let sim = start_with(LONG_RUN).await;
     let mut ids = Vec::new();
+    let mut tasks = Vec::new();
     for user in ["alice", "bob", "alice"] {
         let mut sse =
             Sse::new(dify_post(&sim, "text", "/workflows/run", &run_body(user, "streaming")).await);
         let started = sse.next().await.expect("started");
         ids.push(started["workflow_run_id"].as_str().expect("id").to_owned());
+        tasks.push(started["task_id"].as_str().expect("task").to_owned());
     }
     let (_, logs) = dify_get(&sim, "text", "/workflows/logs").await;
     assert_eq!(logs["total"], 0, "running runs are hidden: {logs}");
@@ -316,8 +334,22 @@ async fn dify_logs_hide_running_runs_by_default_and_filter_by_user() {
     assert_eq!(logs["total"], 3);
     assert_eq!(logs["data"][0]["workflow_run"]["status"], "running");
     sim.set_faults(Faults::default());
+    // The runs end (stopped by their users): listed by default now.
+    for (task, user) in tasks.iter().zip(["alice", "bob", "alice"]) {
+        let (status, _) = body_json(
+            dify_post(
+                &sim,
+                "text",
+                &format!("/workflows/tasks/{task}/stop"),
+                &json!({ "user": user }),
+            )
+            .await,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+    }
     for id in &ids {
-        wait_detail(&sim, "text", id, |d| d["status"] == "succeeded").await;
+        wait_detail(&sim, "text", id, |d| d["status"] == "stopped").await;
     }
     let (status, logs) = dify_get(
         &sim,
@@ -643,7 +675,7 @@ async fn gptbots_async_invoke_then_query_until_succeed() {
     assert_eq!(pending["workflowName"], "todayNews");
     let run_id = pending["workflowRunId"].as_str().expect("id").to_owned();
     let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + CEILING;
     let text = loop {
         let (status, text) = query(&sim, "news", &run_id).await;
         assert_eq!(status, StatusCode::OK, "{text}");
@@ -870,10 +902,29 @@ async fn dify_held_streams_ping_but_keep_workflow_finished_back() {
         .expect("workflow_started is sent while held");
     assert_eq!(started["event"], "workflow_started");
     let run_id = started["workflow_run_id"].as_str().expect("id").to_owned();
-    // Held as soon as an event is due (the nodes start), and still held
-    // once the run is over at the provider.
+    // Held as soon as an event is due that was not yet when the stream
+    // first saw the hold, and still held once the run is over at the
+    // provider.
     held(&sim, 1).await;
     wait_detail(&sim, "text", &run_id, |d| d["status"] == "succeeded").await;
+    // What was due when the stream first saw the hold came at once (the
+    // events due by then: how many depends on the machine's speed), then
+    // only pings.
+    let mut before_hold = vec![started];
+    loop {
+        let block = sse.next_block().await.expect("the stream stays open");
+        if block == "event: ping\n\n" {
+            break;
+        }
+        let data = block.trim().strip_prefix("data: ").expect("an event");
+        before_hold.push(serde_json::from_str(data).expect("event JSON"));
+    }
+    assert!(
+        before_hold
+            .iter()
+            .all(|e| e["event"] != "workflow_finished"),
+        "{before_hold:?}"
+    );
     for _ in 0..2 {
         let block = sse.next_block().await.expect("the stream stays open");
         assert_eq!(block, "event: ping\n\n", "only pings while held");
@@ -907,7 +958,11 @@ async fn dify_held_streams_ping_but_keep_workflow_finished_back() {
     let last = rest.last().expect("events after the release");
     assert_eq!(last["event"], "workflow_finished");
     assert_eq!(last["data"]["status"], "succeeded");
-    assert_eq!(rest.len(), 7, "node events, then workflow_finished");
+    assert_eq!(
+        before_hold.len() + rest.len(),
+        8,
+        "workflow_started, node events, then workflow_finished"
+    );
     let rest = resumed.rest().await;
     assert_eq!(rest.len(), 1);
     assert_eq!(rest[0]["event"], "workflow_finished");
@@ -1067,7 +1122,7 @@ async fn run_cap_counts_dify_and_gptbots_runs_apart() {
 
 /// Queries a GPTBots run until it has ended; the raw body.
 async fn wait_ended(sim: &SimServer, workflow: &str, run_id: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + CEILING;
     loop {
         let (status, text) = query(sim, workflow, run_id).await;
         assert_eq!(status, StatusCode::OK, "{text}");
@@ -1082,15 +1137,22 @@ async fn wait_ended(sim: &SimServer, workflow: &str, run_id: &str) -> String {
 
 #[tokio::test]
 async fn gptbots_runs_spend_credits_and_stop_at_zero() {
-    let sim = start().await;
     let start_balance = Decimal::new(1, 1);
-    sim.set_balance(Some(start_balance));
     let invoke = json!({"input": {"topic": "x"}, "isAsync": true});
+    // Charged at the end: a run that cannot have ended yet cost nothing.
+    let long = start_with(LONG_RUN).await;
+    long.set_balance(Some(start_balance));
+    let (status, _) = body_json(gptbots(&long, "news", "/v1/workflow/invoke", &invoke).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(long.balance(), Some(start_balance), "charged at the end");
+    long.shutdown().await;
+
+    let sim = start().await;
+    sim.set_balance(Some(start_balance));
     let (status, pending) =
         body_json(gptbots(&sim, "news", "/v1/workflow/invoke", &invoke).await).await;
     assert_eq!(status, StatusCode::OK);
     let run_id = pending["workflowRunId"].as_str().expect("id").to_owned();
-    assert_eq!(sim.balance(), Some(start_balance), "charged at the end");
     let text = wait_ended(&sim, "news", &run_id).await;
     let cost = raw_cost(&text);
     assert_eq!(cost, sim.gptbots_ledger()[0].total_cost);

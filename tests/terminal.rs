@@ -136,27 +136,83 @@ async fn enqueue_wait_follows_a_run_to_success_with_progress(
         .connect_with(connect)
         .await
         .unwrap();
-    // Long enough in `running` for several re-reads (every 500 ms), each
-    // of which asks chenyu for its progress.
-    let sim = start_sim(200, 2500, 100).await;
-    let worker = start_worker(config(&sim, "terminal-test", ""), pool.clone());
-    let config = config_file(&pool, &sim);
-    let out = wfq(
-        &db,
-        &[
+    let sim = start_sim(200, 1000, 100).await;
+    // The first worker submits the run and then leaves it alone: its first
+    // status check is an hour away, so the run stays `running` in wfq while
+    // the CLI re-reads it and asks chenyu for its progress, however slow
+    // the machine. A second worker finishes it once that was shown.
+    let mut submitter = config(
+        &sim,
+        "terminal-submitter",
+        "[poll]\ninitial = \"1h\"\nmax = \"1h\"\n",
+    );
+    submitter.worker.concurrency = 1;
+    let first = start_worker(submitter, pool.clone());
+    let config_path = config_file(&pool, &sim);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wfq"))
+        .args([
             "enqueue",
             "--config",
-            config.to_str().unwrap(),
+            config_path.to_str().unwrap(),
             "--workflow",
             TEXT_TO_IMAGE,
             "--inputs",
             r#"{"n6_text": "a lighthouse"}"#,
             "--wait",
-        ],
-        &[("TEST_KEY_VAR", API_KEY)],
-    )
+        ])
+        .env("DATABASE_URL", &db)
+        .env("TEST_KEY_VAR", API_KEY)
+        .env_remove("WFQ_DATABASE_URL")
+        .env_remove("WFQ_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("wfq starts");
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let stderr_reader = {
+        let stderr = child.stderr.take().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut reader = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let _ = lines_tx.send(line);
+            }
+        })
+    };
+    // Running, with the provider's progress (or its queue place).
+    let mut seen = Vec::new();
+    let shown = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.recv().await {
+            let progress = line.contains("(chenyu): running")
+                && (line.contains('%') || line.contains("queued at the provider"));
+            seen.push(line);
+            if progress {
+                return true;
+            }
+        }
+        false
+    })
     .await;
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(shown, Ok(true), "no progress line: {seen:?}");
+    first.stop().await;
+    sqlx::query("UPDATE wfq.runs SET due_at = now() WHERE state = 'running'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let worker = start_worker(config(&sim, "terminal-test", ""), pool.clone());
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("wfq ends within a minute")
+        .expect("wfq runs");
+    stderr_reader.await.unwrap();
+    while let Ok(line) = lines.try_recv() {
+        seen.push(line);
+    }
+    let stderr = seen.join("\n") + "\n";
+    let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(
         !stderr.contains('\r'),
@@ -196,7 +252,7 @@ async fn enqueue_wait_follows_a_run_to_success_with_progress(
     assert!(!stderr.contains(API_KEY) && !stdout.contains(API_KEY));
 
     worker.stop().await;
-    let _ = std::fs::remove_file(&config);
+    let _ = std::fs::remove_file(&config_path);
     sim.shutdown().await;
 }
 

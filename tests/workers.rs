@@ -65,10 +65,12 @@ async fn register(pool: &PgPool, id: &str) -> (PgConnection, i32) {
 }
 
 /// Ends a liveness session and waits until PostgreSQL has let go of its
-/// lock (the backend exits a moment after the connection closes).
+/// lock (the backend exits a moment after the connection closes). Only
+/// this test's database counts: `pg_locks` shows the whole server, where
+/// the workers of other databases hold locks with the same numbers.
 async fn end_session(pool: &PgPool, conn: PgConnection, lock_id: i32) {
     conn.close().await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let held: bool = sqlx::query_scalar(
             // This database's lock only: the tests of this file run at once,

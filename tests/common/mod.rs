@@ -60,19 +60,23 @@ impl Environment for TestEnv {
 }
 
 /// A configuration with fast schedules, pointed at `sim`. `extra` is TOML
-/// appended at the end (e.g. to override `[submit]`).
+/// appended at the end (e.g. to override `[submit]`, `[poll]` or `[http]`,
+/// which are added with the defaults below unless `extra` has them).
+///
+/// The lease (60 s) and the HTTP timeout (30 s) are long: a stall of the
+/// machine must never time out a request or end a lease the test did not
+/// mean to. (The lease is twice the timeout: a Dify lookup of a lost submit
+/// starts no call that could end after the lease.) Tests of lease expiry or
+/// timeouts set short values of their own.
 pub fn config(sim: &SimServer, worker_id: &str, extra: &str) -> Config {
     let text = format!(
         r#"
         [worker]
         id = "{worker_id}"
         concurrency = 16
-        lease = "3s"
+        lease = "60s"
         fallback_poll = "250ms"
         shutdown_grace = "5s"
-        [http]
-        timeout = "1s"
-        connect_timeout = "500ms"
         [providers.chenyu]
         kind = "chenyu"
         base_url = "{}"
@@ -81,6 +85,11 @@ pub fn config(sim: &SimServer, worker_id: &str, extra: &str) -> Config {
         "#,
         sim.base_url()
     );
+    let text = if text.contains("[http]") {
+        text
+    } else {
+        text + "\n[http]\ntimeout = \"30s\"\nconnect_timeout = \"5s\"\n"
+    };
     let text = if text.contains("[poll]") {
         text
     } else {
@@ -231,9 +240,29 @@ pub async fn event_kinds(pool: &PgPool, id: i64) -> Vec<String> {
         .collect()
 }
 
+/// The Dify profiles' `find_window` in [`other_providers`].
+pub const FIND_WINDOW: &str = "60s";
+
+/// `extra` (with [`other_providers`]) turned into a configuration whose
+/// Dify `find_window` is 2 s, with `http.timeout` at 2 s too (the window may
+/// not be shorter): for tests in which a submit is never found and the
+/// window must run out. A request timed out there only adds a lookup or an
+/// adoption, never a second run.
+pub fn short_find_window(extra: &str) -> String {
+    assert!(extra.contains(FIND_WINDOW), "a profile of other_providers");
+    extra.replace(
+        &format!("find_window = \"{FIND_WINDOW}\""),
+        "find_window = \"2s\"",
+    ) + "\n[http]\ntimeout = \"2s\"\nconnect_timeout = \"1s\"\n"
+}
+
 /// TOML for Dify and GPTBots profiles on `sim` (all with the test key):
 /// `dify` (app `text`), `dify_fails`, `gptbots` (workflow `news`),
-/// `gptbots_fails`. Pass it as `extra` to [`config`].
+/// `gptbots_fails`. Pass it as `extra` to [`config`]. The Dify profiles'
+/// `find_window` is [`FIND_WINDOW`]: not shorter than `http.timeout`, as
+/// the configuration requires, and so long that a lost submit is always
+/// found before it ends; tests of a window that runs out shorten both
+/// ([`short_find_window`]).
 pub fn other_providers(sim: &SimServer) -> String {
     let profile = |name: &str, kind: &str, url: String, more: &str| {
         format!(
@@ -245,13 +274,13 @@ pub fn other_providers(sim: &SimServer) -> String {
             "dify",
             "dify",
             sim.dify_base_url("text"),
-            "find_window = \"2s\"\nmax_run_time = \"1s\"",
+            &format!("find_window = \"{FIND_WINDOW}\"\nmax_run_time = \"1s\""),
         ),
         profile(
             "dify_fails",
             "dify",
             sim.dify_base_url("fails"),
-            "find_window = \"2s\"\nmax_run_time = \"1s\"",
+            &format!("find_window = \"{FIND_WINDOW}\"\nmax_run_time = \"1s\""),
         ),
         profile("gptbots", "gptbots", sim.gptbots_base_url("news"), ""),
         profile(
