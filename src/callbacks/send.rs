@@ -152,12 +152,11 @@ mod tests {
 
     #[tokio::test]
     async fn transport_errors_do_not_carry_the_url() {
-        // A port that was just free: nothing listens there.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // A port bound but not listening, kept for the whole test: a
+        // connection is refused, and no other test can take the port.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
         let sender = Sender::new(ApiKey::new("s".repeat(16)), Duration::from_secs(2)).unwrap();
         let url = format!("http://127.0.0.1:{port}/hook?token=tok-123");
         let attempt = sender.send(&url, 1, 1, b"{}".to_vec()).await;
@@ -166,5 +165,6 @@ mod tests {
         };
         assert!(why.starts_with("connection failed"), "{why}");
         assert!(!why.contains("tok-123") && !why.contains("/hook"), "{why}");
+        drop(socket);
     }
 }

@@ -55,6 +55,16 @@ impl LeaseClock {
         self.deadline.get()
     }
 
+    /// The deadline to hand a provider client that itself starts a call of
+    /// `call` only while `now + call < deadline` (a multi-page read): the
+    /// same rule as [`LeaseClock::allows`], which counts at most half the
+    /// lease of a call, since renewals keep the lease ahead of a live
+    /// step. Handing it the bare deadline would start nothing at all when
+    /// `call` is as long as what is left of the lease.
+    pub(crate) fn deadline_for_calls_of(&self, call: Duration) -> Instant {
+        self.deadline() + call.saturating_sub(call.min(self.margin))
+    }
+
     /// A write that keeps the lease (recorded at or after `at`, measured
     /// before it was sent) renewed it for `lease`: the deadline moves, for
     /// every clone of this clock.
@@ -292,6 +302,27 @@ mod tests {
         assert_eq!(leases.in_flight(), [7]);
         drop(copy);
         assert!(leases.in_flight().is_empty());
+    }
+
+    #[test]
+    fn a_client_checking_its_own_calls_gets_the_same_rule_as_allows() {
+        let leases = Leases::new(Duration::from_secs(30), Liveness::always());
+        let now = Instant::now();
+        // A call as long as the lease: `allows` lets it start (renewals
+        // cover it), and so does `now + call < deadline_for_calls_of(call)`.
+        let fresh = leases.hold(1, now);
+        let call = Duration::from_secs(30);
+        assert!(fresh.allows(call));
+        assert!(now + call < fresh.deadline_for_calls_of(call));
+        assert!(
+            now + call >= fresh.deadline(),
+            "the bare deadline would refuse it"
+        );
+        // Missed renewals, 10 s left: neither lets an 11 s call start.
+        let stale = leases.hold(2, now - Duration::from_secs(20));
+        let call = Duration::from_secs(11);
+        assert!(!stale.allows(call));
+        assert!(Instant::now() + call >= stale.deadline_for_calls_of(call));
     }
 
     #[test]

@@ -54,7 +54,10 @@ pub(super) async fn settle_doubt(
                 }
             };
             let found = client
-                .find_submitted(&run.idempotency_key, lease.deadline())
+                .find_submitted(
+                    &run.idempotency_key,
+                    lease.deadline_for_calls_of(engine.call_timeout),
+                )
                 .await;
             ticket.answered(match &found {
                 Some(FindOutcome::Unclear(u)) => Answered::status(u.http_status),
