@@ -78,6 +78,8 @@ const MAX_STRAY: f64 = 0.25;
 /// The first probe step above a found limit, and the largest.
 const FIRST_PROBE: f64 = 0.01;
 const MAX_PROBE: f64 = 0.5;
+/// The probe streak a first limit starts from (+8 % for the first probe).
+const FIRST_LIMIT_STREAK: u32 = 3;
 /// The rate counts as what held requests back when they were sent at
 /// least this close to it.
 const BOUND: f64 = 0.95;
@@ -384,8 +386,14 @@ impl RateControl {
                 return Some(RateChange::Strays(share));
             }
             if !over {
-                // Clean below the rate found: it was a limit.
+                // Clean below the rate found: it was a limit. A first limit
+                // was measured in a short, bursty window (a flood of
+                // refusals right after the slow start), so it may be well
+                // below the real one: probe from a larger first step.
                 self.limit = Some(trial.found);
+                if trial.previous.is_none() {
+                    self.streak = FIRST_LIMIT_STREAK;
+                }
                 return Some(RateChange::Cut(trial.found));
             }
             // Refused even there: the limit is lower still (cut below).
