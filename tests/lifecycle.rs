@@ -635,6 +635,58 @@ async fn a_run_that_fails_at_the_provider_still_has_its_money_settled(
     sim.shutdown().await;
 }
 
+/// A submit answered with a `freeze_status` wfq does not know leaves the
+/// frozen amount unknown (NULL) rather than guessed; the status check that
+/// reports the quote frozen records it, and the settlement adds up to it
+/// (`final + released = frozen`, as the provider's ledger says).
+#[sqlx::test]
+async fn a_frozen_amount_the_submit_answer_left_open_is_recorded_from_a_status_check(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(connect).await;
+    let sim = start_sim(50, 200, 100).await;
+    sim.set_faults(Faults {
+        submit_freeze_status: Some("pending".into()),
+        hold_status_checks: true,
+        ..Default::default()
+    });
+    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({"n6_text": "odd freeze"})).await;
+    let worker = start_worker(config(&sim, "w1", ""), pool.clone());
+    // The first status check is held: what the submit's answer left.
+    wait_held(&sim, 1).await;
+    let submitted = run(&pool, id).await;
+    assert_eq!(submitted.state, "running", "{submitted:?}");
+    assert_eq!(submitted.freeze_status.as_deref(), Some("pending"));
+    assert_eq!(submitted.quote_amount, Some(d("0.03")));
+    assert_eq!(
+        submitted.frozen_amount, None,
+        "the answer did not say the quote was frozen"
+    );
+    sim.set_faults(Faults::default());
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "succeeded", "{row:?}");
+    assert_eq!(row.attempts, 1, "submitted once");
+    let ledger = sim.ledger();
+    assert_eq!(ledger.len(), 1);
+    let entry = &ledger[0];
+    assert_eq!(entry.charges, 1);
+    assert_eq!(row.frozen_amount, Some(entry.frozen), "{row:?}");
+    assert_eq!(row.final_amount, entry.final_amount);
+    assert_eq!(row.released_amount, entry.released);
+    assert_eq!(
+        row.final_amount.unwrap() + row.released_amount.unwrap(),
+        row.frozen_amount.unwrap(),
+        "final + released = frozen, to the last decimal"
+    );
+    assert_eq!(row.freeze_status.as_deref(), Some("released"));
+    assert!(row.settled_at.is_some());
+    sim.shutdown().await;
+}
+
 #[sqlx::test]
 async fn cancel_only_withdraws_a_run_that_was_not_submitted(
     _: PgPoolOptions,

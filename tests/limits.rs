@@ -155,6 +155,93 @@ async fn the_daily_budget_holds_the_run_that_would_cross_it(
     sim.shutdown().await;
 }
 
+/// A run held by the daily budget waits for the next budget day: it is due
+/// at the next midnight in `worker.budget_timezone` (Asia/Shanghai, on the
+/// database's clock), not after `worker.budget_recheck`, and it is not
+/// claimed before: a run that comes due after a recheck would have is
+/// claimed (and held too) while the first one's row stays as it was held.
+#[sqlx::test]
+async fn a_run_held_by_the_daily_budget_is_due_at_the_next_midnight_of_the_budget_zone(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    // Nothing settles during the test: the day's budget stays used up.
+    let sim = start_sim(0, 60_000, 60_000).await;
+    enqueue_many(&pool, 4).await;
+    let mut cfg = config(&sim, "w1", "daily_budget = \"0.10\"");
+    cfg.worker.budget_recheck = Duration::from_millis(100);
+    cfg.worker.budget_timezone = "Asia/Shanghai".into();
+    let worker = start_worker(cfg, pool.clone());
+    wait_for(
+        &pool,
+        "EXISTS (SELECT 1 FROM wfq.runs WHERE state = 'queued' AND hold_reason LIKE 'daily_budget:%')",
+        LIMIT,
+    )
+    .await;
+    type Held = (
+        i64,
+        i64,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+    );
+    // The next midnight in Shanghai after the hold, by the database.
+    let (held, version, due_at, next_midnight, held_at): Held = sqlx::query_as(
+        "SELECT r.id, r.version, r.due_at, \
+                (date_trunc('day', e.at AT TIME ZONE 'Asia/Shanghai') + interval '1 day') \
+                    AT TIME ZONE 'Asia/Shanghai', \
+                e.at \
+         FROM wfq.runs r JOIN wfq.run_events e ON e.run_id = r.id AND e.kind = 'spend_hold' \
+         WHERE r.state = 'queued' AND r.hold_reason LIKE 'daily_budget:%'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        due_at, next_midnight,
+        "held at {held_at}: due at the next budget day"
+    );
+    let shanghai_midnight_in_utc = due_at.format("%H:%M:%S%.f").to_string();
+    assert_eq!(shanghai_midnight_in_utc, "16:00:00", "{due_at}");
+
+    // A run due 0.5 s from now (5 rechecks of the held run, were it due
+    // again after each) is claimed, and held by the same budget.
+    let probe: i64 = sqlx::query_scalar(
+        "INSERT INTO wfq.runs (workflow_id, inputs, due_at) \
+         VALUES ('wf_861ef31e94dcfb10e6e7', '{\"n3_seed\": 99}', now() + interval '500 milliseconds') \
+         RETURNING id",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    wait_for(
+        &pool,
+        &format!("(SELECT hold_reason LIKE 'daily_budget:%' FROM wfq.runs WHERE id = {probe})"),
+        LIMIT,
+    )
+    .await;
+    // Claims take due runs oldest due first: had the held run been due
+    // again before the probe, a claim would have taken it (a new version).
+    let (version_now, due_now, holds): (i64, chrono::DateTime<chrono::Utc>, i64) = sqlx::query_as(
+        "SELECT version, due_at, \
+                (SELECT count(*) FROM wfq.run_events WHERE run_id = r.id AND kind = 'spend_hold') \
+         FROM wfq.runs r WHERE id = $1",
+    )
+    .bind(held)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (version_now, due_now, holds),
+        (version, due_at, 1),
+        "the held run was not claimed again"
+    );
+    worker.stop().await;
+    assert_eq!(sim.ledger().len(), 3, "the held runs were not submitted");
+    sim.shutdown().await;
+}
+
 /// A worker refuses to start with a budget day in a zone nobody knows.
 #[sqlx::test]
 async fn an_unknown_budget_timezone_stops_the_worker_at_start(pool: PgPool) {
@@ -324,6 +411,89 @@ async fn a_submit_slot_is_not_held_for_a_whole_dify_run(
     .unwrap();
     assert_eq!(succeeded, 3);
     assert_eq!(most_at_once, 3, "runs overlapped");
+    sim.shutdown().await;
+}
+
+/// Dify runs followed on their streams give their `concurrency` slot back
+/// and hold one of `worker.max_streams` instead: with every stream slot
+/// taken by runs whose streams stay open (as many as the worker has
+/// slots), chenyu runs are still submitted and checked to their end, and
+/// Dify runs accepted beyond the stream budget are followed by status
+/// checks; once the streams go on, every Dify run succeeds, billed once.
+#[sqlx::test]
+async fn dify_streams_leave_slots_for_other_runs_and_overflow_to_status_checks(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    const SLOTS: usize = 4;
+    const DIFY: usize = 6;
+    const CHENYU: usize = 6;
+    let pool = pool(&connect).await;
+    let sim = start_sim(50, 500, 50).await;
+    sim.set_faults(Faults {
+        hold_streams: true,
+        ..Faults::default()
+    });
+    let mut dify = Vec::new();
+    for n in 0..DIFY {
+        dify.push(enqueue_dify(&pool, "dify", n as u32).await);
+    }
+    let mut cfg = config(&sim, "w1", &other_providers(&sim));
+    cfg.worker.concurrency = SLOTS;
+    cfg.worker.claim_batch = SLOTS;
+    cfg.worker.max_streams = SLOTS;
+    let worker = start_worker(cfg, pool.clone());
+    // Every stream slot is taken by a stream kept open.
+    wait_held(&sim, SLOTS as u64).await;
+    let mut chenyu = Vec::new();
+    for seed in 0..CHENYU {
+        chenyu.push(enqueue(&pool, TEXT_TO_IMAGE, serde_json::json!({"n3_seed": seed})).await);
+    }
+    let checked = "(SELECT count(DISTINCT r.id) FROM wfq.runs r JOIN wfq.run_events e ON e.run_id = r.id \
+                    WHERE r.provider = 'dify' AND e.kind IN ('polled', 'poll_unclear'))";
+    wait_for(
+        &pool,
+        &format!(
+            "(SELECT count(*) FROM wfq.runs WHERE provider = 'chenyu' AND state = 'succeeded') = {CHENYU} \
+             AND {checked} = {}",
+            DIFY - SLOTS
+        ),
+        LIMIT,
+    )
+    .await;
+    // Meanwhile the streamed runs are still running, on their streams (no
+    // status check), which the simulator still holds.
+    let (streamed, checked_now): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT (SELECT count(*) FROM wfq.runs r WHERE provider = 'dify' AND state = 'running' \
+                   AND lease_owner = 'w1' AND NOT EXISTS (SELECT 1 FROM wfq.run_events e \
+                       WHERE e.run_id = r.id AND e.kind IN ('polled', 'poll_unclear'))), \
+                {checked}"
+    )))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (streamed, checked_now),
+        (SLOTS as i64, (DIFY - SLOTS) as i64),
+        "streams kept open, the rest followed by status checks"
+    );
+    assert!(sim.stats().held_requests >= SLOTS as u64);
+    sim.set_faults(Faults::default());
+    wait_all_final(&pool, LIMIT).await;
+    worker.stop().await;
+    let dify_runs = provider_runs(&sim, wfq::config::ProviderKind::Dify);
+    assert_eq!(dify_runs.len(), DIFY);
+    for id in &dify {
+        let row = run(&pool, *id).await;
+        assert_eq!(row.state, "succeeded", "{row:?}");
+        assert_one_provider_run(wfq::config::ProviderKind::Dify, &row, &dify_runs);
+    }
+    let chenyu_runs = provider_runs(&sim, wfq::config::ProviderKind::Chenyu);
+    for id in &chenyu {
+        let row = run(&pool, *id).await;
+        assert_eq!(row.state, "succeeded", "{row:?}");
+        assert_one_provider_run(wfq::config::ProviderKind::Chenyu, &row, &chenyu_runs);
+    }
     sim.shutdown().await;
 }
 

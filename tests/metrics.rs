@@ -534,6 +534,66 @@ async fn provider_trouble_is_counted_by_outcome_and_code(
     worker.stop().await;
 }
 
+/// A GPTBots status nobody documented is counted as what it is
+/// (`wfq_polls_total{outcome="unknown_status"}`), once for every status
+/// check that read it (each leaves an `unknown_status` event), not as a run
+/// still going; the run then fails `UNKNOWN_RUN_STATUS`.
+#[sqlx::test]
+async fn an_unknown_gptbots_status_is_counted_by_outcome(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let pool = pool(&connect).await;
+    let sim = start_sim(20, 200, 50).await;
+    sim.set_faults(wfq::sim::Faults {
+        gptbots_unknown_status: Some("ARCHIVED".to_owned()),
+        ..Default::default()
+    });
+    let id = enqueue_on(&pool, "gptbots", "news", json!({"topic": "odd"})).await;
+    let extra = format!(
+        "{}{METRICS_ON}\n[poll]\ninitial = \"50ms\"\nmax = \"200ms\"\njitter = 0.1\nunknown_status_limit = \"1s\"\n",
+        other_providers(&sim)
+    );
+    let worker = start(config(&sim, "w-unknown", &extra), pool.clone());
+    let base = format!("http://{}", worker.metrics.bound_addr().await);
+    wait_all_final(&pool, LIMIT).await;
+    let row = run(&pool, id).await;
+    assert_eq!(
+        row.error_code.as_deref(),
+        Some("UNKNOWN_RUN_STATUS"),
+        "{row:?}"
+    );
+    let gptbots = ("provider", "gptbots");
+    let samples = scrape_until(&reqwest::Client::new(), &base, "the run counted", |s| {
+        find(
+            s,
+            "wfq_runs_finished_total",
+            &[gptbots, ("state", "failed")],
+        ) == Some("1")
+    })
+    .await;
+    let unknown_checks: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM wfq.run_events WHERE run_id = $1 AND kind = 'unknown_status'",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(unknown_checks >= 1);
+    assert_eq!(
+        number(
+            &samples,
+            "wfq_polls_total",
+            &[gptbots, ("outcome", "unknown_status")]
+        ),
+        unknown_checks as f64,
+        "one count per status check that read the unknown status"
+    );
+    assert!(sim.stats().gptbots_unknown_statuses >= unknown_checks as u64);
+    worker.stop().await;
+    sim.shutdown().await;
+}
+
 /// What one statement's plan read from `wfq.runs` (and its indexes).
 #[derive(Debug, Default)]
 struct Reads {

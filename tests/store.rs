@@ -638,3 +638,65 @@ async fn a_claim_reads_nothing_of_a_paused_profiles_backlog(pool: PgPool) {
         .expect("a buffer count");
     assert!(top_buffers < 300, "{top_buffers} buffers:\n{plan}");
 }
+
+/// A claim locks the rows it reads `FOR NO KEY UPDATE`: while the claim's
+/// transaction is still open, an event of a run it took can be inserted
+/// (the foreign key to `wfq.runs` takes a `FOR KEY SHARE` lock on the run,
+/// which `FOR UPDATE` would block until the claim commits).
+#[sqlx::test]
+async fn an_open_claim_does_not_block_inserts_of_its_runs_events(pool: PgPool) {
+    use sqlx::Row;
+    let id = insert(&pool, 0, None).await;
+    let mut claim = pool.begin().await.unwrap();
+    let claimed: Vec<i64> = sqlx::query(store::CLAIM_DUE_RUNS_SQL)
+        .bind("w1")
+        .bind(10_i64)
+        .bind(LEASE.as_secs_f64())
+        .bind(vec!["chenyu".to_owned()])
+        .bind(vec!["queued".to_owned()])
+        .fetch_all(&mut *claim)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get("id"))
+        .collect();
+    assert_eq!(claimed, vec![id]);
+
+    let mut other = pool.acquire().await.unwrap();
+    sqlx::query("SET lock_timeout = '2s'")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    // The claim holds the row: another claim's lock waits for it.
+    let locked = sqlx::query("SELECT 1 FROM wfq.runs WHERE id = $1 FOR NO KEY UPDATE NOWAIT")
+        .bind(id)
+        .execute(&mut *other)
+        .await
+        .expect_err("the open claim holds the run's row");
+    let code = locked
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("55P03"), "{locked}");
+    // An event of that run goes in at once.
+    let inserted = sqlx::query(
+        "INSERT INTO wfq.run_events (run_id, kind, worker) VALUES ($1, 'note', 'w2') RETURNING id",
+    )
+    .bind(id)
+    .fetch_one(&mut *other)
+    .await;
+    assert!(
+        inserted.is_ok(),
+        "an event insert waited for the claim's row lock: {inserted:?}"
+    );
+    claim.commit().await.unwrap();
+    assert_eq!(
+        store::run_events(&pool, id)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind == "note")
+            .count(),
+        1
+    );
+}

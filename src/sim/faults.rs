@@ -114,6 +114,10 @@ pub struct Faults {
     /// chenyu: `GET /balance/info` answers HTTP 404 (an account or API
     /// version without it), after the key check.
     pub balance_info_missing: bool,
+    /// chenyu: accepted submit answers (new runs and replays) carry this
+    /// `freeze_status` instead of the run's own (e.g. `"pending"`, a value
+    /// nobody documented); `run/info` and the money stay as they are.
+    pub submit_freeze_status: Option<String>,
     /// Dify: runs created while set price their Start node (at 0) in this
     /// currency, the LLM node staying in USD: no single total exists.
     pub dify_start_node_currency: Option<String>,

@@ -280,7 +280,10 @@ fn reject(inner: &mut Inner, error: ApiError) -> SubmitOutcome {
 }
 
 /// An accepted submit; the answer-loss faults apply only here, after the work.
-fn accepted(inner: &mut Inner, data: Value) -> SubmitOutcome {
+fn accepted(inner: &mut Inner, mut data: Value) -> SubmitOutcome {
+    if let (Some(status), Value::Object(fields)) = (&inner.faults.submit_freeze_status, &mut data) {
+        fields.insert("freeze_status".into(), Value::String(status.clone()));
+    }
     let drop_answer = inner.faults.take_answer_drop();
     inner.stats.dropped_answers += u64::from(drop_answer);
     SubmitOutcome::Accepted { data, drop_answer }
