@@ -234,7 +234,7 @@ fn dify_and_gptbots(sim: &SimServer) -> String {
 kind = "dify"
 base_url = "{dify}"
 api_key_env = "TEST_CHENYU_KEY"
-find_window = "2s"
+find_window = "60s"
 max_run_time = "1s"
 account_probe = "100ms"
 account_refusals = [{refusals}]

@@ -45,6 +45,7 @@ async fn a_submit_whose_lease_ran_out_while_it_was_recorded_is_withdrawn(
     // A 3 s lease (renewed every second while a step holds the run, except
     // while its row is locked), one submit at a time.
     let mut cfg = config(&sim, "w", &other_providers(&sim));
+    cfg.worker.lease = std::time::Duration::from_secs(3);
     cfg.providers
         .get_mut(profile)
         .unwrap()

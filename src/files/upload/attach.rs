@@ -231,7 +231,25 @@ async fn attach_one(
         .await
         .map_err(database)?
     {
-        UploadClaim::Mine(id) => id,
+        UploadClaim::Mine(id) => {
+            // Looked again now that this is the only upload of these bytes
+            // in flight: one that finished between the look above and the
+            // claim (the claim can only succeed once it is no longer in
+            // flight) is reused, not uploaded a second time.
+            if let Some(earlier) =
+                store::reusable_upload(pool, &run.provider, &copy.sha256, REUSE_MARGIN)
+                    .await
+                    .map_err(database)?
+                && let Some(provider_id) = earlier.provider_file_id.clone()
+            {
+                store::reuse_upload(pool, &facts, &earlier)
+                    .await
+                    .map_err(database)?;
+                tracing::info!(key, provider_file_id = %provider_id, "input file: reusing an upload of the same bytes that finished just now");
+                return Ok(value_of(shape, &provider_id, &copy.content_type));
+            }
+            id
+        }
         // Another run uploads the same bytes now: its answer is reused.
         UploadClaim::Busy => return Err(retry_soon(run, Duration::from_millis(300))),
         UploadClaim::Done => return Err(retry_soon(run, Duration::ZERO)),
