@@ -326,8 +326,10 @@ async fn an_answer_to_a_submit_the_run_moved_past_is_kept_as_an_event(pool: PgPo
 }
 
 /// A submit recorded as about to be sent and never sent is withdrawn by
-/// its token, whoever holds the run: not in doubt, its attempt given
-/// back, due now for any worker. Nothing happens for another submit.
+/// its token, whoever holds the run: back to `queued` (to pass the pauses
+/// and money limits again), not in doubt, its attempt given back, due now
+/// for any worker. Nothing happens for another submit. A resend never sent
+/// stays in doubt (the first submit may have made a run).
 #[sqlx::test]
 async fn a_submit_never_sent_is_withdrawn_by_its_token(pool: PgPool) {
     let token = Uuid::new_v4();
@@ -346,7 +348,7 @@ async fn a_submit_never_sent_is_withdrawn_by_its_token(pool: PgPool) {
             .unwrap();
     assert_eq!(withdrawn, Some(taken + 1));
     let row = run(&pool, id).await;
-    assert_eq!(row.state, "submitting");
+    assert_eq!(row.state, "queued");
     assert!(row.submit_in_doubt_since.is_none(), "{row:?}");
     assert_eq!((row.attempts, row.lease_owner.as_deref()), (0, None));
     assert!(
@@ -373,6 +375,30 @@ async fn a_submit_never_sent_is_withdrawn_by_its_token(pool: PgPool) {
             .await
             .unwrap(),
         None
+    );
+
+    // A run the worker that took it over gave up on (it could not know that
+    // nothing was sent) is put back by the worker that knows.
+    let token = Uuid::new_v4();
+    let (id, _) = submitting(&pool, token).await;
+    taken_over(&pool, id).await;
+    sqlx::query(
+        "UPDATE wfq.runs SET state = 'failed', error_code = 'SUBMIT_OUTCOME_UNKNOWN', \
+         error_message = 'lost', finished_at = now(), lease_owner = NULL WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    store::record_unsent_submit(&pool, id, token, false, "a", "cut off")
+        .await
+        .unwrap()
+        .expect("put back");
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "queued", "{row:?}");
+    assert!(
+        row.error_code.is_none() && row.finished_at.is_none(),
+        "{row:?}"
     );
 
     // A resend that was never sent gives its resend back too.
@@ -402,11 +428,17 @@ async fn a_submit_never_sent_is_withdrawn_by_its_token(pool: PgPool) {
         .await
         .unwrap()
         .expect("withdrawn");
-    let (attempts, resubmits): (i32, i32) =
-        sqlx::query_as("SELECT attempts, resubmits FROM wfq.runs WHERE id = $1")
-            .bind(id)
-            .fetch_one(&pool)
-            .await
-            .unwrap();
+    let (attempts, resubmits, state, in_doubt): (i32, i32, String, bool) = sqlx::query_as(
+        "SELECT attempts, resubmits, state, submit_in_doubt_since IS NOT NULL FROM wfq.runs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     assert_eq!((attempts, resubmits), (1, 0));
+    assert_eq!(state, "submitting");
+    assert!(
+        in_doubt,
+        "the first submit may have made a run: looked for again"
+    );
 }

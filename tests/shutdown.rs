@@ -473,7 +473,7 @@ async fn a_submitting_write_that_outlasts_the_grace_period_sends_nothing(
     assert!(status.success(), "{status:?}");
 
     let row = run(&pool, second).await;
-    assert_eq!(row.state, "submitting", "{kind:?}: {row:?}");
+    assert_eq!(row.state, "queued", "{kind:?}: {row:?}");
     assert!(
         row.submit_in_doubt_since.is_none(),
         "{kind:?}: in doubt with nothing sent: {row:?}"

@@ -213,11 +213,13 @@ pub(crate) fn classify_error_status(
         detail: error_detail(body, limits),
         http_status: status,
     };
-    // Only a refusal below 500 is taken at its word: a server error may
+    // Only a refusal that says nothing was started is taken at its word: a
+    // server error or a timeout/conflict status (408, 409, 423, 425) may
     // have come after the run was created (GPTBots and Dify have no
     // idempotency key), so putting that run back could bill it twice; it
     // stays unclear below.
-    if status < 500 && call.refuses_account(code) {
+    let maybe_created = status >= 500 || matches!(status, 408 | 409 | 423 | 425);
+    if !maybe_created && call.refuses_account(code) {
         return Err(refusal(code));
     }
     let unclear = |reason: String, nothing_created: bool, account_refused: bool| Unclear {
@@ -440,6 +442,13 @@ mod tests {
             (
                 submit,
                 503,
+                Some("quota_exceeded"),
+                false,
+                "again, maybe created",
+            ),
+            (
+                submit,
+                409,
                 Some("quota_exceeded"),
                 false,
                 "again, maybe created",

@@ -412,6 +412,17 @@ where
     // Before the claim loop starts: an operator's pause must hold from the
     // first claim on.
     account::read_manual_pauses_at_start(&engine).await;
+    let profiles: Vec<String> = engine.providers.keys().cloned().collect();
+    match crate::store::wake_unknown_cost_holds(&engine.pool, &profiles).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            runs = n,
+            "runs held for an unknown cost are checked again at start"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not wake runs held for an unknown cost; they are checked again within 5 minutes")
+        }
+    }
     let prober = tokio::spawn(account::probe_paused_profiles(engine.clone()));
     let pruner = config
         .retention

@@ -275,7 +275,8 @@ pub async fn wake_held_runs(pool: &PgPool, finished: &[i64]) -> Result<u64, sqlx
                 SELECT id FROM wfq.runs
                 WHERE provider = f.provider AND state = 'queued' AND hold_reason IS NOT NULL
                   AND due_at > now() AND lease_owner IS NULL
-                  AND (hold_reason LIKE 'max_outstanding_frozen:%' OR hold_reason LIKE 'max_running:%')
+                  AND (hold_reason LIKE 'max_outstanding_frozen:%' OR hold_reason LIKE 'max_running:%'
+                       OR hold_reason LIKE 'unknown_cost:%')
                 ORDER BY due_at
                 LIMIT greatest(f.runs, 8)
                 FOR NO KEY UPDATE SKIP LOCKED
@@ -294,5 +295,26 @@ pub async fn wake_held_runs(pool: &PgPool, finished: &[i64]) -> Result<u64, sqlx
             .execute(pool)
             .await?;
     }
+    Ok(woken)
+}
+
+/// Makes due now the runs of `profiles` held because a finished run's cost
+/// is unknown (`unknown_cost: ...`): an operator's fix for them (settling
+/// that run by hand, setting `unknown_cost` and restarting) wakes nothing
+/// else, so a starting worker looks again at once. Returns how many.
+#[tracing::instrument(name = "wake_unknown_cost_holds", skip(pool), err)]
+pub async fn wake_unknown_cost_holds(
+    pool: &PgPool,
+    profiles: &[String],
+) -> Result<u64, sqlx::Error> {
+    let woken = sqlx::query(
+        "UPDATE wfq.runs SET due_at = now() \
+         WHERE provider = ANY($1) AND state = 'queued' AND hold_reason LIKE 'unknown_cost:%' \
+           AND due_at > now() AND lease_owner IS NULL",
+    )
+    .bind(profiles)
+    .execute(pool)
+    .await?
+    .rows_affected();
     Ok(woken)
 }

@@ -164,12 +164,16 @@ pub async fn record_late_acceptance(
 /// The submit named `submit_token` was recorded on run `id` but never sent
 /// (the worker began to stop, lost its lease or its database session right
 /// after the write, or could not tell whether the write landed): if the
-/// run is still in `submitting` for exactly this submit, its doubt is
-/// cleared, the attempt given back (and the resend, when it was one), and
-/// the run is due now for any worker, with a `submit_not_sent` event. A
-/// worker that took the run over meanwhile loses its compare-and-set: what
-/// it was finding out is answered. The new version, or `None` when the
-/// write had not landed or the run moved on.
+/// run is still in `submitting` for exactly this submit, the attempt is
+/// given back and the run is due now for any worker, with a
+/// `submit_not_sent` event. A first submit goes back to `queued` (its
+/// recorded inputs and quote kept), so that it passes the pauses, the
+/// spend guard and the balance check again like any queued run, and can
+/// be canceled. A resend (Dify) stays in doubt, with the resend given
+/// back: the first submit may still have made a run, so the next worker
+/// looks for it again before anything is sent. A worker that took the run
+/// over meanwhile loses its compare-and-set. The new version, or `None`
+/// when the write had not landed or the run moved on.
 #[tracing::instrument(name = "record_unsent_submit", skip(db), err)]
 pub async fn record_unsent_submit<'e>(
     db: impl PgExecutor<'e>,
@@ -182,18 +186,28 @@ pub async fn record_unsent_submit<'e>(
     sqlx::query_scalar(
         r#"
         WITH unsent AS (
-            UPDATE wfq.runs
-            SET submit_in_doubt_since = NULL, attempts = GREATEST(attempts - 1, 0),
-                resubmits = GREATEST(resubmits - CASE WHEN $3 THEN 1 ELSE 0 END, 0),
+            UPDATE wfq.runs r
+            SET state = CASE WHEN $3 THEN 'submitting' ELSE 'queued' END,
+                submit_in_doubt_since = CASE WHEN $3 THEN r.submit_in_doubt_since END,
+                attempts = GREATEST(r.attempts - 1, 0),
+                resubmits = GREATEST(r.resubmits - CASE WHEN $3 THEN 1 ELSE 0 END, 0),
                 lease_owner = NULL, lease_expires_at = NULL, due_at = now(),
-                version = version + 1, updated_at = now()
-            WHERE id = $1 AND submit_token = $2 AND state = 'submitting'
-              AND submit_in_doubt_since IS NOT NULL AND provider_run_id IS NULL
-            RETURNING id, version
+                finished_at = NULL, error_code = NULL, error_message = NULL, error_detail = NULL,
+                callback_state = NULL, callback_lease_owner = NULL,
+                callback_lease_expires_at = NULL,
+                version = r.version + 1, updated_at = now()
+            FROM wfq.runs before
+            WHERE r.id = $1 AND before.id = r.id AND r.submit_token = $2
+              AND r.provider_run_id IS NULL AND r.settled_at IS NULL
+              AND ((r.state = 'submitting' AND r.submit_in_doubt_since IS NOT NULL)
+                   -- Given up on by the worker that took it over, which
+                   -- could not know that nothing was sent: this one knows.
+                   OR (r.state = 'failed' AND r.error_code = 'SUBMIT_OUTCOME_UNKNOWN' AND NOT $3))
+            RETURNING r.id, r.version, r.state, before.state AS was
         ),
         event AS (
             INSERT INTO wfq.run_events (run_id, kind, from_state, to_state, worker, detail)
-            SELECT id, 'submit_not_sent', 'submitting', 'submitting', $4,
+            SELECT id, 'submit_not_sent', was, state, $4,
                    jsonb_build_object('reason', $5::text)
             FROM unsent
         ),

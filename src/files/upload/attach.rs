@@ -242,9 +242,19 @@ async fn attach_one(
                     .map_err(database)?
                 && let Some(provider_id) = earlier.provider_file_id.clone()
             {
-                store::reuse_upload(pool, &facts, &earlier)
-                    .await
-                    .map_err(database)?;
+                // Our row is `uploading` under our lease: finish it with
+                // the earlier upload's answer (which frees the one-upload
+                // index for these bytes at once).
+                store::finish_upload(
+                    pool,
+                    id,
+                    &engine.worker_id,
+                    &provider_id,
+                    earlier.provider_expires_at,
+                    earlier.stored_location.as_deref(),
+                )
+                .await
+                .map_err(database)?;
                 tracing::info!(key, provider_file_id = %provider_id, "input file: reusing an upload of the same bytes that finished just now");
                 return Ok(value_of(shape, &provider_id, &copy.content_type));
             }

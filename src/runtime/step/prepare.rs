@@ -105,10 +105,10 @@ pub(super) async fn begin_within_limits(
                     .await
                     .map_err(database)?
             } else if hold.needs_an_operator() {
-                // An operator's fix (settling by hand) wakes nothing.
-                Utc::now()
-                    + chrono::Duration::from_std(engine.budget_recheck)
-                        .unwrap_or(chrono::Duration::seconds(30))
+                // An operator's fix (settling by hand) wakes nothing but a
+                // starting worker or a run of the profile ending: look again
+                // now and then, not every few seconds for the whole queue.
+                Utc::now() + chrono::Duration::minutes(5)
             } else {
                 Utc::now() + chrono::Duration::hours(1)
             };

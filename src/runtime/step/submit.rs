@@ -347,7 +347,10 @@ async fn not_sent(
     resubmitted: bool,
     reason: &str,
 ) {
-    let until = lease.deadline();
+    // Its main case is a worker cut off from the database: keep trying for
+    // another lease, as for a late answer (a run given up on meanwhile is
+    // still put back, see `record_unsent_submit`).
+    let until = lease.deadline() + engine.lease;
     let written = retry_transient("record a submit that was not sent", until, || {
         store::record_unsent_submit(
             &engine.pool,
