@@ -18,7 +18,7 @@ use common::*;
 use wfq::backoff::{PollPolicy, RetryPolicy};
 use wfq::lifecycle::{self, RunProgress, RunState, Transition};
 use wfq::providers::{Accepted, SubmitGuard, SubmitOutcome};
-use wfq::store::{self, LateAnswer};
+use wfq::store::{self, LateAnswer, UnsentSubmit};
 
 const LEASE: Duration = Duration::from_secs(60);
 
@@ -335,17 +335,23 @@ async fn a_submit_never_sent_is_withdrawn_by_its_token(pool: PgPool) {
     let token = Uuid::new_v4();
     let (id, _) = submitting(&pool, token).await;
     assert_eq!(
-        store::record_unsent_submit(&pool, id, Uuid::new_v4(), false, "a", "test")
+        store::record_unsent_submit(&pool, id, Uuid::new_v4(), UnsentSubmit::First, "a", "test")
             .await
             .unwrap(),
         None,
         "another submit's token"
     );
     let taken = taken_over(&pool, id).await;
-    let withdrawn =
-        store::record_unsent_submit(&pool, id, token, false, "a", "the worker began to stop")
-            .await
-            .unwrap();
+    let withdrawn = store::record_unsent_submit(
+        &pool,
+        id,
+        token,
+        UnsentSubmit::First,
+        "a",
+        "the worker began to stop",
+    )
+    .await
+    .unwrap();
     assert_eq!(withdrawn, Some(taken + 1));
     let row = run(&pool, id).await;
     assert_eq!(row.state, "queued");
@@ -371,14 +377,15 @@ async fn a_submit_never_sent_is_withdrawn_by_its_token(pool: PgPool) {
     assert_eq!(detail, json!({"reason": "the worker began to stop"}));
     // Once only.
     assert_eq!(
-        store::record_unsent_submit(&pool, id, token, false, "a", "again")
+        store::record_unsent_submit(&pool, id, token, UnsentSubmit::First, "a", "again")
             .await
             .unwrap(),
         None
     );
 
     // A run the worker that took it over gave up on (it could not know that
-    // nothing was sent) is put back by the worker that knows.
+    // nothing was sent) stays failed, final states being final (a producer
+    // may have acted on it): the event says a retry bills it once.
     let token = Uuid::new_v4();
     let (id, _) = submitting(&pool, token).await;
     taken_over(&pool, id).await;
@@ -390,15 +397,69 @@ async fn a_submit_never_sent_is_withdrawn_by_its_token(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
-    store::record_unsent_submit(&pool, id, token, false, "a", "cut off")
-        .await
-        .unwrap()
-        .expect("put back");
+    for _ in 0..2 {
+        let changed =
+            store::record_unsent_submit(&pool, id, token, UnsentSubmit::First, "a", "cut off")
+                .await
+                .unwrap();
+        assert_eq!(changed, None, "a failed run is left failed");
+    }
     let row = run(&pool, id).await;
-    assert_eq!(row.state, "queued", "{row:?}");
-    assert!(
-        row.error_code.is_none() && row.finished_at.is_none(),
-        "{row:?}"
+    assert_eq!(row.state, "failed", "{row:?}");
+    let details: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT detail FROM wfq.run_events WHERE run_id = $1 AND kind = 'submit_not_sent'",
+    )
+    .bind(id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        details,
+        vec![json!({"reason": "cut off", "retry_bills_once": true})],
+        "said once"
+    );
+
+    // A repeat of an earlier unclear submit (chenyu sends the same key
+    // again, recorded as a plain submit) that was not sent stays in doubt:
+    // the earlier one may be running and billed, so the run is neither
+    // queued (where it could be canceled as if nothing ran) nor cleared.
+    let token = Uuid::new_v4();
+    let (id, version) = submitting(&pool, token).await;
+    let repeat_token = Uuid::new_v4();
+    let repeat = lifecycle::begin_submit(None, json!({}), repeat_token);
+    store::apply_transition(
+        &pool,
+        id,
+        version,
+        RunState::Submitting,
+        "a",
+        LEASE,
+        &repeat,
+    )
+    .await
+    .unwrap()
+    .expect("recorded");
+    store::record_unsent_submit(
+        &pool,
+        id,
+        repeat_token,
+        UnsentSubmit::AfterEarlier { resubmitted: false },
+        "a",
+        "the worker began to stop",
+    )
+    .await
+    .unwrap()
+    .expect("withdrawn");
+    let (state, in_doubt, resubmits): (String, bool, i32) = sqlx::query_as(
+        "SELECT state, submit_in_doubt_since IS NOT NULL, resubmits FROM wfq.runs WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (state.as_str(), in_doubt, resubmits),
+        ("submitting", true, 0)
     );
 
     // A resend that was never sent gives its resend back too.
@@ -424,10 +485,17 @@ async fn a_submit_never_sent_is_withdrawn_by_its_token(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(Some(resend_token), resend.submit_token);
-    store::record_unsent_submit(&pool, id, resend_token, true, "a", "test")
-        .await
-        .unwrap()
-        .expect("withdrawn");
+    store::record_unsent_submit(
+        &pool,
+        id,
+        resend_token,
+        UnsentSubmit::AfterEarlier { resubmitted: true },
+        "a",
+        "test",
+    )
+    .await
+    .unwrap()
+    .expect("withdrawn");
     let (attempts, resubmits, state, in_doubt): (i32, i32, String, bool) = sqlx::query_as(
         "SELECT attempts, resubmits, state, submit_in_doubt_since IS NOT NULL FROM wfq.runs WHERE id = $1",
     )

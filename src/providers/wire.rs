@@ -248,9 +248,13 @@ pub(crate) fn classify_error_status(
             true,
             false,
         )),
-        500..=599 | 408 | 409 | 423 | 425 => {
-            Ok(unclear(format!("HTTP {status}: {message}"), false, false))
-        }
+        // A listed account code still pauses the profile (the next runs
+        // would meet the same refusal), while this run stays unclear.
+        500..=599 | 408 | 409 | 423 | 425 => Ok(unclear(
+            format!("HTTP {status}: {message}"),
+            false,
+            call.refuses_account(code),
+        )),
         _ => Err(refusal(code)),
     }
 }
@@ -439,20 +443,10 @@ mod tests {
             ),
             // A server error may come after the run was created: unclear,
             // never put back (that could bill twice).
-            (
-                submit,
-                503,
-                Some("quota_exceeded"),
-                false,
-                "again, maybe created",
-            ),
-            (
-                submit,
-                409,
-                Some("quota_exceeded"),
-                false,
-                "again, maybe created",
-            ),
+            // The profile pauses all the same (read here as "key or quota";
+            // the run itself stays unclear: see the end of this test).
+            (submit, 503, Some("quota_exceeded"), false, "key or quota"),
+            (submit, 409, Some("quota_exceeded"), false, "key or quota"),
             // The list wins over the quota flag.
             (
                 submit,
@@ -503,6 +497,19 @@ mod tests {
                 expected,
                 "{call:?} {status} {code:?} quota={quota}"
             );
+        }
+        // A listed code on a status that may come after the run was made:
+        // the profile pauses, and the run is not put back.
+        for status in [409, 503] {
+            let answer = ErrorAnswer {
+                status,
+                retry_after: None,
+                code: Some("quota_exceeded"),
+                message: "no",
+                body: b"{}",
+            };
+            let u = classify_error_status(answer, submit, false, &limits).expect("unclear");
+            assert!(u.account_refused && !u.nothing_created, "{status}: {u:?}");
         }
     }
 

@@ -50,7 +50,7 @@ pub use spend::{
     record_budget_timezone, wake_held_runs, wake_unknown_cost_holds,
 };
 pub use stats::{StateCount, queue_stats};
-pub use submits::{LateAnswer, record_late_acceptance, record_unsent_submit};
+pub use submits::{LateAnswer, UnsentSubmit, record_late_acceptance, record_unsent_submit};
 pub use transition::{TransitionWrite, apply_transition, apply_transitions, written_transitions};
 pub use workers::{
     LIVENESS_LOCK_NAMESPACE, RescuePolicy, Rescued, SessionKeepalives, WorkerInfo, WorkerProbe,

@@ -307,10 +307,17 @@ pub async fn wake_unknown_cost_holds(
     pool: &PgPool,
     profiles: &[String],
 ) -> Result<u64, sqlx::Error> {
+    // Bounded and in due order, skipping rows others hold (workers
+    // starting together, a settlement's trigger): no deadlock, and the
+    // runs left are woken by these runs' finishes or their own recheck.
     let woken = sqlx::query(
         "UPDATE wfq.runs SET due_at = now() \
-         WHERE provider = ANY($1) AND state = 'queued' AND hold_reason LIKE 'unknown_cost:%' \
-           AND due_at > now() AND lease_owner IS NULL",
+         WHERE id IN ( \
+           SELECT id FROM wfq.runs \
+           WHERE provider = ANY($1) AND state = 'queued' AND hold_reason LIKE 'unknown_cost:%' \
+             AND due_at > now() AND lease_owner IS NULL \
+           ORDER BY due_at LIMIT 1000 \
+           FOR NO KEY UPDATE SKIP LOCKED)",
     )
     .bind(profiles)
     .execute(pool)

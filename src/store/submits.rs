@@ -161,6 +161,22 @@ pub async fn record_late_acceptance(
     })
 }
 
+/// What a submit that was recorded but not sent came after, which decides
+/// where its run goes back to (see [`record_unsent_submit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnsentSubmit {
+    /// The run's first submit, from a `queued` run not in doubt: nothing
+    /// of it can exist at the provider.
+    First,
+    /// A submit after an earlier one whose outcome is unclear: chenyu's
+    /// repeat of the same key, or a Dify resend (`resubmitted`, which
+    /// gives its resend back). The earlier submit may have made a run.
+    AfterEarlier {
+        /// A Dify resend, counted in `resubmits`.
+        resubmitted: bool,
+    },
+}
+
 /// The submit named `submit_token` was recorded on run `id` but never sent
 /// (the worker began to stop, lost its lease or its database session right
 /// after the write, or could not tell whether the write landed): if the
@@ -169,20 +185,28 @@ pub async fn record_late_acceptance(
 /// `submit_not_sent` event. A first submit goes back to `queued` (its
 /// recorded inputs and quote kept), so that it passes the pauses, the
 /// spend guard and the balance check again like any queued run, and can
-/// be canceled. A resend (Dify) stays in doubt, with the resend given
-/// back: the first submit may still have made a run, so the next worker
-/// looks for it again before anything is sent. A worker that took the run
-/// over meanwhile loses its compare-and-set. The new version, or `None`
-/// when the write had not landed or the run moved on.
+/// be canceled. A submit after an earlier unclear one stays `submitting`
+/// in doubt (a resend given back): the earlier submit may have made a run
+/// the provider bills, so the next worker looks for it, or repeats its
+/// key, before anything is sent, and it cannot be canceled as if nothing
+/// ran. A worker that took the run over meanwhile loses its
+/// compare-and-set. A run that worker already failed
+/// `SUBMIT_OUTCOME_UNKNOWN` stays failed (a final state may have been
+/// acted on): it gets the event, which tells that `wfq retry` bills it
+/// once. The new version, or `None` when nothing changed.
 #[tracing::instrument(name = "record_unsent_submit", skip(db), err)]
 pub async fn record_unsent_submit<'e>(
     db: impl PgExecutor<'e>,
     id: i64,
     submit_token: Uuid,
-    resubmitted: bool,
+    unsent: UnsentSubmit,
     worker: &str,
     reason: &str,
 ) -> Result<Option<i64>, sqlx::Error> {
+    let (after_earlier, resubmitted) = match unsent {
+        UnsentSubmit::First => (false, false),
+        UnsentSubmit::AfterEarlier { resubmitted } => (true, resubmitted),
+    };
     sqlx::query_scalar(
         r#"
         WITH unsent AS (
@@ -190,26 +214,33 @@ pub async fn record_unsent_submit<'e>(
             SET state = CASE WHEN $3 THEN 'submitting' ELSE 'queued' END,
                 submit_in_doubt_since = CASE WHEN $3 THEN r.submit_in_doubt_since END,
                 attempts = GREATEST(r.attempts - 1, 0),
-                resubmits = GREATEST(r.resubmits - CASE WHEN $3 THEN 1 ELSE 0 END, 0),
+                resubmits = GREATEST(r.resubmits - CASE WHEN $6 THEN 1 ELSE 0 END, 0),
                 lease_owner = NULL, lease_expires_at = NULL, due_at = now(),
-                finished_at = NULL, error_code = NULL, error_message = NULL, error_detail = NULL,
-                callback_state = NULL, callback_lease_owner = NULL,
-                callback_lease_expires_at = NULL,
                 version = r.version + 1, updated_at = now()
-            FROM wfq.runs before
-            WHERE r.id = $1 AND before.id = r.id AND r.submit_token = $2
+            WHERE r.id = $1 AND r.submit_token = $2
               AND r.provider_run_id IS NULL AND r.settled_at IS NULL
-              AND ((r.state = 'submitting' AND r.submit_in_doubt_since IS NOT NULL)
-                   -- Given up on by the worker that took it over, which
-                   -- could not know that nothing was sent: this one knows.
-                   OR (r.state = 'failed' AND r.error_code = 'SUBMIT_OUTCOME_UNKNOWN' AND NOT $3))
-            RETURNING r.id, r.version, r.state, before.state AS was
+              AND r.state = 'submitting' AND r.submit_in_doubt_since IS NOT NULL
+            RETURNING r.id, r.version, r.state
+        ),
+        -- Given up on by the worker that took it over, which could not
+        -- know that nothing was sent: said once, the run left final.
+        given_up AS (
+            SELECT r.id FROM wfq.runs r
+            WHERE r.id = $1 AND r.submit_token = $2 AND NOT $3
+              AND r.state = 'failed' AND r.error_code = 'SUBMIT_OUTCOME_UNKNOWN'
+              AND r.provider_run_id IS NULL
+              AND NOT EXISTS (SELECT 1 FROM wfq.run_events e
+                              WHERE e.run_id = r.id AND e.kind = 'submit_not_sent')
         ),
         event AS (
             INSERT INTO wfq.run_events (run_id, kind, from_state, to_state, worker, detail)
-            SELECT id, 'submit_not_sent', was, state, $4,
+            SELECT id, 'submit_not_sent', 'submitting', state, $4,
                    jsonb_build_object('reason', $5::text)
             FROM unsent
+            UNION ALL
+            SELECT id, 'submit_not_sent', 'failed', 'failed', $4,
+                   jsonb_build_object('reason', $5::text, 'retry_bills_once', true)
+            FROM given_up
         ),
         notified AS (
             SELECT pg_notify('wfq_runs_due', '') FROM unsent
@@ -219,9 +250,10 @@ pub async fn record_unsent_submit<'e>(
     )
     .bind(id)
     .bind(submit_token)
-    .bind(resubmitted)
+    .bind(after_earlier)
     .bind(worker)
     .bind(reason)
+    .bind(resubmitted)
     .fetch_optional(db)
     .await
 }

@@ -306,7 +306,7 @@ async fn record_send_and_record(
                 &engine,
                 &run,
                 (send.token, &send.lease),
-                begin.resubmitted,
+                unsent_kind(&run, begin.resubmitted),
                 "it could not be told whether `submitting` was recorded",
             )
             .await;
@@ -325,13 +325,25 @@ async fn record_send_and_record(
     if next != AfterBegin::Send {
         ticket.unused();
         let submit = (send.token, &send.lease);
-        not_sent(&engine, &run, submit, begin.resubmitted, next.reason()).await;
+        let kind = unsent_kind(&run, begin.resubmitted);
+        not_sent(&engine, &run, submit, kind, next.reason()).await;
         return Ok(None);
     }
     send.version = version;
     send.ticket = ticket;
     send.quote = quote.and_then(|q| q.amount);
     send_and_record(engine, run, send).await
+}
+
+/// What an unsent submit of `run` came after: only a run claimed from
+/// `queued` and not in doubt had no earlier submit that may have made a
+/// run (chenyu's repeat of a key records a plain submit, not a resend).
+fn unsent_kind(run: &ClaimedRun, resubmitted: bool) -> store::UnsentSubmit {
+    if !resubmitted && run.state == RunState::Queued && run.submit_in_doubt_since.is_none() {
+        store::UnsentSubmit::First
+    } else {
+        store::UnsentSubmit::AfterEarlier { resubmitted }
+    }
 }
 
 /// Records that the submit recorded as about to be sent was not sent, by
@@ -344,7 +356,7 @@ async fn not_sent(
     engine: &Engine,
     run: &ClaimedRun,
     (token, lease): (Uuid, &LeaseClock),
-    resubmitted: bool,
+    unsent: store::UnsentSubmit,
     reason: &str,
 ) {
     // Its main case is a worker cut off from the database: keep trying for
@@ -356,7 +368,7 @@ async fn not_sent(
             &engine.pool,
             run.id,
             token,
-            resubmitted,
+            unsent,
             &engine.worker_id,
             reason,
         )
