@@ -279,3 +279,159 @@ async fn a_file_for_an_input_that_takes_none_is_refused(pool: PgPool) {
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A Dify profile `dify_picture` on the simulator's `picture` app (a
+/// `photo` file input of type image), as `extra` for `config_with_storage`.
+fn dify_picture(sim: &wfq::sim::SimServer) -> String {
+    format!(
+        "\n[providers.dify_picture]\nkind = \"dify\"\nbase_url = \"{}\"\napi_key_env = \"TEST_CHENYU_KEY\"\nfind_window = \"{FIND_WINDOW}\"\nmax_run_time = \"1s\"\n",
+        sim.dify_base_url("picture")
+    )
+}
+
+async fn enqueue_dify_photo(pool: &PgPool, photo: &str) -> i64 {
+    enqueue_on(
+        pool,
+        "dify_picture",
+        "picture",
+        json!({"query": "what is in it", "photo": {"$file": photo}}),
+    )
+    .await
+}
+
+/// The inputs Dify recorded for a run (`GET /workflows/run/{id}` gives
+/// them as a JSON string).
+async fn inputs_at_dify(sim: &wfq::sim::SimServer, run_id: &str) -> Value {
+    let detail: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/workflows/run/{run_id}",
+            sim.dify_base_url("picture")
+        ))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .expect("run detail")
+        .json()
+        .await
+        .expect("JSON");
+    serde_json::from_str(detail["inputs"].as_str().expect("inputs as a string"))
+        .expect("inputs JSON")
+}
+
+#[sqlx::test]
+async fn a_dify_file_input_is_uploaded_and_sent_as_an_upload_file_id(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    let dir = temp_store();
+    let (location, bytes) = picture(&dir, "boat.png", 3000);
+    let config = config_with_storage(
+        &sim,
+        "upload-dify",
+        &format!("url = \"file://{}/store\"", dir.display()),
+        &dify_picture(&sim),
+    );
+    let worker = start_worker(config, pool.clone());
+    let id = enqueue_dify_photo(&pool, &location).await;
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    worker.stop().await;
+
+    let row = run(&pool, id).await;
+    assert_eq!(
+        row.state, "succeeded",
+        "{:?} {:?}",
+        row.error_code, row.error_message
+    );
+    let uploads = sim.uploads();
+    assert_eq!(uploads.len(), 1, "{uploads:?}");
+    let upload = &uploads[0];
+    assert_eq!(
+        (upload.api.as_str(), upload.app.as_deref(), upload.bytes),
+        ("dify", Some("picture"), bytes.len() as u64)
+    );
+    assert_eq!(upload.sha256, sha256(&bytes));
+    assert_eq!(upload.file_name, "boat.png");
+    assert_eq!(upload.content_type.as_deref(), Some("image/png"));
+    // The upload is made as the run's end user, like the run itself.
+    assert_eq!(
+        upload.user.as_deref(),
+        Some(format!("wfq-{}", row.idempotency_key).as_str())
+    );
+    let expected = json!({
+        "type": "image",
+        "transfer_method": "local_file",
+        "upload_file_id": upload.id,
+    });
+    assert_eq!(row.sent_inputs.as_ref().unwrap()["photo"], expected);
+    let seen = inputs_at_dify(&sim, row.provider_run_id.as_deref().unwrap()).await;
+    assert_eq!(seen["photo"], expected, "Dify got the upload's id");
+    assert_eq!(seen["query"], "what is in it");
+    assert_eq!(sim.dify_ledger().len(), 1);
+    let files = files_of(&pool, id).await;
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(
+        (
+            files[0].0.as_str(),
+            files[0].1.as_str(),
+            files[0].3.as_str()
+        ),
+        ("input", "photo", "done")
+    );
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[sqlx::test]
+async fn dify_limits_from_its_parameters_are_checked_before_anything_is_sent(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    // Dify's /parameters states a 2000-byte limit (the sim would also
+    // refuse a larger upload, but nothing may reach it).
+    sim.set_faults(Faults {
+        max_upload_bytes: Some(2000),
+        ..Faults::default()
+    });
+    let dir = temp_store();
+    let (big, _) = picture(&dir, "big.png", 4096);
+    let (small, _) = picture(&dir, "small.png", 1000);
+    let audio = dir.join("voice.wav");
+    std::fs::write(&audio, b"RIFF\0\0\0\0WAVEfmt \0\0\0\0").unwrap();
+    let config = config_with_storage(
+        &sim,
+        "upload-dify-limits",
+        &format!("url = \"file://{}/store\"", dir.display()),
+        &dify_picture(&sim),
+    );
+    let worker = start_worker(config, pool.clone());
+    let too_large = enqueue_dify_photo(&pool, &big).await;
+    let wrong_type = enqueue_dify_photo(&pool, &format!("file://{}", audio.display())).await;
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    let a = run(&pool, too_large).await;
+    assert_eq!(
+        (a.state.as_str(), a.error_code.as_deref()),
+        ("failed", Some("FILE_TOO_LARGE"))
+    );
+    let message = a.error_message.unwrap_or_default();
+    assert!(
+        message.starts_with("inputs.photo: ") && message.contains("limit of 2000 bytes"),
+        "{message}"
+    );
+    let b = run(&pool, wrong_type).await;
+    assert_eq!(
+        (b.state.as_str(), b.error_code.as_deref()),
+        ("failed", Some("FILE_TYPE_NOT_ACCEPTED"))
+    );
+    let message = b.error_message.unwrap_or_default();
+    assert!(
+        message.starts_with("inputs.photo: the app takes image files") && message.contains("audio"),
+        "{message}"
+    );
+    assert_eq!(sim.stats().upload_requests, 0, "nothing was sent");
+    assert_eq!(sim.stats().dify_run_requests, 0, "nothing was submitted");
+    // A file within the limits still goes through.
+    let fits = enqueue_dify_photo(&pool, &small).await;
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    worker.stop().await;
+    let c = run(&pool, fits).await;
+    assert_eq!(c.state, "succeeded", "{:?}", c.error_message);
+    assert_eq!(sim.uploads().len(), 1);
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

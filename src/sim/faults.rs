@@ -136,7 +136,8 @@ pub struct Faults {
     /// /files/upload`) get HTTP 503 before anything is recorded.
     pub fail_next_uploads: u32,
     /// Uploads larger than this are refused (chenyu HTTP 200 with
-    /// `engine_code: FILE_TOO_LARGE`, Dify HTTP 413 `file_too_large`).
+    /// `engine_code: FILE_TOO_LARGE`, Dify HTTP 413 `file_too_large`), and
+    /// Dify's `GET /parameters` states it as every upload limit (in MB).
     pub max_upload_bytes: Option<u64>,
 }
 

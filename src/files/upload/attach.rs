@@ -192,14 +192,27 @@ async fn attach_one(
             None,
         ));
     }
+    // Dify states its limits and each input's file types in `/parameters`.
     if let ProviderClient::Dify(dify) = profile.client.provider()
-        && let Some(provider_limit) = engine
-            .uploads
-            .dify_limits(&run.provider, dify)
-            .await
-            .and_then(|l| l.for_kind(media_kind))
+        && let Some(rules) = engine.uploads.dify_limits(&run.provider, dify).await
     {
-        limit = limit.min(provider_limit);
+        if !rules.accepts(key, media_kind) {
+            return Err(lifecycle::file_failed(
+                "FILE_TYPE_NOT_ACCEPTED",
+                key,
+                format!(
+                    "inputs.{key}: the app takes {} files, and {} is {} ({}); nothing was uploaded",
+                    rules.types_of(key).join(" or "),
+                    shown(file),
+                    copy.content_type,
+                    media_kind
+                ),
+                None,
+            ));
+        }
+        if let Some(provider_limit) = rules.for_kind(media_kind) {
+            limit = limit.min(provider_limit);
+        }
     }
     if copy.bytes > limit {
         return Err(too_large(key, limit, copy.bytes));

@@ -102,7 +102,8 @@ impl Uploads {
         self.timeout
     }
 
-    /// A Dify profile's upload limits, read at most every few minutes.
+    /// A Dify profile's upload limits and file types, read at most every
+    /// few minutes.
     pub(crate) async fn dify_limits(
         &self,
         profile: &str,
@@ -111,11 +112,11 @@ impl Uploads {
         if let Some((at, limits)) = self.lock().get(profile)
             && at.elapsed() < LIMITS_TTL
         {
-            return *limits;
+            return limits.clone();
         }
         let limits = client.file_limits().await;
         self.lock()
-            .insert(profile.to_owned(), (Instant::now(), limits));
+            .insert(profile.to_owned(), (Instant::now(), limits.clone()));
         limits
     }
 
