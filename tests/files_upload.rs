@@ -1,8 +1,9 @@
 //! Files in: `{"$file": ...}` inputs uploaded to the provider before the
-//! submit (chenyu `POST /assets`), durably and once: the provider sees the
-//! asset URI, a crash between the upload and the submit uploads nothing
-//! twice, an oversized file is refused before anything is sent, and the
-//! same file for 20 runs is uploaded once.
+//! submit (chenyu `POST /assets`, Dify `POST /files/upload`), durably and
+//! once: the provider sees the asset URI (Dify the upload's id), a run
+//! prepared again reuses its upload, an oversized file (by wfq's limit or
+//! Dify's) is refused before anything is sent, and the same file for 20
+//! runs is uploaded once.
 
 mod common;
 
@@ -103,7 +104,11 @@ async fn upload_then_submit_the_provider_saw_the_asset_uri(pool: PgPool) {
 }
 
 #[sqlx::test]
-async fn a_crash_between_upload_and_submit_uploads_nothing_twice(pool: PgPool) {
+/// A crash before `submitting` was recorded, made by hand (the run put
+/// back as if nothing had been sent): the next worker prepares the run
+/// again and reuses the recorded upload. The crash of a real worker process
+/// is in tests/files_crash.rs.
+async fn a_run_prepared_again_after_a_crash_reuses_its_upload(pool: PgPool) {
     let sim = start_sim(20, 50, 20).await;
     let dir = temp_store();
     let (location, _) = picture(&dir, "boat.png", 2000);
