@@ -103,11 +103,11 @@ async fn upload_then_submit_the_provider_saw_the_asset_uri(pool: PgPool) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[sqlx::test]
 /// A crash before `submitting` was recorded, made by hand (the run put
 /// back as if nothing had been sent): the next worker prepares the run
 /// again and reuses the recorded upload. The crash of a real worker process
 /// is in tests/files_crash.rs.
+#[sqlx::test]
 async fn a_run_prepared_again_after_a_crash_reuses_its_upload(pool: PgPool) {
     let sim = start_sim(20, 50, 20).await;
     let dir = temp_store();

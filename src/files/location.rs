@@ -87,6 +87,37 @@ impl FileLocation {
     }
 }
 
+/// Whether `url` carries a signature in its query (an S3/GCS presigned
+/// URL, or any `signature` / `sig` parameter): such a URL grants access
+/// like a password for as long as it is valid.
+pub fn is_signed_url(url: &url::Url) -> bool {
+    url.query_pairs().any(|(name, _)| {
+        let name = name.to_ascii_lowercase();
+        name.contains("signature") || name.contains("credential") || name == "sig"
+    })
+}
+
+/// Drops the query of every signed http(s) URL among the strings of
+/// `value` (e.g. a provider's echo of the inputs it was sent), so that a
+/// presigned URL is never recorded.
+pub fn redact_signed_urls(value: &mut Value) {
+    match value {
+        Value::String(text) => {
+            if let Ok(mut url) = url::Url::parse(text)
+                && matches!(url.scheme(), "http" | "https")
+                && is_signed_url(&url)
+            {
+                url.set_query(None);
+                url.set_fragment(None);
+                *text = url.to_string();
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact_signed_urls),
+        Value::Object(members) => members.values_mut().for_each(redact_signed_urls),
+        _ => {}
+    }
+}
+
 /// One file input of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileInput {
@@ -190,6 +221,26 @@ mod tests {
                 .unwrap()
                 .file_name(),
             "boat.png"
+        );
+    }
+
+    #[test]
+    fn signed_urls_lose_their_query() {
+        let mut echo = json!({"topic": "x", "files": [
+            "https://b.s3.amazonaws.com/k.png?X-Amz-Algorithm=AWS4&X-Amz-Signature=abc",
+            "https://cdn.example/p.png?size=2",
+            "https://storage.googleapis.com/b/o?X-Goog-Credential=a&X-Goog-Signature=b",
+            "not a url ?sig=1",
+        ]});
+        redact_signed_urls(&mut echo);
+        assert_eq!(
+            echo,
+            json!({"topic": "x", "files": [
+                "https://b.s3.amazonaws.com/k.png",
+                "https://cdn.example/p.png?size=2",
+                "https://storage.googleapis.com/b/o",
+                "not a url ?sig=1",
+            ]})
         );
     }
 

@@ -243,6 +243,16 @@ struct QueryResult {
     message: Option<Value>,
 }
 
+/// The result as recorded: GPTBots echoes the `input` it was sent, where
+/// a file of an S3 store is a presigned URL that must not be recorded.
+fn audit_copy_of_result(text: &str) -> Value {
+    let mut raw = audit_copy(text);
+    if let Some(input) = raw.get_mut("input") {
+        crate::files::redact_signed_urls(input);
+    }
+    raw
+}
+
 fn parse_result(body: &[u8], limits: &AnswerLimits) -> Result<RunReport, Unclear> {
     let (text, repairs) = repaired(body, limits);
     let result: QueryResult =
@@ -294,7 +304,7 @@ fn parse_result(body: &[u8], limits: &AnswerLimits) -> Result<RunReport, Unclear
         error_message,
         settled,
         run_status: Some(run_status),
-        raw: audit_copy(&text),
+        raw: audit_copy_of_result(&text),
         repairs,
         ..RunReport::default()
     })

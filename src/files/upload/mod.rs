@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::files::{Storage, StorageConfig, StorageError, StorageUrl};
 use crate::providers::FileLimits;
 
-pub(crate) use attach::attach_files;
+pub(crate) use attach::{attach_files, signed_inputs};
 pub use read::{LocalCopy, ReadError};
 
 /// The largest input file when `[storage]` sets no `max_file_bytes`.
