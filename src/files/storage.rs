@@ -250,6 +250,10 @@ impl Storage {
                 Err(e) => return Err(e.into()),
             }
         }
+        // A directory store keeps empty directories behind; they go too.
+        if let StorageUrl::Local(dir) = &self.config.url {
+            remove_empty_dirs(&dir.join(prefix.as_ref()));
+        }
         Ok(deleted)
     }
 
@@ -263,6 +267,18 @@ impl Storage {
             .ok()
             .map(|u| u.to_string())
     }
+}
+
+/// Removes `dir` and the directories under it that are (then) empty.
+fn remove_empty_dirs(dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// An S3 client for `bucket` with the configured region, endpoint and credentials.
