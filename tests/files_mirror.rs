@@ -222,3 +222,28 @@ async fn outputs_are_mirrored_to_s3(pool: PgPool) {
     sim.shutdown().await;
     let _ = Duration::ZERO;
 }
+
+#[sqlx::test]
+async fn an_output_is_media_by_its_manifest_type_whatever_its_content_type(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    // The link answers `text/plain`; the workflow's output manifest says
+    // `n9_images` is an image: it is kept, as bytes (the kind is unknown).
+    sim.set_faults(Faults {
+        media_content_type: Some("text/plain".into()),
+        ..Faults::default()
+    });
+    let dir = temp_store();
+    let config = config_with_storage(&sim, "mirror-typed", &local_storage(&dir, ""), "");
+    let worker = start_worker(config, pool.clone());
+    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    wait_media_settled(&pool, id).await;
+    worker.stop().await;
+    let (state, mirrored) = media_of(&pool, id).await;
+    assert_eq!(state.as_deref(), Some("done"));
+    let location = format!("file://{}/{id}/n9_images.bin", dir.display());
+    assert_eq!(mirrored.unwrap()["n9_images"], json!(location));
+    let bytes = std::fs::read(dir.join(format!("{id}/n9_images.bin"))).expect("stored");
+    assert!(bytes.starts_with(b"\x89PNG"));
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

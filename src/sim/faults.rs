@@ -132,6 +132,9 @@ pub struct Faults {
     /// file, chunked without a `Content-Length` (to test size limits on a
     /// stream); the bytes are made as they are sent.
     pub media_size_bytes: Option<u64>,
+    /// Output downloads announce this `Content-Type` instead of the one
+    /// their name implies (e.g. `text/plain` from a misconfigured CDN).
+    pub media_content_type: Option<String>,
     /// The next N uploads (chenyu `POST /assets`, Dify `POST
     /// /files/upload`) get HTTP 503 before anything is recorded.
     pub fail_next_uploads: u32,

@@ -176,6 +176,10 @@ pub struct ClaimedMirror {
     pub attempts: i32,
     /// Where it sits in the outputs (`[key]`, `[key, n]`, `[key, "url"]`).
     pub json_path: Vec<String>,
+    /// The run's provider profile.
+    pub profile: String,
+    /// The run's workflow (its output manifest says what is media).
+    pub workflow_id: String,
 }
 
 /// Leases up to `limit` due output copies, oldest due first.
@@ -199,7 +203,8 @@ pub async fn claim_due_mirrors(
         UPDATE wfq.run_files f
         SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
         FROM due WHERE f.id = due.id
-        RETURNING f.id, f.run_id, f.key, f.position, f.source, f.attempts, f.json_path
+        RETURNING f.id, f.run_id, f.key, f.position, f.source, f.attempts, f.json_path, f.profile,
+                  (SELECT r.workflow_id FROM wfq.runs r WHERE r.id = f.run_id) AS workflow_id
         "#,
     )
     .bind(worker)

@@ -28,6 +28,18 @@ const FALLBACK_POLL: Duration = Duration::from_secs(1);
 /// Runs planned per statement.
 const PLAN_BATCH: i64 = 200;
 
+/// The output manifest of a profile's workflow (`(profile, workflow)` to
+/// each output key's type); `None` when it cannot be known now, and the
+/// content type decides.
+pub type OutputTypes = Arc<
+    dyn Fn(
+            String,
+            String,
+        ) -> futures_util::future::BoxFuture<'static, Option<Vec<(String, String)>>>
+        + Send
+        + Sync,
+>;
+
 /// How long a claimed copy is this worker's.
 pub fn lease(config: &StorageConfig) -> Duration {
     config.timeout * 2 + Duration::from_secs(30)
@@ -48,6 +60,7 @@ impl MirrorService {
         worker_id: &str,
         listen: bool,
         metrics: Arc<crate::metrics::Metrics>,
+        output_types: Option<OutputTypes>,
     ) -> Option<MirrorService> {
         let storage = storage?;
         let http = match reqwest::Client::builder()
@@ -71,6 +84,7 @@ impl MirrorService {
             listen,
             stopped,
             metrics,
+            output_types,
         ));
         Some(MirrorService { stop, task })
     }
@@ -119,6 +133,7 @@ async fn run(
     listen: bool,
     mut stop: watch::Receiver<bool>,
     metrics: Arc<crate::metrics::Metrics>,
+    output_types: Option<OutputTypes>,
 ) {
     let config = storage.config().clone();
     let wake = Arc::new(Notify::new());
@@ -136,8 +151,11 @@ async fn run(
                 Ok(claims) => {
                     for claim in claims {
                         let (http, storage) = (http.clone(), storage.clone());
+                        let types = output_types.clone();
                         copies.spawn(async move {
-                            let attempt = download::copy(&http, &storage, &claim).await;
+                            let declared = declared_type(types, &claim).await;
+                            let attempt =
+                                download::copy(&http, &storage, &claim, declared.as_deref()).await;
                             (claim, attempt)
                         });
                     }
@@ -204,6 +222,15 @@ async fn run(
         listener.abort();
     }
     tracing::info!("media mirror stopped");
+}
+
+/// The type the output manifest states for `claim`'s output, if any.
+async fn declared_type(types: Option<OutputTypes>, claim: &ClaimedMirror) -> Option<String> {
+    let types = types?(claim.profile.clone(), claim.workflow_id.clone()).await?;
+    types
+        .into_iter()
+        .find(|(key, _)| *key == claim.key)
+        .map(|(_, kind)| kind)
 }
 
 /// Plans a batch of succeeded runs in one transaction.
