@@ -440,3 +440,103 @@ async fn dify_limits_from_its_parameters_are_checked_before_anything_is_sent(poo
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An http(s) input file served by the simulator: the output link of a
+/// text-to-image run, finished (and mirrored) before anything else.
+async fn a_served_picture(pool: &PgPool) -> String {
+    let id = enqueue(pool, TEXT_TO_IMAGE, json!({"n6_text": "a boat"})).await;
+    wait_media_settled(pool, id).await;
+    let row = run(pool, id).await;
+    row.outputs.expect("outputs")["n9_images"]
+        .as_str()
+        .expect("a link")
+        .to_owned()
+}
+
+#[sqlx::test]
+async fn an_input_read_that_fails_twice_is_tried_again_and_then_uploaded(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    let dir = temp_store();
+    let config = config_with_storage(
+        &sim,
+        "read-retry",
+        &format!("url = \"file://{}/store\"", dir.display()),
+        "",
+    );
+    let worker = start_worker(config, pool.clone());
+    let link = a_served_picture(&pool).await;
+    let requests_before = sim.stats().media_requests;
+    sim.set_faults(Faults {
+        fail_next_downloads: 2,
+        ..Faults::default()
+    });
+    let id = enqueue_video(&pool, &link).await;
+    wait_for(
+        &pool,
+        &format!("(SELECT state IN ('succeeded', 'failed') FROM wfq.runs WHERE id = {id})"),
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_media_settled(&pool, id).await;
+    worker.stop().await;
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "succeeded", "{:?}", row.error_message);
+    // Two failed reads and the one that worked, then the copy of the
+    // run's own output.
+    assert_eq!(sim.stats().media_requests - requests_before, 4);
+    let uploads = sim.uploads();
+    assert_eq!(uploads.len(), 1, "{uploads:?}");
+    assert_eq!(row.sent_inputs.unwrap()["image"], json!(uploads[0].uri));
+    let retries = event_kinds(&pool, id)
+        .await
+        .into_iter()
+        .filter(|k| k == "file_read_retry")
+        .count();
+    assert_eq!(retries, 2);
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[sqlx::test]
+async fn an_input_that_stays_unreadable_fails_its_run_after_bounded_tries(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    let dir = temp_store();
+    let config = config_with_storage(
+        &sim,
+        "read-gives-up",
+        &format!("url = \"file://{}/store\"", dir.display()),
+        "",
+    );
+    let worker = start_worker(config, pool.clone());
+    let link = a_served_picture(&pool).await;
+    let requests_before = sim.stats().media_requests;
+    sim.set_faults(Faults {
+        fail_next_downloads: 1000,
+        ..Faults::default()
+    });
+    let id = enqueue_video(&pool, &link).await;
+    wait_for(
+        &pool,
+        &format!("(SELECT state IN ('succeeded', 'failed') FROM wfq.runs WHERE id = {id})"),
+        Duration::from_secs(60),
+    )
+    .await;
+    worker.stop().await;
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "failed");
+    assert_eq!(row.error_code.as_deref(), Some("FILE_UNREADABLE"));
+    let message = row.error_message.unwrap_or_default();
+    // `[submit] max_attempts = 6` in the test configuration.
+    assert!(
+        message.starts_with("inputs.image: could not read http://")
+            && message.contains("in 6 attempts (last: ")
+            && message.contains("HTTP 503"),
+        "{message}"
+    );
+    assert_eq!(sim.stats().media_requests - requests_before, 6);
+    assert!(sim.uploads().is_empty(), "nothing uploaded");
+    assert_eq!(sim.ledger().len(), 1, "only the first run was submitted");
+    assert!(row.frozen_amount.is_none() && row.provider_run_id.is_none());
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -623,6 +623,39 @@ pub async fn release_mirror_leases(pool: &PgPool, worker: &str) -> Result<u64, s
     Ok(done.rows_affected())
 }
 
+/// Records that input `key` of run `run_id` could not be read for now;
+/// returns how many reads (and uploads) of it failed so far. A row that is
+/// done or being uploaded is left alone (`None`).
+#[tracing::instrument(name = "record_read_failure", skip(pool), err)]
+pub async fn record_read_failure(
+    pool: &PgPool,
+    run_id: i64,
+    key: &str,
+    profile: &str,
+    source: &str,
+    error: &str,
+) -> Result<Option<i32>, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"
+        INSERT INTO wfq.run_files (run_id, direction, key, position, profile, source, state, attempts,
+                                   error_code, error)
+        VALUES ($1, 'input', $2, 0, $3, $4, 'failed', 1, 'READ_FAILED', $5)
+        ON CONFLICT (run_id, direction, key, position) DO UPDATE
+        SET attempts = wfq.run_files.attempts + 1, error_code = 'READ_FAILED', error = EXCLUDED.error,
+            updated_at = now()
+        WHERE wfq.run_files.state IN ('failed', 'pending')
+        RETURNING attempts
+        "#,
+    )
+    .bind(run_id)
+    .bind(key)
+    .bind(profile)
+    .bind(source)
+    .bind(error)
+    .fetch_optional(pool)
+    .await
+}
+
 /// Records that input `key` went to the provider as a link (GPTBots), with
 /// the link's query left out (it may carry a signature).
 #[tracing::instrument(name = "record_input_link", skip(pool), err)]

@@ -161,11 +161,18 @@ async fn attach_one(
             ));
         }
         Err(ReadError::Transient(why)) => {
-            tracing::warn!(key, error = %why, "input file not readable now; trying again later");
-            let attempts = run.attempts + 1;
-            return Err(lifecycle::upload_unclear(
+            // Counted in the file's row, so that the retries are bounded
+            // whatever else happens to the run.
+            let attempts =
+                store::record_read_failure(pool, run.id, key, &run.provider, &shown(file), &why)
+                    .await
+                    .map_err(database)?
+                    .map_or(1, |n| n.max(1) as u32);
+            tracing::warn!(key, error = %why, attempts, "input file not readable now");
+            return Err(lifecycle::read_unclear(
                 run.state,
                 key,
+                &shown(file),
                 attempts,
                 &why,
                 &engine.submit,
