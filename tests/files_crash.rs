@@ -246,23 +246,18 @@ async fn chenyu_a_worker_killed_between_upload_and_submit_uploads_once_and_runs_
     pool.close().await;
 }
 
-fn store_enqueue<'a>(
-    pool: &'a PgPool,
-    location: &'a str,
-) -> impl std::future::Future<Output = i64> + 'a {
-    async move {
-        wfq::store::enqueue_run(
-            pool,
-            &wfq::store::NewRun {
-                workflow_id: VIDEO.to_owned(),
-                inputs: json!({"prompt": "a paper boat", "image": {"$file": location}}),
-                accept_external_cost_risk: true,
-                ..Default::default()
-            },
-        )
-        .await
-        .expect("enqueue")
-    }
+async fn store_enqueue(pool: &PgPool, location: &str) -> i64 {
+    wfq::store::enqueue_run(
+        pool,
+        &wfq::store::NewRun {
+            workflow_id: VIDEO.to_owned(),
+            inputs: json!({"prompt": "a paper boat", "image": {"$file": location}}),
+            accept_external_cost_risk: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("enqueue")
 }
 
 #[sqlx::test]

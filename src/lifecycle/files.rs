@@ -61,12 +61,12 @@ pub fn upload_unclear(
 
 /// What to do after input `key` could not be read for now (a 5xx, a
 /// timeout, a store that did not answer), its `attempts`-th try: read it
-/// again later on the submit schedule, or give up (`FILE_UNREADABLE`)
+/// again later on the submit schedule, or give up (`FILE_UNREADABLE`,
+/// naming the input and the file as `shown`)
 /// after `submit.max_attempts`. Nothing was uploaded or frozen either way.
 pub fn read_unclear(
     state: RunState,
-    key: &str,
-    shown: &str,
+    (key, shown): (&str, &str),
     attempts: u32,
     reason: &str,
     policy: &RetryPolicy,
@@ -125,8 +125,7 @@ mod tests {
         assert_eq!(t.event.kind, "file_failed");
         let t = read_unclear(
             RunState::Queued,
-            "image",
-            "x.png",
+            ("image", "x.png"),
             2,
             "HTTP 503",
             &policy,
@@ -137,8 +136,7 @@ mod tests {
         assert_eq!(t.due_at, Some(now + chrono::Duration::seconds(2)));
         let t = read_unclear(
             RunState::Queued,
-            "image",
-            "x.png",
+            ("image", "x.png"),
             3,
             "HTTP 503",
             &policy,

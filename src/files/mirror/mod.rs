@@ -79,12 +79,11 @@ impl MirrorService {
         let task = tokio::spawn(run(
             pool.clone(),
             storage,
-            http,
+            Fetch { http, output_types },
             worker_id.to_owned(),
             listen,
             stopped,
             metrics,
-            output_types,
         ));
         Some(MirrorService { stop, task })
     }
@@ -125,16 +124,22 @@ async fn listen_for_finished(pool: PgPool, wake: Arc<Notify>) {
 
 type Done = (ClaimedMirror, decide::Attempt);
 
+/// How copies are made: the HTTP client, and the output manifests.
+struct Fetch {
+    http: reqwest::Client,
+    output_types: Option<OutputTypes>,
+}
+
 async fn run(
     pool: PgPool,
     storage: Arc<Storage>,
-    http: reqwest::Client,
+    fetch: Fetch,
     worker_id: String,
     listen: bool,
     mut stop: watch::Receiver<bool>,
     metrics: Arc<crate::metrics::Metrics>,
-    output_types: Option<OutputTypes>,
 ) {
+    let Fetch { http, output_types } = fetch;
     let config = storage.config().clone();
     let wake = Arc::new(Notify::new());
     let listener = listen.then(|| tokio::spawn(listen_for_finished(pool.clone(), wake.clone())));

@@ -171,8 +171,7 @@ async fn attach_one(
             tracing::warn!(key, error = %why, attempts, "input file not readable now");
             return Err(lifecycle::read_unclear(
                 run.state,
-                key,
-                &shown(file),
+                (key, &shown(file)),
                 attempts,
                 &why,
                 &engine.submit,
