@@ -97,25 +97,50 @@ pub fn is_signed_url(url: &url::Url) -> bool {
     })
 }
 
-/// Drops the query of every signed http(s) URL among the strings of
-/// `value` (e.g. a provider's echo of the inputs it was sent), so that a
-/// presigned URL is never recorded.
+/// Drops the query of every signed http(s) URL in the strings of `value`
+/// (e.g. a provider's echo of the inputs it was sent, or an error object
+/// quoting a link), so that a presigned URL is never recorded.
 pub fn redact_signed_urls(value: &mut Value) {
     match value {
         Value::String(text) => {
-            if let Ok(mut url) = url::Url::parse(text)
-                && matches!(url.scheme(), "http" | "https")
-                && is_signed_url(&url)
-            {
-                url.set_query(None);
-                url.set_fragment(None);
-                *text = url.to_string();
+            if text.contains("http") {
+                *text = redact_signed_urls_in_text(text);
             }
         }
         Value::Array(items) => items.iter_mut().for_each(redact_signed_urls),
         Value::Object(members) => members.values_mut().for_each(redact_signed_urls),
         _ => {}
     }
+}
+
+/// `text` with the query of every signed http(s) URL in it dropped (an
+/// error message that quotes the link it could not fetch).
+pub fn redact_signed_urls_in_text(text: &str) -> String {
+    let ends = |c: char| c.is_whitespace() || "\"'<>()[]{},\\`".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest
+        .find("http://")
+        .into_iter()
+        .chain(rest.find("https://"))
+        .min()
+    {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        let len = tail.find(ends).unwrap_or(tail.len());
+        let (candidate, after) = tail.split_at(len);
+        match url::Url::parse(candidate) {
+            Ok(mut url) if is_signed_url(&url) => {
+                url.set_query(None);
+                url.set_fragment(None);
+                out.push_str(url.as_str());
+            }
+            _ => out.push_str(candidate),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 /// One file input of a run.
@@ -233,6 +258,13 @@ mod tests {
             "not a url ?sig=1",
         ]});
         redact_signed_urls(&mut echo);
+        assert_eq!(
+            redact_signed_urls_in_text(
+                "cannot fetch \"https://b.s3.x/k.png?X-Amz-Signature=abc&a=1\": 403; see http://docs/x?page=2 or https://h/p?sig=9"
+            ),
+            "cannot fetch \"https://b.s3.x/k.png\": 403; see http://docs/x?page=2 or https://h/p"
+        );
+        assert_eq!(redact_signed_urls_in_text("no links"), "no links");
         assert_eq!(
             echo,
             json!({"topic": "x", "files": [
