@@ -102,10 +102,8 @@ pub fn is_signed_url(url: &url::Url) -> bool {
 /// quoting a link), so that a presigned URL is never recorded.
 pub fn redact_signed_urls(value: &mut Value) {
     match value {
-        Value::String(text) => {
-            if text.contains("http") {
-                *text = redact_signed_urls_in_text(text);
-            }
+        Value::String(text) if text.contains("http") => {
+            *text = redact_signed_urls_in_text(text);
         }
         Value::Array(items) => items.iter_mut().for_each(redact_signed_urls),
         Value::Object(members) => members.values_mut().for_each(redact_signed_urls),
