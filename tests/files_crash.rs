@@ -148,12 +148,26 @@ async fn killed_between_upload_and_submit(
     database_url: &str,
     enqueue: impl std::future::Future<Output = i64>,
 ) -> (wfq::store::RunRow, String, PathBuf) {
-    let dir = temp_store();
-    let store = dir.join("store");
-    sim.set_faults(Faults {
+    let hold = Faults {
         hold_submits: true,
         ..Faults::default()
-    });
+    };
+    killed_while_held(pool, sim, database_url, enqueue, hold).await
+}
+
+/// Kills the victim once `hold` holds a request of run `id` (after its
+/// upload was recorded at the provider), lets a rescuer finish the run, and
+/// returns the run and the victim's log.
+async fn killed_while_held(
+    pool: &PgPool,
+    sim: &SimServer,
+    database_url: &str,
+    enqueue: impl std::future::Future<Output = i64>,
+    hold: Faults,
+) -> (wfq::store::RunRow, String, PathBuf) {
+    let dir = temp_store();
+    let store = dir.join("store");
+    sim.set_faults(hold);
     let id = enqueue.await;
     let mut victim = Victim::spawn(sim, &store, &dir, database_url);
     if tokio::time::timeout(LIMIT, sim.wait_until_held(1))
@@ -292,6 +306,56 @@ async fn dify_a_worker_killed_between_upload_and_submit_uploads_once_and_runs_on
     assert_eq!(
         row.provider_run_id.as_deref(),
         Some(runs[0].workflow_run_id.as_str())
+    );
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_dir_all(files);
+    pool.close().await;
+}
+
+#[sqlx::test]
+async fn a_worker_killed_during_its_upload_is_followed_at_once_and_runs_once(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let url = database_url(&connect);
+    let pool = pool(connect).await;
+    let sim = start_sim(50, 300, 50).await;
+    let files = temp_store();
+    let (location, bytes) = picture(&files);
+    // The provider records the upload, and its answer never reaches the
+    // victim: the one case where a file is uploaded again.
+    let hold = Faults {
+        hold_upload_answers: true,
+        ..Faults::default()
+    };
+    let enqueue = store_enqueue(&pool, &location);
+    // The victim's upload lease is twice its upload timeout (20 minutes):
+    // finishing within the helper's limit shows the rescuer did not wait
+    // for it.
+    let (row, logs, dir) = killed_while_held(&pool, &sim, &url, enqueue, hold).await;
+    let uploads = sim.uploads();
+    assert_eq!(uploads.len(), 2, "uploaded again: {uploads:?}\n{logs}");
+    assert!(uploads.iter().all(|u| u.sha256 == sha256(&bytes)));
+    assert_eq!(
+        row.sent_inputs.as_ref().unwrap()["image"],
+        json!(uploads[1].uri),
+        "the rescuer's upload is the one sent"
+    );
+    let ledger = sim.ledger();
+    assert_eq!(ledger.len(), 1, "{ledger:?}");
+    assert_eq!(ledger[0].charges, 1, "{ledger:?}");
+    let abandoned: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT state, error_code FROM wfq.run_files WHERE run_id = $1 AND direction = 'input'",
+    )
+    .bind(row.id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        abandoned,
+        [("done".to_owned(), None)],
+        "the run's row, uploaded again"
     );
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);

@@ -135,6 +135,10 @@ pub struct Faults {
     /// Output downloads announce this `Content-Type` instead of the one
     /// their name implies (e.g. `text/plain` from a misconfigured CDN).
     pub media_content_type: Option<String>,
+    /// Accepted uploads (chenyu `POST /assets`, Dify `POST /files/upload`)
+    /// are recorded, then their answers wait until this is cleared: the
+    /// provider holds the file and the client does not know it yet.
+    pub hold_upload_answers: bool,
     /// The next N uploads (chenyu `POST /assets`, Dify `POST
     /// /files/upload`) get HTTP 503 before anything is recorded.
     pub fail_next_uploads: u32,

@@ -422,7 +422,9 @@ pub enum UploadClaim {
 /// Marks the run's input `key` as `uploading` by `worker` for `lease`,
 /// unless it is done. At most one upload of the same bytes per profile is
 /// in flight (a unique index): a second one is `Busy`. An upload whose
-/// lease ran out (its worker died) is marked failed first.
+/// worker died (seen dead in `wfq.workers`, or its lease ran out) is
+/// marked failed first: its answer will never be recorded, and waiting for
+/// its lease (twice the upload timeout) would hold the run for nothing.
 #[tracing::instrument(name = "begin_upload", skip(pool, facts), fields(run_id = facts.run_id, key = facts.key), err)]
 pub async fn begin_upload(
     pool: &PgPool,
@@ -435,7 +437,8 @@ pub async fn begin_upload(
          error = 'the worker uploading it stopped before it recorded the answer', \
          lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
          WHERE direction = 'input' AND state = 'uploading' AND profile = $1 AND sha256 = $2 \
-           AND lease_expires_at <= now()",
+           AND (lease_expires_at <= now() \
+                OR lease_owner IN (SELECT id FROM wfq.workers WHERE died_at IS NOT NULL))",
     )
     .bind(facts.profile)
     .bind(facts.sha256)
