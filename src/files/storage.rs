@@ -243,8 +243,14 @@ impl Storage {
             .await
             .into_iter()
             .collect::<Result<_, _>>()?;
+        // Only what is under the directory: run 1's prefix must never take
+        // run 10's files, whatever a store's listing matches.
+        let under = format!("{}/", prefix.as_ref());
         let mut deleted = 0;
-        for meta in metas {
+        for meta in metas
+            .into_iter()
+            .filter(|m: &object_store::ObjectMeta| m.location.as_ref().starts_with(&under))
+        {
             match self.store.delete(&meta.location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
                 Err(e) => return Err(e.into()),
