@@ -659,8 +659,9 @@ pub async fn record_read_failure(
     .await
 }
 
-/// Records that input `key` went to the provider as a link (GPTBots), with
-/// the link's query left out (it may carry a signature).
+/// Records that input `key` went to the provider as a link (GPTBots): an
+/// http(s) link with its query left out (it may carry a signature), or the
+/// store location of a file that is sent as a presigned URL.
 #[tracing::instrument(name = "record_input_link", skip(pool), err)]
 pub async fn record_input_link(
     pool: &PgPool,
