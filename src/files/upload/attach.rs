@@ -81,7 +81,7 @@ pub(crate) async fn attach_files(
             lifecycle::reject_inputs(&crate::inputs::InputError::WrongType {
                 key: file.key.clone(),
                 expected,
-                got: format!("a file ({})", file.written),
+                got: format!("a file ({})", shown(file)),
             })
         })?;
         let value = attach_one(engine, run, profile, file, kind.as_ref(), shape).await?;
@@ -221,11 +221,12 @@ async fn attach_one(
         return Err(too_large(key, limit, copy.bytes));
     }
 
+    let source = shown(file);
     let facts = InputFileFacts {
         run_id: run.id,
         key,
         profile: &run.provider,
-        source: &file.written,
+        source: &source,
         sha256: &copy.sha256,
         bytes: copy.bytes as i64,
         content_type: &copy.content_type,
@@ -287,6 +288,8 @@ fn retry_soon(run: &ClaimedRun, wait: Duration) -> Transition {
     lifecycle::throttled(run.state, wait, Utc::now())
 }
 
+/// The file's location as it may be shown and recorded: an http(s) URL
+/// without its query (which may carry a signature).
 pub(super) fn shown(file: &FileInput) -> String {
     match &file.location {
         FileLocation::Web(url) => redacted(url),

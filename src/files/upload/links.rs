@@ -57,7 +57,7 @@ pub(super) async fn link_for_gptbots(
         run.id,
         key,
         &run.provider,
-        &file.written,
+        &shown(file),
         &recorded,
     )
     .await
