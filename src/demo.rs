@@ -372,14 +372,18 @@ pub async fn run_demo() -> Result<(), DemoError> {
     }
 
     print_runs(&pool).await?;
-    print_files(&pool).await?;
+    print_files(&pool, &media, &database.url).await?;
     print_sql(&database.url);
     pool.close().await;
     Ok(())
 }
 
 /// Where the input picture went and where the outputs were stored.
-async fn print_files(pool: &PgPool) -> Result<(), DemoError> {
+async fn print_files(
+    pool: &PgPool,
+    media: &std::path::Path,
+    database_url: &str,
+) -> Result<(), DemoError> {
     type FileLine = (i64, String, String, String, Option<String>, Option<String>);
     let files: Vec<FileLine> = sqlx::query_as(
         "SELECT run_id, direction, key, state, COALESCE(stored_location, provider_file_id), error_code \
@@ -403,7 +407,11 @@ async fn print_files(pool: &PgPool) -> Result<(), DemoError> {
             error.map(|e| format!(" ({e})")).unwrap_or_default()
         );
     }
-    println!("  get them back with: wfq media get RUN [KEY] -o DIR");
+    println!(
+        "  get them back with a worker.toml holding `[storage]` url = \"file://{}\":\n    DATABASE_URL={} wfq --config worker.toml media get RUN [KEY] -o DIR",
+        media.display(),
+        crate::config::DatabaseUrl::new(database_url.to_owned())
+    );
     Ok(())
 }
 

@@ -188,6 +188,7 @@ mod tests {
             currency: None,
             quote_amount: None,
             may_incur_external_cost: false,
+            output_types: Vec::new(),
             parameters: vec![
                 p("prompt", "string", true, None),
                 p("seed", "int", true, Some(json!(7))),

@@ -194,3 +194,177 @@ async fn the_worker_daemon_runs_until_sigterm_and_never_logs_the_key(
     let _ = std::fs::remove_file(&log_path);
     sim.shutdown().await;
 }
+
+/// `wfq` with `args` run in `dir` (so `@./file` paths are read there).
+fn wfq_in(dir: &std::path::Path, database_url: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wfq"))
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env_remove("WFQ_DATABASE_URL")
+        .env_remove("WFQ_CONFIG")
+        .current_dir(dir)
+        .output()
+        .expect("wfq runs")
+}
+
+#[sqlx::test]
+async fn files_in_and_out_through_the_binary_enqueue_input_media_get_and_prune(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    use common::files::{config_with_storage, files_of, sha256, temp_store, wait_media_settled};
+    let db = database_url(&connect);
+    let pool: PgPool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(connect)
+        .await
+        .unwrap();
+    let sim = start_sim(20, 50, 20).await;
+    let dir = temp_store();
+    let store = dir.join("store");
+    let config = dir.join("worker.toml");
+    std::fs::write(
+        &config,
+        format!("[storage]\nurl = \"file://{}\"\n", store.display()),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let mut picture = b"\x89PNG\r\n\x1a\n".to_vec();
+    picture.extend((0..1500).map(|i| (i % 241) as u8));
+    std::fs::write(dir.join("boat.png"), &picture).unwrap();
+
+    let out = wfq_in(
+        &dir,
+        &db,
+        &[
+            "--config",
+            config,
+            "enqueue",
+            "--workflow",
+            VIDEO,
+            "--accept-external-cost-risk",
+            "--input",
+            "image=@./boat.png",
+            "--input",
+            "prompt=a paper boat",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id: i64 = stdout(&out).parse().expect("enqueue prints the id");
+    // The file went into the store; the run names it there.
+    let inputs: serde_json::Value = sqlx::query_scalar("SELECT inputs FROM wfq.runs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(inputs["prompt"], "a paper boat");
+    let stored_input = inputs["image"]["$file"].as_str().expect("a $file value");
+    assert!(
+        stored_input.starts_with("inputs/") && stored_input.ends_with("/boat.png"),
+        "{inputs}"
+    );
+    assert_eq!(std::fs::read(store.join(stored_input)).unwrap(), picture);
+
+    let worker = start_worker(
+        config_with_storage(
+            &sim,
+            "cli-files",
+            &format!("url = \"file://{}\"", store.display()),
+            "",
+        ),
+        pool.clone(),
+    );
+    wait_media_settled(&pool, id).await;
+    worker.stop().await;
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "succeeded", "{:?}", row.error_message);
+    let uploads = sim.uploads();
+    assert_eq!(uploads.len(), 1);
+    assert_eq!(uploads[0].sha256, sha256(&picture));
+    assert_eq!(
+        row.sent_inputs.unwrap()["image"],
+        uploads[0].uri.clone().unwrap()
+    );
+
+    // The mirrored output, fetched through the binary.
+    let got = dir.join("got");
+    let media = wfq_in(
+        &dir,
+        &db,
+        &[
+            "--config",
+            config,
+            "media",
+            "get",
+            &id.to_string(),
+            "-o",
+            "got",
+        ],
+    );
+    assert!(media.status.success(), "{}", stderr(&media));
+    let printed = stdout(&media);
+    assert!(printed.ends_with("video.mp4"), "{printed}");
+    let fetched = std::fs::read(got.join("video.mp4")).expect("fetched file");
+    assert_eq!(
+        fetched,
+        std::fs::read(store.join(format!("{id}/video.mp4"))).unwrap()
+    );
+    let one = wfq_in(
+        &dir,
+        &db,
+        &[
+            "--config",
+            config,
+            "media",
+            "get",
+            &id.to_string(),
+            "video",
+            "-o",
+            "one",
+        ],
+    );
+    assert!(one.status.success(), "{}", stderr(&one));
+    assert!(dir.join("one/video.mp4").exists());
+    let none = wfq_in(
+        &dir,
+        &db,
+        &["--config", config, "media", "get", &id.to_string(), "nope"],
+    );
+    assert!(!none.status.success());
+    assert!(
+        stderr(&none).contains(&format!("run {id} has no stored outputs under key nope")),
+        "{}",
+        stderr(&none)
+    );
+
+    // Pruned with its run: the stored output goes, the row and its files too.
+    sqlx::query("UPDATE wfq.runs SET finished_at = now() - interval '2 days' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let prune = wfq_in(
+        &dir,
+        &db,
+        &["--config", config, "prune", "--finished-before", "1d"],
+    );
+    assert!(prune.status.success(), "{}", stderr(&prune));
+    let said = stdout(&prune);
+    assert!(
+        said.contains("deleted 1 stored files") && said.contains("deleted 1 finished runs"),
+        "{said}"
+    );
+    assert!(
+        !store.join(id.to_string()).exists(),
+        "the run's files are gone"
+    );
+    assert!(files_of(&pool, id).await.is_empty());
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM wfq.runs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

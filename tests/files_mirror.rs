@@ -222,3 +222,89 @@ async fn outputs_are_mirrored_to_s3(pool: PgPool) {
     sim.shutdown().await;
     let _ = Duration::ZERO;
 }
+
+#[sqlx::test]
+async fn an_output_is_media_by_its_manifest_type_whatever_its_content_type(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    // The link answers `text/plain`; the workflow's output manifest says
+    // `n9_images` is an image: it is kept, as bytes (the kind is unknown).
+    sim.set_faults(Faults {
+        media_content_type: Some("text/plain".into()),
+        ..Faults::default()
+    });
+    let dir = temp_store();
+    let config = config_with_storage(&sim, "mirror-typed", &local_storage(&dir, ""), "");
+    let worker = start_worker(config, pool.clone());
+    let id = enqueue(&pool, TEXT_TO_IMAGE, json!({})).await;
+    wait_media_settled(&pool, id).await;
+    worker.stop().await;
+    let (state, mirrored) = media_of(&pool, id).await;
+    assert_eq!(state.as_deref(), Some("done"));
+    let location = format!("file://{}/{id}/n9_images.bin", dir.display());
+    assert_eq!(mirrored.unwrap()["n9_images"], json!(location));
+    let bytes = std::fs::read(dir.join(format!("{id}/n9_images.bin"))).expect("stored");
+    assert!(bytes.starts_with(b"\x89PNG"));
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `Storage` on `url` with the test's S3 credentials and `endpoint`.
+fn open_store(url: &str, endpoint: Option<&str>) -> wfq::files::Storage {
+    struct Env(Vec<(&'static str, String)>);
+    impl wfq::config::Environment for Env {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        }
+    }
+    let mut env = vec![
+        ("AWS_ACCESS_KEY_ID", S3_KEY_ID.to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", S3_SECRET.to_owned()),
+    ];
+    if let Some(endpoint) = endpoint {
+        env.push(("AWS_ENDPOINT_URL", endpoint.to_owned()));
+    }
+    let config = wfq::files::RawStorageConfig::minimal(url)
+        .parse(&Env(env))
+        .expect("storage config");
+    wfq::files::Storage::open(&config).expect("store opens")
+}
+
+/// What prune deletes for run 1 is run 1's directory, not run 10's.
+async fn delete_under_takes_one_run_only(store: &wfq::files::Storage) {
+    for name in ["1/a.png", "1/frames/0.png", "10/b.png", "1.png"] {
+        let chunk: Result<bytes::Bytes, std::io::Error> = Ok(bytes::Bytes::from_static(b"x"));
+        store
+            .write_stream(name, futures_util::stream::iter([chunk]), 10)
+            .await
+            .expect("write");
+    }
+    assert_eq!(store.delete_under("1").await.expect("delete"), 2);
+    assert!(store.read("10/b.png").await.is_ok(), "run 10's file stays");
+    assert!(
+        store.read("1.png").await.is_ok(),
+        "a name that merely starts alike stays"
+    );
+    assert!(store.read("1/a.png").await.is_err());
+}
+
+#[tokio::test]
+async fn prune_deletes_one_runs_files_only_in_a_local_store() {
+    let dir = temp_store();
+    let store = open_store(&format!("file://{}", dir.display()), None);
+    delete_under_takes_one_run_only(&store).await;
+    assert!(!dir.join("1").exists(), "the emptied directory goes too");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn prune_deletes_one_runs_files_only_in_s3() {
+    let Some(s3) = S3Server::find().await else {
+        return;
+    };
+    let bucket = s3.bucket().await;
+    let store = open_store(&format!("s3://{bucket}/media"), Some(&s3.endpoint));
+    delete_under_takes_one_run_only(&store).await;
+}

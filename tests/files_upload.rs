@@ -1,8 +1,9 @@
 //! Files in: `{"$file": ...}` inputs uploaded to the provider before the
-//! submit (chenyu `POST /assets`), durably and once: the provider sees the
-//! asset URI, a crash between the upload and the submit uploads nothing
-//! twice, an oversized file is refused before anything is sent, and the
-//! same file for 20 runs is uploaded once.
+//! submit (chenyu `POST /assets`, Dify `POST /files/upload`), durably and
+//! once: the provider sees the asset URI (Dify the upload's id), a run
+//! prepared again reuses its upload, an oversized file (by wfq's limit or
+//! Dify's) is refused before anything is sent, and the same file for 20
+//! runs is uploaded once.
 
 mod common;
 
@@ -102,8 +103,12 @@ async fn upload_then_submit_the_provider_saw_the_asset_uri(pool: PgPool) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A crash before `submitting` was recorded, made by hand (the run put
+/// back as if nothing had been sent): the next worker prepares the run
+/// again and reuses the recorded upload. The crash of a real worker process
+/// is in tests/files_crash.rs.
 #[sqlx::test]
-async fn a_crash_between_upload_and_submit_uploads_nothing_twice(pool: PgPool) {
+async fn a_run_prepared_again_after_a_crash_reuses_its_upload(pool: PgPool) {
     let sim = start_sim(20, 50, 20).await;
     let dir = temp_store();
     let (location, _) = picture(&dir, "boat.png", 2000);
@@ -276,6 +281,262 @@ async fn a_file_for_an_input_that_takes_none_is_refused(pool: PgPool) {
     );
     assert!(sim.uploads().is_empty());
     assert_eq!(sim.stats().submit_requests, 0);
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A Dify profile `dify_picture` on the simulator's `picture` app (a
+/// `photo` file input of type image), as `extra` for `config_with_storage`.
+fn dify_picture(sim: &wfq::sim::SimServer) -> String {
+    format!(
+        "\n[providers.dify_picture]\nkind = \"dify\"\nbase_url = \"{}\"\napi_key_env = \"TEST_CHENYU_KEY\"\nfind_window = \"{FIND_WINDOW}\"\nmax_run_time = \"1s\"\n",
+        sim.dify_base_url("picture")
+    )
+}
+
+async fn enqueue_dify_photo(pool: &PgPool, photo: &str) -> i64 {
+    enqueue_on(
+        pool,
+        "dify_picture",
+        "picture",
+        json!({"query": "what is in it", "photo": {"$file": photo}}),
+    )
+    .await
+}
+
+/// The inputs Dify recorded for a run (`GET /workflows/run/{id}` gives
+/// them as a JSON string).
+async fn inputs_at_dify(sim: &wfq::sim::SimServer, run_id: &str) -> Value {
+    let detail: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/workflows/run/{run_id}",
+            sim.dify_base_url("picture")
+        ))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .expect("run detail")
+        .json()
+        .await
+        .expect("JSON");
+    serde_json::from_str(detail["inputs"].as_str().expect("inputs as a string"))
+        .expect("inputs JSON")
+}
+
+#[sqlx::test]
+async fn a_dify_file_input_is_uploaded_and_sent_as_an_upload_file_id(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    let dir = temp_store();
+    let (location, bytes) = picture(&dir, "boat.png", 3000);
+    let config = config_with_storage(
+        &sim,
+        "upload-dify",
+        &format!("url = \"file://{}/store\"", dir.display()),
+        &dify_picture(&sim),
+    );
+    let worker = start_worker(config, pool.clone());
+    let id = enqueue_dify_photo(&pool, &location).await;
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    worker.stop().await;
+
+    let row = run(&pool, id).await;
+    assert_eq!(
+        row.state, "succeeded",
+        "{:?} {:?}",
+        row.error_code, row.error_message
+    );
+    let uploads = sim.uploads();
+    assert_eq!(uploads.len(), 1, "{uploads:?}");
+    let upload = &uploads[0];
+    assert_eq!(
+        (upload.api.as_str(), upload.app.as_deref(), upload.bytes),
+        ("dify", Some("picture"), bytes.len() as u64)
+    );
+    assert_eq!(upload.sha256, sha256(&bytes));
+    assert_eq!(upload.file_name, "boat.png");
+    assert_eq!(upload.content_type.as_deref(), Some("image/png"));
+    // The upload is made as the run's end user, like the run itself.
+    assert_eq!(
+        upload.user.as_deref(),
+        Some(format!("wfq-{}", row.idempotency_key).as_str())
+    );
+    let expected = json!({
+        "type": "image",
+        "transfer_method": "local_file",
+        "upload_file_id": upload.id,
+    });
+    assert_eq!(row.sent_inputs.as_ref().unwrap()["photo"], expected);
+    let seen = inputs_at_dify(&sim, row.provider_run_id.as_deref().unwrap()).await;
+    assert_eq!(seen["photo"], expected, "Dify got the upload's id");
+    assert_eq!(seen["query"], "what is in it");
+    assert_eq!(sim.dify_ledger().len(), 1);
+    let files = files_of(&pool, id).await;
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert_eq!(
+        (
+            files[0].0.as_str(),
+            files[0].1.as_str(),
+            files[0].3.as_str()
+        ),
+        ("input", "photo", "done")
+    );
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[sqlx::test]
+async fn dify_limits_from_its_parameters_are_checked_before_anything_is_sent(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    // Dify's /parameters states a 2000-byte limit (the sim would also
+    // refuse a larger upload, but nothing may reach it).
+    sim.set_faults(Faults {
+        max_upload_bytes: Some(2000),
+        ..Faults::default()
+    });
+    let dir = temp_store();
+    let (big, _) = picture(&dir, "big.png", 4096);
+    let (small, _) = picture(&dir, "small.png", 1000);
+    let audio = dir.join("voice.wav");
+    std::fs::write(&audio, b"RIFF\0\0\0\0WAVEfmt \0\0\0\0").unwrap();
+    let config = config_with_storage(
+        &sim,
+        "upload-dify-limits",
+        &format!("url = \"file://{}/store\"", dir.display()),
+        &dify_picture(&sim),
+    );
+    let worker = start_worker(config, pool.clone());
+    let too_large = enqueue_dify_photo(&pool, &big).await;
+    let wrong_type = enqueue_dify_photo(&pool, &format!("file://{}", audio.display())).await;
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    let a = run(&pool, too_large).await;
+    assert_eq!(
+        (a.state.as_str(), a.error_code.as_deref()),
+        ("failed", Some("FILE_TOO_LARGE"))
+    );
+    let message = a.error_message.unwrap_or_default();
+    assert!(
+        message.starts_with("inputs.photo: ") && message.contains("limit of 2000 bytes"),
+        "{message}"
+    );
+    let b = run(&pool, wrong_type).await;
+    assert_eq!(
+        (b.state.as_str(), b.error_code.as_deref()),
+        ("failed", Some("FILE_TYPE_NOT_ACCEPTED"))
+    );
+    let message = b.error_message.unwrap_or_default();
+    assert!(
+        message.starts_with("inputs.photo: the app takes image files") && message.contains("audio"),
+        "{message}"
+    );
+    assert_eq!(sim.stats().upload_requests, 0, "nothing was sent");
+    assert_eq!(sim.stats().dify_run_requests, 0, "nothing was submitted");
+    // A file within the limits still goes through.
+    let fits = enqueue_dify_photo(&pool, &small).await;
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    worker.stop().await;
+    let c = run(&pool, fits).await;
+    assert_eq!(c.state, "succeeded", "{:?}", c.error_message);
+    assert_eq!(sim.uploads().len(), 1);
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// An http(s) input file served by the simulator: the output link of a
+/// text-to-image run, finished (and mirrored) before anything else.
+async fn a_served_picture(pool: &PgPool) -> String {
+    let id = enqueue(pool, TEXT_TO_IMAGE, json!({"n6_text": "a boat"})).await;
+    wait_media_settled(pool, id).await;
+    let row = run(pool, id).await;
+    row.outputs.expect("outputs")["n9_images"]
+        .as_str()
+        .expect("a link")
+        .to_owned()
+}
+
+#[sqlx::test]
+async fn an_input_read_that_fails_twice_is_tried_again_and_then_uploaded(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    let dir = temp_store();
+    let config = config_with_storage(
+        &sim,
+        "read-retry",
+        &format!("url = \"file://{}/store\"", dir.display()),
+        "",
+    );
+    let worker = start_worker(config, pool.clone());
+    let link = a_served_picture(&pool).await;
+    let requests_before = sim.stats().media_requests;
+    sim.set_faults(Faults {
+        fail_next_downloads: 2,
+        ..Faults::default()
+    });
+    let id = enqueue_video(&pool, &link).await;
+    wait_for(
+        &pool,
+        &format!("(SELECT state IN ('succeeded', 'failed') FROM wfq.runs WHERE id = {id})"),
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_media_settled(&pool, id).await;
+    worker.stop().await;
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "succeeded", "{:?}", row.error_message);
+    // Two failed reads and the one that worked, then the copy of the
+    // run's own output.
+    assert_eq!(sim.stats().media_requests - requests_before, 4);
+    let uploads = sim.uploads();
+    assert_eq!(uploads.len(), 1, "{uploads:?}");
+    assert_eq!(row.sent_inputs.unwrap()["image"], json!(uploads[0].uri));
+    let retries = event_kinds(&pool, id)
+        .await
+        .into_iter()
+        .filter(|k| k == "file_read_retry")
+        .count();
+    assert_eq!(retries, 2);
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[sqlx::test]
+async fn an_input_that_stays_unreadable_fails_its_run_after_bounded_tries(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    let dir = temp_store();
+    let config = config_with_storage(
+        &sim,
+        "read-gives-up",
+        &format!("url = \"file://{}/store\"", dir.display()),
+        "",
+    );
+    let worker = start_worker(config, pool.clone());
+    let link = a_served_picture(&pool).await;
+    let requests_before = sim.stats().media_requests;
+    sim.set_faults(Faults {
+        fail_next_downloads: 1000,
+        ..Faults::default()
+    });
+    let id = enqueue_video(&pool, &link).await;
+    wait_for(
+        &pool,
+        &format!("(SELECT state IN ('succeeded', 'failed') FROM wfq.runs WHERE id = {id})"),
+        Duration::from_secs(60),
+    )
+    .await;
+    worker.stop().await;
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "failed");
+    assert_eq!(row.error_code.as_deref(), Some("FILE_UNREADABLE"));
+    let message = row.error_message.unwrap_or_default();
+    // `[submit] max_attempts = 6` in the test configuration.
+    assert!(
+        message.starts_with("inputs.image: could not read http://")
+            && message.contains("in 6 attempts (last: ")
+            && message.contains("HTTP 503"),
+        "{message}"
+    );
+    assert_eq!(sim.stats().media_requests - requests_before, 6);
+    assert!(sim.uploads().is_empty(), "nothing uploaded");
+    assert_eq!(sim.ledger().len(), 1, "only the first run was submitted");
+    assert!(row.frozen_amount.is_none() && row.provider_run_id.is_none());
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }

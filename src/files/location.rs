@@ -87,6 +87,60 @@ impl FileLocation {
     }
 }
 
+/// Whether `url` carries a signature in its query (an S3/GCS presigned
+/// URL, or any `signature` / `sig` parameter): such a URL grants access
+/// like a password for as long as it is valid.
+pub fn is_signed_url(url: &url::Url) -> bool {
+    url.query_pairs().any(|(name, _)| {
+        let name = name.to_ascii_lowercase();
+        name.contains("signature") || name.contains("credential") || name == "sig"
+    })
+}
+
+/// Drops the query of every signed http(s) URL in the strings of `value`
+/// (e.g. a provider's echo of the inputs it was sent, or an error object
+/// quoting a link), so that a presigned URL is never recorded.
+pub fn redact_signed_urls(value: &mut Value) {
+    match value {
+        Value::String(text) if text.contains("http") => {
+            *text = redact_signed_urls_in_text(text);
+        }
+        Value::Array(items) => items.iter_mut().for_each(redact_signed_urls),
+        Value::Object(members) => members.values_mut().for_each(redact_signed_urls),
+        _ => {}
+    }
+}
+
+/// `text` with the query of every signed http(s) URL in it dropped (an
+/// error message that quotes the link it could not fetch).
+pub fn redact_signed_urls_in_text(text: &str) -> String {
+    let ends = |c: char| c.is_whitespace() || "\"'<>()[]{},\\`".contains(c);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest
+        .find("http://")
+        .into_iter()
+        .chain(rest.find("https://"))
+        .min()
+    {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        let len = tail.find(ends).unwrap_or(tail.len());
+        let (candidate, after) = tail.split_at(len);
+        match url::Url::parse(candidate) {
+            Ok(mut url) if is_signed_url(&url) => {
+                url.set_query(None);
+                url.set_fragment(None);
+                out.push_str(url.as_str());
+            }
+            _ => out.push_str(candidate),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
 /// One file input of a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileInput {
@@ -190,6 +244,33 @@ mod tests {
                 .unwrap()
                 .file_name(),
             "boat.png"
+        );
+    }
+
+    #[test]
+    fn signed_urls_lose_their_query() {
+        let mut echo = json!({"topic": "x", "files": [
+            "https://b.s3.amazonaws.com/k.png?X-Amz-Algorithm=AWS4&X-Amz-Signature=abc",
+            "https://cdn.example/p.png?size=2",
+            "https://storage.googleapis.com/b/o?X-Goog-Credential=a&X-Goog-Signature=b",
+            "not a url ?sig=1",
+        ]});
+        redact_signed_urls(&mut echo);
+        assert_eq!(
+            redact_signed_urls_in_text(
+                "cannot fetch \"https://b.s3.x/k.png?X-Amz-Signature=abc&a=1\": 403; see http://docs/x?page=2 or https://h/p?sig=9"
+            ),
+            "cannot fetch \"https://b.s3.x/k.png\": 403; see http://docs/x?page=2 or https://h/p"
+        );
+        assert_eq!(redact_signed_urls_in_text("no links"), "no links");
+        assert_eq!(
+            echo,
+            json!({"topic": "x", "files": [
+                "https://b.s3.amazonaws.com/k.png",
+                "https://cdn.example/p.png?size=2",
+                "https://storage.googleapis.com/b/o",
+                "not a url ?sig=1",
+            ]})
         );
     }
 

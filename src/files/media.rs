@@ -93,6 +93,24 @@ pub fn is_media(content_type: &str) -> bool {
     e.starts_with("image/") || e.starts_with("video/") || e.starts_with("audio/")
 }
 
+/// Whether an output is media: by the type its output manifest states
+/// (`image`, `video`, `audio`, `media`, and names such as `image_list`:
+/// yes; `string`, `int`, `json` and the like: no), else (no manifest, or a
+/// type nobody documented) by the content type its link answers with.
+pub fn output_is_media(declared: Option<&str>, content_type: &str) -> bool {
+    let declared = declared.map(|d| d.trim().to_ascii_lowercase());
+    match declared.as_deref() {
+        Some(d) if d == "media" || ["image", "video", "audio"].iter().any(|k| d.starts_with(k)) => {
+            true
+        }
+        Some(
+            "string" | "text" | "int" | "integer" | "float" | "number" | "bool" | "boolean"
+            | "json" | "object",
+        ) => false,
+        _ => is_media(content_type),
+    }
+}
+
 /// The media kind of a content type as providers name it: `image`,
 /// `video`, `audio`, else `document`.
 pub fn kind(content_type: &str) -> &'static str {
@@ -129,5 +147,26 @@ mod tests {
         assert!(is_media("Video/MP4") && !is_media("text/html"));
         assert_eq!(kind("audio/wav"), "audio");
         assert_eq!(kind("application/pdf"), "document");
+    }
+
+    #[test]
+    fn outputs_are_media_by_their_manifest_type_else_by_content_type() {
+        for (declared, content_type, media) in [
+            (Some("image"), "application/octet-stream", true),
+            (Some("Video"), "text/plain", true),
+            (Some("image_list"), "", true),
+            (Some("string"), "image/png", false),
+            (Some("int"), "video/mp4", false),
+            (Some("file"), "image/png", true),
+            (Some("file"), "application/pdf", false),
+            (None, "audio/wav", true),
+            (None, "text/html", false),
+        ] {
+            assert_eq!(
+                output_is_media(declared, content_type),
+                media,
+                "{declared:?} {content_type}"
+            );
+        }
     }
 }

@@ -24,7 +24,10 @@ pub mod media;
 pub mod storage;
 
 pub use config::{RawStorageConfig, StorageConfig, StorageUrl};
-pub use location::{FileInput, FileLocation, SplitInputs, split_inputs};
+pub use location::{
+    FileInput, FileLocation, SplitInputs, is_signed_url, redact_signed_urls,
+    redact_signed_urls_in_text, split_inputs,
+};
 pub use storage::{Storage, StorageError, Stored, WriteError};
 pub mod mirror;
 pub mod upload;

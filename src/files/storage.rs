@@ -243,12 +243,22 @@ impl Storage {
             .await
             .into_iter()
             .collect::<Result<_, _>>()?;
+        // Only what is under the directory: run 1's prefix must never take
+        // run 10's files, whatever a store's listing matches.
+        let under = format!("{}/", prefix.as_ref());
         let mut deleted = 0;
-        for meta in metas {
+        for meta in metas
+            .into_iter()
+            .filter(|m: &object_store::ObjectMeta| m.location.as_ref().starts_with(&under))
+        {
             match self.store.delete(&meta.location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => deleted += 1,
                 Err(e) => return Err(e.into()),
             }
+        }
+        // A directory store keeps empty directories behind; they go too.
+        if let StorageUrl::Local(dir) = &self.config.url {
+            remove_empty_dirs(&dir.join(prefix.as_ref()));
         }
         Ok(deleted)
     }
@@ -263,6 +273,18 @@ impl Storage {
             .ok()
             .map(|u| u.to_string())
     }
+}
+
+/// Removes `dir` and the directories under it that are (then) empty.
+fn remove_empty_dirs(dir: &std::path::Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// An S3 client for `bucket` with the configured region, endpoint and credentials.

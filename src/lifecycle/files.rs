@@ -1,7 +1,7 @@
 //! Decisions about input files, before anything is submitted: a file that
 //! cannot be used fails its run (nothing was frozen); an upload that got
-//! no clear answer is tried again on the submit schedule, and given up
-//! after `submit.max_attempts`.
+//! no clear answer, or a file that cannot be read for now, is tried again
+//! on the submit schedule, and given up after `submit.max_attempts`.
 
 use std::time::Duration;
 
@@ -59,6 +59,43 @@ pub fn upload_unclear(
     }
 }
 
+/// What to do after input `key` could not be read for now (a 5xx, a
+/// timeout, a store that did not answer), its `attempts`-th try: read it
+/// again later on the submit schedule, or give up (`FILE_UNREADABLE`,
+/// naming the input and the file as `shown`)
+/// after `submit.max_attempts`. Nothing was uploaded or frozen either way.
+pub fn read_unclear(
+    state: RunState,
+    (key, shown): (&str, &str),
+    attempts: u32,
+    reason: &str,
+    policy: &RetryPolicy,
+    now: DateTime<Utc>,
+    unit: f64,
+) -> Transition {
+    if attempts >= policy.max_attempts {
+        return file_failed(
+            "FILE_UNREADABLE",
+            key,
+            format!(
+                "inputs.{key}: could not read {shown} in {attempts} attempts (last: {reason}); nothing was uploaded or submitted"
+            ),
+            None,
+        );
+    }
+    let wait: Duration = policy.delay(attempts.max(1), unit);
+    Transition {
+        due_at: Some(later(now, wait)),
+        ..Transition::new(
+            state,
+            Event {
+                kind: "file_read_retry",
+                detail: json!({ "key": key, "attempts": attempts, "reason": reason, "wait_ms": wait.as_millis() as u64 }),
+            },
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +123,34 @@ mod tests {
             None,
         );
         assert_eq!(t.event.kind, "file_failed");
+        let t = read_unclear(
+            RunState::Queued,
+            ("image", "x.png"),
+            2,
+            "HTTP 503",
+            &policy,
+            now,
+            0.5,
+        );
+        assert_eq!((t.to, t.event.kind), (RunState::Queued, "file_read_retry"));
+        assert_eq!(t.due_at, Some(now + chrono::Duration::seconds(2)));
+        let t = read_unclear(
+            RunState::Queued,
+            ("image", "x.png"),
+            3,
+            "HTTP 503",
+            &policy,
+            now,
+            0.5,
+        );
+        let error = t.error.unwrap();
+        assert_eq!(error.code, "FILE_UNREADABLE");
+        assert!(
+            error
+                .message
+                .starts_with("inputs.image: could not read x.png in 3 attempts"),
+            "{}",
+            error.message
+        );
     }
 }

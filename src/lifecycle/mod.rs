@@ -22,7 +22,7 @@ mod submit;
 mod test_support;
 
 pub use account::{RefusalScope, account_refused, is_balance_code, refusal_scope};
-pub use files::{file_failed, upload_unclear};
+pub use files::{file_failed, read_unclear, upload_unclear};
 pub use find::{FindDecision, InDoubt, after_find};
 pub use poll::after_poll;
 pub use prepare::{

@@ -315,6 +315,9 @@ struct MarketInfo {
     may_incur_external_model_cost: bool,
     #[serde(default)]
     editable_parameter_manifest: Vec<ManifestEntry>,
+    /// Entries may be empty objects (the documented example has `[{}]`).
+    #[serde(default)]
+    candidate_output_manifest: Vec<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -339,6 +342,15 @@ fn parse_manifest(data: &str) -> Result<Manifest, Unclear> {
         currency: non_empty(info.quote_currency),
         quote_amount: quote,
         may_incur_external_cost: info.may_incur_external_model_cost,
+        output_types: info
+            .candidate_output_manifest
+            .iter()
+            .filter_map(|entry| {
+                let key = entry.get("key")?.as_str()?.trim();
+                let kind = entry.get("type")?.as_str()?.trim();
+                (!key.is_empty() && !kind.is_empty()).then(|| (key.to_owned(), kind.to_owned()))
+            })
+            .collect(),
         parameters: info
             .editable_parameter_manifest
             .into_iter()
@@ -823,7 +835,8 @@ mod tests {
                 {"key": "n3_seed", "type": "int", "required": true, "default_value": 156680208700286u64},
                 {"key": "img", "type": "image"},
                 {"key": "odd", "type": "matrix", "default_value": null}
-            ]
+            ],
+            "candidate_output_manifest": [{}, {"key": "n9_images", "type": "image"}, {"key": "x"}]
         }).to_string())
         .unwrap();
         assert_eq!(m.quote_amount, Some(d("0.03")));
@@ -832,5 +845,9 @@ mod tests {
         assert!(!m.parameters[2].required);
         assert_eq!(m.parameters[3].kind, ParamKind::Other("matrix".into()));
         assert_eq!(m.parameters[3].default_value, None);
+        assert_eq!(
+            m.output_types,
+            vec![("n9_images".to_owned(), "image".to_owned())]
+        );
     }
 }

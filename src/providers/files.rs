@@ -41,8 +41,9 @@ pub enum UploadOutcome {
     Unclear(Unclear),
 }
 
-/// Dify's upload limits (`system_parameters` of `GET /parameters`), in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Dify's upload limits (`system_parameters` of `GET /parameters`), in
+/// bytes, and the file types each file input takes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FileLimits {
     /// Documents and anything else.
     pub file: Option<u64>,
@@ -52,6 +53,9 @@ pub struct FileLimits {
     pub audio: Option<u64>,
     /// Video.
     pub video: Option<u64>,
+    /// `allowed_file_types` of each `file` / `file-list` input, by variable
+    /// (`image`, `document`, `audio`, `video`, `custom`).
+    pub types: Vec<(String, Vec<String>)>,
 }
 
 impl FileLimits {
@@ -63,6 +67,25 @@ impl FileLimits {
             "video" => self.video.or(self.file),
             _ => self.file,
         }
+    }
+
+    /// Whether input `key` takes a file of `media_kind`: yes when the app
+    /// names no types for it, or allows `custom` ones (by extension).
+    pub fn accepts(&self, key: &str, media_kind: &str) -> bool {
+        match self.types.iter().find(|(k, _)| k == key) {
+            None => true,
+            Some((_, types)) => {
+                types.is_empty() || types.iter().any(|t| t == media_kind || t == "custom")
+            }
+        }
+    }
+
+    /// The types input `key` takes, as the app lists them.
+    pub fn types_of(&self, key: &str) -> &[String] {
+        self.types
+            .iter()
+            .find(|(k, _)| k == key)
+            .map_or(&[], |(_, t)| t.as_slice())
     }
 }
 

@@ -149,7 +149,7 @@ fn classify_error(
         _ => None,
     };
     let message = non_empty(body.message).unwrap_or_else(|| snippet(&raw.body));
-    super::wire::classify_error_status(
+    let classified = super::wire::classify_error_status(
         ErrorAnswer {
             status: raw.status.as_u16(),
             retry_after: raw.retry_after,
@@ -160,7 +160,22 @@ fn classify_error(
         call,
         false,
         limits,
-    )
+    );
+    classified
+        .map(|mut u| {
+            u.reason = crate::files::redact_signed_urls_in_text(&u.reason);
+            u
+        })
+        .map_err(without_signed_urls)
+}
+
+/// A refusal with the signed URLs it may quote (a presigned link to a
+/// file of ours it could not fetch) cut to their path: such a URL is as
+/// good as a password and must not be recorded.
+fn without_signed_urls(mut e: ProviderError) -> ProviderError {
+    e.message = crate::files::redact_signed_urls_in_text(&e.message);
+    crate::files::redact_signed_urls(&mut e.detail);
+    e
 }
 
 /// An HTTP 200 whose body is an error object (`{code, message}` and no run
@@ -188,12 +203,12 @@ fn refusal_in_success(raw: &RawAnswer, limits: &AnswerLimits) -> Option<Provider
     if probe.workflow_run_id.is_some() || probe.status.is_some() {
         return None;
     }
-    Some(ProviderError {
+    Some(without_signed_urls(ProviderError {
         code,
         message: non_empty(probe.message).unwrap_or_else(|| snippet(&raw.body)),
         detail: error_detail(&raw.body, limits),
         http_status: raw.status.as_u16(),
-    })
+    }))
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,6 +258,16 @@ struct QueryResult {
     message: Option<Value>,
 }
 
+/// The result as recorded: GPTBots echoes the `input` it was sent, where
+/// a file of an S3 store is a presigned URL that must not be recorded.
+fn audit_copy_of_result(text: &str) -> Value {
+    let mut raw = audit_copy(text);
+    if let Some(input) = raw.get_mut("input") {
+        crate::files::redact_signed_urls(input);
+    }
+    raw
+}
+
 fn parse_result(body: &[u8], limits: &AnswerLimits) -> Result<RunReport, Unclear> {
     let (text, repairs) = repaired(body, limits);
     let result: QueryResult =
@@ -274,6 +299,7 @@ fn parse_result(body: &[u8], limits: &AnswerLimits) -> Result<RunReport, Unclear
                 Value::Null | Value::String(_) => None,
                 other => Some(other.to_string()),
             })
+            .map(|m| crate::files::redact_signed_urls_in_text(&m))
     } else {
         None
     };
@@ -294,7 +320,7 @@ fn parse_result(body: &[u8], limits: &AnswerLimits) -> Result<RunReport, Unclear
         error_message,
         settled,
         run_status: Some(run_status),
-        raw: audit_copy(&text),
+        raw: audit_copy_of_result(&text),
         repairs,
         ..RunReport::default()
     })
@@ -431,6 +457,27 @@ mod tests {
         .unwrap();
         assert_eq!(failed.status, RunStatus::Failed);
         assert_eq!(failed.error_message.as_deref(), Some("node broke"));
+        // A presigned link to one of our files, quoted or echoed, is cut
+        // to its path before anything is recorded.
+        let quoted = parse_result(
+            br#"{"status":"FAILED","input":{"img":"https://b.s3.x/k.png?X-Amz-Signature=s1"},"errorMessage":"cannot fetch https://b.s3.x/k.png?X-Amz-Signature=s1"}"#,
+            &l(),
+        )
+        .unwrap();
+        assert_eq!(
+            quoted.error_message.as_deref(),
+            Some("cannot fetch https://b.s3.x/k.png")
+        );
+        assert_eq!(quoted.raw["input"]["img"], "https://b.s3.x/k.png");
+        let refused = refusal_in_success(
+            &raw(
+                200,
+                r#"{"code":400001,"message":"bad https://b/k?X-Amz-Signature=s2"}"#,
+            ),
+            &l(),
+        )
+        .unwrap();
+        assert!(!refused.message.contains("s2") && !refused.detail.to_string().contains("s2"));
         let odd = parse_result(br#"{"status":"QUEUED_SOMEWHERE"}"#, &l()).unwrap();
         assert_eq!(odd.status, RunStatus::Unknown("QUEUED_SOMEWHERE".into()));
         assert!(parse_result(br#"{"status":"SUCCEED","totalCost":"many"}"#, &l()).is_err());

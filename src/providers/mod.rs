@@ -38,6 +38,10 @@ pub struct Manifest {
     pub may_incur_external_cost: bool,
     /// The editable inputs.
     pub parameters: Vec<Parameter>,
+    /// The output manifest: each output key with its type (chenyu
+    /// `candidate_output_manifest`, e.g. `("n9_images", "image")`); empty
+    /// when the provider states none.
+    pub output_types: Vec<(String, String)>,
 }
 
 /// One editable input of a workflow.

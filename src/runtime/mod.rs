@@ -445,12 +445,28 @@ where
         }
     };
     // Media outputs copied to [storage], when configured.
+    let output_types: crate::files::mirror::OutputTypes = {
+        let engine = engine.clone();
+        Arc::new(move |profile: String, workflow: String| {
+            let engine = engine.clone();
+            Box::pin(async move {
+                let p = engine.provider(&profile)?;
+                let manifest = engine
+                    .manifests
+                    .get(&profile, &p.client, &workflow, p.manifest_ttl)
+                    .await
+                    .ok()??;
+                Some(manifest.output_types.clone())
+            })
+        })
+    };
     let media = crate::files::mirror::MirrorService::start(
         &pool,
         engine.uploads.storage(),
         &config.worker.id,
         config.worker.listen,
         engine.metrics.clone(),
+        Some(output_types),
     );
     // A pause recorded by an earlier process says nothing about this one's
     // keys; it is recorded again if this process is refused too.

@@ -132,11 +132,19 @@ pub struct Faults {
     /// file, chunked without a `Content-Length` (to test size limits on a
     /// stream); the bytes are made as they are sent.
     pub media_size_bytes: Option<u64>,
+    /// Output downloads announce this `Content-Type` instead of the one
+    /// their name implies (e.g. `text/plain` from a misconfigured CDN).
+    pub media_content_type: Option<String>,
+    /// Accepted uploads (chenyu `POST /assets`, Dify `POST /files/upload`)
+    /// are recorded, then their answers wait until this is cleared: the
+    /// provider holds the file and the client does not know it yet.
+    pub hold_upload_answers: bool,
     /// The next N uploads (chenyu `POST /assets`, Dify `POST
     /// /files/upload`) get HTTP 503 before anything is recorded.
     pub fail_next_uploads: u32,
     /// Uploads larger than this are refused (chenyu HTTP 200 with
-    /// `engine_code: FILE_TOO_LARGE`, Dify HTTP 413 `file_too_large`).
+    /// `engine_code: FILE_TOO_LARGE`, Dify HTTP 413 `file_too_large`), and
+    /// Dify's `GET /parameters` states it as every upload limit (in MB).
     pub max_upload_bytes: Option<u64>,
 }
 

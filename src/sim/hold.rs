@@ -21,6 +21,8 @@ pub(crate) enum Gate {
     StatusChecks,
     /// Dify run streams, before `workflow_finished`.
     Streams,
+    /// The answers of accepted uploads, after they were recorded.
+    UploadAnswers,
 }
 
 /// Which gates are closed.
@@ -29,6 +31,7 @@ struct Closed {
     submits: bool,
     status_checks: bool,
     streams: bool,
+    upload_answers: bool,
 }
 
 impl Closed {
@@ -37,6 +40,7 @@ impl Closed {
             submits: faults.hold_submits,
             status_checks: faults.hold_status_checks,
             streams: faults.hold_streams,
+            upload_answers: faults.hold_upload_answers,
         }
     }
 
@@ -45,6 +49,7 @@ impl Closed {
             Gate::Submits => self.submits,
             Gate::StatusChecks => self.status_checks,
             Gate::Streams => self.streams,
+            Gate::UploadAnswers => self.upload_answers,
         }
     }
 }

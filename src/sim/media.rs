@@ -65,6 +65,7 @@ async fn download(
     Path((run_order_id, file)): Path<(String, String)>,
 ) -> Response {
     let now = Instant::now();
+    let announced = shared.lock().faults.media_content_type.clone();
     let verdict = {
         let mut inner = shared.lock();
         inner.stats.media_requests += 1;
@@ -93,7 +94,8 @@ async fn download(
         }
     };
     let ext = file.rsplit_once('.').map(|(_, e)| e).unwrap_or_default();
-    let content_type = crate::files::media::by_extension(&file);
+    let content_type =
+        announced.unwrap_or_else(|| crate::files::media::by_extension(&file).to_owned());
     match verdict {
         Verdict::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service unavailable (injected)").into_response(),
         Verdict::NotFound => (StatusCode::NOT_FOUND, "NoSuchKey").into_response(),

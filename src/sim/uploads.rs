@@ -20,6 +20,7 @@ use sha2::Digest;
 use super::envelope::{self, ApiError};
 use super::faults::Injected;
 use super::gate::{self, Denied, Endpoint};
+use super::hold::{self, Gate};
 use super::state::Shared;
 
 /// One accepted upload.
@@ -245,6 +246,7 @@ pub(crate) async fn chenyu_assets(
         }
         .into_response(),
         Admit::Recorded(e) => {
+            hold::pass(&shared, Gate::UploadAnswers).await;
             let expires = chrono::Utc::now() + chrono::Duration::hours(ttl_hours as i64);
             envelope::ok(
                 "上传成功",
@@ -325,6 +327,7 @@ pub(crate) async fn dify_upload(
             format!("File size exceeded. {limit} bytes at most"),
         ),
         Admit::Recorded(e) => {
+            hold::pass(&shared, Gate::UploadAnswers).await;
             let extension = e.file_name.rsplit_once('.').map(|(_, x)| x.to_owned());
             (
                 StatusCode::CREATED,

@@ -176,6 +176,10 @@ pub struct ClaimedMirror {
     pub attempts: i32,
     /// Where it sits in the outputs (`[key]`, `[key, n]`, `[key, "url"]`).
     pub json_path: Vec<String>,
+    /// The run's provider profile.
+    pub profile: String,
+    /// The run's workflow (its output manifest says what is media).
+    pub workflow_id: String,
 }
 
 /// Leases up to `limit` due output copies, oldest due first.
@@ -199,7 +203,8 @@ pub async fn claim_due_mirrors(
         UPDATE wfq.run_files f
         SET lease_owner = $1, lease_expires_at = now() + make_interval(secs => $3), updated_at = now()
         FROM due WHERE f.id = due.id
-        RETURNING f.id, f.run_id, f.key, f.position, f.source, f.attempts, f.json_path
+        RETURNING f.id, f.run_id, f.key, f.position, f.source, f.attempts, f.json_path, f.profile,
+                  (SELECT r.workflow_id FROM wfq.runs r WHERE r.id = f.run_id) AS workflow_id
         "#,
     )
     .bind(worker)
@@ -417,7 +422,9 @@ pub enum UploadClaim {
 /// Marks the run's input `key` as `uploading` by `worker` for `lease`,
 /// unless it is done. At most one upload of the same bytes per profile is
 /// in flight (a unique index): a second one is `Busy`. An upload whose
-/// lease ran out (its worker died) is marked failed first.
+/// worker died (seen dead in `wfq.workers`, or its lease ran out) is
+/// marked failed first: its answer will never be recorded, and waiting for
+/// its lease (twice the upload timeout) would hold the run for nothing.
 #[tracing::instrument(name = "begin_upload", skip(pool, facts), fields(run_id = facts.run_id, key = facts.key), err)]
 pub async fn begin_upload(
     pool: &PgPool,
@@ -430,7 +437,8 @@ pub async fn begin_upload(
          error = 'the worker uploading it stopped before it recorded the answer', \
          lease_owner = NULL, lease_expires_at = NULL, updated_at = now() \
          WHERE direction = 'input' AND state = 'uploading' AND profile = $1 AND sha256 = $2 \
-           AND lease_expires_at <= now()",
+           AND (lease_expires_at <= now() \
+                OR lease_owner IN (SELECT id FROM wfq.workers WHERE died_at IS NOT NULL))",
     )
     .bind(facts.profile)
     .bind(facts.sha256)
@@ -618,8 +626,42 @@ pub async fn release_mirror_leases(pool: &PgPool, worker: &str) -> Result<u64, s
     Ok(done.rows_affected())
 }
 
-/// Records that input `key` went to the provider as a link (GPTBots), with
-/// the link's query left out (it may carry a signature).
+/// Records that input `key` of run `run_id` could not be read for now;
+/// returns how many reads (and uploads) of it failed so far. A row that is
+/// done or being uploaded is left alone (`None`).
+#[tracing::instrument(name = "record_read_failure", skip(pool), err)]
+pub async fn record_read_failure(
+    pool: &PgPool,
+    run_id: i64,
+    key: &str,
+    profile: &str,
+    source: &str,
+    error: &str,
+) -> Result<Option<i32>, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"
+        INSERT INTO wfq.run_files (run_id, direction, key, position, profile, source, state, attempts,
+                                   error_code, error)
+        VALUES ($1, 'input', $2, 0, $3, $4, 'failed', 1, 'READ_FAILED', $5)
+        ON CONFLICT (run_id, direction, key, position) DO UPDATE
+        SET attempts = wfq.run_files.attempts + 1, error_code = 'READ_FAILED', error = EXCLUDED.error,
+            updated_at = now()
+        WHERE wfq.run_files.state IN ('failed', 'pending')
+        RETURNING attempts
+        "#,
+    )
+    .bind(run_id)
+    .bind(key)
+    .bind(profile)
+    .bind(source)
+    .bind(error)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Records that input `key` went to the provider as a link (GPTBots): an
+/// http(s) link with its query left out (it may carry a signature), or the
+/// store location of a file that is sent as a presigned URL.
 #[tracing::instrument(name = "record_input_link", skip(pool), err)]
 pub async fn record_input_link(
     pool: &PgPool,

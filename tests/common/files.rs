@@ -81,9 +81,34 @@ pub struct S3Server {
     _child: Option<tokio::process::Child>,
 }
 
+/// Whether the S3 tests must run: in CI (`CI` set, not `0`/`false`), or
+/// when `.ci/run` started a server for them (`WFQ_TEST_S3_REQUIRED=1`).
+fn s3_required() -> bool {
+    let set = |name: &str| {
+        std::env::var(name)
+            .is_ok_and(|v| !matches!(v.trim().to_ascii_lowercase().as_str(), "" | "0" | "false"))
+    };
+    set("CI") || set("WFQ_TEST_S3_REQUIRED")
+}
+
+/// No S3-compatible server: a failure where one is required, else `None`
+/// (the test is skipped, with a note).
+fn no_s3(why: &str) -> Option<S3Server> {
+    if s3_required() {
+        panic!(
+            "the S3 tests need an S3-compatible server ({why}): set WFQ_TEST_S3_ENDPOINT, or install moto_server (pip install 'moto[server]')"
+        );
+    }
+    eprintln!(
+        "skipping: {why}; `pip install 'moto[server]'` (or set WFQ_TEST_S3_ENDPOINT) to run the S3 tests"
+    );
+    None
+}
+
 impl S3Server {
     /// `None` (the test is skipped, with a note) when neither is available
-    /// and we are not in CI; in CI (`CI` set) a missing server fails.
+    /// and none is required; where one is required (CI, or `.ci/run`
+    /// started one) a missing or silent server fails the test.
     pub async fn find() -> Option<S3Server> {
         if let Ok(endpoint) = std::env::var("WFQ_TEST_S3_ENDPOINT")
             && !endpoint.trim().is_empty()
@@ -92,6 +117,9 @@ impl S3Server {
                 endpoint: endpoint.trim().trim_end_matches('/').to_owned(),
                 _child: None,
             });
+        }
+        if std::env::var("WFQ_TEST_S3_REQUIRED").is_ok_and(|v| v.trim() == "1") {
+            panic!("WFQ_TEST_S3_REQUIRED=1 but WFQ_TEST_S3_ENDPOINT is not set");
         }
         let port = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
@@ -103,19 +131,9 @@ impl S3Server {
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn();
-        let child = match child {
+        let mut child = match child {
             Ok(child) => child,
-            Err(e) => {
-                if std::env::var_os("CI").is_some() {
-                    panic!(
-                        "S3 tests need an S3-compatible server: set WFQ_TEST_S3_ENDPOINT or install moto_server (pip install 'moto[server]'): {e}"
-                    );
-                }
-                eprintln!(
-                    "skipping: no WFQ_TEST_S3_ENDPOINT and no moto_server ({e}); `pip install 'moto[server]'` to run the S3 tests"
-                );
-                return None;
-            }
+            Err(e) => return no_s3(&format!("no WFQ_TEST_S3_ENDPOINT and no moto_server ({e})")),
         };
         let endpoint = format!("http://127.0.0.1:{port}");
         // Ready when it answers; bounded by its start-up, not by a window.
@@ -131,6 +149,10 @@ impl S3Server {
                     endpoint,
                     _child: Some(child),
                 });
+            }
+            // A pyenv shim for a version without moto starts and exits.
+            if let Ok(Some(status)) = child.try_wait() {
+                return no_s3(&format!("moto_server exited ({status}) without serving"));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

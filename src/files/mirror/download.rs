@@ -44,8 +44,14 @@ pub fn relative_path(claim: &ClaimedMirror, extension: &str) -> String {
     }
 }
 
-/// Copies `claim`'s link into `storage`.
-pub async fn copy(http: &reqwest::Client, storage: &Storage, claim: &ClaimedMirror) -> Attempt {
+/// Copies `claim`'s link into `storage`; `declared` is the output's type in
+/// the workflow's output manifest, when known.
+pub async fn copy(
+    http: &reqwest::Client,
+    storage: &Storage,
+    claim: &ClaimedMirror,
+    declared: Option<&str>,
+) -> Attempt {
     let Some(source) = claim.source.as_deref() else {
         return Attempt::Refused {
             reason: "no source URL recorded".into(),
@@ -94,13 +100,18 @@ pub async fn copy(http: &reqwest::Client, storage: &Storage, claim: &ClaimedMirr
         .and_then(|mut s| s.next_back().map(str::to_owned))
         .unwrap_or_default();
     // A server that does not say what it sends is judged by the name.
-    let content_type = if announced.is_empty() || announced == "application/octet-stream" {
+    let mut content_type = if announced.is_empty() || announced == "application/octet-stream" {
         media::by_extension(&file_name).to_owned()
     } else {
         announced
     };
-    if !media::is_media(&content_type) {
+    if !media::output_is_media(declared, &content_type) {
         return Attempt::NotMedia { content_type };
+    }
+    if !media::is_media(&content_type) {
+        // Media by the manifest, though the link does not say which kind:
+        // stored as bytes (`.bin`) rather than under a wrong extension.
+        content_type = "application/octet-stream".to_owned();
     }
     if let Some(length) = response.content_length()
         && length > limit
@@ -143,6 +154,8 @@ mod tests {
             source: None,
             attempts: 0,
             json_path: path.iter().map(|s| (*s).to_owned()).collect(),
+            profile: "chenyu".into(),
+            workflow_id: "wf".into(),
         };
         assert_eq!(
             relative_path(&claim("n9_images", 0, &["n9_images"]), "png"),

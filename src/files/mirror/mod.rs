@@ -28,6 +28,18 @@ const FALLBACK_POLL: Duration = Duration::from_secs(1);
 /// Runs planned per statement.
 const PLAN_BATCH: i64 = 200;
 
+/// The output manifest of a profile's workflow (`(profile, workflow)` to
+/// each output key's type); `None` when it cannot be known now, and the
+/// content type decides.
+pub type OutputTypes = Arc<
+    dyn Fn(
+            String,
+            String,
+        ) -> futures_util::future::BoxFuture<'static, Option<Vec<(String, String)>>>
+        + Send
+        + Sync,
+>;
+
 /// How long a claimed copy is this worker's.
 pub fn lease(config: &StorageConfig) -> Duration {
     config.timeout * 2 + Duration::from_secs(30)
@@ -48,6 +60,7 @@ impl MirrorService {
         worker_id: &str,
         listen: bool,
         metrics: Arc<crate::metrics::Metrics>,
+        output_types: Option<OutputTypes>,
     ) -> Option<MirrorService> {
         let storage = storage?;
         let http = match reqwest::Client::builder()
@@ -66,7 +79,7 @@ impl MirrorService {
         let task = tokio::spawn(run(
             pool.clone(),
             storage,
-            http,
+            Fetch { http, output_types },
             worker_id.to_owned(),
             listen,
             stopped,
@@ -111,15 +124,22 @@ async fn listen_for_finished(pool: PgPool, wake: Arc<Notify>) {
 
 type Done = (ClaimedMirror, decide::Attempt);
 
+/// How copies are made: the HTTP client, and the output manifests.
+struct Fetch {
+    http: reqwest::Client,
+    output_types: Option<OutputTypes>,
+}
+
 async fn run(
     pool: PgPool,
     storage: Arc<Storage>,
-    http: reqwest::Client,
+    fetch: Fetch,
     worker_id: String,
     listen: bool,
     mut stop: watch::Receiver<bool>,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
+    let Fetch { http, output_types } = fetch;
     let config = storage.config().clone();
     let wake = Arc::new(Notify::new());
     let listener = listen.then(|| tokio::spawn(listen_for_finished(pool.clone(), wake.clone())));
@@ -136,8 +156,11 @@ async fn run(
                 Ok(claims) => {
                     for claim in claims {
                         let (http, storage) = (http.clone(), storage.clone());
+                        let types = output_types.clone();
                         copies.spawn(async move {
-                            let attempt = download::copy(&http, &storage, &claim).await;
+                            let declared = declared_type(types, &claim).await;
+                            let attempt =
+                                download::copy(&http, &storage, &claim, declared.as_deref()).await;
                             (claim, attempt)
                         });
                     }
@@ -204,6 +227,15 @@ async fn run(
         listener.abort();
     }
     tracing::info!("media mirror stopped");
+}
+
+/// The type the output manifest states for `claim`'s output, if any.
+async fn declared_type(types: Option<OutputTypes>, claim: &ClaimedMirror) -> Option<String> {
+    let types = types?(claim.profile.clone(), claim.workflow_id.clone()).await?;
+    types
+        .into_iter()
+        .find(|(key, _)| *key == claim.key)
+        .map(|(_, kind)| kind)
 }
 
 /// Plans a batch of succeeded runs in one transaction.

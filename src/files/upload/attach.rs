@@ -21,9 +21,6 @@ const REUSE_MARGIN: Duration = Duration::from_secs(3600);
 /// How long chenyu is asked to keep an uploaded asset.
 const ASSET_TTL_HOURS: u32 = 24;
 
-/// How long a presigned URL handed to GPTBots stays valid.
-const LINK_TTL: Duration = Duration::from_secs(24 * 3600);
-
 /// How a file input's value is written for the provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Shape {
@@ -47,7 +44,7 @@ fn value_of(shape: Shape, id: &str, content_type: &str) -> Value {
     }
 }
 
-fn database(e: sqlx::Error) -> Transition {
+pub(super) fn database(e: sqlx::Error) -> Transition {
     tracing::warn!(error = %e, "could not record an upload step; trying again shortly");
     lifecycle::throttled(
         crate::lifecycle::RunState::Queued,
@@ -84,7 +81,7 @@ pub(crate) async fn attach_files(
             lifecycle::reject_inputs(&crate::inputs::InputError::WrongType {
                 key: file.key.clone(),
                 expected,
-                got: format!("a file ({})", file.written),
+                got: format!("a file ({})", shown(file)),
             })
         })?;
         let value = attach_one(engine, run, profile, file, kind.as_ref(), shape).await?;
@@ -128,7 +125,7 @@ async fn attach_one(
     let pool = &engine.pool;
     let key = file.key.as_str();
     if let ProviderClient::Gptbots(_) = profile.client.provider() {
-        return link_for_gptbots(engine, run, file).await;
+        return super::links::link_for_gptbots(engine, run, file).await;
     }
     // Done already (a retry, a crash after the upload, a rescue): reuse it.
     if let Some(row) = store::input_file(pool, run.id, key)
@@ -161,11 +158,17 @@ async fn attach_one(
             ));
         }
         Err(ReadError::Transient(why)) => {
-            tracing::warn!(key, error = %why, "input file not readable now; trying again later");
-            let attempts = run.attempts + 1;
-            return Err(lifecycle::upload_unclear(
+            // Counted in the file's row, so that the retries are bounded
+            // whatever else happens to the run.
+            let attempts =
+                store::record_read_failure(pool, run.id, key, &run.provider, &shown(file), &why)
+                    .await
+                    .map_err(database)?
+                    .map_or(1, |n| n.max(1) as u32);
+            tracing::warn!(key, error = %why, attempts, "input file not readable now");
+            return Err(lifecycle::read_unclear(
                 run.state,
-                key,
+                (key, &shown(file)),
                 attempts,
                 &why,
                 &engine.submit,
@@ -192,24 +195,38 @@ async fn attach_one(
             None,
         ));
     }
+    // Dify states its limits and each input's file types in `/parameters`.
     if let ProviderClient::Dify(dify) = profile.client.provider()
-        && let Some(provider_limit) = engine
-            .uploads
-            .dify_limits(&run.provider, dify)
-            .await
-            .and_then(|l| l.for_kind(media_kind))
+        && let Some(rules) = engine.uploads.dify_limits(&run.provider, dify).await
     {
-        limit = limit.min(provider_limit);
+        if !rules.accepts(key, media_kind) {
+            return Err(lifecycle::file_failed(
+                "FILE_TYPE_NOT_ACCEPTED",
+                key,
+                format!(
+                    "inputs.{key}: the app takes {} files, and {} is {} ({}); nothing was uploaded",
+                    rules.types_of(key).join(" or "),
+                    shown(file),
+                    copy.content_type,
+                    media_kind
+                ),
+                None,
+            ));
+        }
+        if let Some(provider_limit) = rules.for_kind(media_kind) {
+            limit = limit.min(provider_limit);
+        }
     }
     if copy.bytes > limit {
         return Err(too_large(key, limit, copy.bytes));
     }
 
+    let source = shown(file);
     let facts = InputFileFacts {
         run_id: run.id,
         key,
         profile: &run.provider,
-        source: &file.written,
+        source: &source,
         sha256: &copy.sha256,
         bytes: copy.bytes as i64,
         content_type: &copy.content_type,
@@ -271,7 +288,9 @@ fn retry_soon(run: &ClaimedRun, wait: Duration) -> Transition {
     lifecycle::throttled(run.state, wait, Utc::now())
 }
 
-fn shown(file: &FileInput) -> String {
+/// The file's location as it may be shown and recorded: an http(s) URL
+/// without its query (which may carry a signature).
+pub(super) fn shown(file: &FileInput) -> String {
     match &file.location {
         FileLocation::Web(url) => redacted(url),
         _ => file.written.clone(),
@@ -374,49 +393,4 @@ async fn upload(
             ))
         }
     }
-}
-
-/// GPTBots takes files by URL: an https:// input as it is, a file in an S3
-/// store as a presigned URL; anything else cannot be handed over.
-async fn link_for_gptbots(
-    engine: &Engine,
-    run: &ClaimedRun,
-    file: &FileInput,
-) -> Result<Value, Transition> {
-    let key = file.key.as_str();
-    let url = match &file.location {
-        FileLocation::Web(url) => Some(url.to_string()),
-        FileLocation::Stored(relative) if engine.uploads.store_is_s3() => {
-            match engine.uploads.storage() {
-                Some(storage) => storage.signed_url(relative, LINK_TTL).await,
-                None => None,
-            }
-        }
-        _ => None,
-    };
-    let Some(url) = url else {
-        return Err(lifecycle::file_failed(
-            "FILE_NEEDS_URL",
-            key,
-            format!(
-                "inputs.{key}: GPTBots takes files by URL only; give an https:// URL, or a path in an S3 [storage] (got {})",
-                shown(file)
-            ),
-            None,
-        ));
-    };
-    let recorded = url::Url::parse(&url)
-        .map(|u| redacted(&u))
-        .unwrap_or_default();
-    store::record_input_link(
-        &engine.pool,
-        run.id,
-        key,
-        &run.provider,
-        &file.written,
-        &recorded,
-    )
-    .await
-    .map_err(database)?;
-    Ok(Value::String(url))
 }

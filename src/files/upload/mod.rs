@@ -3,12 +3,14 @@
 //! Each `{"$file": ...}` input is read into a local copy (`read`), checked
 //! against the manifest's type and the provider's limits, then uploaded
 //! (`attach`): chenyu `POST /assets`, Dify `POST /files/upload`, GPTBots by
-//! URL. The upload is a durable step in `wfq.run_files`: the run's own row
-//! is reused after a retry, a crash or a rescue, and an upload of the same
-//! bytes to the same profile is reused while the provider keeps it. A file
-//! that cannot be used fails its run before anything is frozen.
+//! URL (`links`). The upload is a durable step in `wfq.run_files`: the
+//! run's own row is reused after a retry, a crash or a rescue, and an
+//! upload of the same bytes to the same profile is reused while the
+//! provider keeps it. A file that cannot be used fails its run before
+//! anything is frozen.
 
 mod attach;
+mod links;
 pub mod read;
 
 use std::collections::HashMap;
@@ -21,6 +23,7 @@ use crate::files::{Storage, StorageConfig, StorageError, StorageUrl};
 use crate::providers::FileLimits;
 
 pub(crate) use attach::attach_files;
+pub(crate) use links::signed_inputs;
 pub use read::{LocalCopy, ReadError};
 
 /// The largest input file when `[storage]` sets no `max_file_bytes`.
@@ -102,7 +105,8 @@ impl Uploads {
         self.timeout
     }
 
-    /// A Dify profile's upload limits, read at most every few minutes.
+    /// A Dify profile's upload limits and file types, read at most every
+    /// few minutes.
     pub(crate) async fn dify_limits(
         &self,
         profile: &str,
@@ -111,11 +115,11 @@ impl Uploads {
         if let Some((at, limits)) = self.lock().get(profile)
             && at.elapsed() < LIMITS_TTL
         {
-            return *limits;
+            return limits.clone();
         }
         let limits = client.file_limits().await;
         self.lock()
-            .insert(profile.to_owned(), (Instant::now(), limits));
+            .insert(profile.to_owned(), (Instant::now(), limits.clone()));
         limits
     }
 

@@ -15,6 +15,28 @@ use crate::providers::wire::{Call, repaired, unreadable};
 fn parse_limits(body: &[u8], limits: &crate::providers::AnswerLimits) -> Option<FileLimits> {
     let value: Value = serde_json::from_str(&repaired(body, limits).0).ok()?;
     let system = value.get("system_parameters")?;
+    // Each form item is `{"<control>": {variable, allowed_file_types, ...}}`.
+    let types = value
+        .get("user_input_form")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object)
+        .flat_map(|item| item.iter())
+        .filter(|(control, _)| matches!(control.as_str(), "file" | "file-list"))
+        .filter_map(|(_, spec)| {
+            let variable = spec.get("variable")?.as_str()?.to_owned();
+            let allowed = spec
+                .get("allowed_file_types")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect();
+            Some((variable, allowed))
+        })
+        .collect();
     let mb = |name: &str| {
         system
             .get(name)
@@ -27,11 +49,13 @@ fn parse_limits(body: &[u8], limits: &crate::providers::AnswerLimits) -> Option<
         image: mb("image_file_size_limit"),
         audio: mb("audio_file_size_limit"),
         video: mb("video_file_size_limit"),
+        types,
     })
 }
 
 impl DifyClient {
-    /// The app's upload limits; `None` when they cannot be read.
+    /// The app's upload limits and file types; `None` when they cannot be
+    /// read.
     pub async fn file_limits(&self) -> Option<FileLimits> {
         let request = self
             .http
@@ -103,6 +127,19 @@ mod tests {
         let limits = parse_limits(body, &Default::default()).unwrap();
         assert_eq!(limits.for_kind("image"), Some(10 << 20));
         assert_eq!(limits.for_kind("document"), Some(15 << 20));
+        assert!(limits.accepts("anything", "video"));
+        let body = br#"{"user_input_form":[{"paragraph":{"variable":"q"}},
+            {"file":{"variable":"photo","allowed_file_types":["image"]}},
+            {"file-list":{"variable":"docs","allowed_file_types":["document","custom"]}}],
+            "system_parameters":{}}"#;
+        let limits = parse_limits(body, &Default::default()).unwrap();
+        assert!(limits.accepts("photo", "image") && !limits.accepts("photo", "audio"));
+        assert!(
+            limits.accepts("docs", "video"),
+            "custom types go by extension"
+        );
+        assert_eq!(limits.types_of("photo"), ["image".to_owned()]);
+        assert_eq!(limits.for_kind("image"), None);
         assert!(parse_limits(b"{}", &Default::default()).is_none());
     }
 }

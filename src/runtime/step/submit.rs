@@ -400,11 +400,15 @@ async fn send_and_record(
         return Ok(None);
     };
     let client = &profile.client;
+    // GPTBots gets files of an S3 store as presigned URLs, made now and
+    // never recorded (the recorded inputs hold the files' locations).
+    let signed =
+        crate::files::upload::signed_inputs(&engine, &run, profile, &send.sent_inputs).await;
     let Submitted { outcome, stream } = client
         .submit(&SubmitRequest {
             workflow_id: &run.workflow_id,
             revision_id: send.revision_id.as_deref(),
-            inputs: &send.sent_inputs,
+            inputs: signed.as_ref().unwrap_or(&send.sent_inputs),
             idempotency_key: &run.idempotency_key,
             accept_external_cost_risk: run.accept_external_cost_risk,
             account_refusals: &profile.account_refusals,

@@ -138,14 +138,30 @@ async fn parameters(
         Ok(app) => app,
         Err(response) => return response,
     };
-    let fault = {
+    let (fault, upload_limit) = {
         let mut inner = shared.lock();
         let fault = inner.faults.random_fault();
-        fault.inspect(|&f| inner.record_injected(f))
+        (
+            fault.inspect(|&f| inner.record_injected(f)),
+            inner.faults.max_upload_bytes,
+        )
     };
     match fault {
         Some(fault) => injected(fault),
-        None => Json(app.parameters()).into_response(),
+        None => {
+            let mut parameters = app.parameters();
+            // The uploads' limit, as Dify states it: in MB, for every kind.
+            if let Some(bytes) = upload_limit {
+                let mb = bytes as f64 / (1024.0 * 1024.0);
+                parameters["system_parameters"] = serde_json::json!({
+                    "file_size_limit": mb,
+                    "image_file_size_limit": mb,
+                    "audio_file_size_limit": mb,
+                    "video_file_size_limit": mb,
+                });
+            }
+            Json(parameters).into_response()
+        }
     }
 }
 
@@ -253,8 +269,14 @@ fn decide_run(shared: &Shared, app: &'static DifyApp, pinned: Option<&str>, body
         inner.record_injected(fault);
         return Start::Refused(injected(fault));
     }
-    let checked =
-        request::parse_run(body).and_then(|req| apps::validate(app, &req.inputs).map(|()| req));
+    let uploads = &inner.uploads;
+    let uploaded = |id: &str| {
+        uploads
+            .iter()
+            .any(|u| u.api == "dify" && u.app.as_deref() == Some(app.name) && u.id == id)
+    };
+    let checked = request::parse_run(body)
+        .and_then(|req| apps::validate(app, &req.inputs, &uploaded).map(|()| req));
     let req = match checked {
         Ok(req) => req,
         Err(message) => {

@@ -11,6 +11,9 @@ pub(crate) enum Control {
     TextInput,
     Select(&'static [&'static str]),
     Number,
+    /// A single file of these types (`image`, `document`, ...): an
+    /// object `{"type", "transfer_method", "upload_file_id" | "url"}`.
+    File(&'static [&'static str]),
 }
 
 /// One entry of an app's input form.
@@ -83,6 +86,17 @@ const TEXT_FORM: &[Field] = &[
     },
 ];
 
+const PICTURE_FORM: &[Field] = &[
+    QUERY,
+    Field {
+        variable: "photo",
+        label: "Photo",
+        control: Control::File(&["image"]),
+        required: true,
+        max_length: None,
+    },
+];
+
 /// Every app the simulator serves.
 pub(crate) const APPS: &[DifyApp] = &[
     DifyApp {
@@ -105,6 +119,13 @@ pub(crate) const APPS: &[DifyApp] = &[
         version: "2025-01-06 09:32:00.000000",
         form: &[QUERY],
         ending: Ending::PartlySucceeds,
+    },
+    DifyApp {
+        name: "picture",
+        workflow_id: "ver-picture-1",
+        version: "2025-01-06 09:33:00.000000",
+        form: PICTURE_FORM,
+        ending: Ending::Succeeds,
     },
 ];
 
@@ -146,6 +167,13 @@ impl DifyApp {
                     Control::Select(options) => {
                         control["options"] = json!(options);
                         "select"
+                    }
+                    Control::File(types) => {
+                        control["allowed_file_types"] = json!(types);
+                        control["allowed_file_extensions"] = json!([]);
+                        control["allowed_file_upload_methods"] =
+                            json!(["local_file", "remote_url"]);
+                        "file"
                     }
                 };
                 json!({ kind: control })
@@ -190,8 +218,13 @@ impl DifyApp {
 
 /// Checks `inputs` against `app`'s form in form order, as Dify does, and
 /// returns its message for the first problem. Keys outside the form are
-/// ignored, as Dify ignores them.
-pub(crate) fn validate(app: &DifyApp, inputs: &Map<String, Value>) -> Result<(), String> {
+/// ignored, as Dify ignores them. `uploaded` says whether an
+/// `upload_file_id` names a file uploaded to this app.
+pub(crate) fn validate(
+    app: &DifyApp,
+    inputs: &Map<String, Value>,
+    uploaded: &dyn Fn(&str) -> bool,
+) -> Result<(), String> {
     for field in app.form {
         let var = field.variable;
         let value = inputs.get(var).filter(|v| !is_blank(v));
@@ -226,9 +259,40 @@ pub(crate) fn validate(app: &DifyApp, inputs: &Map<String, Value>) -> Result<(),
                     return Err(format!("{var} in input form must be a valid number"));
                 }
             }
+            Control::File(types) => check_file(var, types, value, uploaded)?,
         }
     }
     Ok(())
+}
+
+/// A file value: `{"type", "transfer_method": "local_file",
+/// "upload_file_id"}` naming an upload of this app, or `remote_url` with
+/// a `url`.
+fn check_file(
+    var: &str,
+    types: &[&str],
+    value: &Value,
+    uploaded: &dyn Fn(&str) -> bool,
+) -> Result<(), String> {
+    let Some(file) = value.as_object() else {
+        return Err(format!("{var} in input form must be a file"));
+    };
+    let text = |name: &str| file.get(name).and_then(Value::as_str).unwrap_or("");
+    if !types.contains(&text("type")) {
+        return Err(format!(
+            "{var} in input form must be a file of type {types:?}, not {:?}",
+            text("type")
+        ));
+    }
+    match text("transfer_method") {
+        "local_file" if uploaded(text("upload_file_id")) => Ok(()),
+        "local_file" => Err(format!(
+            "{var}: upload file {:?} not found",
+            text("upload_file_id")
+        )),
+        "remote_url" if text("url").starts_with("http") => Ok(()),
+        other => Err(format!("{var}: transfer_method {other:?} is not supported")),
+    }
 }
 
 /// `null` and `""` count as "not given", as in Dify.
@@ -254,7 +318,7 @@ mod tests {
         let Value::Object(map) = inputs else {
             panic!("object")
         };
-        validate(find(app).expect("app"), &map)
+        validate(find(app).expect("app"), &map, &|id| id == "up-1")
     }
 
     #[test]
@@ -283,6 +347,26 @@ mod tests {
         assert!(check("text", json!({"query": "q", "title": "x".repeat(48)})).is_ok());
         assert!(check("text", json!({"query": "q", "title": "x".repeat(49)})).is_err());
         assert!(check("fails", json!({"query": "q"})).is_ok());
+        let photo = |v: Value| check("picture", json!({"query": "q", "photo": v}));
+        assert!(
+            photo(
+                json!({"type": "image", "transfer_method": "local_file", "upload_file_id": "up-1"})
+            )
+            .is_ok()
+        );
+        assert!(
+            photo(
+                json!({"type": "image", "transfer_method": "local_file", "upload_file_id": "up-2"})
+            )
+            .unwrap_err()
+            .contains("not found")
+        );
+        assert!(
+            photo(json!({"type": "document", "transfer_method": "local_file", "upload_file_id": "up-1"}))
+                .is_err()
+        );
+        assert!(photo(json!("asset://x")).is_err());
+        assert!(check("picture", json!({"query": "q"})).is_err());
     }
 
     #[test]
@@ -294,6 +378,12 @@ mod tests {
         assert_eq!(p["user_input_form"][2]["number"]["required"], false);
         assert_eq!(p["user_input_form"][3]["text-input"]["max_length"], 48);
         assert_eq!(p["system_parameters"]["file_size_limit"], 15);
+        let p = find("picture").expect("app").parameters();
+        assert_eq!(p["user_input_form"][1]["file"]["variable"], "photo");
+        assert_eq!(
+            p["user_input_form"][1]["file"]["allowed_file_types"],
+            json!(["image"])
+        );
     }
 
     #[test]

@@ -34,6 +34,9 @@ pub struct GptbotsLedgerEntry {
     pub total_cost: Decimal,
     /// Tokens used: zero until the run ends.
     pub total_tokens: i64,
+    /// The `input` the run was invoked with (file inputs arrive as URLs).
+    #[serde(default)]
+    pub input: Value,
 }
 
 /// One run.
@@ -89,6 +92,7 @@ impl GptRun {
             status: self.status(timing, elapsed).to_owned(),
             total_cost: self.cost(timing, elapsed),
             total_tokens: self.tokens(timing, elapsed),
+            input: self.input.clone(),
         }
     }
 }
