@@ -30,11 +30,12 @@ pub struct CostQuery {
     pub provider: Option<String>,
 }
 
-/// Parses `from`, `to` (dates) and `provider`; the last 30 days up to
-/// `today` by default.
+/// Parses `from`, `to` (dates) and `provider`; the last 7 days up to
+/// `today` by default (the page reads every run of its range, through
+/// `runs_provider_submitted_idx`).
 pub fn parse_query(query: &str, today: NaiveDate) -> Result<CostQuery, WebError> {
     let mut q = CostQuery {
-        from: today - Duration::days(29),
+        from: today - Duration::days(6),
         to: today,
         provider: None,
     };
@@ -310,7 +311,7 @@ mod tests {
         let q = parse_query("", today).unwrap();
         assert_eq!(
             (q.from.to_string(), q.to.to_string()),
-            ("2026-11-08".into(), "2026-12-07".into())
+            ("2026-12-01".into(), "2026-12-07".into())
         );
         let q = parse_query("from=2026-12-01&to=2026-12-03&provider=dify", today).unwrap();
         assert_eq!(q.provider.as_deref(), Some("dify"));
