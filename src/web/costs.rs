@@ -256,38 +256,34 @@ fn chart(rows: &[CostRow], currency: &str, from: NaiveDate, to: NaiveDate) -> Ma
         day_totals[*day] += *v;
     }
     let max = day_totals.iter().copied().max().unwrap_or(Decimal::ZERO);
-    let max_f = max
-        .to_string()
-        .parse::<f64>()
-        .unwrap_or(0.0)
-        .max(f64::MIN_POSITIVE);
-    let (w, h, left, bottom, top) = (720.0, 220.0, 56.0, 24.0, 10.0);
-    let plot_w = w - left - 8.0;
+    let top_value = nice_ceiling(max.to_string().parse::<f64>().unwrap_or(0.0));
+    let (w, h, left, bottom, top) = (1000.0, 240.0, 78.0, 26.0, 12.0);
+    let plot_w = w - left - 10.0;
     let plot_h = h - bottom - top;
     let slot = plot_w / days as f64;
-    let bar = (slot * 0.75).max(1.0);
-    let label_every = days.div_ceil(6).max(1);
+    let bar = (slot * 0.72).clamp(1.0, 48.0);
+    let label_every = days.div_ceil(8).max(1);
     html! {
         svg.chart viewBox=(format!("0 0 {w} {h}")) role="img" aria-label=(format!("charged per day, {currency}")) {
-            line x1=(left) y1=(top) x2=(left) y2=(h - bottom) class="axis" {}
-            line x1=(left) y1=(h - bottom) x2=(w - 8.0) y2=(h - bottom) class="axis" {}
-            text x=(left - 6.0) y=(top + 8.0) text-anchor="end" class="tick" { (money(Some(max))) }
-            text x=(left - 6.0) y=(h - bottom) text-anchor="end" class="tick" { "0" }
-            line x1=(left) y1=(top) x2=(w - 8.0) y2=(top) class="grid" {}
+            @for step in 0..=4 {
+                @let y = h - bottom - plot_h * step as f64 / 4.0;
+                line x1=(left) y1=(format!("{y:.1}")) x2=(w - 10.0) y2=(format!("{y:.1}")) class=(if step == 0 { "axis" } else { "grid" }) {}
+                text x=(left - 8.0) y=(format!("{:.1}", y + 4.0)) text-anchor="end" class="tick" { (tick(top_value * step as f64 / 4.0)) }
+            }
             @for day in 0..days {
                 @let x = left + day as f64 * slot + (slot - bar) / 2.0;
                 @let mut y = h - bottom;
                 @for (p, provider) in providers.iter().enumerate() {
                     @if let Some(v) = per_day.get(&(day, p)) {
-                        @let height = v.to_string().parse::<f64>().unwrap_or(0.0) / max_f * plot_h;
+                        @let height = v.to_string().parse::<f64>().unwrap_or(0.0) / top_value * plot_h;
                         @let y0 = { y -= height; y };
-                        rect x=(format!("{x:.1}")) y=(format!("{y0:.1}")) width=(format!("{bar:.1}")) height=(format!("{height:.1}")) fill=(PALETTE[p % PALETTE.len()]) {
+                        rect x=(format!("{x:.1}")) y=(format!("{y0:.1}")) width=(format!("{bar:.1}")) height=(format!("{height:.1}")) rx="2" fill=(PALETTE[p % PALETTE.len()]) {
                             title { (from + Duration::days(day as i64)) " · " (provider) ": " (money(Some(*v))) " " (currency) }
                         }
                     }
                 }
                 @if day % label_every == 0 {
-                    text x=(format!("{:.1}", left + day as f64 * slot + slot / 2.0)) y=(h - 6.0) text-anchor="middle" class="tick" {
+                    text x=(format!("{:.1}", left + day as f64 * slot + slot / 2.0)) y=(h - 8.0) text-anchor="middle" class="tick" {
                         ((from + Duration::days(day as i64)).format("%m-%d").to_string())
                     }
                 }
@@ -301,9 +297,42 @@ fn chart(rows: &[CostRow], currency: &str, from: NaiveDate, to: NaiveDate) -> Ma
     }
 }
 
+/// The axis' top: 1, 2 or 5 times a power of ten, at least `max`.
+fn nice_ceiling(max: f64) -> f64 {
+    if max <= 0.0 || !max.is_finite() {
+        return 1.0;
+    }
+    let power = 10f64.powf(max.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * power)
+        .find(|v| *v >= max * 0.999_999)
+        .unwrap_or(10.0 * power)
+}
+
+/// An axis label: as few decimals as the step needs.
+fn tick(value: f64) -> String {
+    if value == 0.0 {
+        return "0".into();
+    }
+    let decimals = (-value.abs().log10().floor() + 1.0).clamp(0.0, 8.0) as usize;
+    format!("{value:.decimals$}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn axes_are_round() {
+        assert_eq!(nice_ceiling(0.017197), 0.02);
+        assert_eq!(nice_ceiling(3.2), 5.0);
+        assert_eq!(nice_ceiling(10.0), 10.0);
+        assert_eq!(nice_ceiling(0.0), 1.0);
+        assert_eq!(tick(0.005), "0.0050");
+        assert_eq!(tick(2.5), "2.5");
+        assert_eq!(tick(250.0), "250");
+    }
 
     #[test]
     fn ranges_are_checked() {

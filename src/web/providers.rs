@@ -81,7 +81,10 @@ async fn body(state: &WebState) -> Result<Markup, WebError> {
                     div.notice.bad {
                         strong { "Paused since " (layout::time(p.paused_at)) } " by " (p.worker) ": " (p.reason)
                         br;
-                        span.muted { (what_ends(&p.kind, &p.profile)) }
+                        span.muted {
+                            @if p.kind == "manual" { "Paused by hand: every worker holds its queued runs until it is resumed." }
+                            @else { (what_ends(&p.kind, &p.profile)) }
+                        }
                     }
                 }
                 div.stats {
@@ -114,7 +117,7 @@ async fn body(state: &WebState) -> Result<Markup, WebError> {
                                 tr {
                                     td { a href=(layout::href("/runs", &[("provider", name.clone()), ("state", "failed".into()), ("error_code", code.clone())])) { span.code { (code) } } }
                                     td.n { (n) }
-                                    td.muted { (message.as_deref().unwrap_or("")) }
+                                    td.muted.msg title=(message.as_deref().unwrap_or("")) { (message.as_deref().unwrap_or("")) }
                                 }
                             }
                         }

@@ -206,7 +206,7 @@ pub async fn page(
         }
         div.pager {
             @if query.before.is_some() { a.button.plain href=(newest) { "← Newest" } }
-            @if let Some((lowest, below)) = page.searched {
+            @if let (Some((lowest, below)), Some(_)) = (page.searched, page.next_before) {
                 span.muted { "Searched runs " (lowest) "–" (below - 1) "." }
             }
             @if let Some(next) = &next {
