@@ -38,7 +38,9 @@ fn which(program: &str) -> Option<PathBuf> {
 async fn browser() -> Option<(tokio::process::Child, Client)> {
     let (Some(chromium), Some(driver)) = (which(CHROMIUM), which(CHROMEDRIVER)) else {
         if std::env::var_os("CI").is_some() {
-            panic!("CI is set, but {CHROMIUM} or {CHROMEDRIVER} is not installed (.ci/run installs them)");
+            panic!(
+                "CI is set, but {CHROMIUM} or {CHROMEDRIVER} is not installed (.ci/run installs them)"
+            );
         }
         eprintln!(
             "note: skipping the browser test: {CHROMIUM} and {CHROMEDRIVER} are not both on PATH (apt-get install chromium chromium-driver)"
@@ -57,8 +59,14 @@ async fn browser() -> Option<(tokio::process::Child, Client)> {
         .spawn()
         .expect("chromedriver starts");
     let deadline = tokio::time::Instant::now() + LIMIT;
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(tokio::time::Instant::now() < deadline, "chromedriver never listened");
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "chromedriver never listened"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let profile = std::env::temp_dir().join(format!("wfq-web-chromium-{}", std::process::id()));
@@ -74,13 +82,11 @@ async fn browser() -> Option<(tokio::process::Child, Client)> {
             ],
         }),
     );
-    let client = ClientBuilder::new(
-        hyper_util::client::legacy::connect::HttpConnector::new(),
-    )
-    .capabilities(caps)
-    .connect(&format!("http://127.0.0.1:{port}"))
-    .await
-    .expect("a chromium session");
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("a chromium session");
     Some((child, client))
 }
 
@@ -136,8 +142,13 @@ async fn the_dashboard_works_in_a_browser(pool: PgPool) {
     // for later that stays queued (not before an hour from now).
     let picture = common::enqueue(&pool, TEXT_TO_IMAGE, json!({"n6_text": "a lighthouse"})).await;
     let failed = common::enqueue(&pool, ALWAYS_FAILS, json!({"prompt": "x"})).await;
-    let answer =
-        common::enqueue_on(&pool, "dify", "summarize", json!({"query": "notes", "tone": "formal"})).await;
+    let answer = common::enqueue_on(
+        &pool,
+        "dify",
+        "summarize",
+        json!({"query": "notes", "tone": "formal"}),
+    )
+    .await;
     let later: i64 = sqlx::query_scalar(
         "INSERT INTO wfq.runs (workflow_id, not_before, metadata) \
          VALUES ($1, now() + interval '1 hour', '{\"customer\": \"acme\"}') RETURNING id",
@@ -165,7 +176,13 @@ async fn the_dashboard_works_in_a_browser(pool: PgPool) {
 
     // The overview, refreshed live.
     client.goto(&format!("{base}/")).await.unwrap();
-    let h1 = client.find(Locator::Css("h1")).await.unwrap().text().await.unwrap();
+    let h1 = client
+        .find(Locator::Css("h1"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(h1, "Overview");
     wait_js(
         &client,
@@ -196,13 +213,26 @@ async fn the_dashboard_works_in_a_browser(pool: PgPool) {
         .for_element(Locator::Css(&format!("a[href='/runs/{failed}']")))
         .await
         .unwrap();
-    let listed = client.find_all(Locator::Css("table.runs tbody tr")).await.unwrap();
+    let listed = client
+        .find_all(Locator::Css("table.runs tbody tr"))
+        .await
+        .unwrap();
     assert_eq!(listed.len(), 1, "only the failed run");
-    assert!(client.current_url().await.unwrap().as_str().contains("state=failed"));
+    assert!(
+        client
+            .current_url()
+            .await
+            .unwrap()
+            .as_str()
+            .contains("state=failed")
+    );
     shoot(&client, &format!("{base}/runs"), "runs").await;
 
     // The picture's run: its preview (the stored copy) loads.
-    client.goto(&format!("{base}/runs/{picture}")).await.unwrap();
+    client
+        .goto(&format!("{base}/runs/{picture}"))
+        .await
+        .unwrap();
     wait_js(
         &client,
         "const i = document.querySelector('.gallery img'); return !!i && i.complete && i.naturalWidth > 0",
@@ -221,7 +251,10 @@ async fn the_dashboard_works_in_a_browser(pool: PgPool) {
     shoot(&client, &format!("{base}/runs/{picture}"), "run").await;
 
     // Cancel the queued run: select it, confirm, apply.
-    client.goto(&format!("{base}/runs?state=queued")).await.unwrap();
+    client
+        .goto(&format!("{base}/runs?state=queued"))
+        .await
+        .unwrap();
     client
         .find(Locator::Css(&format!("input[name=id][value='{later}']")))
         .await
@@ -239,7 +272,9 @@ async fn the_dashboard_works_in_a_browser(pool: PgPool) {
     let confirm = client
         .wait()
         .at_most(LIMIT)
-        .for_element(Locator::Css("form[action='/runs/apply'] button[type=submit]"))
+        .for_element(Locator::Css(
+            "form[action='/runs/apply'] button[type=submit]",
+        ))
         .await
         .unwrap();
     let png = client.screenshot().await.unwrap();
@@ -256,7 +291,9 @@ async fn the_dashboard_works_in_a_browser(pool: PgPool) {
     // Retry the failed run from its page (the button asks first).
     client.goto(&format!("{base}/runs/{failed}")).await.unwrap();
     client
-        .find(Locator::Css(&format!("form[action='/runs/{failed}/retry'] button")))
+        .find(Locator::Css(&format!(
+            "form[action='/runs/{failed}/retry'] button"
+        )))
         .await
         .unwrap()
         .click()
@@ -317,7 +354,13 @@ async fn the_dashboard_works_in_a_browser(pool: PgPool) {
         vec![("dify".to_owned(), "maintenance window".to_owned())]
     );
     shoot(&client, &format!("{base}/providers"), "providers").await;
-    let held = common::enqueue_on(&pool, "dify", "summarize", json!({"query": "q", "tone": "formal"})).await;
+    let held = common::enqueue_on(
+        &pool,
+        "dify",
+        "summarize",
+        json!({"query": "q", "tone": "formal"}),
+    )
+    .await;
     let goes = common::enqueue(&pool, TEXT_TO_IMAGE, json!({"n6_text": "a harbour"})).await;
     let worker = common::start_worker(worker_config.clone(), pool.clone());
     common::wait_for(
