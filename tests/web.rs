@@ -561,3 +561,41 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// `[web] listen` in a worker's configuration: the worker serves the
+/// dashboard while it runs, and stops serving when it stops.
+#[sqlx::test]
+async fn a_worker_serves_the_dashboard_when_configured(pool: PgPool) {
+    let media = tempdir("worker");
+    let sim = common::start_sim(20, 60, 20).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let cfg = config(
+        &sim.base_url(),
+        &sim.dify_base_url("text"),
+        &media,
+        &format!("listen = \"127.0.0.1:{port}\""),
+        &[],
+    );
+    let id = common::enqueue(&pool, TEXT_TO_IMAGE, json!({"n6_text": "a kite"})).await;
+    let worker = common::start_worker(cfg, pool.clone());
+    common::wait_all_final(&pool, Duration::from_secs(60)).await;
+    let page = reqwest::get(format!("http://127.0.0.1:{port}/runs/{id}"))
+        .await
+        .expect("the worker serves the dashboard")
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("succeeded"), "{page}");
+    worker.stop().await;
+    assert!(
+        reqwest::get(format!("http://127.0.0.1:{port}/"))
+            .await
+            .is_err(),
+        "no dashboard after the worker stopped"
+    );
+    sim.shutdown().await;
+}

@@ -69,7 +69,12 @@ async fn measure(
         None
     };
     insert_runs(pool, n, "web").await?;
-    wait_all_final(pool, &mut worker, Duration::from_secs(60 + u64::from(n) / 50)).await?;
+    wait_all_final(
+        pool,
+        &mut worker,
+        Duration::from_secs(60 + u64::from(n) / 50),
+    )
+    .await?;
     worker.stop().await?;
     let watched = match watching {
         Some(w) => Some(w.close().await),
@@ -140,7 +145,8 @@ async fn open_dashboards(url: &str) -> Result<Dashboards, BenchError> {
                         Err(_) => false,
                     };
                     if ok {
-                        seen.latencies_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+                        seen.latencies_ms
+                            .push(started.elapsed().as_secs_f64() * 1000.0);
                     } else {
                         seen.failures += 1;
                     }

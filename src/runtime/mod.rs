@@ -400,7 +400,7 @@ where
     }
     let metrics_server = health::start(config, engine.clone()).await?;
     // `[web] listen`: the dashboard in the worker, on a pool of its own.
-    let web_server = crate::web::start_for_worker(config)
+    let web_server = crate::web::start_for_worker(config, &pool)
         .await
         .map_err(WorkerError::Runtime)?;
     let fleet = FleetServices::start(config, &pool, &engine);

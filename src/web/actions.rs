@@ -241,7 +241,6 @@ pub async fn confirm(
 
 /// What one run became.
 struct Done {
-    id: i64,
     ok: bool,
     text: String,
     link: Option<i64>,
@@ -290,14 +289,12 @@ async fn apply_one(state: &WebState, action: Action, id: i64) -> Result<Done, We
     };
     match result {
         Ok((text, link)) => Ok(Done {
-            id,
             ok: true,
             text,
             link,
         }),
         Err(RequestError::Database(e)) => Err(WebError::Database(e)),
         Err(e) => Ok(Done {
-            id,
             ok: false,
             text: e.to_string(),
             link: Some(id),
@@ -331,7 +328,6 @@ pub async fn apply(
         }
         p { a.button href="/runs" { "Back to the runs" } }
     };
-    let _ = done.first().map(|d| d.id);
     Ok(layout::page(&state, Nav::Runs, "Done", body))
 }
 

@@ -259,6 +259,16 @@ pub async fn connect(
     statement_timeout: Duration,
     max_connections: u32,
 ) -> Result<PgPool, sqlx::Error> {
+    let options: sqlx::postgres::PgConnectOptions = url.parse()?;
+    connect_with(options, statement_timeout, max_connections).await
+}
+
+/// [`connect`] with connection options (a worker's own, say).
+pub async fn connect_with(
+    options: sqlx::postgres::PgConnectOptions,
+    statement_timeout: Duration,
+    max_connections: u32,
+) -> Result<PgPool, sqlx::Error> {
     let timeout_ms = statement_timeout.as_millis().max(1) as i64;
     PgPoolOptions::new()
         .max_connections(max_connections)
@@ -276,7 +286,7 @@ pub async fn connect(
                 Ok(())
             })
         })
-        .connect(url)
+        .connect_with(options)
         .await
 }
 
@@ -314,12 +324,16 @@ impl WebServer {
 }
 
 /// The dashboard inside a worker (`[web]` in its configuration): a pool of
-/// its own, the worker's profiles and storage.
-pub async fn start_for_worker(config: &crate::config::Config) -> Result<Option<WebServer>, String> {
+/// its own to the worker's database, the worker's profiles and storage.
+pub async fn start_for_worker(
+    config: &crate::config::Config,
+    worker_pool: &PgPool,
+) -> Result<Option<WebServer>, String> {
     let Some(web) = &config.web else {
         return Ok(None);
     };
-    let pool = connect(config.database.url.expose(), web.statement_timeout, 3)
+    let options = (*worker_pool.connect_options()).clone();
+    let pool = connect_with(options, web.statement_timeout, 3)
         .await
         .map_err(|e| format!("web: connecting to the database: {e}"))?;
     let storage = match &config.storage {
