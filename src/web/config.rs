@@ -179,15 +179,20 @@ mod tests {
 
     #[test]
     fn exposure_needs_credentials() {
-        let token = [(TOKEN_ENV, "0123456789abcdef0123")];
-        let basic = [(USER_ENV, "ops"), (PASSWORD_ENV, "a long password here")];
-        let cases: &[(&str, &[(&str, &str)], Result<(), &str>)] = &[
+        const TOKEN: &[(&str, &str)] = &[(TOKEN_ENV, "0123456789abcdef0123")];
+        const BASIC: &[(&str, &str)] = &[(USER_ENV, "ops"), (PASSWORD_ENV, "a long password here")];
+        type Case = (
+            &'static str,
+            &'static [(&'static str, &'static str)],
+            Result<(), &'static str>,
+        );
+        let cases: &[Case] = &[
             ("127.0.0.1:0", &[], Ok(())),
             ("[::1]:9188", &[], Ok(())),
             ("0.0.0.0:9188", &[], Err("is not a loopback address")),
             ("10.1.2.3:9188", &[], Err("is not a loopback address")),
-            ("0.0.0.0:9188", &token, Ok(())),
-            ("0.0.0.0:9188", &basic, Ok(())),
+            ("0.0.0.0:9188", TOKEN, Ok(())),
+            ("0.0.0.0:9188", BASIC, Ok(())),
             ("0.0.0.0:9188", &[(TOKEN_ENV, "short")], Err("shorter than")),
             ("0.0.0.0:9188", &[(USER_ENV, "ops")], Err("is not")),
             ("localhost:9188", &[], Err("not an IP address")),

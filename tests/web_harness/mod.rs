@@ -137,8 +137,7 @@ impl Dash {
     /// The CSRF token (the cookie and the hidden field carry the same).
     pub async fn csrf(&self) -> String {
         let page = self.get("/runs").await;
-        let cookie = page
-            .headers
+        page.headers
             .get_all("set-cookie")
             .iter()
             .filter_map(|v| v.to_str().ok())
@@ -147,8 +146,7 @@ impl Dash {
             .split(';')
             .next()
             .unwrap()
-            .to_owned();
-        cookie
+            .to_owned()
     }
 
     /// POSTs `form`, with the CSRF cookie when `cookie` is given.

@@ -56,12 +56,14 @@ pub async fn held_runs(pool: &PgPool) -> Result<Vec<(String, String, i64)>, sqlx
     .await
 }
 
+/// Failures of one provider and error code: `(provider, code, runs,
+/// latest message)`.
+pub type ErrorCount = (String, String, i64, Option<String>);
+
 /// Failures of the last hour per provider and error code, most frequent
-/// first: `(provider, code, runs, latest message)`.
+/// first.
 #[tracing::instrument(name = "web_recent_errors", skip(pool), err, level = "debug")]
-pub async fn recent_errors(
-    pool: &PgPool,
-) -> Result<Vec<(String, String, i64, Option<String>)>, sqlx::Error> {
+pub async fn recent_errors(pool: &PgPool) -> Result<Vec<ErrorCount>, sqlx::Error> {
     sqlx::query_as(
         r#"
         SELECT provider, coalesce(error_code, '-'), count(*)::int8,
