@@ -240,6 +240,13 @@ async fn runs_are_paged_by_key_without_offset(pool: PgPool) {
     let last = dash.get("/runs?before=21").await.body;
     assert_eq!(ids(&last), (1..=20).rev().collect::<Vec<i64>>());
     assert!(!last.contains("before="), "no page after the oldest run");
+    // Queued runs long due and not taken show as overdue on the overview.
+    sqlx::query("UPDATE wfq.runs SET due_at = now() - interval '1 minute' WHERE id <= 3")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let overview = dash.get("/").await.body;
+    assert!(overview.contains("3 overdue"), "{overview}");
     dash.server.stop().await;
 }
 

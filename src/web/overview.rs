@@ -39,6 +39,7 @@ struct Line {
     active: BTreeMap<String, i64>,
     finished: BTreeMap<String, i64>,
     held: Vec<(String, i64)>,
+    overdue: i64,
 }
 
 async fn body(state: &WebState) -> Result<Markup, WebError> {
@@ -49,6 +50,7 @@ async fn body(state: &WebState) -> Result<Markup, WebError> {
     let frozen = store::outstanding_frozen(pool).await?;
     let pauses = store::paused_providers(pool).await?;
     let held = q::held_runs(pool).await?;
+    let overdue = q::overdue_runs(pool).await?;
     let zone = super::queries::money::budget_timezone(pool).await?;
 
     let mut lines: BTreeMap<String, Line> = state
@@ -78,6 +80,9 @@ async fn body(state: &WebState) -> Result<Markup, WebError> {
             .or_default()
             .held
             .push((hold.clone(), *n));
+    }
+    for (provider, n) in &overdue {
+        lines.entry(provider.clone()).or_default().overdue = *n;
     }
     let total = |states: &[&str], of_finished: bool| -> i64 {
         lines
@@ -154,7 +159,7 @@ async fn body(state: &WebState) -> Result<Markup, WebError> {
                         @let done = get(&line.finished, "succeeded") + get(&line.finished, "failed");
                         tr {
                             td { a href=(layout::href("/runs", &[("provider", name.clone())])) { (name) } }
-                            td { (health(paused.get(name.as_str()).copied(), &line.held)) }
+                            td { (health(paused.get(name.as_str()).copied(), &line.held, line.overdue)) }
                             td.n { (get(&line.active, "queued")) }
                             td.n { (get(&line.active, "submitting")) }
                             td.n { (get(&line.active, "running")) }
@@ -193,7 +198,7 @@ async fn body(state: &WebState) -> Result<Markup, WebError> {
 }
 
 /// A profile's health: paused (and why), held runs, or fine.
-fn health(pause: Option<&store::ProviderPause>, held: &[(String, i64)]) -> Markup {
+fn health(pause: Option<&store::ProviderPause>, held: &[(String, i64)], overdue: i64) -> Markup {
     html! {
         @if let Some(p) = pause {
             span.pill.bad title=(p.reason) { "paused: " (p.kind) }
@@ -201,7 +206,10 @@ fn health(pause: Option<&store::ProviderPause>, held: &[(String, i64)]) -> Marku
         @for (hold, n) in held {
             span.pill.warn title="queued runs a limit of the profile holds back" { (n) " held: " (hold) }
         }
-        @if pause.is_none() && held.is_empty() { span.pill.ok { "ok" } }
+        @if overdue > 0 {
+            span.pill.warn title="queued runs due over 10 s ago and not taken yet: held back by the profile's rate, submit slots or the workers' capacity" { (overdue) " overdue" }
+        }
+        @if pause.is_none() && held.is_empty() && overdue == 0 { span.pill.ok { "ok" } }
     }
 }
 

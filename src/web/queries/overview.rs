@@ -79,3 +79,22 @@ pub async fn recent_errors(pool: &PgPool) -> Result<Vec<ErrorCount>, sqlx::Error
     .fetch_all(pool)
     .await
 }
+
+/// Queued runs per provider that were due over 10 s ago and are still not
+/// taken: the profile is held back (its rate, its submit slots, the
+/// workers' capacity). Read from the partial indexes of active runs.
+#[tracing::instrument(name = "web_overdue_runs", skip(pool), err, level = "debug")]
+pub async fn overdue_runs(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        r#"
+        SELECT provider, count(*)::int8
+        FROM wfq.runs
+        WHERE state IN ('queued', 'submitting', 'running')
+          AND state = 'queued' AND lease_owner IS NULL AND hold_reason IS NULL
+          AND due_at < now() - interval '10 seconds'
+        GROUP BY 1 ORDER BY 1
+        "#,
+    )
+    .fetch_all(pool)
+    .await
+}
