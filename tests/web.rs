@@ -300,6 +300,10 @@ async fn actions_need_the_csrf_token_and_do_what_the_cli_does(pool: PgPool) {
         .await;
     assert_eq!(got.status, 303, "{}", got.body);
     assert_eq!(state(queued).await, "canceled");
+    let page = dash.get(&format!("/runs/{queued}?note=canceled&from={queued}")).await.body;
+    assert!(page.contains(&format!("Run {queued} canceled.")), "{page}");
+    let crafted = dash.get(&format!("/runs/{queued}?note=Call+us+now")).await.body;
+    assert!(!crafted.contains("Call us now"), "a link cannot write on the page");
     let kinds = common::event_kinds(&pool, queued).await;
     assert!(kinds.contains(&"canceled".to_owned()), "{kinds:?}");
     // The confirmation of a bulk retry says what it costs.
@@ -469,6 +473,7 @@ async fn credentials_are_required_when_configured(pool: PgPool) {
                 .starts_with("Basic")
         );
         assert!(!got.body.contains(token));
+        assert!(got.headers.get("set-cookie").is_none(), "no CSRF token without credentials");
     }
     let get = |auth: String| {
         dash.client

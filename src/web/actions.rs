@@ -244,6 +244,8 @@ struct Done {
     ok: bool,
     text: String,
     link: Option<i64>,
+    /// The fixed note the run's page shows after a single action.
+    note: &'static str,
 }
 
 async fn apply_one(state: &WebState, action: Action, id: i64) -> Result<Done, WebError> {
@@ -268,10 +270,11 @@ async fn apply_one(state: &WebState, action: Action, id: i64) -> Result<Done, We
         )
         .await
         .map(|o| match o {
-            CancelOutcome::Canceled => (format!("run {id} canceled"), Some(id)),
+            CancelOutcome::Canceled => (format!("run {id} canceled"), Some(id), "canceled"),
             CancelOutcome::StopRequested => (
                 format!("run {id}: stop requested; canceled once the provider has stopped it"),
                 Some(id),
+                "stop_requested",
             ),
         }),
         Action::Retry => store::retry_run(&state.pool, id, &unfindable)
@@ -280,24 +283,28 @@ async fn apply_one(state: &WebState, action: Action, id: i64) -> Result<Done, We
                 RetryOutcome::NewRun(new) => (
                     format!("run {id} repeated as run {new} (new idempotency key)"),
                     Some(new),
+                    "repeated",
                 ),
                 RetryOutcome::Resumed(id) => (
                     format!("run {id} resumed with its own idempotency key"),
                     Some(id),
+                    "resumed",
                 ),
             }),
     };
     match result {
-        Ok((text, link)) => Ok(Done {
+        Ok((text, link, note)) => Ok(Done {
             ok: true,
             text,
             link,
+            note,
         }),
         Err(RequestError::Database(e)) => Err(WebError::Database(e)),
         Err(e) => Ok(Done {
             ok: false,
             text: e.to_string(),
             link: Some(id),
+            note: "refused",
         }),
     }
 }
@@ -361,11 +368,8 @@ async fn one(
     state.guard_action(&headers, &form)?;
     let done = apply_one(&state, action, id).await?;
     let target = done.link.unwrap_or(id);
-    let flag = if done.ok { "done" } else { "refused" };
-    let note = url::form_urlencoded::Serializer::new(String::new())
-        .append_pair(flag, &done.text)
-        .finish();
-    Ok(Redirect::to(&format!("/runs/{target}?{note}")).into_response())
+    // A fixed word, not the text: a link can never put words on the page.
+    Ok(Redirect::to(&format!("/runs/{target}?note={}&from={id}", done.note)).into_response())
 }
 
 #[cfg(test)]

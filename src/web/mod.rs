@@ -204,6 +204,7 @@ async fn headers(
     next: Next,
 ) -> Response {
     let mut response = next.run(request).await;
+    let status = response.status();
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -222,7 +223,10 @@ async fn headers(
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
-    if let Ok(cookie) = HeaderValue::from_str(&state.csrf.set_cookie()) {
+    // The token goes only to those who may act (not with a 401).
+    if status != StatusCode::UNAUTHORIZED
+        && let Ok(cookie) = HeaderValue::from_str(&state.csrf.set_cookie())
+    {
         h.append(header::SET_COOKIE, cookie);
     }
     response

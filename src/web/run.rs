@@ -21,14 +21,23 @@ pub async fn page(
     RawQuery(query): RawQuery,
 ) -> Result<Markup, WebError> {
     let (detail, active) = detail(&state, id).await?;
-    let notes: Vec<(String, String)> =
+    let pairs: Vec<(String, String)> =
         url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
             .into_owned()
-            .filter(|(k, _)| k == "done" || k == "refused")
             .collect();
+    let get = |k: &str| {
+        pairs
+            .iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    let from = get("from")
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(id);
+    let note = get("note").and_then(|n| action_note(n, id, from));
     let body = html! {
-        @for (kind, text) in &notes {
-            (layout::notice(if kind == "done" { "ok" } else { "bad" }, text))
+        @if let Some((kind, text)) = &note {
+            (layout::notice(kind, text))
         }
         @if active {
             div data-live=(format!("/runs/{id}/live")) { (detail) }
@@ -45,6 +54,31 @@ pub async fn fragment(
     Path(id): Path<i64>,
 ) -> Result<Markup, WebError> {
     Ok(detail(&state, id).await?.0)
+}
+
+/// The note shown after an action (`note` is one of a fixed set of words,
+/// so a crafted link cannot write on the page).
+fn action_note(note: &str, id: i64, from: i64) -> Option<(&'static str, String)> {
+    Some(match note {
+        "canceled" => ("ok", format!("Run {id} canceled.")),
+        "stop_requested" => (
+            "ok",
+            format!("Run {id}: stop requested; it is canceled once the provider has stopped it."),
+        ),
+        "repeated" => (
+            "ok",
+            format!("Run {from} repeated as this run, with a new idempotency key."),
+        ),
+        "resumed" => (
+            "ok",
+            format!("Run {id} resumed with its own idempotency key."),
+        ),
+        "refused" => (
+            "bad",
+            format!("Run {id} was left as it is: its state does not allow that."),
+        ),
+        _ => return None,
+    })
 }
 
 /// The settlement check: `frozen = final + released` and `total = compute

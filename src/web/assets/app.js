@@ -17,6 +17,9 @@
   function refresh() {
     if (paused || document.hidden) return;
     regions.forEach(function (region) {
+      // Never wipe what someone is typing or choosing.
+      var active = document.activeElement;
+      if (active && region.contains(active) && /^(INPUT|SELECT|TEXTAREA|BUTTON)$/.test(active.tagName)) return;
       fetch(region.getAttribute("data-live"), { credentials: "same-origin" })
         .then(function (r) { if (!r.ok) throw new Error(r.status); return r.text(); })
         .then(function (html) {
