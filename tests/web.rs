@@ -300,10 +300,19 @@ async fn actions_need_the_csrf_token_and_do_what_the_cli_does(pool: PgPool) {
         .await;
     assert_eq!(got.status, 303, "{}", got.body);
     assert_eq!(state(queued).await, "canceled");
-    let page = dash.get(&format!("/runs/{queued}?note=canceled&from={queued}")).await.body;
+    let page = dash
+        .get(&format!("/runs/{queued}?note=canceled&from={queued}"))
+        .await
+        .body;
     assert!(page.contains(&format!("Run {queued} canceled.")), "{page}");
-    let crafted = dash.get(&format!("/runs/{queued}?note=Call+us+now")).await.body;
-    assert!(!crafted.contains("Call us now"), "a link cannot write on the page");
+    let crafted = dash
+        .get(&format!("/runs/{queued}?note=Call+us+now"))
+        .await
+        .body;
+    assert!(
+        !crafted.contains("Call us now"),
+        "a link cannot write on the page"
+    );
     let kinds = common::event_kinds(&pool, queued).await;
     assert!(kinds.contains(&"canceled".to_owned()), "{kinds:?}");
     // The confirmation of a bulk retry says what it costs.
@@ -473,7 +482,10 @@ async fn credentials_are_required_when_configured(pool: PgPool) {
                 .starts_with("Basic")
         );
         assert!(!got.body.contains(token));
-        assert!(got.headers.get("set-cookie").is_none(), "no CSRF token without credentials");
+        assert!(
+            got.headers.get("set-cookie").is_none(),
+            "no CSRF token without credentials"
+        );
     }
     let get = |auth: String| {
         dash.client
@@ -610,4 +622,26 @@ async fn a_worker_serves_the_dashboard_when_configured(pool: PgPool) {
         "no dashboard after the worker stopped"
     );
     sim.shutdown().await;
+}
+
+/// `wfq demo` piped (not a terminal) prints its runs and exits as it always
+/// did: the dashboard is served only to someone at a terminal.
+#[tokio::test]
+async fn the_demo_piped_exits_without_serving_the_dashboard() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_wfq"))
+        .arg("demo")
+        .current_dir(std::env::temp_dir())
+        .env_remove("WFQ_CONFIG")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Read the same with SQL"), "{stdout}");
+    assert!(!stdout.contains("Dashboard:"), "{stdout}");
 }
