@@ -55,6 +55,56 @@ pub struct WebState {
     pub csrf: csrf::CsrfToken,
     /// Who the dashboard's writes are recorded as (`provider_pauses.worker`).
     pub actor: String,
+    /// The live regions as last rendered, shared by every open dashboard.
+    pub live: LiveCache,
+}
+
+/// How long a live region's rendering is reused by every client: ten open
+/// dashboards refreshing every 2 s cost one set of queries per 2 s, not ten.
+pub const LIVE_REUSE: std::time::Duration = std::time::Duration::from_millis(1900);
+
+/// The live regions' last renderings (a full page load always reads afresh).
+pub struct LiveCache {
+    /// `/fragments/overview`.
+    pub overview: crate::metrics::cache::Cached<Result<String, String>>,
+    /// `/fragments/providers`.
+    pub providers: crate::metrics::cache::Cached<Result<String, String>>,
+    /// `/fragments/workers`.
+    pub workers: crate::metrics::cache::Cached<Result<String, String>>,
+}
+
+impl Default for LiveCache {
+    fn default() -> Self {
+        LiveCache {
+            overview: crate::metrics::cache::Cached::new(LIVE_REUSE),
+            providers: crate::metrics::cache::Cached::new(LIVE_REUSE),
+            workers: crate::metrics::cache::Cached::new(LIVE_REUSE),
+        }
+    }
+}
+
+/// A live region from `cache`, rendered by `render` when it is older than
+/// [`LIVE_REUSE`] (one caller renders; the others wait for its result).
+pub async fn live_region<F, Fut>(
+    cache: &crate::metrics::cache::Cached<Result<String, String>>,
+    render: F,
+) -> Result<maud::Markup, WebError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<maud::Markup, WebError>>,
+{
+    let rendered = cache
+        .get(|| async {
+            render()
+                .await
+                .map(maud::Markup::into_string)
+                .map_err(|e| e.to_string())
+        })
+        .await;
+    // Our own rendering, escaped when it was made.
+    rendered
+        .map(maud::PreEscaped)
+        .map_err(WebError::Unavailable)
 }
 
 impl WebState {
@@ -76,6 +126,7 @@ impl WebState {
                 WebAuth::Basic { user, .. } => format!("web:{user}"),
                 _ => "web".to_owned(),
             },
+            live: LiveCache::default(),
         }
     }
 
@@ -128,6 +179,9 @@ pub enum WebError {
     /// Not allowed.
     #[error("{0}")]
     Forbidden(String),
+    /// A live region could not be rendered lately (the reason, shared).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl IntoResponse for WebError {
@@ -137,6 +191,7 @@ impl IntoResponse for WebError {
             WebError::NotFound(_) => StatusCode::NOT_FOUND,
             WebError::BadRequest(_) => StatusCode::BAD_REQUEST,
             WebError::Forbidden(_) => StatusCode::FORBIDDEN,
+            WebError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         if let WebError::Database(e) = &self {
             tracing::warn!(error = %e, "dashboard query failed");

@@ -28,9 +28,10 @@ pub async fn page(State(state): State<Arc<WebState>>) -> Result<Markup, WebError
     ))
 }
 
-/// The live region alone.
+/// The live region alone, shared by every open dashboard for up to
+/// [`super::LIVE_REUSE`].
 pub async fn fragment(State(state): State<Arc<WebState>>) -> Result<Markup, WebError> {
-    body(&state).await
+    super::live_region(&state.live.overview, || body(&state)).await
 }
 
 /// One provider's line of the table.
