@@ -83,6 +83,8 @@ pub struct Config {
     pub callbacks: Option<CallbacksConfig>,
     /// Where files are kept: mirrored outputs, CLI input files (off unless configured).
     pub storage: Option<crate::files::StorageConfig>,
+    /// The dashboard served by the worker (`[web]`; off unless configured).
+    pub web: Option<crate::web::WebConfig>,
     /// Provider profiles by name (the value of `wfq.runs.provider`).
     pub providers: BTreeMap<String, ProviderProfile>,
 }
@@ -419,6 +421,8 @@ struct RawConfig {
     callbacks: Option<RawCallbacks>,
     #[serde(default)]
     storage: Option<crate::files::RawStorageConfig>,
+    #[serde(default)]
+    web: Option<crate::web::RawWebConfig>,
     #[serde(default)]
     providers: BTreeMap<String, RawProvider>,
 }
@@ -807,6 +811,10 @@ impl Config {
             None => None,
             Some(s) => Some(s.parse(env).map_err(|(key, m)| invalid(&key, m))?),
         };
+        let web = match raw.web {
+            None => None,
+            Some(w) => Some(w.parse(env).map_err(|(key, m)| invalid(&key, m))?),
+        };
         let callbacks = match raw.callbacks {
             None => None,
             Some(c) => {
@@ -1042,6 +1050,7 @@ impl Config {
             metrics,
             callbacks,
             storage,
+            web,
             providers,
         })
     }

@@ -374,6 +374,48 @@ pub async fn run_demo() -> Result<(), DemoError> {
     print_runs(&pool).await?;
     print_files(&pool, &media, &database.url).await?;
     print_sql(&database.url);
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        serve_dashboard(&config, &database.url).await?;
+    }
+    pool.close().await;
+    Ok(())
+}
+
+/// On a terminal, the demo ends on the dashboard (the demo's runs, their
+/// pictures from the local store) until Ctrl-C; piped, it exits at once.
+async fn serve_dashboard(config: &Config, url: &str) -> Result<(), DemoError> {
+    let web = crate::web::WebConfig::defaults(&DemoEnv(HashMap::new()))
+        .map_err(|(key, m)| DemoError::Files(format!("{key}: {m}")))?;
+    let pool = crate::web::connect(url, web.statement_timeout, 4).await?;
+    let storage = config
+        .storage
+        .as_ref()
+        .map(crate::files::Storage::open)
+        .transpose()
+        .map_err(|e| DemoError::Files(e.to_string()))?;
+    let state = std::sync::Arc::new(crate::web::WebState::new(
+        &web,
+        pool.clone(),
+        crate::web::ProfileInfo::of_config(config),
+        storage,
+    ));
+    // The usual port, or any free one when it is taken.
+    let server = match crate::web::WebServer::start(web.listen, state.clone()).await {
+        Ok(server) => server,
+        Err(_) => {
+            crate::web::WebServer::start(
+                "127.0.0.1:0".parse().expect("a valid socket address"),
+                state,
+            )
+            .await?
+        }
+    };
+    println!(
+        "Dashboard: http://{}/  (the runs above, their pictures and money; Ctrl-C stops it)",
+        server.addr
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    server.stop().await;
     pool.close().await;
     Ok(())
 }

@@ -24,3 +24,4 @@ pub mod store;
 pub mod table;
 pub mod telemetry;
 pub mod terminal;
+pub mod web;

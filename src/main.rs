@@ -95,6 +95,15 @@ enum Command {
     Media(MediaCommand),
     /// Run the chenyu simulator.
     Sim(SimArgs),
+    /// Serve the dashboard (runs, money, providers, workers) until Ctrl-C.
+    Web {
+        /// Address to listen on (default: `[web] listen`, else 127.0.0.1:9188).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Hide every action and refuse every POST.
+        #[arg(long)]
+        read_only: bool,
+    },
     /// Run the whole thing against the built-in simulator and print the results.
     Demo,
     /// Measure wfq (and the peers in benches/peers) on its own database; see BENCHMARKS.md.
@@ -254,7 +263,7 @@ fn explain(e: &anyhow::Error) -> String {
 
 async fn run(cli: Cli) -> Result<()> {
     let default_filter = match cli.command {
-        Command::Worker | Command::Sim(_) => "info,sqlx=warn",
+        Command::Worker | Command::Sim(_) | Command::Web { .. } => "info,sqlx=warn",
         Command::Demo => "wfq=info,wfq::sim=warn,apalis=warn,apalis_core=warn,sqlx=warn,warn",
         _ => "warn",
     };
@@ -424,6 +433,18 @@ async fn run(cli: Cli) -> Result<()> {
             for path in written {
                 println!("{}", path.display());
             }
+        }
+        Command::Web { listen, read_only } => {
+            let (text, origin) = config_text(cli.config.as_deref())?;
+            wfq::web::run_standalone(
+                &text,
+                &origin,
+                &ProcessEnvironment,
+                listen.as_deref(),
+                read_only,
+                shutdown_signal(),
+            )
+            .await?;
         }
         Command::Sim(args) => run_sim(args).await?,
         Command::Demo => demo::run_demo().await?,

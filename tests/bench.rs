@@ -79,6 +79,8 @@ fn bench_quick_prints_every_figure() {
         "limit_restored_recovery",
         "stray_429_slowdown",
         "stray_429_slowdown_short",
+        "web_worker_throughput_without_dashboards",
+        "web_worker_throughput_with_10_dashboards",
     ] {
         assert!(
             stdout

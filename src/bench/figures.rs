@@ -15,7 +15,7 @@ use crate::backoff::PollPolicy;
 pub(crate) const WORKFLOW: &str = "wf_861ef31e94dcfb10e6e7";
 
 /// `[poll]` for runs that settle on their first poll.
-const FAST_POLL: &str = "initial = \"10ms\"\nmax = \"1s\"";
+pub(crate) const FAST_POLL: &str = "initial = \"10ms\"\nmax = \"1s\"";
 
 /// Inserts `n` runs in one statement, as a producer's batch would.
 pub(crate) async fn insert_runs(pool: &PgPool, n: u32, tag: &str) -> Result<(), BenchError> {
@@ -40,7 +40,7 @@ async fn active_runs(pool: &PgPool) -> Result<i64, BenchError> {
 }
 
 /// Waits until no run is active; fails after `limit` or if the worker dies.
-async fn wait_all_final(
+pub(crate) async fn wait_all_final(
     pool: &PgPool,
     worker: &mut WorkerProcess,
     limit: Duration,
@@ -70,7 +70,7 @@ async fn xact_commits(pool: &PgPool) -> Result<i64, BenchError> {
 }
 
 /// Fails unless every run succeeded.
-async fn all_succeeded(pool: &PgPool, expected: u32) -> Result<(), BenchError> {
+pub(crate) async fn all_succeeded(pool: &PgPool, expected: u32) -> Result<(), BenchError> {
     let (succeeded, total): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE state = 'succeeded'), count(*) FROM wfq.runs",
     )

@@ -13,6 +13,7 @@ mod figures;
 mod limits;
 mod peers;
 mod rescue;
+mod web;
 mod worker;
 
 use std::fmt::Display;
@@ -67,7 +68,7 @@ pub struct BenchArgs {
     /// Kills of the rescue figure (one worker of two each time).
     #[arg(long, default_value_t = 5)]
     pub rescue_kills: u32,
-    /// Only these figures (comma separated: lifecycle, pickup, busy, inflight, polls, enqueue, rescue, limits (or one of goodput, limit_change, strays), peers).
+    /// Only these figures (comma separated: lifecycle, pickup, busy, inflight, polls, enqueue, rescue, limits (or one of goodput, limit_change, strays), web, peers).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Small sizes and short durations: an end-to-end check, not a measurement.
@@ -271,6 +272,9 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     if plan.wants("limits") || plan.wants("strays") {
         reset(&pool).await?;
         limits::stray_429s(&plan, &url, &pool).await?;
+    }
+    if plan.wants("web") {
+        web::web(&plan, &url, &pool).await?;
     }
     if plan.wants("peers") {
         reset(&pool).await?;

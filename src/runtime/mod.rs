@@ -399,6 +399,10 @@ where
         }
     }
     let metrics_server = health::start(config, engine.clone()).await?;
+    // `[web] listen`: the dashboard in the worker, on a pool of its own.
+    let web_server = crate::web::start_for_worker(config, &pool)
+        .await
+        .map_err(WorkerError::Runtime)?;
     let fleet = FleetServices::start(config, &pool, &engine);
     let fetcher_config = FetcherConfig {
         concurrency: config.worker.concurrency,
@@ -583,6 +587,9 @@ where
     }
     fleet.stop().await;
     if let Some(server) = metrics_server {
+        server.stop().await;
+    }
+    if let Some(server) = web_server {
         server.stop().await;
     }
     tracing::info!("worker stopped");

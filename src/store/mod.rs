@@ -46,8 +46,8 @@ pub use requests::{
 };
 pub use retention::prune_finished_runs;
 pub use spend::{
-    Guarded, GuardedRun, begin_within_limits, check_timezone, hold_run, next_budget_day,
-    record_budget_timezone, wake_held_runs, wake_unknown_cost_holds,
+    Guarded, GuardedRun, begin_within_limits, check_timezone, committed_now, hold_run,
+    next_budget_day, record_budget_timezone, wake_held_runs, wake_unknown_cost_holds,
 };
 pub use stats::{StateCount, queue_stats};
 pub use submits::{LateAnswer, UnsentSubmit, record_late_acceptance, record_unsent_submit};

@@ -87,6 +87,19 @@ pub async fn begin_within_limits(
     Ok(Guarded::Applied(applied))
 }
 
+/// What `provider` has committed right now, as the spend guard would read
+/// it (without its lock): for the dashboard's budget bars.
+#[tracing::instrument(name = "committed_now", skip(pool), err, level = "debug")]
+pub async fn committed_now(
+    pool: &PgPool,
+    provider: &str,
+    timezone: &str,
+    unknown_cost: Option<Decimal>,
+) -> Result<Committed, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    committed(&mut conn, provider, timezone, unknown_cost).await
+}
+
 /// What `provider` has outstanding and committed on the current budget day
 /// (midnight to midnight in `timezone`, any name PostgreSQL knows).
 /// `unknown_cost` is what a finished run of unknown cost counts when
