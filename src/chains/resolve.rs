@@ -21,6 +21,11 @@ pub struct Dependency {
     /// The outputs with the stored copies of media files in place of the
     /// provider's URLs (`wfq.mirrored_outputs`), when mirrored.
     pub mirrored_outputs: Option<Value>,
+    /// How far the copies of its media outputs are (`wfq.runs.media_state`:
+    /// NULL until the mirror looked at it, pending, done, failed, none).
+    pub media_state: Option<String>,
+    /// Seconds since it finished (database clock).
+    pub finished_secs_ago: Option<f64>,
 }
 
 /// Why the references of a run cannot be resolved now.
@@ -53,6 +58,17 @@ pub enum Unresolved {
         /// Where the reference is (`inputs.image`).
         input: String,
     },
+    /// A media file the run takes is being copied to the worker's store:
+    /// the run goes on with the copy once it is there.
+    #[error("{input}: the media output `{key}` of run {run} is being copied to the store")]
+    MirrorPending {
+        /// The dependency.
+        run: i64,
+        /// The output key.
+        key: String,
+        /// Where the reference is.
+        input: String,
+    },
     /// A succeeded dependency has no such output.
     #[error("{input}: run {run} succeeded without an output `{key}`")]
     MissingKey {
@@ -65,18 +81,29 @@ pub enum Unresolved {
     },
 }
 
+/// How a worker with a store treats media outputs: `stored` turns a
+/// mirrored location into a path of its store (`None`: another store), and
+/// a copy still being made is waited for until its run finished
+/// `mirror_wait` ago (then the provider's URL is taken).
+pub struct Store<'a> {
+    /// A mirrored location as a path of this worker's store.
+    pub stored: &'a dyn Fn(&str) -> Option<String>,
+    /// How long after a dependency finished its copies are waited for.
+    pub mirror_wait: std::time::Duration,
+}
+
 /// `inputs` with each `{"$output": ...}` value replaced by the output it
 /// names. A top-level input that takes a media file the worker's store
 /// holds a copy of gets that copy as `{"$file": <store path>}`, which the
 /// upload step sends to the provider (once, recorded in `wfq.run_files`);
-/// every other reference gets the output's value as the provider gave it
-/// (a media output: the provider's URL). `stored` turns a mirrored
-/// location into a path of this worker's store (`None`: no store, or
-/// another one).
+/// a copy still being made is waited for ([`Unresolved::MirrorPending`]).
+/// Every other reference gets the output's value as the provider gave it
+/// (a media output: the provider's URL); so do all of them without a
+/// `store`.
 pub fn resolve(
     inputs: &Value,
     dependencies: &[Dependency],
-    stored: impl Fn(&str) -> Option<String>,
+    store: Option<&Store<'_>>,
 ) -> Result<Value, Unresolved> {
     let by_id: HashMap<i64, &Dependency> = dependencies.iter().map(|d| (d.id, d)).collect();
     let Value::Object(top) = inputs else {
@@ -88,8 +115,20 @@ pub fn resolve(
         let resolved = match OutputRef::of(value) {
             Some(reference) => {
                 let (output, mirrored) = output_of(&by_id, &reference, &input)?;
-                match (output, mirrored.and_then(|m| m.as_str()).and_then(&stored)) {
-                    (Value::String(_), Some(path)) => json!({ FILE_MARKER: path }),
+                match (output, store) {
+                    (Value::String(url), Some(store)) if is_link(url) => {
+                        match mirrored.and_then(Value::as_str).and_then(store.stored) {
+                            Some(path) => json!({ FILE_MARKER: path }),
+                            None if copy_on_its_way(by_id[&reference.run], store) => {
+                                return Err(Unresolved::MirrorPending {
+                                    run: reference.run,
+                                    key: reference.key,
+                                    input,
+                                });
+                            }
+                            None => output.clone(),
+                        }
+                    }
                     (output, _) => output.clone(),
                 }
             }
@@ -98,6 +137,20 @@ pub fn resolve(
         out.insert(key.clone(), resolved);
     }
     Ok(Value::Object(out))
+}
+
+fn is_link(text: &str) -> bool {
+    let lower = text.get(..8).unwrap_or(text).to_ascii_lowercase();
+    lower.starts_with("https://") || lower.starts_with("http://")
+}
+
+/// The mirror has not finished with the dependency's files, and it
+/// finished recently enough that it will.
+fn copy_on_its_way(dependency: &Dependency, store: &Store<'_>) -> bool {
+    matches!(dependency.media_state.as_deref(), None | Some("pending"))
+        && dependency
+            .finished_secs_ago
+            .is_some_and(|ago| ago < store.mirror_wait.as_secs_f64())
 }
 
 fn nested(value: &Value, by_id: &HashMap<i64, &Dependency>, at: &str) -> Result<Value, Unresolved> {
@@ -178,14 +231,21 @@ mod tests {
             id,
             state: "succeeded".into(),
             error_code: None,
+            media_state: Some(if mirrored.is_some() { "done" } else { "none" }.into()),
             outputs: Some(outputs),
             mirrored_outputs: mirrored,
+            finished_secs_ago: Some(1.0),
         }
     }
 
-    fn store(location: &str) -> Option<String> {
+    fn in_store(location: &str) -> Option<String> {
         location.strip_prefix("file:///store/").map(str::to_owned)
     }
+
+    const STORE: Store<'static> = Store {
+        stored: &in_store,
+        mirror_wait: std::time::Duration::from_secs(60),
+    };
 
     #[test]
     fn references_become_outputs_and_mirrored_media_a_stored_file() {
@@ -210,17 +270,19 @@ mod tests {
             "video": {"$output": {"run": 42, "key": "video"}},
             "meta": {"caption": {"$output": {"run": 42, "key": "text"}}, "more": [{"$output": {"run": 41, "key": "n9_images"}}]},
         });
+        let other_store = Store {
+            stored: &|_| None,
+            mirror_wait: STORE.mirror_wait,
+        };
         let cases = [
             // A worker with the store: the copy, as a file to upload.
-            (
-                &store as &dyn Fn(&str) -> Option<String>,
-                json!({"$file": "41/n9_images.png"}),
-            ),
-            // No store (or another one): the provider's URL.
-            (&|_: &str| None, json!(url)),
+            (Some(&STORE), json!({"$file": "41/n9_images.png"})),
+            // Another store, or none: the provider's URL.
+            (Some(&other_store), json!(url)),
+            (None, json!(url)),
         ];
-        for (stored, image_value) in cases {
-            let got = resolve(&inputs, &[image.clone(), unmirrored.clone()], stored).unwrap();
+        for (store, image_value) in cases {
+            let got = resolve(&inputs, &[image.clone(), unmirrored.clone()], store).unwrap();
             assert_eq!(
                 got,
                 json!({
@@ -247,6 +309,8 @@ mod tests {
             error_code: None,
             outputs: None,
             mirrored_outputs: None,
+            media_state: None,
+            finished_secs_ago: None,
         };
         let failed = Dependency {
             id: 3,
@@ -279,7 +343,7 @@ mod tests {
             ),
         ];
         for (inputs, says) in cases {
-            let e = resolve(&inputs, &deps, |_| None).unwrap_err();
+            let e = resolve(&inputs, &deps, None).unwrap_err();
             assert_eq!(e.to_string(), says);
         }
     }
@@ -287,6 +351,48 @@ mod tests {
     #[test]
     fn inputs_without_references_are_unchanged() {
         let inputs = json!({"prompt": "x", "image": {"$file": "in/boat.png"}, "n": [1, 2]});
-        assert_eq!(resolve(&inputs, &[], |_| None).unwrap(), inputs);
+        assert_eq!(resolve(&inputs, &[], Some(&STORE)).unwrap(), inputs);
+    }
+
+    #[test]
+    fn a_copy_on_its_way_is_waited_for_a_while_then_the_url_taken() {
+        let url = "https://cdn.example/a.png";
+        let inputs = json!({"image": {"$output": {"run": 1, "key": "img"}}, "caption": {"$output": {"run": 1, "key": "text"}}});
+        let dependency = |media_state: Option<&str>, ago: f64| Dependency {
+            media_state: media_state.map(str::to_owned),
+            finished_secs_ago: Some(ago),
+            ..succeeded(1, json!({"img": url, "text": "a boat"}), None)
+        };
+        let cases = [
+            // Not looked at yet, or copying: wait, with the store.
+            (
+                dependency(None, 1.0),
+                Some(&STORE),
+                Err("inputs.image: the media output `img` of run 1 is being copied to the store"),
+            ),
+            (
+                dependency(Some("pending"), 1.0),
+                Some(&STORE),
+                Err("inputs.image: the media output `img` of run 1 is being copied to the store"),
+            ),
+            // Too long since it finished: the URL.
+            (dependency(Some("pending"), 600.0), Some(&STORE), Ok(url)),
+            // The copy failed, or there is nothing to copy: the URL.
+            (dependency(Some("failed"), 1.0), Some(&STORE), Ok(url)),
+            (dependency(Some("none"), 1.0), Some(&STORE), Ok(url)),
+            // No store: nothing to wait for.
+            (dependency(None, 1.0), None, Ok(url)),
+        ];
+        for (dependency, store, want) in cases {
+            let got = resolve(&inputs, &[dependency.clone()], store);
+            match want {
+                Ok(image) => assert_eq!(
+                    got.unwrap(),
+                    json!({"image": image, "caption": "a boat"}),
+                    "{dependency:?}"
+                ),
+                Err(says) => assert_eq!(got.unwrap_err().to_string(), says, "{dependency:?}"),
+            }
+        }
     }
 }

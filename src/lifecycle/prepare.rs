@@ -136,6 +136,9 @@ pub fn throttled(state: RunState, wait: Duration, now: DateTime<Utc>) -> Transit
     }
 }
 
+/// How soon a run whose input file is being copied to the store looks again.
+pub const MIRROR_RECHECK: Duration = Duration::from_secs(1);
+
 /// The `{"$output": ...}` inputs of a chained run could not be resolved:
 /// a dependency that failed (or lacks the output named) fails the run
 /// before anything is sent; one that has not succeeded yet (the run was
@@ -156,6 +159,11 @@ pub fn unresolved_inputs(
         Unresolved::NotFinished { .. } => Transition {
             due_at: Some(later(now, wait)),
             ..Transition::new(RunState::Queued, event("dependency_not_ready"))
+        },
+        // A copy takes seconds: look again soon.
+        Unresolved::MirrorPending { .. } => Transition {
+            due_at: Some(later(now, MIRROR_RECHECK)),
+            ..Transition::new(RunState::Queued, event("waiting_for_mirror"))
         },
         Unresolved::Failed { .. } => Transition::failed(
             "DEPENDENCY_FAILED",

@@ -17,7 +17,8 @@ pub async fn dependency_outputs<'e>(
 ) -> Result<Vec<Dependency>, sqlx::Error> {
     sqlx::query_as(
         r#"
-        SELECT id, state, error_code, outputs, mirrored_outputs
+        SELECT id, state, error_code, outputs, mirrored_outputs, media_state,
+               extract(epoch FROM now() - finished_at)::float8 AS finished_secs_ago
         FROM wfq.runs WHERE id = ANY($1)
         "#,
     )

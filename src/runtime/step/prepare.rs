@@ -185,11 +185,17 @@ async fn resolve_references(engine: &Engine, run: &ClaimedRun) -> Result<Value, 
             return Err(lifecycle::throttled(run.state, DATABASE_WAIT, Utc::now()));
         }
     };
+    /// How long after a dependency finished the copies of its media
+    /// outputs are waited for (a mirror that takes longer is passed by:
+    /// the provider's URL is sent).
+    const MIRROR_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
     let storage = engine.uploads.storage();
-    crate::chains::resolve(&run.inputs, &dependencies, |location| {
-        storage.as_ref().and_then(|s| s.relative_of(location).ok())
-    })
-    .map_err(|why| {
+    let in_store = |location: &str| storage.as_ref().and_then(|s| s.relative_of(location).ok());
+    let store = storage.as_ref().map(|_| crate::chains::Store {
+        stored: &in_store,
+        mirror_wait: MIRROR_WAIT,
+    });
+    crate::chains::resolve(&run.inputs, &dependencies, store.as_ref()).map_err(|why| {
         tracing::warn!(reason = %why, "a chained run's inputs cannot be resolved");
         lifecycle::unresolved_inputs(&why, NOT_READY_WAIT, Utc::now())
     })
