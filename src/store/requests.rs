@@ -191,7 +191,7 @@ pub async fn cancel_run(
     Err(RequestError::WrongState {
         id,
         state: state_of(pool, id).await?,
-        why: "only a queued or waiting run can be canceled, or a running run of a provider that can stop runs (dify) whose task_id is known; chenyu and gptbots have no cancel endpoint",
+        why: "only a queued run can be canceled (a waiting one of a chain too), or a running run of a provider that can stop runs (dify) whose task_id is known; chenyu and gptbots have no cancel endpoint",
     })
 }
 
