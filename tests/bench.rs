@@ -78,6 +78,9 @@ fn bench_quick_prints_every_figure() {
         "limit_halved_recovery",
         "limit_restored_recovery",
         "stray_429_slowdown",
+        "chain_throughput",
+        "chain_handoff_p50",
+        "chain_handoff_p99",
         "stray_429_slowdown_short",
     ] {
         assert!(

@@ -1,0 +1,121 @@
+//! The chains figure (issue 17): two-step chains end to end, the second
+//! step taking the first one's output.
+
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+
+use super::figures::{WORKFLOW, percentile};
+use super::worker::{WorkerProcess, start_sim};
+use super::{BenchError, Plan, figure};
+
+/// `[poll]` for runs that settle on their first poll.
+const FAST_POLL: &str = "initial = \"10ms\"\nmax = \"1s\"";
+
+/// `--chains` two-step chains inserted in one statement (the second step of
+/// each waits, taking the first's picture as its prompt), run to the end
+/// against a simulator with no latency. Prints chains/s from the insert to
+/// the last finish, the time the insert took (its triggers), and the
+/// hand-off: from a first step's finish to its second step's accepted
+/// submit (database clock).
+pub(crate) async fn chains(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), BenchError> {
+    let n = plan.args.chains;
+    let sim = start_sim(Duration::ZERO, Duration::ZERO, Duration::ZERO).await?;
+    let mut worker = WorkerProcess::start(plan, url, pool, &sim, FAST_POLL).await?;
+    let started = Instant::now();
+    sqlx::query(
+        r#"
+        WITH first AS (
+            INSERT INTO wfq.runs (workflow_id, inputs)
+            SELECT $1, jsonb_build_object('n6_text', 'chain ' || g) FROM generate_series(1, $2) g
+            RETURNING id
+        )
+        INSERT INTO wfq.runs (workflow_id, inputs)
+        SELECT $1, jsonb_build_object('n6_text',
+                   jsonb_build_object('$output', jsonb_build_object('run', id, 'key', 'n9_images')))
+        FROM first
+        "#,
+    )
+    .bind(WORKFLOW)
+    .bind(i64::from(n))
+    .execute(pool)
+    .await?;
+    let insert = started.elapsed();
+    let limit = Duration::from_secs(120 + u64::from(n) / 25);
+    loop {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM wfq.runs WHERE state IN ('waiting', 'queued', 'submitting', 'running')",
+        )
+        .fetch_one(pool)
+        .await?;
+        if left == 0 {
+            break;
+        }
+        worker.check_alive()?;
+        if started.elapsed() > limit {
+            return Err(BenchError::Failed(format!(
+                "{left} runs of the chains still to do after {limit:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let wall = started.elapsed();
+    worker.stop().await?;
+    let stats = sim.stats();
+    sim.shutdown().await;
+
+    // Every chain ran both steps, the second with the first one's output.
+    let (chains_done, handed_on): (i64, i64) = sqlx::query_as(
+        r#"
+        SELECT count(*) FILTER (WHERE a.state = 'succeeded' AND b.state = 'succeeded'),
+               count(*) FILTER (WHERE b.sent_inputs -> 'n6_text' = a.outputs -> 'n9_images')
+        FROM wfq.runs b JOIN wfq.runs a ON a.id = b.depends_on[1]
+        "#,
+    )
+    .fetch_one(pool)
+    .await?;
+    if chains_done != i64::from(n) || handed_on != i64::from(n) {
+        return Err(BenchError::Failed(format!(
+            "{chains_done} of {n} chains succeeded, {handed_on} passed the output on"
+        )));
+    }
+    let seconds: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(finished_at) - min(created_at))::float8 FROM wfq.runs",
+    )
+    .fetch_one(pool)
+    .await?;
+    let mut handoff: Vec<f64> = sqlx::query_scalar(
+        r#"
+        SELECT extract(epoch FROM b.submitted_at - a.finished_at)::float8 * 1000
+        FROM wfq.runs b JOIN wfq.runs a ON a.id = b.depends_on[1]
+        "#,
+    )
+    .fetch_all(pool)
+    .await?;
+    handoff.sort_by(f64::total_cmp);
+    let extra = format!(
+        "chains={n} runs={} seconds={seconds:.2} wall={:.2} insert_seconds={:.2} submits={} polls={}",
+        2 * n,
+        wall.as_secs_f64(),
+        insert.as_secs_f64(),
+        stats.submit_requests,
+        stats.info_requests,
+    );
+    figure(
+        "chain_throughput",
+        format!("{:.0}", f64::from(n) / seconds),
+        "chains/s",
+        "-",
+        &extra,
+    );
+    for (name, p) in [("chain_handoff_p50", 50.0), ("chain_handoff_p99", 99.0)] {
+        figure(
+            name,
+            format!("{:.1}", percentile(&handoff, p)),
+            "ms",
+            "-",
+            &format!("chains={n} from a first step's finish to its second step's accepted submit"),
+        );
+    }
+    Ok(())
+}
