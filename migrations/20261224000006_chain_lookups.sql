@@ -361,3 +361,23 @@ BEGIN
     RETURN NEW;
 END;
 $$;
+
+-- A DEPENDENCY_FAILED run's own `root` is trusted only when it is a run
+-- id (a hand-written error_detail must never make a finish fail).
+CREATE OR REPLACE FUNCTION wfq.failure_cause(dep bigint) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN error_code = 'DEPENDENCY_FAILED' AND jsonb_typeof(error_detail -> 'root') = 'number'
+                THEN jsonb_build_object('root', error_detail -> 'root', 'root_state', error_detail -> 'root_state',
+                                        'root_error_code', error_detail -> 'root_error_code')
+                ELSE jsonb_build_object('root', id, 'root_state', state, 'root_error_code', error_code)
+           END
+    FROM wfq.runs WHERE id = dep
+$$;
+
+CREATE OR REPLACE FUNCTION wfq.dependency_failure_message(dep bigint, cause jsonb) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT format('run %s, which this run depends on, %s%s', dep,
+                  CASE WHEN cause ->> 'root' = dep::text THEN cause ->> 'root_state'
+                       ELSE format('did not run: run %s %s', cause ->> 'root', cause ->> 'root_state') END,
+                  CASE WHEN cause ->> 'root_error_code' IS NOT NULL THEN format(' (%s)', cause ->> 'root_error_code') ELSE '' END)
+$$;

@@ -229,6 +229,7 @@ pub async fn retry_run(
         r#"
         SELECT (error_detail ->> 'root')::bigint FROM wfq.runs
         WHERE id = $1 AND error_code = 'DEPENDENCY_FAILED' AND state IN ('failed', 'canceled')
+          AND jsonb_typeof(error_detail -> 'root') = 'number'
         "#,
     )
     .bind(id)
