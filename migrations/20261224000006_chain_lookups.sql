@@ -381,3 +381,31 @@ LANGUAGE sql IMMUTABLE AS $$
                        ELSE format('did not run: run %s %s', cause ->> 'root', cause ->> 'root_state') END,
                   CASE WHEN cause ->> 'root_error_code' IS NOT NULL THEN format(' (%s)', cause ->> 'root_error_code') ELSE '' END)
 $$;
+
+-- As in 20261224000001, without the commit-time work when it cannot
+-- change anything: when every dependency's current row was written by
+-- this transaction (a chain inserted in one statement or transaction, the
+-- usual case), no other transaction can have finished one (this one holds
+-- their row locks, or they are not visible to anyone else yet), and what
+-- this transaction did to them its own triggers saw; only a dependency
+-- that failed or was canceled already still needs the decision.
+CREATE OR REPLACE FUNCTION wfq.settle_waiting() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    deps bigint[];
+BEGIN
+    SELECT depends_on INTO deps FROM wfq.runs WHERE id = NEW.id AND state = 'waiting';
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM (SELECT r.xmin, r.state FROM wfq.runs r WHERE r.id = ANY (deps) OFFSET 0) d
+        WHERE d.xmin <> pg_current_xact_id()::xid OR d.state IN ('failed', 'canceled')
+    ) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM 1 FROM wfq.runs WHERE id = ANY (deps) ORDER BY id FOR SHARE;
+    PERFORM wfq.decide_waiting(NEW.id);
+    RETURN NULL;
+END;
+$$;
