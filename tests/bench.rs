@@ -81,6 +81,8 @@ fn bench_quick_prints_every_figure() {
         "chain_throughput",
         "chain_handoff_p50",
         "chain_handoff_p99",
+        "chain_handoff_idle_p50",
+        "chain_handoff_idle_p99",
         "stray_429_slowdown_short",
     ] {
         assert!(

@@ -7,7 +7,7 @@ use sqlx::PgPool;
 
 use super::figures::{WORKFLOW, percentile};
 use super::worker::{WorkerProcess, start_sim};
-use super::{BenchError, Plan, figure};
+use super::{BenchError, Plan, figure, reset};
 
 /// `[poll]` for runs that settle on their first poll.
 const FAST_POLL: &str = "initial = \"10ms\"\nmax = \"1s\"";
@@ -17,31 +17,35 @@ const FAST_POLL: &str = "initial = \"10ms\"\nmax = \"1s\"";
 /// against a simulator with no latency. Prints chains/s from the insert to
 /// the last finish, the time the insert took (its triggers), and the
 /// hand-off: from a first step's finish to its second step's accepted
-/// submit (database clock).
+/// submit (database clock), which in a batch includes waiting behind the
+/// batch's other runs. Then the hand-off of chains inserted one at a time
+/// (every 50 ms) on an idle worker: the release and pick-up alone.
 pub(crate) async fn chains(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), BenchError> {
-    let n = plan.args.chains;
-    let sim = start_sim(Duration::ZERO, Duration::ZERO, Duration::ZERO).await?;
-    let mut worker = WorkerProcess::start(plan, url, pool, &sim, FAST_POLL).await?;
-    let started = Instant::now();
-    sqlx::query(
-        r#"
-        WITH first AS (
-            INSERT INTO wfq.runs (workflow_id, inputs)
-            SELECT $1, jsonb_build_object('n6_text', 'chain ' || g) FROM generate_series(1, $2) g
-            RETURNING id
-        )
+    batch(plan, url, pool).await?;
+    reset(pool).await?;
+    paced(plan, url, pool).await
+}
+
+const INSERT_CHAINS: &str = r#"
+    WITH first AS (
         INSERT INTO wfq.runs (workflow_id, inputs)
-        SELECT $1, jsonb_build_object('n6_text',
-                   jsonb_build_object('$output', jsonb_build_object('run', id, 'key', 'n9_images')))
-        FROM first
-        "#,
+        SELECT $1, jsonb_build_object('n6_text', 'chain ' || g) FROM generate_series(1, $2) g
+        RETURNING id
     )
-    .bind(WORKFLOW)
-    .bind(i64::from(n))
-    .execute(pool)
-    .await?;
-    let insert = started.elapsed();
-    let limit = Duration::from_secs(120 + u64::from(n) / 25);
+    INSERT INTO wfq.runs (workflow_id, inputs)
+    SELECT $1, jsonb_build_object('n6_text',
+               jsonb_build_object('$output', jsonb_build_object('run', id, 'key', 'n9_images')))
+    FROM first
+"#;
+
+/// Waits until no run is waiting or active; fails after `limit` or if the
+/// worker dies.
+async fn until_done(
+    pool: &PgPool,
+    worker: &mut WorkerProcess,
+    started: Instant,
+    limit: Duration,
+) -> Result<(), BenchError> {
     loop {
         let left: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM wfq.runs WHERE state IN ('waiting', 'queued', 'submitting', 'running')",
@@ -49,7 +53,7 @@ pub(crate) async fn chains(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), 
         .fetch_one(pool)
         .await?;
         if left == 0 {
-            break;
+            return Ok(());
         }
         worker.check_alive()?;
         if started.elapsed() > limit {
@@ -59,12 +63,11 @@ pub(crate) async fn chains(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let wall = started.elapsed();
-    worker.stop().await?;
-    let stats = sim.stats();
-    sim.shutdown().await;
+}
 
-    // Every chain ran both steps, the second with the first one's output.
+/// Every chain ran both steps, the second with the first one's output;
+/// the hand-offs in ms, sorted.
+async fn checked_handoffs(pool: &PgPool, n: u32) -> Result<Vec<f64>, BenchError> {
     let (chains_done, handed_on): (i64, i64) = sqlx::query_as(
         r#"
         SELECT count(*) FILTER (WHERE a.state = 'succeeded' AND b.state = 'succeeded'),
@@ -79,11 +82,6 @@ pub(crate) async fn chains(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), 
             "{chains_done} of {n} chains succeeded, {handed_on} passed the output on"
         )));
     }
-    let seconds: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM max(finished_at) - min(created_at))::float8 FROM wfq.runs",
-    )
-    .fetch_one(pool)
-    .await?;
     let mut handoff: Vec<f64> = sqlx::query_scalar(
         r#"
         SELECT extract(epoch FROM b.submitted_at - a.finished_at)::float8 * 1000
@@ -93,6 +91,69 @@ pub(crate) async fn chains(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), 
     .fetch_all(pool)
     .await?;
     handoff.sort_by(f64::total_cmp);
+    Ok(handoff)
+}
+
+/// Chains one at a time on an idle worker.
+async fn paced(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), BenchError> {
+    let n: u32 = if plan.args.quick { 20 } else { 200 };
+    let sim = start_sim(Duration::ZERO, Duration::ZERO, Duration::ZERO).await?;
+    let mut worker = WorkerProcess::start(plan, url, pool, &sim, FAST_POLL).await?;
+    let started = Instant::now();
+    for _ in 0..n {
+        sqlx::query(INSERT_CHAINS)
+            .bind(WORKFLOW)
+            .bind(1_i64)
+            .execute(pool)
+            .await?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    until_done(pool, &mut worker, started, Duration::from_secs(120)).await?;
+    worker.stop().await?;
+    sim.shutdown().await;
+    let handoff = checked_handoffs(pool, n).await?;
+    for (name, p) in [
+        ("chain_handoff_idle_p50", 50.0),
+        ("chain_handoff_idle_p99", 99.0),
+    ] {
+        figure(
+            name,
+            format!("{:.1}", percentile(&handoff, p)),
+            "ms",
+            "-",
+            &format!(
+                "chains={n} one every 50 ms on an idle worker; from a first step's finish to its second step's accepted submit"
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// `--chains` chains in one statement.
+async fn batch(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), BenchError> {
+    let n = plan.args.chains;
+    let sim = start_sim(Duration::ZERO, Duration::ZERO, Duration::ZERO).await?;
+    let mut worker = WorkerProcess::start(plan, url, pool, &sim, FAST_POLL).await?;
+    let started = Instant::now();
+    sqlx::query(INSERT_CHAINS)
+        .bind(WORKFLOW)
+        .bind(i64::from(n))
+        .execute(pool)
+        .await?;
+    let insert = started.elapsed();
+    let limit = Duration::from_secs(120 + u64::from(n) / 25);
+    until_done(pool, &mut worker, started, limit).await?;
+    let wall = started.elapsed();
+    worker.stop().await?;
+    let stats = sim.stats();
+    sim.shutdown().await;
+
+    let handoff = checked_handoffs(pool, n).await?;
+    let seconds: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM max(finished_at) - min(created_at))::float8 FROM wfq.runs",
+    )
+    .fetch_one(pool)
+    .await?;
     let extra = format!(
         "chains={n} runs={} seconds={seconds:.2} wall={:.2} insert_seconds={:.2} submits={} polls={}",
         2 * n,
@@ -114,7 +175,9 @@ pub(crate) async fn chains(plan: &Plan, url: &str, pool: &PgPool) -> Result<(), 
             format!("{:.1}", percentile(&handoff, p)),
             "ms",
             "-",
-            &format!("chains={n} from a first step's finish to its second step's accepted submit"),
+            &format!(
+                "chains={n} in one batch; from a first step's finish to its second step's accepted submit"
+            ),
         );
     }
     Ok(())
