@@ -314,6 +314,34 @@ pub async fn run_demo() -> Result<(), DemoError> {
         println!("enqueued run {id}: {what}");
         ids.push(id);
     }
+    // A chain: a picture, then a video of that picture. The video waits
+    // (state `waiting`) until the picture's run succeeded, and is sent the
+    // picture's stored copy, uploaded to the provider like a local file.
+    let picture_run = store::enqueue_run(
+        &pool,
+        &NewRun {
+            workflow_id: "wf_861ef31e94dcfb10e6e7".into(),
+            inputs: json!({"n6_text": "a paper boat on a pond", "n3_seed": 7}),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let video_run = store::enqueue_run(
+        &pool,
+        &NewRun {
+            workflow_id: "wf_seedance_video_2f0c".into(),
+            inputs: json!({
+                "prompt": "the paper boat sails away",
+                "image": crate::chains::OutputRef { run: picture_run, key: "n9_images".into() }.to_json(),
+            }),
+            accept_external_cost_risk: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    println!(
+        "enqueued runs {picture_run} and {video_run}: a chain, a picture and then a video of it (run {video_run} waits for run {picture_run})"
+    );
     let canceled = store::enqueue_run(
         &pool,
         &NewRun {
@@ -335,7 +363,7 @@ pub async fn run_demo() -> Result<(), DemoError> {
         let started = tokio::time::Instant::now();
         let outcome = loop {
             let active: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM wfq.runs WHERE state IN ('queued', 'submitting', 'running') \
+                "SELECT count(*) FROM wfq.runs WHERE state IN ('waiting', 'queued', 'submitting', 'running') \
                  OR (state = 'succeeded' AND (media_state IS NULL OR media_state = 'pending'))",
             )
             .fetch_one(&watch_pool)
@@ -372,6 +400,7 @@ pub async fn run_demo() -> Result<(), DemoError> {
     }
 
     print_runs(&pool).await?;
+    print_chain(&pool, picture_run).await?;
     print_files(&pool, &media, &database.url).await?;
     print_sql(&database.url);
     if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
@@ -417,6 +446,21 @@ async fn serve_dashboard(config: &Config, url: &str) -> Result<(), DemoError> {
     let _ = tokio::signal::ctrl_c().await;
     server.stop().await;
     pool.close().await;
+    Ok(())
+}
+
+/// The demo's chain, from `wfq.pipeline_runs`.
+async fn print_chain(pool: &PgPool, root: i64) -> Result<(), DemoError> {
+    if let Some(chain) = store::pipeline_of(pool, root).await? {
+        println!(
+            "chain (wfq.pipeline_runs): root run {} -> {} runs {}, total cost {}, {:.1}s from the first enqueue to the last finish",
+            chain.root_run_id,
+            chain.runs,
+            chain.state,
+            chain.total_cost,
+            chain.duration_secs.unwrap_or_default()
+        );
+    }
     Ok(())
 }
 

@@ -8,6 +8,7 @@
 pub mod backoff;
 pub mod bench;
 pub mod callbacks;
+pub mod chains;
 pub mod config;
 pub mod demo;
 pub mod files;

@@ -135,10 +135,20 @@ struct EnqueueArgs {
     /// Inputs as a JSON object.
     #[arg(long, default_value = "{}")]
     inputs: String,
-    /// One input: KEY=VALUE (JSON, else text) or KEY=@PATH (a local file,
-    /// put into [storage] when configured, else passed as a file:// path).
-    #[arg(long = "input", value_name = "KEY=VALUE|KEY=@PATH")]
+    /// One input: KEY=VALUE (JSON, else text), KEY=@PATH (a local file,
+    /// put into [storage] when configured, else passed as a file:// path),
+    /// or KEY=@run:ID/OUTPUT (output OUTPUT of run ID: this run waits for
+    /// it to succeed).
+    #[arg(long = "input", value_name = "KEY=VALUE|KEY=@PATH|KEY=@run:ID/OUTPUT")]
     input: Vec<String>,
+    /// Submit only once run ID has succeeded (repeatable); if it fails or
+    /// is canceled, this run fails DEPENDENCY_FAILED.
+    #[arg(long = "after", value_name = "ID")]
+    after: Vec<i64>,
+    /// What a failed or canceled dependency does to this run: fail
+    /// (DEPENDENCY_FAILED) or cancel.
+    #[arg(long, value_parser = ["fail", "cancel"])]
+    on_dependency_failure: Option<String>,
     /// Revision to pin (default: the published one at submit).
     #[arg(long)]
     revision: Option<String>,
@@ -289,8 +299,20 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Enqueue(args) => {
             let pool = connect(cli.config.as_deref()).await?;
             let (wait, json) = (args.wait, args.json);
-            let input_args = args.input.clone();
+            let mut input_args = Vec::new();
+            let mut run_outputs = Vec::new();
+            for text in &args.input {
+                match wfq::chains::parse_run_input(text)? {
+                    Some(reference) => run_outputs.push(reference),
+                    None => input_args.push(text.clone()),
+                }
+            }
             let mut run = new_run(args)?;
+            if let Value::Object(inputs) = &mut run.inputs {
+                for (key, reference) in run_outputs {
+                    inputs.insert(key, reference.to_json());
+                }
+            }
             if !input_args.is_empty() {
                 let storage = load_storage(cli.config.as_deref())?;
                 let inputs = run.inputs.as_object().cloned().unwrap_or_default();
@@ -314,8 +336,10 @@ async fn run(cli: Cli) -> Result<()> {
             let events = store::run_events(&pool, id).await?;
             let files = store::run_files(&pool, id).await?;
             let (media_state, mirrored) = store::media_of_run(&pool, id).await?;
+            let chain = store::chain_place(&pool, id).await?;
             let mut shown = serde_json::to_value(&run)?;
             if json {
+                shown["chain"] = serde_json::to_value(&chain)?;
                 shown["media_state"] = serde_json::to_value(&media_state)?;
                 shown["mirrored_outputs"] = serde_json::to_value(&mirrored)?;
                 shown["files"] = serde_json::to_value(&files)?;
@@ -324,6 +348,7 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 print_show(&shown, &events);
                 print_files(media_state.as_deref(), &files);
+                print_chain(&chain);
             }
         }
         Command::List { state, limit, json } => {
@@ -551,7 +576,35 @@ fn new_run(args: EnqueueArgs) -> Result<NewRun> {
             .map(|m| parse_json("metadata", &m))
             .transpose()?,
         callback_url: args.callback_url,
+        depends_on: args.after,
+        on_dependency_failure: args.on_dependency_failure,
     })
+}
+
+/// The runs a shown run waits for and the runs that wait for it.
+fn print_chain(chain: &store::ChainPlace) {
+    if chain.is_empty() {
+        return;
+    }
+    let rows: Vec<Vec<String>> = chain
+        .waits_on
+        .iter()
+        .map(|l| ("waits for", l))
+        .chain(chain.waited_on_by.iter().map(|l| ("waited for by", l)))
+        .map(|(how, l)| {
+            vec![
+                how.to_owned(),
+                l.id.to_string(),
+                l.workflow_id.clone(),
+                l.state.clone(),
+                l.error_code.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    println!(
+        "\n{}",
+        table::render(&["chain", "run", "workflow", "state", "error"], &rows)
+    );
 }
 
 /// A run as `field  value` lines (empty fields left out), then its events.

@@ -406,3 +406,261 @@ async fn a_frozen_worker_loses_its_runs_to_another_and_cannot_overwrite_them(
     let _ = std::fs::remove_file(&config);
     sim.shutdown().await;
 }
+
+/// The chaos of the first test with chains in the mix (issue 17): two-step
+/// chains that pass a picture on, three-step chains whose first step
+/// always fails, fan-ins of three. Workers are killed with SIGKILL every
+/// second or two until nothing is left to do; every chain then either
+/// fully succeeded or failed with the reason, and the money is exact.
+#[sqlx::test]
+async fn killing_workers_with_chains_in_the_mix_ends_every_chain_once(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    const PASSING: i64 = 120;
+    const FAILING: i64 = 40;
+    const FAN_INS: i64 = 20;
+    let database_url = database_url(&connect);
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(connect)
+        .await
+        .unwrap();
+    let sim = start_sim(0, 1000, 300).await;
+    sim.set_faults(Faults {
+        error_rate: 0.02,
+        rate_limit_rate: 0.02,
+        retry_after_secs: Some(1),
+        drop_after_submit_rate: 0.05,
+        ..Default::default()
+    });
+    let dir = std::env::temp_dir().join(format!("wfq-chaos-chains-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join(format!(
+        "{}.toml",
+        pool.connect_options().get_database().unwrap_or("db")
+    ));
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+            [worker]
+            concurrency = 32
+            lease = "10m"
+            fallback_poll = "500ms"
+            shutdown_grace = "2s"
+            [http]
+            timeout = "1s"
+            connect_timeout = "500ms"
+            [submit]
+            initial = "100ms"
+            max = "1s"
+            max_attempts = 100
+            [poll]
+            initial = "100ms"
+            max = "500ms"
+            [providers.chenyu]
+            kind = "chenyu"
+            base_url = "{}"
+            api_key_env = "CHAOS_KEY"
+            "#,
+            sim.base_url()
+        ),
+    )
+    .unwrap();
+
+    // Each chain's runs carry {"chain": "<kind>-<n>"} in metadata.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        r#"
+        WITH image AS (
+            INSERT INTO wfq.runs (workflow_id, inputs, metadata)
+            SELECT '{TEXT_TO_IMAGE}', jsonb_build_object('n3_seed', g), jsonb_build_object('chain', 'pass-' || g)
+            FROM generate_series(1, {PASSING}) g RETURNING id, metadata
+        )
+        INSERT INTO wfq.runs (workflow_id, inputs, accept_external_cost_risk, metadata)
+        SELECT '{VIDEO}', jsonb_build_object('prompt', 'a boat', 'image',
+                   jsonb_build_object('$output', jsonb_build_object('run', id, 'key', 'n9_images'))),
+               true, metadata
+        FROM image;
+
+        WITH doomed AS (
+            INSERT INTO wfq.runs (workflow_id, inputs, metadata)
+            SELECT '{ALWAYS_FAILS}', jsonb_build_object('prompt', 'fail ' || g), jsonb_build_object('chain', 'fail-' || g)
+            FROM generate_series(1, {FAILING}) g RETURNING id, metadata
+        ),
+        second AS (
+            INSERT INTO wfq.runs (workflow_id, inputs, accept_external_cost_risk, metadata)
+            SELECT '{VIDEO}', jsonb_build_object('prompt', 'a boat', 'image',
+                       jsonb_build_object('$output', jsonb_build_object('run', id, 'key', 'result'))),
+                   true, metadata
+            FROM doomed RETURNING id, metadata
+        )
+        INSERT INTO wfq.runs (workflow_id, inputs, depends_on, metadata)
+        SELECT '{TEXT_TO_IMAGE}', '{{}}', ARRAY[id], metadata FROM second;
+
+        WITH parts AS (
+            INSERT INTO wfq.runs (workflow_id, inputs, metadata)
+            SELECT '{TEXT_TO_IMAGE}', jsonb_build_object('n3_seed', g * 10 + p), jsonb_build_object('chain', 'fan-' || g)
+            FROM generate_series(1, {FAN_INS}) g, generate_series(1, 3) p RETURNING id, metadata
+        )
+        INSERT INTO wfq.runs (workflow_id, inputs, depends_on, metadata)
+        SELECT '{TEXT_TO_IMAGE}', '{{}}', array_agg(id ORDER BY id), metadata FROM parts GROUP BY metadata;
+        "#
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (runs, waiting): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE state = 'waiting') FROM wfq.runs")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(runs, PASSING * 2 + FAILING * 3 + FAN_INS * 4);
+    assert_eq!(waiting, PASSING + FAILING * 2 + FAN_INS);
+
+    let mut workers: Vec<Worker> = (0..WORKERS)
+        .map(|_| spawn_worker(&config, &database_url))
+        .collect();
+    let mut kills = 0usize;
+    let started = Instant::now();
+    let (standstill, limit) = (Duration::from_secs(60), Duration::from_secs(540));
+    let mut fewest = i64::MAX;
+    let mut progressed = Instant::now();
+    loop {
+        // Waiting runs count: a chain left waiting would be a standstill.
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM wfq.runs WHERE state IN ('waiting', 'queued', 'submitting', 'running')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if left == 0 {
+            break;
+        }
+        if left < fewest {
+            fewest = left;
+            progressed = Instant::now();
+        }
+        assert!(
+            progressed.elapsed() < standstill,
+            "no run became final for {standstill:?}; {left} still waiting or active"
+        );
+        assert!(
+            started.elapsed() < limit,
+            "runs left after {limit:?}: {left}"
+        );
+        tokio::time::sleep(Duration::from_millis(1000 + fastrand::u64(..1000))).await;
+        let victim = fastrand::usize(..WORKERS);
+        let replacement = spawn_worker(&config, &database_url);
+        std::mem::replace(&mut workers[victim], replacement)
+            .kill()
+            .await;
+        kills += 1;
+    }
+    for worker in workers {
+        let _ = worker.terminate().await;
+    }
+    let elapsed = started.elapsed();
+
+    // Every chain fully succeeded, or failed with the reason.
+    type Row = (
+        i64,
+        String,
+        String,
+        Option<String>,
+        Option<i64>,
+        bool,
+        Option<serde_json::Value>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT id, metadata->>'chain', state, error_code, (error_detail->>'root')::int8, \
+                submitted_at IS NOT NULL, sent_inputs \
+         FROM wfq.runs ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut chains: HashMap<String, Vec<&Row>> = HashMap::new();
+    for row in &rows {
+        chains.entry(row.1.clone()).or_default().push(row);
+    }
+    assert_eq!(chains.len() as i64, PASSING + FAILING + FAN_INS);
+    let outputs: HashMap<i64, serde_json::Value> = sqlx::query_as::<_, (i64, serde_json::Value)>(
+        "SELECT id, outputs FROM wfq.runs WHERE outputs IS NOT NULL",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    for (name, chain) in &chains {
+        if name.starts_with("fail-") {
+            let (root, below) = chain.split_first().unwrap();
+            assert_eq!(
+                (root.2.as_str(), root.3.as_deref()),
+                ("failed", Some("ENGINE_EXECUTION_FAILED")),
+                "{name}: {chain:?}"
+            );
+            for run in below {
+                assert_eq!(
+                    (run.2.as_str(), run.3.as_deref(), run.4, run.5),
+                    ("failed", Some("DEPENDENCY_FAILED"), Some(root.0), false),
+                    "{name}: {chain:?}"
+                );
+            }
+        } else {
+            assert!(
+                chain.iter().all(|r| r.2 == "succeeded"),
+                "{name}: {chain:?}"
+            );
+            if name.starts_with("pass-") {
+                let picture = &outputs[&chain[0].0]["n9_images"];
+                assert_eq!(&chain[1].6.as_ref().unwrap()["image"], picture, "{name}");
+            }
+        }
+    }
+
+    // Each submitted run once at the provider, the others never; the
+    // money of the database is the ledger's, to the last decimal.
+    let ledger = sim.ledger();
+    let submitted: HashSet<String> =
+        sqlx::query_scalar("SELECT idempotency_key FROM wfq.runs WHERE submitted_at IS NOT NULL")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(submitted.len() as i64, PASSING * 2 + FAILING + FAN_INS * 4);
+    assert_eq!(ledger.len(), submitted.len());
+    assert!(
+        ledger
+            .iter()
+            .all(|e| e.charges == 1 && submitted.contains(&e.idempotency_key))
+    );
+    let (db_frozen, db_final, db_released): (Decimal, Decimal, Decimal) = sqlx::query_as(
+        "SELECT sum(frozen_amount), sum(final_amount), sum(released_amount) FROM wfq.runs",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(db_frozen, ledger.iter().map(|e| e.frozen).sum::<Decimal>());
+    assert_eq!(
+        db_final,
+        ledger
+            .iter()
+            .filter_map(|e| e.final_amount)
+            .sum::<Decimal>()
+    );
+    assert_eq!(
+        db_released,
+        ledger.iter().filter_map(|e| e.released).sum::<Decimal>()
+    );
+    assert!(kills >= 3, "the test must actually kill workers ({kills})");
+    println!(
+        "chaos with chains: runs={runs} chains={} kills={kills} in {:.1}s",
+        chains.len(),
+        elapsed.as_secs_f64()
+    );
+    let _ = std::fs::remove_file(&config);
+    sim.shutdown().await;
+}

@@ -9,6 +9,7 @@
 //! asserted: timing depends on the machine (see BENCHMARKS.md).
 
 mod busy_pickup;
+mod chains;
 mod figures;
 mod limits;
 mod peers;
@@ -68,7 +69,10 @@ pub struct BenchArgs {
     /// Kills of the rescue figure (one worker of two each time).
     #[arg(long, default_value_t = 5)]
     pub rescue_kills: u32,
-    /// Only these figures (comma separated: lifecycle, pickup, busy, inflight, polls, enqueue, rescue, limits (or one of goodput, limit_change, strays), web, peers).
+    /// Two-step chains of the chains figure (inserted in one statement).
+    #[arg(long, default_value_t = 10_000)]
+    pub chains: u32,
+    /// Only these figures (comma separated: lifecycle, pickup, busy, inflight, polls, enqueue, rescue, limits (or one of goodput, limit_change, strays), web, chains, peers).
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Small sizes and short durations: an end-to-end check, not a measurement.
@@ -124,6 +128,7 @@ impl Plan {
             args.enqueue = args.enqueue.min(2_000);
             args.rescue_runs = args.rescue_runs.min(20);
             args.rescue_kills = args.rescue_kills.min(2);
+            args.chains = args.chains.min(100);
             // A limit of a few per second makes a minute of work of any
             // batch: an end-to-end check needs one limit, not the sweep.
             args.limits.retain(|&l| l >= 20.0);
@@ -275,6 +280,10 @@ pub async fn run(args: BenchArgs) -> Result<(), BenchError> {
     }
     if plan.wants("web") {
         web::web(&plan, &url, &pool).await?;
+    }
+    if plan.wants("chains") {
+        reset(&pool).await?;
+        chains::chains(&plan, &url, &pool).await?;
     }
     if plan.wants("peers") {
         reset(&pool).await?;

@@ -28,10 +28,14 @@ pub use poll::after_poll;
 pub use prepare::{
     begin_resubmit, begin_submit, external_cost_not_accepted, manifest_failed,
     missing_provider_run_id, quote_above_limit, reject_inputs, throttled, unknown_provider,
+    unresolved_inputs,
 };
 pub use submit::{after_submit, submit_outcome_unknown};
 
-/// Where a run is. The strings are the values of `wfq.runs.state`.
+/// Where a run a worker handles is. The strings are the values of
+/// `wfq.runs.state`. One more value belongs to the database alone:
+/// `waiting`, a chained run whose dependencies have not all succeeded,
+/// which no claim ever returns (its triggers make it `queued` or end it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RunState {
     /// Waiting to be submitted.

@@ -136,6 +136,50 @@ pub fn throttled(state: RunState, wait: Duration, now: DateTime<Utc>) -> Transit
     }
 }
 
+/// How soon a run whose input file is being copied to the store looks again.
+pub const MIRROR_RECHECK: Duration = Duration::from_secs(1);
+
+/// The `{"$output": ...}` inputs of a chained run could not be resolved:
+/// a dependency that failed (or lacks the output named) fails the run
+/// before anything is sent; one that has not succeeded yet (the run was
+/// made due by hand, past the database's release) puts it back for
+/// `wait`.
+pub fn unresolved_inputs(
+    why: &crate::chains::Unresolved,
+    wait: Duration,
+    now: DateTime<Utc>,
+) -> Transition {
+    use crate::chains::Unresolved;
+    let detail = json!({ "error": why.to_string() });
+    let event = |kind| Event {
+        kind,
+        detail: detail.clone(),
+    };
+    match why {
+        Unresolved::NotFinished { .. } => Transition {
+            due_at: Some(later(now, wait)),
+            ..Transition::new(RunState::Queued, event("dependency_not_ready"))
+        },
+        // A copy takes seconds: look again soon.
+        Unresolved::MirrorPending { .. } => Transition {
+            due_at: Some(later(now, MIRROR_RECHECK)),
+            ..Transition::new(RunState::Queued, event("waiting_for_mirror"))
+        },
+        Unresolved::Failed { .. } => Transition::failed(
+            "DEPENDENCY_FAILED",
+            why.to_string(),
+            Some(detail.clone()),
+            event("dependency_failed"),
+        ),
+        Unresolved::MissingRun { .. } | Unresolved::MissingKey { .. } => Transition::failed(
+            "DEPENDENCY_OUTPUT_MISSING",
+            why.to_string(),
+            Some(detail.clone()),
+            event("dependency_output_missing"),
+        ),
+    }
+}
+
 /// The row names a provider profile this worker does not have.
 pub fn unknown_provider(profile: &str, known: &[String]) -> Transition {
     let message = format!(

@@ -37,11 +37,11 @@ pub async fn count_runs(pool: &PgPool) -> Result<Vec<(String, String, i64)>, sql
 /// Money frozen at providers and not settled yet, per provider profile and
 /// currency: `(provider, currency, sum of frozen_amount)`.
 ///
-/// `state <> 'queued'` changes no sum (a queued run was never submitted,
-/// and `frozen_amount` comes only from a submit's answer; no run goes back
-/// to `queued`), but it is what lets the planner use `runs_unsettled_idx`,
-/// the spend guard's index of unsettled money, instead of scanning the
-/// table. That index holds the runs in flight and the finished runs whose
+/// `state NOT IN ('waiting', 'queued')` changes no sum (such a run was
+/// never submitted, and `frozen_amount` comes only from a submit's answer;
+/// no run goes back to `queued`), but it is what lets the planner use
+/// `runs_unsettled_sent_idx`, the spend guard's index of unsettled money,
+/// instead of scanning the table. That index holds the runs in flight and the finished runs whose
 /// money is an open question (e.g. `SUBMIT_RETRIES_EXHAUSTED`,
 /// `POLL_DEADLINE`; `wfq prune` keeps them): exactly the runs this sum is
 /// about.
@@ -53,7 +53,7 @@ pub async fn outstanding_frozen(
         r#"
         SELECT provider, coalesce(currency, ''), sum(frozen_amount)
         FROM wfq.runs
-        WHERE settled_at IS NULL AND state <> 'queued' AND frozen_amount IS NOT NULL
+        WHERE settled_at IS NULL AND state NOT IN ('waiting', 'queued') AND frozen_amount IS NOT NULL
         GROUP BY 1, 2 ORDER BY 1, 2
         "#,
     )

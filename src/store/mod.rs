@@ -4,6 +4,7 @@
 //! database; the integration tests run each of them against PostgreSQL.
 
 mod callbacks;
+mod chains;
 mod claim;
 mod files;
 mod leases;
@@ -21,6 +22,9 @@ mod workers;
 pub use callbacks::{
     CallbackAttempt, ClaimedCallback, claim_due_callbacks, pending_callbacks,
     record_callback_attempts,
+};
+pub use chains::{
+    ChainLink, ChainPlace, PipelineRow, chain_place, dependency_outputs, pipeline_of,
 };
 pub use claim::{
     CLAIM_DUE_RUNS_SQL, CLAIM_SETTINGS, ClaimConnection, ClaimScope, ClaimedRun, RescueCause,
@@ -149,8 +153,11 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception; 57P01..03: server shutting down / unavailable; 40001: serialization
-            code.starts_with("08") || code.starts_with("57P") || code == "40001"
+            // 08: connection exception; 57P01..03: server shutting down /
+            // unavailable; 40001: serialization; 40P01: a deadlock (two
+            // finishes releasing the same chained run from opposite ends)
+            // aborted the statement, which holds no lock any more.
+            code.starts_with("08") || code.starts_with("57P") || code == "40001" || code == "40P01"
         }),
         _ => false,
     }

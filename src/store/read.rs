@@ -101,6 +101,10 @@ pub struct RunRow {
     pub error_message: Option<String>,
     /// Structured error detail.
     pub error_detail: Option<Value>,
+    /// The runs that must succeed before this one is submitted (chains).
+    pub depends_on: Option<Vec<i64>>,
+    /// `fail` or `cancel`: what a failed dependency does to this run.
+    pub on_dependency_failure: String,
 }
 
 // A macro rather than a const so that `concat!` builds static SQL strings.
@@ -113,7 +117,7 @@ macro_rules! run_columns {
          freeze_status, submission_status, settlement_status, outputs, currency, quote_amount, \
          frozen_amount, final_amount, released_amount, compute_cost, external_model_cost, \
          total_cost, total_tokens, submit_in_doubt_since, cancel_requested_at, error_code, \
-         error_message, error_detail"
+         error_message, error_detail, depends_on, on_dependency_failure"
     };
 }
 pub(crate) use run_columns;

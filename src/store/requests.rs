@@ -28,6 +28,11 @@ pub struct NewRun {
     pub metadata: Option<Value>,
     /// POSTed the run as signed JSON once it is final (`[callbacks]`).
     pub callback_url: Option<String>,
+    /// Runs that must succeed first (`wfq enqueue --after`); the runs its
+    /// `{"$output": ...}` inputs name are added by the database.
+    pub depends_on: Vec<i64>,
+    /// `fail` (the default) or `cancel`: what a failed dependency does to it.
+    pub on_dependency_failure: Option<String>,
 }
 
 /// Why a request was refused.
@@ -46,6 +51,17 @@ pub enum RequestError {
         /// What would be needed.
         why: &'static str,
     },
+    /// The run failed because a run it depends on failed: retrying it alone
+    /// would fail the same way.
+    #[error(
+        "run {id} failed DEPENDENCY_FAILED because run {root} failed; retry run {root}, and the chain below it (this run too) runs again"
+    )]
+    RetryTheRoot {
+        /// The run asked for.
+        id: i64,
+        /// The run whose failure came first.
+        root: i64,
+    },
     /// The database refused the row (a CHECK constraint names the column).
     #[error("{0}")]
     Database(#[from] sqlx::Error),
@@ -58,9 +74,9 @@ pub async fn enqueue_run(pool: &PgPool, run: &NewRun) -> Result<i64, RequestErro
         r#"
         INSERT INTO wfq.runs (provider, workflow_id, revision_id, inputs, idempotency_key,
                               accept_external_cost_risk, priority, not_before, metadata,
-                              callback_url)
+                              callback_url, depends_on, on_dependency_failure)
         VALUES (COALESCE($1, 'chenyu'), $2, $3, $4, COALESCE($5, gen_random_uuid()::text),
-                $6, $7, $8, $9, $10)
+                $6, $7, $8, $9, $10, NULLIF($11::bigint[], '{}'), COALESCE($12, 'fail'))
         RETURNING id
         "#,
     )
@@ -74,6 +90,8 @@ pub async fn enqueue_run(pool: &PgPool, run: &NewRun) -> Result<i64, RequestErro
     .bind(run.not_before)
     .bind(&run.metadata)
     .bind(&run.callback_url)
+    .bind(&run.depends_on)
+    .bind(&run.on_dependency_failure)
     .fetch_one(pool)
     .await?;
     Ok(id)
@@ -111,17 +129,20 @@ pub async fn cancel_run(
     let canceled: Option<i64> = sqlx::query_scalar(
         r#"
         WITH canceled AS (
-            UPDATE wfq.runs
-            SET state = 'canceled', version = version + 1, updated_at = now(), finished_at = now(),
+            UPDATE wfq.runs r
+            SET state = 'canceled', version = r.version + 1, updated_at = now(), finished_at = now(),
                 settled_at = now(), lease_owner = NULL, lease_expires_at = NULL,
                 error_code = 'CANCELED', error_message = COALESCE($2, 'canceled before submission'),
                 hold_reason = NULL
-            WHERE id = $1 AND state = 'queued'
-            RETURNING id
+            -- A waiting run (of a chain) too: the chain below it is failed
+            -- or canceled with it, by the database's trigger.
+            FROM (SELECT id, state AS was FROM wfq.runs WHERE id = $1 FOR NO KEY UPDATE) old
+            WHERE r.id = old.id AND r.state IN ('queued', 'waiting')
+            RETURNING r.id, old.was
         ),
         event AS (
             INSERT INTO wfq.run_events (run_id, kind, from_state, to_state, detail)
-            SELECT id, 'canceled', 'queued', 'canceled', jsonb_build_object('reason', $2) FROM canceled
+            SELECT id, 'canceled', was, 'canceled', jsonb_build_object('reason', $2) FROM canceled
         )
         SELECT id FROM canceled
         "#,
@@ -170,7 +191,7 @@ pub async fn cancel_run(
     Err(RequestError::WrongState {
         id,
         state: state_of(pool, id).await?,
-        why: "only a queued run can be canceled, or a running run of a provider that can stop runs (dify) whose task_id is known; chenyu and gptbots have no cancel endpoint",
+        why: "only a queued run can be canceled (a waiting one of a chain too), or a running run of a provider that can stop runs (dify) whose task_id is known; chenyu and gptbots have no cancel endpoint",
     })
 }
 
@@ -203,6 +224,21 @@ pub async fn retry_run(
     id: i64,
     unfindable: &[String],
 ) -> Result<RetryOutcome, RequestError> {
+    // A run that failed because its dependency failed would fail again.
+    let root: Option<i64> = sqlx::query_scalar(
+        r#"
+        SELECT (error_detail ->> 'root')::bigint FROM wfq.runs
+        WHERE id = $1 AND error_code = 'DEPENDENCY_FAILED' AND state IN ('failed', 'canceled')
+          AND jsonb_typeof(error_detail -> 'root') = 'number'
+        "#,
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?
+    .flatten();
+    if let Some(root) = root {
+        return Err(RequestError::RetryTheRoot { id, root });
+    }
     let resumed: Option<i64> = sqlx::query_scalar(
         r#"
         WITH resumed AS (
@@ -229,8 +265,12 @@ pub async fn retry_run(
             SELECT id, 'resumed', 'failed', state,
                    jsonb_build_object('reason', 'money not settled; resumed with the same idempotency key')
             FROM resumed
+        ),
+        -- The chain below it waits for it again (same transaction).
+        chain AS (
+            SELECT wfq.resume_chain(id, id) AS resumed FROM resumed
         )
-        SELECT id FROM resumed
+        SELECT id FROM resumed, (SELECT count(*) FROM chain) c
         "#,
     )
     .bind(id)
@@ -245,9 +285,10 @@ pub async fn retry_run(
         WITH copy AS (
             INSERT INTO wfq.runs (provider, workflow_id, revision_id, inputs,
                                   accept_external_cost_risk, priority, metadata, retry_of,
-                                  callback_url)
+                                  callback_url, depends_on, on_dependency_failure)
             SELECT provider, workflow_id, revision_id, inputs,
-                   accept_external_cost_risk, priority, metadata, id, callback_url
+                   accept_external_cost_risk, priority, metadata, id, callback_url,
+                   depends_on, on_dependency_failure
             FROM wfq.runs
             WHERE id = $1 AND state IN ('failed', 'canceled') AND settled_at IS NOT NULL
             RETURNING id, retry_of
@@ -255,8 +296,13 @@ pub async fn retry_run(
         event AS (
             INSERT INTO wfq.run_events (run_id, kind, detail)
             SELECT retry_of, 'retried', jsonb_build_object('new_run_id', id) FROM copy
+        ),
+        -- The chain below the old run waits for the new one (same
+        -- transaction).
+        chain AS (
+            SELECT wfq.resume_chain(retry_of, id) AS resumed FROM copy
         )
-        SELECT id FROM copy
+        SELECT id FROM copy, (SELECT count(*) FROM chain) c
         "#,
     )
     .bind(id)

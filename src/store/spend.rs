@@ -132,7 +132,7 @@ async fn committed(
                    count(*) FILTER (WHERE finished_at IS NOT NULL
                        AND coalesce(frozen_amount, quote_amount, cost_estimate, $3::numeric) IS NULL) AS unpriced
             FROM wfq.runs
-            WHERE provider = $1 AND settled_at IS NULL AND state <> 'queued'
+            WHERE provider = $1 AND settled_at IS NULL AND state NOT IN ('waiting', 'queued')
         ),
         today AS (
             SELECT coalesce(sum(CASE WHEN settled_at IS NOT NULL THEN coalesce(final_amount, 0)
@@ -146,7 +146,7 @@ async fn committed(
                    -- Submits in flight, and failures whose money is not
                    -- known, count on the day they were last touched, not
                    -- on every day after.
-                   OR (submitted_at IS NULL AND settled_at IS NULL AND state <> 'queued'
+                   OR (submitted_at IS NULL AND settled_at IS NULL AND state NOT IN ('waiting', 'queued')
                        AND updated_at >= day.start))
         )
         SELECT outstanding.amount, outstanding.unpriced, today.amount, today.unpriced,

@@ -135,11 +135,18 @@ pub(super) async fn prepare(
     run: &ClaimedRun,
     profile: &crate::runtime::Profile,
 ) -> Result<Prepared, Transition> {
-    let split = match &run.inputs {
+    let resolved;
+    let inputs = if crate::chains::references(&run.inputs).is_empty() {
+        &run.inputs
+    } else {
+        resolved = resolve_references(engine, run).await?;
+        &resolved
+    };
+    let split = match inputs {
         Value::Object(inputs) => {
             crate::files::split_inputs(inputs).map_err(|e| lifecycle::reject_inputs(&e))?
         }
-        _ => return check_inputs(engine, run, profile, &run.inputs).await,
+        _ => return check_inputs(engine, run, profile, inputs).await,
     };
     let inputs = Value::Object(split.inputs);
     let mut prepared = check_inputs(engine, run, profile, &inputs).await?;
@@ -154,6 +161,44 @@ pub(super) async fn prepare(
         .await?;
     }
     Ok(prepared)
+}
+
+/// A chained run's inputs with its dependencies' outputs in place of the
+/// `{"$output": ...}` references (see `chains::resolve`): a media output
+/// the worker's store holds a copy of goes on as a `$file` value (uploaded
+/// like any input file), anything else as the provider gave it.
+async fn resolve_references(engine: &Engine, run: &ClaimedRun) -> Result<Value, Transition> {
+    /// How long a run made due before its dependencies succeeded waits.
+    const NOT_READY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+    /// A database error here: try again shortly (nothing was sent).
+    const DATABASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+    let mut ids: Vec<i64> = crate::chains::references(&run.inputs)
+        .iter()
+        .map(|r| r.run)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let dependencies = match store::dependency_outputs(&engine.pool, &ids).await {
+        Ok(dependencies) => dependencies,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the outputs this run takes; trying again shortly");
+            return Err(lifecycle::throttled(run.state, DATABASE_WAIT, Utc::now()));
+        }
+    };
+    /// How long after a dependency finished the copies of its media
+    /// outputs are waited for (a mirror that takes longer is passed by:
+    /// the provider's URL is sent).
+    const MIRROR_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+    let storage = engine.uploads.storage();
+    let in_store = |location: &str| storage.as_ref().and_then(|s| s.relative_of(location).ok());
+    let store = storage.as_ref().map(|_| crate::chains::Store {
+        stored: &in_store,
+        mirror_wait: MIRROR_WAIT,
+    });
+    crate::chains::resolve(&run.inputs, &dependencies, store.as_ref()).map_err(|why| {
+        tracing::warn!(reason = %why, "a chained run's inputs cannot be resolved");
+        lifecycle::unresolved_inputs(&why, NOT_READY_WAIT, Utc::now())
+    })
 }
 
 /// Reads the manifest and checks `inputs` (the run's, file values set aside).

@@ -1,0 +1,10 @@
+-- no-transaction
+-- The CHECKs 20261224000001 added NOT VALID, validated now: VALIDATE
+-- CONSTRAINT scans the table under SHARE UPDATE EXCLUSIVE, which blocks
+-- no producer and no worker (the ALTER that added them held its lock for
+-- microseconds). Each statement is its own transaction.
+SET lock_timeout = '500ms';
+ALTER TABLE wfq.runs VALIDATE CONSTRAINT runs_state_known;
+ALTER TABLE wfq.runs VALIDATE CONSTRAINT runs_on_dependency_failure_known;
+ALTER TABLE wfq.runs VALIDATE CONSTRAINT runs_depends_on_size;
+RESET lock_timeout;

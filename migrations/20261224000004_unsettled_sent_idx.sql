@@ -1,0 +1,10 @@
+-- no-transaction
+-- The spend guard's index of unsettled money (runs_unsettled_idx) held
+-- every run not `queued`, so chained runs `waiting` for their
+-- dependencies (which hold no money) were read by every spend check of
+-- their profile: 10,000 waiting runs, 10,000 rows per check. This one
+-- leaves them out too; the spend guard and the outstanding-frozen gauge
+-- ask for `state NOT IN ('waiting', 'queued')`. Built CONCURRENTLY so an
+-- upgrade never blocks writers; the old index goes in the next migration.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS runs_unsettled_sent_idx ON wfq.runs (provider)
+    WHERE settled_at IS NULL AND state NOT IN ('waiting', 'queued');
