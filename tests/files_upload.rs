@@ -540,3 +540,50 @@ async fn an_input_that_stays_unreadable_fails_its_run_after_bounded_tries(pool: 
     sim.shutdown().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[sqlx::test]
+async fn a_dify_file_list_input_is_sent_as_a_list_of_uploads(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    let dir = temp_store();
+    let (photo, _) = picture(&dir, "boat.png", 1200);
+    let notes = dir.join("notes.pdf");
+    std::fs::write(&notes, b"%PDF-1.4 simulated notes").unwrap();
+    let config = config_with_storage(
+        &sim,
+        "upload-dify-list",
+        &format!("url = \"file://{}/store\"", dir.display()),
+        &dify_picture(&sim),
+    );
+    let worker = start_worker(config, pool.clone());
+    let id = enqueue_on(
+        &pool,
+        "dify_picture",
+        "picture",
+        json!({
+            "query": "compare",
+            "photo": {"$file": photo},
+            "references": {"$file": format!("file://{}", notes.display())},
+        }),
+    )
+    .await;
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    worker.stop().await;
+    let row = run(&pool, id).await;
+    assert_eq!(row.state, "succeeded", "{:?}", row.error_message);
+    let uploads = sim.uploads();
+    assert_eq!(uploads.len(), 2, "{uploads:?}");
+    let pdf = uploads
+        .iter()
+        .find(|u| u.file_name == "notes.pdf")
+        .expect("the PDF was uploaded");
+    let expected = json!([{
+        "type": "document",
+        "transfer_method": "local_file",
+        "upload_file_id": pdf.id,
+    }]);
+    assert_eq!(row.sent_inputs.as_ref().unwrap()["references"], expected);
+    let seen = inputs_at_dify(&sim, row.provider_run_id.as_deref().unwrap()).await;
+    assert_eq!(seen["references"], expected);
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -14,6 +14,8 @@ pub(crate) enum Control {
     /// A single file of these types (`image`, `document`, ...): an
     /// object `{"type", "transfer_method", "upload_file_id" | "url"}`.
     File(&'static [&'static str]),
+    /// A list of such files (`file-list`), at most `max_length` of them.
+    FileList(&'static [&'static str]),
 }
 
 /// One entry of an app's input form.
@@ -95,6 +97,13 @@ const PICTURE_FORM: &[Field] = &[
         required: true,
         max_length: None,
     },
+    Field {
+        variable: "references",
+        label: "References",
+        control: Control::FileList(&["image", "document"]),
+        required: false,
+        max_length: Some(3),
+    },
 ];
 
 /// Every app the simulator serves.
@@ -168,12 +177,16 @@ impl DifyApp {
                         control["options"] = json!(options);
                         "select"
                     }
-                    Control::File(types) => {
+                    Control::File(types) | Control::FileList(types) => {
                         control["allowed_file_types"] = json!(types);
                         control["allowed_file_extensions"] = json!([]);
                         control["allowed_file_upload_methods"] =
                             json!(["local_file", "remote_url"]);
-                        "file"
+                        if matches!(field.control, Control::File(_)) {
+                            "file"
+                        } else {
+                            "file-list"
+                        }
                     }
                 };
                 json!({ kind: control })
@@ -260,6 +273,19 @@ pub(crate) fn validate(
                 }
             }
             Control::File(types) => check_file(var, types, value, uploaded)?,
+            Control::FileList(types) => {
+                let Some(files) = value.as_array() else {
+                    return Err(format!("{var} in input form must be a list of files"));
+                };
+                if let Some(max) = field.max_length
+                    && files.len() > max
+                {
+                    return Err(format!("{var} in input form takes at most {max} files"));
+                }
+                for file in files {
+                    check_file(var, types, file, uploaded)?;
+                }
+            }
         }
     }
     Ok(())
@@ -367,6 +393,17 @@ mod tests {
         );
         assert!(photo(json!("asset://x")).is_err());
         assert!(check("picture", json!({"query": "q"})).is_err());
+        let one =
+            json!({"type": "document", "transfer_method": "local_file", "upload_file_id": "up-1"});
+        let with_refs = |v: Value| {
+            check(
+                "picture",
+                json!({"query": "q", "photo": {"type": "image", "transfer_method": "local_file", "upload_file_id": "up-1"}, "references": v}),
+            )
+        };
+        assert!(with_refs(json!([one])).is_ok());
+        assert!(with_refs(one.clone()).is_err(), "a list, not one file");
+        assert!(with_refs(json!([one, one, one, one])).is_err());
     }
 
     #[test]
