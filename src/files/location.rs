@@ -243,6 +243,8 @@ fn drop_signed_queries(text: &str) -> String {
         out.push_str(&rest[..at]);
         let tail = &rest[at..];
         let len = tail.find(ends).unwrap_or(tail.len());
+        // Punctuation closing the sentence the link is in is not the link's.
+        let len = tail[..len].trim_end_matches(['.', ':', ';', '!', '?']).len();
         let (candidate, after) = tail.split_at(len);
         match url::Url::parse(candidate) {
             Ok(mut url) if is_signed_url(&url) => {
@@ -424,7 +426,11 @@ mod tests {
             // A literal signed URL still loses its whole query.
             (
                 "see https://b/k?X-Amz-Signature=abc&a=1.",
-                "see https://b/k",
+                "see https://b/k.",
+            ),
+            (
+                "cannot fetch https://b/k?X-Amz-Signature=abc: 403",
+                "cannot fetch https://b/k: 403",
             ),
             // A name without a value, and other parameters, stay.
             (
