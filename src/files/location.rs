@@ -244,7 +244,9 @@ fn drop_signed_queries(text: &str) -> String {
         let tail = &rest[at..];
         let len = tail.find(ends).unwrap_or(tail.len());
         // Punctuation closing the sentence the link is in is not the link's.
-        let len = tail[..len].trim_end_matches(['.', ':', ';', '!', '?']).len();
+        let len = tail[..len]
+            .trim_end_matches(['.', ':', ';', '!', '?'])
+            .len();
         let (candidate, after) = tail.split_at(len);
         match url::Url::parse(candidate) {
             Ok(mut url) if is_signed_url(&url) => {

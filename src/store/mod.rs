@@ -28,11 +28,11 @@ pub use claim::{
     renew_lease, session_name,
 };
 pub use files::{
-    ClaimedMirror, InputFileFacts, MirrorRecord, PlannedFile, RunFileRow, UnplannedRun,
-    UploadClaim, begin_upload, claim_due_mirrors, fail_upload, finish_upload, forget_stored_files,
-    input_file, media_of_run, mirror_counts, next_mirror_due, prunable_runs_with_files,
-    record_input_link, record_mirrors, record_plan, record_read_failure, release_mirror_leases,
-    reusable_upload, reuse_upload, run_files, unplanned_runs,
+    ClaimedMirror, DONE_UPLOAD_RENEW_MARGIN, InputFileFacts, MirrorRecord, PlannedFile, RunFileRow,
+    UnplannedRun, UploadClaim, begin_upload, claim_due_mirrors, fail_upload, finish_upload,
+    forget_stored_files, input_file, media_of_run, mirror_counts, next_mirror_due,
+    prunable_runs_with_files, record_input_link, record_mirrors, record_plan, record_read_failure,
+    release_mirror_leases, reusable_upload, reuse_upload, run_files, unplanned_runs,
 };
 pub use leases::{give_back_idle_leases, renew_leases};
 pub use metrics::{count_runs, outstanding_frozen, ping};
