@@ -44,7 +44,7 @@ pub use read::{EventRow, RunRow, list_runs, run_events, show_run};
 pub use requests::{
     CancelOutcome, NewRun, RequestError, RetryOutcome, cancel_run, enqueue_run, retry_run,
 };
-pub use retention::prune_finished_runs;
+pub use retention::{prune_finished_runs, runs_kept_for_their_files};
 pub use spend::{
     Guarded, GuardedRun, begin_within_limits, check_timezone, hold_run, next_budget_day,
     record_budget_timezone, wake_held_runs, wake_unknown_cost_holds,
