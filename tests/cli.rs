@@ -415,13 +415,19 @@ async fn prune_keeps_runs_whose_files_are_still_in_the_store(
     let file = store.join(format!("{stored}/video.mp4"));
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
     std::fs::write(&file, b"kept until deleted").unwrap();
+    // The run being copied has one output stored already, another pending.
+    let copied = store.join(format!("{copying}/a.png"));
+    std::fs::create_dir_all(copied.parent().unwrap()).unwrap();
+    std::fs::write(&copied, b"copied so far").unwrap();
     sqlx::query(
         "INSERT INTO wfq.run_files (run_id, direction, key, profile, state, stored_location) VALUES \
-         ($1, 'output', 'video', 'chenyu', 'done', $3), ($2, 'output', 'video', 'chenyu', 'pending', NULL)",
+         ($1, 'output', 'video', 'chenyu', 'done', $3), \
+         ($2, 'output', 'a', 'chenyu', 'done', $4), ($2, 'output', 'b', 'chenyu', 'pending', NULL)",
     )
     .bind(stored)
     .bind(copying)
     .bind(format!("file://{}", file.display()))
+    .bind(format!("file://{}", copied.display()))
     .execute(&pool)
     .await
     .unwrap();
@@ -460,6 +466,7 @@ async fn prune_keeps_runs_whose_files_are_still_in_the_store(
         "{said}"
     );
     assert!(!file.exists());
+    assert!(copied.exists(), "kept with its run while the copy goes on");
     assert_eq!(left().await, vec!["copying"]);
     assert!(
         stderr(&prune).contains("kept 1 finished runs whose files are still being copied"),
@@ -467,14 +474,17 @@ async fn prune_keeps_runs_whose_files_are_still_in_the_store(
         stderr(&prune)
     );
 
-    // The copy is over (nothing stored): the run goes.
-    sqlx::query("UPDATE wfq.run_files SET state = 'skipped' WHERE run_id = $1")
-        .bind(copying)
-        .execute(&pool)
-        .await
-        .unwrap();
+    // The copy is over: the file it stored so far goes, then the run.
+    sqlx::query(
+        "UPDATE wfq.run_files SET state = 'skipped' WHERE run_id = $1 AND state = 'pending'",
+    )
+    .bind(copying)
+    .execute(&pool)
+    .await
+    .unwrap();
     let prune = wfq_in(&dir, &db, &["prune", "--finished-before", "1d"]);
     assert!(prune.status.success(), "{}", stderr(&prune));
+    assert!(!copied.exists());
     assert!(left().await.is_empty());
     assert!(!stderr(&prune).contains("kept"), "{}", stderr(&prune));
     let _ = std::fs::remove_dir_all(dir);

@@ -602,6 +602,10 @@ pub async fn prunable_runs_with_files(
           AND r.callback_state IS DISTINCT FROM 'pending'
           AND r.finished_at < now() - make_interval(secs => $1)
           AND EXISTS (SELECT 1 FROM wfq.run_files f WHERE f.run_id = r.id AND f.stored_location IS NOT NULL)
+          -- A copy in progress keeps the run (prune_finished_runs): its
+          -- files are deleted once it is over, all at once.
+          AND NOT EXISTS (SELECT 1 FROM wfq.run_files f
+                          WHERE f.run_id = r.id AND f.direction = 'output' AND f.state = 'pending')
         ORDER BY r.finished_at
         LIMIT $2
         "#,
