@@ -66,7 +66,9 @@ enum Command {
         /// Run id.
         id: i64,
     },
-    /// Delete finished runs (and their events) older than a given age.
+    /// Delete finished runs (and their events) older than a given age; with
+    /// `[storage]` in the config their stored files first. A run whose files
+    /// are still in the store is kept (and counted in a warning).
     Prune {
         /// Age, e.g. 30d, 12h.
         #[arg(long)]
@@ -408,14 +410,21 @@ async fn run(cli: Cli) -> Result<()> {
             let age = parse_duration(&finished_before)
                 .map_err(|e| anyhow::anyhow!("--finished-before: {e}"))?;
             let pool = connect(cli.config.as_deref()).await?;
-            if let Some(storage) = load_storage(cli.config.as_deref())? {
-                let storage = std::sync::Arc::new(storage);
+            let storage = load_storage(cli.config.as_deref())?.map(std::sync::Arc::new);
+            if let Some(storage) = &storage {
                 let files =
-                    wfq::files::cli::prune_stored_files(&pool, &storage, age, batch.max(1)).await?;
+                    wfq::files::cli::prune_stored_files(&pool, storage, age, batch.max(1)).await?;
                 println!("deleted {files} stored files of finished runs");
             }
             let deleted = store::prune_finished_runs(&pool, age, batch.max(1)).await?;
             println!("deleted {deleted} finished runs and their events");
+            let kept = store::runs_kept_for_their_files(&pool, age).await?;
+            if kept > 0 {
+                eprintln!(
+                    "{}",
+                    wfq::files::cli::kept_for_files_warning(kept, storage.is_some())
+                );
+            }
         }
         Command::Top { once, interval } => {
             let interval =

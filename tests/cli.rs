@@ -337,7 +337,12 @@ async fn files_in_and_out_through_the_binary_enqueue_input_media_get_and_prune(
         stderr(&none)
     );
 
-    // Pruned with its run: the stored output goes, the row and its files too.
+    // Pruned with its run: the stored output goes, the row and its files
+    // too; another run's directory whose name starts the same (run 1 next
+    // to run 10) and the input file put into the store stay.
+    let neighbour = store.join(format!("{id}0"));
+    std::fs::create_dir_all(&neighbour).unwrap();
+    std::fs::write(neighbour.join("video.mp4"), b"another run's").unwrap();
     sqlx::query("UPDATE wfq.runs SET finished_at = now() - interval '2 days' WHERE id = $1")
         .bind(id)
         .execute(&pool)
@@ -358,6 +363,16 @@ async fn files_in_and_out_through_the_binary_enqueue_input_media_get_and_prune(
         !store.join(id.to_string()).exists(),
         "the run's files are gone"
     );
+    assert_eq!(
+        std::fs::read(neighbour.join("video.mp4")).unwrap(),
+        b"another run's",
+        "another run's directory stays"
+    );
+    assert_eq!(
+        std::fs::read(store.join(stored_input)).unwrap(),
+        picture,
+        "the input file stays"
+    );
     assert!(files_of(&pool, id).await.is_empty());
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM wfq.runs WHERE id = $1")
         .bind(id)
@@ -366,5 +381,111 @@ async fn files_in_and_out_through_the_binary_enqueue_input_media_get_and_prune(
         .unwrap();
     assert_eq!(left, 0);
     sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `wfq prune` deletes a run's files from the store before its row: a run
+/// whose files are still in the store, or whose output copy is in
+/// progress, is kept by the database whatever ran before (here a prune
+/// without `[storage]`, which cannot delete files), with a warning; a
+/// prune with the store deletes the files, then the run.
+#[sqlx::test]
+async fn prune_keeps_runs_whose_files_are_still_in_the_store(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let db = database_url(&connect);
+    let pool: PgPool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(connect)
+        .await
+        .unwrap();
+    let old = |name: &str| {
+        sqlx::query_scalar::<_, i64>(
+            "INSERT INTO wfq.runs (workflow_id, state, finished_at, settled_at) \
+             VALUES ($1, 'succeeded', now() - interval '2 days', now() - interval '2 days') RETURNING id",
+        )
+        .bind(name.to_owned())
+    };
+    let stored = old("stored").fetch_one(&pool).await.unwrap();
+    let copying = old("copying").fetch_one(&pool).await.unwrap();
+    old("plain").fetch_one(&pool).await.unwrap();
+    let dir = common::files::temp_store();
+    let store = dir.join("store");
+    let file = store.join(format!("{stored}/video.mp4"));
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, b"kept until deleted").unwrap();
+    // The run being copied has one output stored already, another pending.
+    let copied = store.join(format!("{copying}/a.png"));
+    std::fs::create_dir_all(copied.parent().unwrap()).unwrap();
+    std::fs::write(&copied, b"copied so far").unwrap();
+    sqlx::query(
+        "INSERT INTO wfq.run_files (run_id, direction, key, profile, state, stored_location) VALUES \
+         ($1, 'output', 'video', 'chenyu', 'done', $3), \
+         ($2, 'output', 'a', 'chenyu', 'done', $4), ($2, 'output', 'b', 'chenyu', 'pending', NULL)",
+    )
+    .bind(stored)
+    .bind(copying)
+    .bind(format!("file://{}", file.display()))
+    .bind(format!("file://{}", copied.display()))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let left = || async {
+        sqlx::query_scalar::<_, String>("SELECT workflow_id FROM wfq.runs ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+
+    // No worker.toml in `dir`: no store.
+    let prune = wfq_in(&dir, &db, &["prune", "--finished-before", "1d"]);
+    assert!(prune.status.success(), "{}", stderr(&prune));
+    assert_eq!(stdout(&prune), "deleted 1 finished runs and their events");
+    assert!(
+        stderr(&prune).contains("kept 2 finished runs that have files in the store"),
+        "{}",
+        stderr(&prune)
+    );
+    assert_eq!(left().await, vec!["stored", "copying"]);
+    assert!(file.exists(), "the stored file is still recorded");
+
+    // With the store: the files first, then the run; the copy in progress
+    // still holds its run.
+    let config = dir.join("worker.toml");
+    std::fs::write(
+        &config,
+        format!("[storage]\nurl = \"file://{}\"\n", store.display()),
+    )
+    .unwrap();
+    let prune = wfq_in(&dir, &db, &["prune", "--finished-before", "1d"]);
+    assert!(prune.status.success(), "{}", stderr(&prune));
+    let said = stdout(&prune);
+    assert!(
+        said.contains("deleted 1 stored files") && said.contains("deleted 1 finished runs"),
+        "{said}"
+    );
+    assert!(!file.exists());
+    assert!(copied.exists(), "kept with its run while the copy goes on");
+    assert_eq!(left().await, vec!["copying"]);
+    assert!(
+        stderr(&prune).contains("kept 1 finished runs whose files are still being copied"),
+        "{}",
+        stderr(&prune)
+    );
+
+    // The copy is over: the file it stored so far goes, then the run.
+    sqlx::query(
+        "UPDATE wfq.run_files SET state = 'skipped' WHERE run_id = $1 AND state = 'pending'",
+    )
+    .bind(copying)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let prune = wfq_in(&dir, &db, &["prune", "--finished-before", "1d"]);
+    assert!(prune.status.success(), "{}", stderr(&prune));
+    assert!(!copied.exists());
+    assert!(left().await.is_empty());
+    assert!(!stderr(&prune).contains("kept"), "{}", stderr(&prune));
     let _ = std::fs::remove_dir_all(dir);
 }

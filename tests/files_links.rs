@@ -218,3 +218,125 @@ async fn gptbots_gets_files_by_url_and_presigned_urls_are_never_recorded(
     let _ = std::fs::remove_dir_all(dir);
     pool.close().await;
 }
+
+/// GPTBots cannot fetch the presigned URL it was given and fails the run
+/// quoting it whole in its `errorMessage` (the simulator's `unfetchable`
+/// workflow), besides echoing it in `input`. The run fails with the
+/// message cut to the link's path, and nothing of the signature reaches a
+/// row, an event or a log line.
+#[sqlx::test]
+async fn a_gptbots_failure_quoting_the_presigned_url_records_nothing_of_its_signature(
+    _: PgPoolOptions,
+    connect: PgConnectOptions,
+) {
+    let Some(s3) = S3Server::find().await else {
+        return;
+    };
+    let url = database_url(&connect);
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(connect)
+        .await
+        .unwrap();
+    let bucket = s3.bucket().await;
+    let object = format!("{}/{bucket}/media/inputs/boat.png", s3.endpoint);
+    let put = reqwest::Client::new()
+        .put(&object)
+        .body(b"\x89PNG\r\n\x1a\nboat".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+
+    let sim = start_sim(20, 50, 20).await;
+    let id = enqueue_on(
+        &pool,
+        "gptbots_unfetchable",
+        "unfetchable",
+        json!({"topic": "boats", "picture": {"$file": "inputs/boat.png"}}),
+    )
+    .await;
+    let dir = temp_store();
+    let config = dir.join("worker.toml");
+    let toml = format!(
+        r#"{}
+[providers.gptbots_unfetchable]
+kind = "gptbots"
+base_url = "{}"
+api_key_env = "{KEY_ENV}"
+"#,
+        worker_toml(&sim, &s3, &bucket),
+        sim.gptbots_base_url("unfetchable"),
+    );
+    std::fs::write(&config, toml).unwrap();
+    let log = dir.join("worker.log");
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_wfq"))
+        .args(["worker", "--config"])
+        .arg(&config)
+        .env("DATABASE_URL", &url)
+        .env(KEY_ENV, API_KEY)
+        .env("AWS_ACCESS_KEY_ID", S3_KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+        .env("RUST_LOG", "debug,sqlx=warn,hyper=info,h2=info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("worker starts");
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    let _ = worker.kill().await;
+    let logs = std::fs::read_to_string(&log).unwrap_or_default();
+
+    let ledger = sim.gptbots_ledger();
+    assert_eq!(ledger.len(), 1, "{ledger:?}");
+    let presigned = ledger[0].input["picture"]
+        .as_str()
+        .expect("a URL")
+        .to_owned();
+    assert!(presigned.contains("X-Amz-Signature="), "{presigned}");
+    let failed = run(&pool, id).await;
+    assert_eq!(failed.state, "failed", "{logs}");
+    let path = presigned.split('?').next().unwrap();
+    assert_eq!(
+        failed.error_message.as_deref(),
+        Some(format!("cannot fetch {path}: 403 Forbidden").as_str()),
+        "the message says what failed, without the query"
+    );
+    let value_of = |name: &str| {
+        presigned
+            .split(&format!("{name}="))
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let (signature, credential) = (value_of("X-Amz-Signature"), value_of("X-Amz-Credential"));
+    for secret in [
+        "X-Amz-Signature",
+        signature.as_str(),
+        credential.as_str(),
+        S3_SECRET,
+    ] {
+        if recorded_anywhere(&pool, secret).await {
+            let rows: Vec<(String,)> = sqlx::query_as(
+                "SELECT r::text FROM wfq.runs r WHERE r::text LIKE '%' || $1 || '%' UNION ALL \
+                 SELECT e::text FROM wfq.run_events e WHERE e::text LIKE '%' || $1 || '%'",
+            )
+            .bind(secret)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            panic!("{secret} recorded: {rows:#?}");
+        }
+        assert!(!logs.contains(secret), "{secret} logged:\n{logs}");
+    }
+    assert!(
+        logs.contains("submit accepted"),
+        "the log is the worker's: {logs}"
+    );
+    sim.shutdown().await;
+    let _ = std::fs::remove_dir_all(dir);
+    pool.close().await;
+}

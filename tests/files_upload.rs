@@ -26,6 +26,115 @@ fn picture(dir: &std::path::Path, name: &str, size: usize) -> (String, Vec<u8>) 
     (format!("file://{}", path.display()), bytes)
 }
 
+/// The store's facts about input `image` of run `run_id` (bytes `sha256`).
+fn facts(run_id: i64, sha256: &str) -> store::InputFileFacts<'_> {
+    store::InputFileFacts {
+        run_id,
+        key: "image",
+        profile: "chenyu",
+        source: "in/boat.png",
+        sha256,
+        bytes: 3,
+        content_type: "image/png",
+    }
+}
+
+/// A run's own `done` upload that expires too soon to be used is uploaded
+/// again (a new attempt), not answered `Done`: the caller, which declines
+/// to reuse it, would otherwise be told to retry forever. One valid for
+/// long enough is still `Done`.
+#[sqlx::test]
+async fn a_done_upload_near_its_expiry_is_claimed_again(pool: PgPool) {
+    let run_id = enqueue(&pool, "video", json!({})).await;
+    let lease = Duration::from_secs(60);
+    let facts = facts(run_id, "near-expiry");
+    let store::UploadClaim::Mine(row) = store::begin_upload(&pool, &facts, "w1", lease)
+        .await
+        .unwrap()
+    else {
+        panic!("the first claim is the worker's");
+    };
+    let expires = |secs: i64| Some(chrono::Utc::now() + chrono::Duration::seconds(secs));
+    assert!(
+        store::finish_upload(&pool, row, "w1", "asset://a1", expires(300), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store::begin_upload(&pool, &facts, "w2", lease)
+            .await
+            .unwrap(),
+        store::UploadClaim::Mine(row),
+        "expires in 5 minutes: uploaded again"
+    );
+    let again = store::input_file(&pool, run_id, "image")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.state.as_str(), again.attempts), ("uploading", 2));
+    let valid_for = store::DONE_UPLOAD_RENEW_MARGIN.as_secs() as i64 + 3600;
+    assert!(
+        store::finish_upload(&pool, row, "w2", "asset://a2", expires(valid_for), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store::begin_upload(&pool, &facts, "w3", lease)
+            .await
+            .unwrap(),
+        store::UploadClaim::Done,
+        "valid for long enough: left alone"
+    );
+}
+
+/// A read failure of a file whose upload was left `uploading` by a worker
+/// that stopped counts on from the row's attempts (and ends that upload),
+/// so the retries stay bounded; one under a live lease is not changed but
+/// its count is returned, never "no count" (which the caller took as 1).
+#[sqlx::test]
+async fn read_failures_count_on_after_an_abandoned_upload(pool: PgPool) {
+    let run_id = enqueue(&pool, "video", json!({})).await;
+    let lease = Duration::from_secs(600);
+    let store::UploadClaim::Mine(row) =
+        store::begin_upload(&pool, &facts(run_id, "abandoned"), "w1", lease)
+            .await
+            .unwrap()
+    else {
+        panic!("the first claim is the worker's");
+    };
+    let fail =
+        || store::record_read_failure(&pool, run_id, "image", "chenyu", "in/boat.png", "503");
+    assert_eq!(
+        fail().await.unwrap(),
+        Some(1),
+        "live lease: left alone, its count returned"
+    );
+    let live = store::input_file(&pool, run_id, "image")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((live.state.as_str(), live.attempts), ("uploading", 1));
+
+    // The uploading worker stopped: its lease ran out.
+    sqlx::query(
+        "UPDATE wfq.run_files SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(row)
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(fail().await.unwrap(), Some(2));
+    assert_eq!(fail().await.unwrap(), Some(3));
+    let ended = store::input_file(&pool, run_id, "image")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (ended.state.as_str(), ended.error_code.as_deref()),
+        ("failed", Some("READ_FAILED"))
+    );
+}
+
 async fn enqueue_video(pool: &PgPool, image: &str) -> i64 {
     store::enqueue_run(
         pool,

@@ -255,6 +255,20 @@ pub async fn prune_stored_files(
     }
 }
 
+/// What `wfq prune` says about the `kept` runs it did not delete because
+/// their files are not done with (`configured`: whether `[storage]` was).
+pub fn kept_for_files_warning(kept: i64, configured: bool) -> String {
+    if configured {
+        format!(
+            "warning: kept {kept} finished runs whose files are still being copied or could not be deleted from the store; run wfq prune again later"
+        )
+    } else {
+        format!(
+            "warning: kept {kept} finished runs that have files in the store (or being copied there): without [storage] in the config wfq prune cannot delete those files, and deleting the runs would lose the only record of them; run wfq prune with the worker's config (its [storage]) to delete the files, then the runs"
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! `{"$file": "<location>"}` input values, read at the edge into typed
 //! locations; and the inputs with those values set aside.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 
 use serde_json::{Map, Value};
@@ -102,8 +103,10 @@ pub fn is_signed_url(url: &url::Url) -> bool {
 /// quoting a link), so that a presigned URL is never recorded.
 pub fn redact_signed_urls(value: &mut Value) {
     match value {
-        Value::String(text) if text.contains("http") => {
-            *text = redact_signed_urls_in_text(text);
+        Value::String(text) => {
+            if let Cow::Owned(clean) = redact_signed_urls_in_text_cow(text) {
+                *text = clean;
+            }
         }
         Value::Array(items) => items.iter_mut().for_each(redact_signed_urls),
         Value::Object(members) => members.values_mut().for_each(redact_signed_urls),
@@ -112,8 +115,122 @@ pub fn redact_signed_urls(value: &mut Value) {
 }
 
 /// `text` with the query of every signed http(s) URL in it dropped (an
-/// error message that quotes the link it could not fetch).
+/// error message that quotes the link it could not fetch), and the value
+/// of every signing parameter left elsewhere in it replaced (see
+/// [`scrub_signing_values`]).
 pub fn redact_signed_urls_in_text(text: &str) -> String {
+    redact_signed_urls_in_text_cow(text).into_owned()
+}
+
+fn redact_signed_urls_in_text_cow(text: &str) -> Cow<'_, str> {
+    let urls_cut = if text.contains("http://") || text.contains("https://") {
+        Cow::Owned(drop_signed_queries(text))
+    } else {
+        Cow::Borrowed(text)
+    };
+    match scrub_signing_values(&urls_cut) {
+        Cow::Owned(scrubbed) => Cow::Owned(scrubbed),
+        Cow::Borrowed(_) => urls_cut,
+    }
+}
+
+/// The query parameters that carry an S3/GCS signature or the key it was
+/// made with; their values are scrubbed wherever they appear.
+const SIGNING_PARAMETERS: [&str; 5] = [
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+    "x-goog-signature",
+    "x-goog-credential",
+];
+
+/// What a scrubbed signing value is replaced with.
+pub const SCRUBBED: &str = "REDACTED";
+
+/// `text` with the value of every signing parameter (`X-Amz-Signature`,
+/// `X-Amz-Credential`, `X-Amz-Security-Token`, `X-Goog-Signature`,
+/// `X-Goog-Credential`, in any case) replaced by [`SCRUBBED`]. This
+/// catches what the URL pass cannot see as a URL: a JSON-escaped link
+/// (`https:\/\/...`) in a body snippet, a percent-encoded one (`%3D`
+/// after the name, `%26` ending the value), or a bare `name=value`.
+/// A name not followed by `=`, `:` or `%3D` is left alone.
+pub fn scrub_signing_values(text: &str) -> Cow<'_, str> {
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::new();
+    let mut copied = 0;
+    let mut from = 0;
+    while let Some((at, name)) = SIGNING_PARAMETERS
+        .iter()
+        .filter_map(|name| lower[from..].find(name).map(|i| (from + i, name.len())))
+        .min()
+    {
+        let after_name = at + name;
+        from = after_name;
+        let Some(value_start) = value_start(&lower, after_name) else {
+            continue;
+        };
+        let value_end = value_end(&lower, value_start);
+        if value_end == value_start {
+            continue;
+        }
+        out.push_str(&text[copied..value_start]);
+        out.push_str(SCRUBBED);
+        copied = value_end;
+        from = value_end;
+    }
+    if copied == 0 {
+        return Cow::Borrowed(text);
+    }
+    out.push_str(&text[copied..]);
+    Cow::Owned(out)
+}
+
+/// Where the value after a signing parameter's name starts: past the
+/// separator (`=`, `:`, `%3D`, `%253D`, JSON's `\u003d`) and any quotes, backslashes or
+/// blanks around it; `None` when no separator follows the name.
+fn value_start(lower: &str, mut at: usize) -> Option<usize> {
+    let skip_filler = |at: &mut usize| {
+        while let Some(c) = lower[*at..].chars().next() {
+            if c.is_whitespace() || "\"'\\".contains(c) {
+                *at += c.len_utf8();
+            } else if lower[*at..].starts_with("%22") {
+                *at += 3;
+            } else {
+                break;
+            }
+        }
+    };
+    skip_filler(&mut at);
+    let rest = &lower[at..];
+    let separator = ["=", ":", "%3d", "%253d", "u003d"]
+        .into_iter()
+        .find(|s| rest.starts_with(s))?;
+    at += separator.len();
+    skip_filler(&mut at);
+    Some(at)
+}
+
+/// Where a signing value starting at `at` ends: at a blank, a quote, a
+/// bracket, a backslash (a JSON escape such as `\u0026`), `&`, `#`, `,`,
+/// `;`, or a percent-encoded `&` (`%26`, `%2526`).
+fn value_end(lower: &str, at: usize) -> usize {
+    let mut end = at;
+    while let Some(c) = lower[end..].chars().next() {
+        let rest = &lower[end..];
+        if c.is_whitespace()
+            || "\"'<>()[]{},;&#`\\".contains(c)
+            || rest.starts_with("%26")
+            || rest.starts_with("%2526")
+        {
+            break;
+        }
+        end += c.len_utf8();
+    }
+    end
+}
+
+/// `text` with the query of every signed http(s) URL in it dropped.
+fn drop_signed_queries(text: &str) -> String {
     let ends = |c: char| c.is_whitespace() || "\"'<>()[]{},\\`".contains(c);
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -126,6 +243,10 @@ pub fn redact_signed_urls_in_text(text: &str) -> String {
         out.push_str(&rest[..at]);
         let tail = &rest[at..];
         let len = tail.find(ends).unwrap_or(tail.len());
+        // Punctuation closing the sentence the link is in is not the link's.
+        let len = tail[..len]
+            .trim_end_matches(['.', ':', ';', '!', '?'])
+            .len();
         let (candidate, after) = tail.split_at(len);
         match url::Url::parse(candidate) {
             Ok(mut url) if is_signed_url(&url) => {
@@ -272,6 +393,61 @@ mod tests {
                 "not a url ?sig=1",
             ]})
         );
+    }
+
+    #[test]
+    fn signing_values_are_scrubbed_wherever_they_appear() {
+        let table = [
+            // A JSON-escaped link in a body snippet: not seen as a URL.
+            (
+                r#"{"error":"cannot fetch https:\/\/b.s3.x\/k.png?X-Amz-Credential=AK%2F1&X-Amz-Signature=abc"}"#,
+                r#"{"error":"cannot fetch https:\/\/b.s3.x\/k.png?X-Amz-Credential=REDACTED&X-Amz-Signature=REDACTED"}"#,
+            ),
+            // Percent-encoded, as a link passed in another link's query.
+            (
+                "u=https%3A%2F%2Fb%2Fk%3FX-Amz-Signature%3Dabc%26X-Amz-Security-Token%3DT0k%2Bn%3D%26a%3D1",
+                "u=https%3A%2F%2Fb%2Fk%3FX-Amz-Signature%3DREDACTED%26X-Amz-Security-Token%3DREDACTED%26a%3D1",
+            ),
+            (
+                "double: X-Goog-Signature%253Dsig%2526x",
+                "double: X-Goog-Signature%253DREDACTED%2526x",
+            ),
+            // Any case, bare, or as a JSON member, or behind a JSON escape.
+            (
+                "x-goog-credential=k@p.iam/2026 and X-GOOG-SIGNATURE=ff00",
+                "x-goog-credential=REDACTED and X-GOOG-SIGNATURE=REDACTED",
+            ),
+            (
+                r#"{"X-Amz-Security-Token": "FQo+/=", "n": 1}"#,
+                r#"{"X-Amz-Security-Token": "REDACTED", "n": 1}"#,
+            ),
+            (
+                r#"X-Amz-Signature\u003dabc\u0026b=1"#,
+                r#"X-Amz-Signature\u003dREDACTED\u0026b=1"#,
+            ),
+            // A literal signed URL still loses its whole query.
+            (
+                "see https://b/k?X-Amz-Signature=abc&a=1.",
+                "see https://b/k.",
+            ),
+            (
+                "cannot fetch https://b/k?X-Amz-Signature=abc: 403",
+                "cannot fetch https://b/k: 403",
+            ),
+            // A name without a value, and other parameters, stay.
+            (
+                "X-Amz-Signature is missing; X-Amz-Date=2026",
+                "X-Amz-Signature is missing; X-Amz-Date=2026",
+            ),
+            ("X-Amz-Signature=", "X-Amz-Signature="),
+            ("no signature here", "no signature here"),
+        ];
+        for (text, expected) in table {
+            assert_eq!(redact_signed_urls_in_text(text), expected, "{text}");
+        }
+        let mut snippet = json!({"body": "<html>https:\\/\\/b\\/k?X-Amz-Signature=abc</html>"});
+        redact_signed_urls(&mut snippet);
+        assert!(!snippet.to_string().contains("abc"), "{snippet}");
     }
 
     #[test]

@@ -233,7 +233,7 @@ fn parse_invoked(body: &[u8], limits: &AnswerLimits) -> Result<Accepted, Unclear
         provider_run_id,
         revision_id: non_empty(invoked.workflow_version),
         run_status: non_empty(invoked.status),
-        raw: audit_copy(&text),
+        raw: audit_copy_without_signed_urls(&text),
         repairs,
         ..Accepted::default()
     })
@@ -258,13 +258,14 @@ struct QueryResult {
     message: Option<Value>,
 }
 
-/// The result as recorded: GPTBots echoes the `input` it was sent, where
-/// a file of an S3 store is a presigned URL that must not be recorded.
-fn audit_copy_of_result(text: &str) -> Value {
+/// An answer as recorded, with every signed URL in it cut to its path:
+/// GPTBots echoes the `input` it was sent, where a file of an S3 store is
+/// a presigned URL, and may quote that URL anywhere else (an
+/// `errorMessage` saying it cannot fetch it, an `output`, an `error`
+/// object), all of which goes to the run's row and events.
+fn audit_copy_without_signed_urls(text: &str) -> Value {
     let mut raw = audit_copy(text);
-    if let Some(input) = raw.get_mut("input") {
-        crate::files::redact_signed_urls(input);
-    }
+    crate::files::redact_signed_urls(&mut raw);
     raw
 }
 
@@ -305,7 +306,10 @@ fn parse_result(body: &[u8], limits: &AnswerLimits) -> Result<RunReport, Unclear
     };
     Ok(RunReport {
         status,
-        outputs: result.output.filter(|o| !o.is_null()),
+        outputs: result.output.filter(|o| !o.is_null()).map(|mut o| {
+            crate::files::redact_signed_urls(&mut o);
+            o
+        }),
         currency: total_cost.map(|_| CURRENCY.to_owned()),
         // Credits are charged as the run goes; nothing is frozen, so the
         // total is what was charged once the run is over.
@@ -320,7 +324,7 @@ fn parse_result(body: &[u8], limits: &AnswerLimits) -> Result<RunReport, Unclear
         error_message,
         settled,
         run_status: Some(run_status),
-        raw: audit_copy_of_result(&text),
+        raw: audit_copy_without_signed_urls(&text),
         repairs,
         ..RunReport::default()
     })
@@ -469,6 +473,33 @@ mod tests {
             Some("cannot fetch https://b.s3.x/k.png")
         );
         assert_eq!(quoted.raw["input"]["img"], "https://b.s3.x/k.png");
+        assert!(!quoted.raw.to_string().contains("s1"), "{}", quoted.raw);
+        // Anywhere in the answer: the error members, the outputs, and a
+        // link in an escaped or encoded form.
+        let everywhere = parse_result(
+            br#"{"status":"FAILED","error":{"url":"https://b/k?X-Amz-Signature=s3"},"message":"see https:\/\/b\/k?X-Amz-Credential=AK&X-Amz-Signature=s4","output":{"tried":["https://b/k?X-Amz-Security-Token=s5","u=https%3A%2F%2Fb%3FX-Amz-Signature%3Ds6"]},"errorMessage":"cannot fetch"}"#,
+            &l(),
+        )
+        .unwrap();
+        let recorded = format!(
+            "{} {} {:?}",
+            everywhere.raw,
+            everywhere.outputs.as_ref().expect("outputs"),
+            everywhere.error_message
+        );
+        for secret in ["s3", "s4", "AK", "s5", "s6"] {
+            assert!(
+                !recorded.contains(&format!("={secret}"))
+                    && !recorded.contains(&format!("%3D{secret}")),
+                "{secret}: {recorded}"
+            );
+        }
+        let invoked = parse_invoked(
+            br#"{"workflowRunId":"r1","status":"PENDING","input":{"img":"https://b/k?X-Amz-Signature=s7"}}"#,
+            &l(),
+        )
+        .unwrap();
+        assert!(!invoked.raw.to_string().contains("s7"), "{}", invoked.raw);
         let refused = refusal_in_success(
             &raw(
                 200,

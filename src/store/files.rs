@@ -419,8 +419,18 @@ pub enum UploadClaim {
     Done,
 }
 
+/// How long a `done` upload must still be valid at the provider for
+/// [`begin_upload`] to leave it alone. One that expires sooner (or has no
+/// provider file id) is no use to the run's submit, so it is uploaded
+/// again; otherwise a caller that declines to reuse a nearly expired
+/// upload would be told `Done` forever. At least the margin a caller
+/// reuses its own row with (10 minutes in `files::upload`), so that every
+/// `done` row a caller declines is reclaimed.
+pub const DONE_UPLOAD_RENEW_MARGIN: Duration = Duration::from_secs(3600);
+
 /// Marks the run's input `key` as `uploading` by `worker` for `lease`,
-/// unless it is done. At most one upload of the same bytes per profile is
+/// unless it is done and valid for longer than
+/// [`DONE_UPLOAD_RENEW_MARGIN`]. At most one upload of the same bytes per profile is
 /// in flight (a unique index): a second one is `Busy`. An upload whose
 /// worker died (seen dead in `wfq.workers`, or its lease ran out) is
 /// marked failed first: its answer will never be recorded, and waiting for
@@ -455,7 +465,8 @@ pub async fn begin_upload(
             attempts = wfq.run_files.attempts + 1, lease_owner = EXCLUDED.lease_owner,
             lease_expires_at = EXCLUDED.lease_expires_at, error_code = NULL, error = NULL,
             updated_at = now()
-        WHERE wfq.run_files.state <> 'done'
+        WHERE (wfq.run_files.state <> 'done' OR wfq.run_files.provider_file_id IS NULL
+               OR wfq.run_files.provider_expires_at <= now() + make_interval(secs => $10))
           AND (wfq.run_files.state <> 'uploading' OR wfq.run_files.lease_expires_at <= now()
                OR wfq.run_files.lease_owner = EXCLUDED.lease_owner)
         RETURNING id, state
@@ -470,6 +481,7 @@ pub async fn begin_upload(
     .bind(facts.content_type)
     .bind(worker)
     .bind(lease.as_secs_f64())
+    .bind(DONE_UPLOAD_RENEW_MARGIN.as_secs_f64())
     .fetch_optional(pool)
     .await;
     match claimed {
@@ -590,6 +602,10 @@ pub async fn prunable_runs_with_files(
           AND r.callback_state IS DISTINCT FROM 'pending'
           AND r.finished_at < now() - make_interval(secs => $1)
           AND EXISTS (SELECT 1 FROM wfq.run_files f WHERE f.run_id = r.id AND f.stored_location IS NOT NULL)
+          -- A copy in progress keeps the run (prune_finished_runs): its
+          -- files are deleted once it is over, all at once.
+          AND NOT EXISTS (SELECT 1 FROM wfq.run_files f
+                          WHERE f.run_id = r.id AND f.direction = 'output' AND f.state = 'pending')
         ORDER BY r.finished_at
         LIMIT $2
         "#,
@@ -627,8 +643,13 @@ pub async fn release_mirror_leases(pool: &PgPool, worker: &str) -> Result<u64, s
 }
 
 /// Records that input `key` of run `run_id` could not be read for now;
-/// returns how many reads (and uploads) of it failed so far. A row that is
-/// done or being uploaded is left alone (`None`).
+/// returns how many reads (and uploads) of it failed so far. An upload
+/// left `uploading` by a worker that stopped (its lease ran out, or it is
+/// seen dead) is over: it is counted and marked failed here too, since
+/// `begin_upload` (which would abandon it) is not reached while the file
+/// cannot be read. A row that is done or being uploaded under a live
+/// lease is left alone and its count returned as it is, so that the
+/// caller's count never starts again at 1 (`None` only if there is no row).
 #[tracing::instrument(name = "record_read_failure", skip(pool), err)]
 pub async fn record_read_failure(
     pool: &PgPool,
@@ -638,15 +659,23 @@ pub async fn record_read_failure(
     source: &str,
     error: &str,
 ) -> Result<Option<i32>, sqlx::Error> {
-    sqlx::query_scalar(
+    let counted: Option<i32> = sqlx::query_scalar(
         r#"
         INSERT INTO wfq.run_files (run_id, direction, key, position, profile, source, state, attempts,
                                    error_code, error)
         VALUES ($1, 'input', $2, 0, $3, $4, 'failed', 1, 'READ_FAILED', $5)
         ON CONFLICT (run_id, direction, key, position) DO UPDATE
         SET attempts = wfq.run_files.attempts + 1, error_code = 'READ_FAILED', error = EXCLUDED.error,
+            state = CASE WHEN wfq.run_files.state = 'uploading' THEN 'failed' ELSE wfq.run_files.state END,
+            lease_owner = CASE WHEN wfq.run_files.state = 'uploading' THEN NULL
+                               ELSE wfq.run_files.lease_owner END,
+            lease_expires_at = CASE WHEN wfq.run_files.state = 'uploading' THEN NULL
+                                    ELSE wfq.run_files.lease_expires_at END,
             updated_at = now()
         WHERE wfq.run_files.state IN ('failed', 'pending')
+           OR (wfq.run_files.state = 'uploading'
+               AND (wfq.run_files.lease_expires_at IS NULL OR wfq.run_files.lease_expires_at <= now()
+                    OR wfq.run_files.lease_owner IN (SELECT id FROM wfq.workers WHERE died_at IS NOT NULL)))
         RETURNING attempts
         "#,
     )
@@ -655,6 +684,17 @@ pub async fn record_read_failure(
     .bind(profile)
     .bind(source)
     .bind(error)
+    .fetch_optional(pool)
+    .await?;
+    if counted.is_some() {
+        return Ok(counted);
+    }
+    sqlx::query_scalar(
+        "SELECT attempts FROM wfq.run_files \
+         WHERE run_id = $1 AND direction = 'input' AND key = $2 AND position = 0",
+    )
+    .bind(run_id)
+    .bind(key)
     .fetch_optional(pool)
     .await
 }

@@ -32,11 +32,11 @@ pub use claim::{
     renew_lease, session_name,
 };
 pub use files::{
-    ClaimedMirror, InputFileFacts, MirrorRecord, PlannedFile, RunFileRow, UnplannedRun,
-    UploadClaim, begin_upload, claim_due_mirrors, fail_upload, finish_upload, forget_stored_files,
-    input_file, media_of_run, mirror_counts, next_mirror_due, prunable_runs_with_files,
-    record_input_link, record_mirrors, record_plan, record_read_failure, release_mirror_leases,
-    reusable_upload, reuse_upload, run_files, unplanned_runs,
+    ClaimedMirror, DONE_UPLOAD_RENEW_MARGIN, InputFileFacts, MirrorRecord, PlannedFile, RunFileRow,
+    UnplannedRun, UploadClaim, begin_upload, claim_due_mirrors, fail_upload, finish_upload,
+    forget_stored_files, input_file, media_of_run, mirror_counts, next_mirror_due,
+    prunable_runs_with_files, record_input_link, record_mirrors, record_plan, record_read_failure,
+    release_mirror_leases, reusable_upload, reuse_upload, run_files, unplanned_runs,
 };
 pub use leases::{give_back_idle_leases, renew_leases};
 pub use metrics::{count_runs, outstanding_frozen, ping};
@@ -48,7 +48,7 @@ pub use read::{EventRow, RunRow, list_runs, run_events, show_run};
 pub use requests::{
     CancelOutcome, NewRun, RequestError, RetryOutcome, cancel_run, enqueue_run, retry_run,
 };
-pub use retention::prune_finished_runs;
+pub use retention::{prune_finished_runs, runs_kept_for_their_files};
 pub use spend::{
     Guarded, GuardedRun, begin_within_limits, check_timezone, committed_now, hold_run,
     next_budget_day, record_budget_timezone, wake_held_runs, wake_unknown_cost_holds,

@@ -8,7 +8,13 @@ use sqlx::PgPool;
 /// statement so the queue is never blocked for long. Runs whose money is
 /// not settled (`SUBMIT_RETRIES_EXHAUSTED`, `POLL_DEADLINE`) are kept: they
 /// are the open questions of a billing dispute; so are runs whose callback
-/// is still being delivered. Returns how many were deleted.
+/// is still being delivered. So are runs whose files are not done with:
+/// a file still in the store (`run_files.stored_location`), which must be
+/// deleted first (`wfq prune` with `[storage]`) or the cascade would lose
+/// the only record of it, or an output copy still in progress. The
+/// database enforces "files first, then rows", whatever pass or process
+/// ran before, and a prune that kept them can simply run again. Returns
+/// how many were deleted.
 #[tracing::instrument(name = "prune_finished_runs", skip(pool), err)]
 pub async fn prune_finished_runs(
     pool: &PgPool,
@@ -25,6 +31,12 @@ pub async fn prune_finished_runs(
                   AND settled_at IS NOT NULL
                   AND callback_state IS DISTINCT FROM 'pending'
                   AND finished_at < now() - make_interval(secs => $1)
+                  -- Files first, then rows (see above).
+                  AND NOT EXISTS (
+                      SELECT 1 FROM wfq.run_files f
+                      WHERE f.run_id = wfq.runs.id
+                        AND (f.stored_location IS NOT NULL
+                             OR (f.direction = 'output' AND f.state = 'pending')))
                 ORDER BY finished_at
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED
@@ -40,4 +52,31 @@ pub async fn prune_finished_runs(
             return Ok(deleted);
         }
     }
+}
+
+/// How many runs `prune_finished_runs` would delete but keeps for their
+/// files (in the store, or an output copy in progress): what `wfq prune`
+/// without `[storage]` must warn about.
+#[tracing::instrument(name = "runs_kept_for_their_files", skip(pool), err)]
+pub async fn runs_kept_for_their_files(
+    pool: &PgPool,
+    older_than: Duration,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        r#"
+        SELECT count(*) FROM wfq.runs r
+        WHERE r.state IN ('succeeded', 'failed', 'canceled')
+          AND r.settled_at IS NOT NULL
+          AND r.callback_state IS DISTINCT FROM 'pending'
+          AND r.finished_at < now() - make_interval(secs => $1)
+          AND EXISTS (
+              SELECT 1 FROM wfq.run_files f
+              WHERE f.run_id = r.id
+                AND (f.stored_location IS NOT NULL
+                     OR (f.direction = 'output' AND f.state = 'pending')))
+        "#,
+    )
+    .bind(older_than.as_secs_f64())
+    .fetch_one(pool)
+    .await
 }

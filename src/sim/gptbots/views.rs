@@ -11,7 +11,6 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::run::GptRun;
-use super::workflows::FAILURE;
 use crate::sim::hostile::{self, Variant};
 use crate::sim::money::ExactNumber;
 use crate::sim::timeline::Timing;
@@ -81,10 +80,11 @@ pub(crate) fn result(run: &GptRun, timing: &Timing, elapsed: Duration, odd: &Odd
         start_time: start,
         end_time: over.then(|| start.saturating_add(i64::try_from(millis(ends)).unwrap_or(0))),
         error_message: failed.then(|| {
+            let message = run.workflow.failure(&run.input);
             if hostile {
-                hostile::mark_message(FAILURE)
+                hostile::mark_message(&message)
             } else {
-                FAILURE.to_owned()
+                message
             }
         }),
     };
@@ -144,6 +144,6 @@ mod tests {
         .expect("json");
         assert_eq!(failed["status"], "FAILED");
         assert_eq!(failed["output"], Value::Null);
-        assert_eq!(failed["errorMessage"], FAILURE);
+        assert_eq!(failed["errorMessage"], super::super::workflows::FAILURE);
     }
 }

@@ -13,6 +13,9 @@ pub(crate) struct GptWorkflow {
     pub workflow_version: &'static str,
     /// Ends `FAILED` instead of `SUCCEED`.
     pub fails: bool,
+    /// Fails saying it cannot fetch the links in its input, quoting them
+    /// whole (as GPTBots does when a file's URL does not work).
+    pub quotes_links: bool,
 }
 
 /// Every workflow the simulator serves.
@@ -23,6 +26,7 @@ pub(crate) const WORKFLOWS: &[GptWorkflow] = &[
         workflow_name: "todayNews",
         workflow_version: "1.0.1",
         fails: false,
+        quotes_links: false,
     },
     GptWorkflow {
         name: "fails",
@@ -30,11 +34,37 @@ pub(crate) const WORKFLOWS: &[GptWorkflow] = &[
         workflow_name: "alwaysFails",
         workflow_version: "1.0.0",
         fails: true,
+        quotes_links: false,
+    },
+    GptWorkflow {
+        name: "unfetchable",
+        workflow_id: "66f2a1c0e4b0a1b2c3d4e5f8",
+        workflow_name: "cannotFetchFiles",
+        workflow_version: "1.0.0",
+        fails: true,
+        quotes_links: true,
     },
 ];
 
 /// The error message of a failed run.
 pub(crate) const FAILURE: &str = "simulated workflow failure";
+
+impl GptWorkflow {
+    /// The error message of a failed run of this workflow with `input`.
+    pub(crate) fn failure(&self, input: &Value) -> String {
+        if !self.quotes_links {
+            return FAILURE.to_owned();
+        }
+        let links: Vec<&str> = input
+            .as_object()
+            .into_iter()
+            .flat_map(|members| members.values())
+            .filter_map(Value::as_str)
+            .filter(|text| text.starts_with("http://") || text.starts_with("https://"))
+            .collect();
+        format!("cannot fetch {}: 403 Forbidden", links.join(", "))
+    }
+}
 
 /// The workflow called `name`.
 pub(crate) fn find(name: &str) -> Option<&'static GptWorkflow> {
@@ -137,6 +167,17 @@ mod tests {
         assert!(ok.is_async);
         assert_eq!(ok.user_id.as_deref(), Some("u"));
         assert!(parse_invoke(b"[]").is_err());
+    }
+
+    #[test]
+    fn the_unfetchable_workflow_quotes_the_links_it_was_given() {
+        let wf = find("unfetchable").expect("wf");
+        assert!(wf.fails);
+        assert_eq!(
+            wf.failure(&json!({"topic": "t", "img": "https://b/k?X-Amz-Signature=s"})),
+            "cannot fetch https://b/k?X-Amz-Signature=s: 403 Forbidden"
+        );
+        assert_eq!(find("fails").expect("wf").failure(&json!({})), FAILURE);
     }
 
     #[test]
