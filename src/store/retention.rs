@@ -8,7 +8,9 @@ use sqlx::PgPool;
 /// statement so the queue is never blocked for long. Runs whose money is
 /// not settled (`SUBMIT_RETRIES_EXHAUSTED`, `POLL_DEADLINE`) are kept: they
 /// are the open questions of a billing dispute; so are runs whose callback
-/// is still being delivered. Returns how many were deleted.
+/// is still being delivered, and runs of a chain that a run not yet final
+/// depends on (its outputs are that run's inputs). Returns how many were
+/// deleted.
 #[tracing::instrument(name = "prune_finished_runs", skip(pool), err)]
 pub async fn prune_finished_runs(
     pool: &PgPool,
@@ -25,6 +27,11 @@ pub async fn prune_finished_runs(
                   AND settled_at IS NOT NULL
                   AND callback_state IS DISTINCT FROM 'pending'
                   AND finished_at < now() - make_interval(secs => $1)
+                  -- A run another one still waits for, or is about to
+                  -- send, stays: its outputs are that run's inputs.
+                  AND NOT EXISTS (
+                      SELECT 1 FROM wfq.dependents_of(wfq.runs.id) d
+                      WHERE d.state NOT IN ('succeeded', 'failed', 'canceled'))
                 ORDER BY finished_at
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED
