@@ -118,9 +118,9 @@ BEGIN
         outputs_of := outputs_of || jsonb_build_object(d.id::text, coalesce(d.outputs, '{}'::jsonb));
     END LOOP;
 
-    IF cardinality(found_ids) < cardinality(c.depends_on) THEN
-        SELECT array_agg(x ORDER BY x) INTO missing
-        FROM unnest(c.depends_on) x WHERE x <> ALL (found_ids);
+    SELECT array_agg(DISTINCT x ORDER BY x) INTO missing
+    FROM unnest(c.depends_on) x WHERE x <> ALL (found_ids);
+    IF missing IS NOT NULL THEN
         UPDATE wfq.runs
         SET state = 'failed', error_code = 'DEPENDENCY_MISSING',
             error_message = format('%s, which this run depends on, %s not exist any more (deleted)',
@@ -206,7 +206,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    IF (SELECT count(*) = cardinality(deps)
+    IF (SELECT count(*) = (SELECT count(DISTINCT x) FROM unnest(deps) x)
                AND NOT bool_or(d.xmin <> pg_current_xact_id()::xid OR d.state IN ('failed', 'canceled'))
         FROM (SELECT r.xmin, r.state FROM wfq.runs r WHERE r.id = ANY (deps) OFFSET 0) d) THEN
         RETURN NULL;
