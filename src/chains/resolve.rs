@@ -295,7 +295,8 @@ mod tests {
             error_code: code.map(str::to_owned),
             ..succeeded(id, json!({}), None)
         };
-        let cases: Vec<(&[i64], Vec<Dependency>, Result<(), Unresolved>)> = vec![
+        type Case<'a> = (&'a [i64], Vec<Dependency>, Result<(), Unresolved>);
+        let cases: Vec<Case> = vec![
             (&[], vec![], Ok(())),
             (
                 &[2, 1],
@@ -481,7 +482,7 @@ mod tests {
             (dependency(None, 1.0), None, Ok(url)),
         ];
         for (dependency, store, want) in cases {
-            let got = resolve(&inputs, &[dependency.clone()], store);
+            let got = resolve(&inputs, std::slice::from_ref(&dependency), store);
             match want {
                 Ok(image) => assert_eq!(
                     got.unwrap(),
