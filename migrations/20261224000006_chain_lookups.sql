@@ -1,10 +1,10 @@
 -- The lookups of a chain's triggers, made cheap whatever the planner
 -- knows (measured on 10,000 chained runs, see BENCHMARKS.md):
 --
--- - runs_depends_on_idx without a pending list: with GIN's fast update,
---   the entries of freshly inserted chained runs sit in an unsorted list
---   that every lookup reads whole; 10,000 finishes against 10,000 fresh
---   dependents took 200 s.
+-- - runs_depends_on_idx without a pending list: created so by
+--   20261224000002 (with GIN's fast update, the entries of freshly
+--   inserted chained runs sit in an unsorted list that every lookup reads
+--   whole; 10,000 finishes against 10,000 fresh dependents took 200 s).
 -- - "who waits for run X" is asked through that index alone (a fenced
 --   subquery), then filtered: with `state = 'waiting'` next to it, a plan
 --   made while the statistics still said "no waiting runs" walked every
@@ -18,9 +18,6 @@
 --   with `state IN ('failed', 'canceled')` beside the ids, a plan made on
 --   stale statistics read runs_finished_idx whole for every decision.
 SET LOCAL lock_timeout = '500ms';
-
-ALTER INDEX wfq.runs_depends_on_idx SET (fastupdate = off);
-SELECT gin_clean_pending_list('wfq.runs_depends_on_idx'::regclass);
 
 -- A few references per run, not the default thousand: the planner then
 -- looks up each referenced run by its key.

@@ -121,7 +121,9 @@ async fn inputs_at_provider(sim: &wfq::sim::SimServer, run_order_id: &str) -> Va
 /// submitted) not at all, with the money of the ledger.
 async fn assert_ledger_exact(pool: &PgPool, sim: &wfq::sim::SimServer) {
     let ledger = sim.ledger();
-    let rows: Vec<(i64, String, Option<Decimal>, Option<Decimal>, bool)> = sqlx::query_as(
+    /// id, key, frozen, charged, submitted.
+    type Row = (i64, String, Option<Decimal>, Option<Decimal>, bool);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, idempotency_key, frozen_amount, final_amount, submitted_at IS NOT NULL \
          FROM wfq.runs ORDER BY id",
     )
@@ -149,7 +151,8 @@ async fn assert_ledger_exact(pool: &PgPool, sim: &wfq::sim::SimServer) {
 #[sqlx::test]
 async fn the_readme_example_is_accepted_as_written(pool: PgPool) {
     sqlx::raw_sql(README_EXAMPLE).execute(&pool).await.unwrap();
-    let rows: Vec<(i64, String, Option<Vec<i64>>, Option<String>)> =
+    type Row = (i64, String, Option<Vec<i64>>, Option<String>);
+    let rows: Vec<Row> =
         sqlx::query_as("SELECT id, state, depends_on, hold_reason FROM wfq.runs ORDER BY id")
             .fetch_all(&pool)
             .await
@@ -930,4 +933,344 @@ async fn the_command_line_enqueues_a_chain_and_shows_it(
         String::from_utf8_lossy(&missing.stderr)
             .contains("depends on run 999999, which does not exist")
     );
+}
+
+/// What a worker writes when the provider accepts a submit (`wfr-...`).
+fn accepted(run_id: &str) -> wfq::lifecycle::Transition {
+    use wfq::backoff::{PollPolicy, RetryPolicy};
+    use wfq::lifecycle::{self, RunProgress, RunState};
+    use wfq::providers::{Accepted, SubmitGuard, SubmitOutcome};
+    let progress = RunProgress {
+        state: RunState::Submitting,
+        attempts: 1,
+        polls: 0,
+        since_submit: None,
+        unknown_status_for: None,
+        unsettled_for: None,
+    };
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(60),
+        multiplier: 2.0,
+        jitter: 0.0,
+    };
+    let poll = PollPolicy {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(60),
+        multiplier: 2.0,
+        jitter: 0.0,
+        deadline: Duration::from_secs(3600),
+        unknown_status_limit: Duration::from_secs(600),
+        settle_wait: Duration::from_secs(900),
+    };
+    lifecycle::after_submit(
+        &progress,
+        &SubmitOutcome::Accepted(Accepted {
+            provider_run_id: run_id.to_owned(),
+            raw: json!({"workflowRunId": run_id, "status": "PENDING"}),
+            ..Default::default()
+        }),
+        SubmitGuard::Nothing,
+        &retry,
+        &poll,
+        chrono::Utc::now(),
+        0.5,
+    )
+}
+
+/// A chain whose first run was given up on (`SUBMIT_OUTCOME_UNKNOWN`)
+/// comes back with it when the provider's acceptance arrives late, not
+/// only through `wfq retry`: the runs below wait again, and are released
+/// when it succeeds.
+#[sqlx::test]
+async fn a_chain_comes_back_when_a_late_answer_revives_its_first_run(pool: PgPool) {
+    let a = insert(&pool, TEXT_TO_IMAGE, json!({"n6_text": "x"})).await;
+    let b = video_of(&pool, a).await;
+    let c = insert_with(
+        &pool,
+        TEXT_TO_IMAGE,
+        json!({}),
+        &format!("depends_on = ARRAY[{b}]::bigint[]"),
+    )
+    .await;
+    let token = uuid::Uuid::new_v4();
+    sqlx::query(
+        "UPDATE wfq.runs SET state = 'failed', error_code = 'SUBMIT_OUTCOME_UNKNOWN', submit_token = $2, \
+         sent_inputs = inputs, finished_at = now() WHERE id = $1",
+    )
+    .bind(a)
+    .bind(token)
+    .execute(&pool)
+    .await
+    .unwrap();
+    for id in [b, c] {
+        assert_eq!(
+            state(&pool, id).await,
+            ("failed".to_owned(), Some("DEPENDENCY_FAILED".to_owned())),
+            "run {id}"
+        );
+    }
+
+    let late = store::record_late_acceptance(
+        &pool,
+        a,
+        token,
+        "a",
+        Duration::from_secs(60),
+        &accepted("wfr-1"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(late, store::LateAnswer::Recorded { .. }),
+        "{late:?}"
+    );
+    assert_eq!(state(&pool, a).await, ("running".to_owned(), None));
+    for id in [b, c] {
+        assert_eq!(
+            state(&pool, id).await,
+            ("waiting".to_owned(), None),
+            "run {id}"
+        );
+        assert!(
+            event_kinds(&pool, id)
+                .await
+                .contains(&"chain_resumed".to_owned())
+        );
+    }
+
+    succeed(&pool, a, json!({"n9_images": "https://cdn.example/a.png"})).await;
+    assert_eq!(state(&pool, b).await, ("queued".to_owned(), None));
+    assert_eq!(state(&pool, c).await, ("waiting".to_owned(), None));
+}
+
+/// Two resumes of the same chain at once (two retries, or a retry and a
+/// revived run): the second, which walked the chain before the first
+/// committed, finds the runs waiting when it gets their locks, and leaves
+/// them alone.
+#[sqlx::test]
+async fn a_second_resume_racing_the_first_changes_nothing(pool: PgPool) {
+    let a = insert(&pool, TEXT_TO_IMAGE, json!({"n6_text": "x"})).await;
+    let b = video_of(&pool, a).await;
+    sqlx::query(
+        "UPDATE wfq.runs SET state = 'failed', error_code = 'OPERATOR', finished_at = now(), settled_at = now() WHERE id = $1",
+    )
+    .bind(a)
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        state(&pool, b).await.1.as_deref(),
+        Some("DEPENDENCY_FAILED")
+    );
+
+    // The first: the run comes back (its trigger resumes the chain), not
+    // committed yet.
+    let mut first = pool.begin().await.unwrap();
+    sqlx::query(
+        "UPDATE wfq.runs SET state = 'queued', error_code = NULL, finished_at = NULL, settled_at = NULL, \
+         due_at = now() WHERE id = $1",
+    )
+    .bind(a)
+    .execute(&mut *first)
+    .await
+    .unwrap();
+
+    // The second walks the chain now and waits for run b's lock.
+    let mut second = pool.acquire().await.unwrap().detach();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut second)
+        .await
+        .unwrap();
+    let racing = tokio::spawn(async move {
+        let resumed: i32 = sqlx::query_scalar("SELECT wfq.resume_chain($1, $1)")
+            .bind(a)
+            .fetch_one(&mut second)
+            .await
+            .unwrap();
+        resumed
+    });
+    wait_for(
+        &pool,
+        &format!(
+            "EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock')"
+        ),
+        Duration::from_secs(30),
+    )
+    .await;
+    first.commit().await.unwrap();
+
+    assert_eq!(
+        racing.await.unwrap(),
+        0,
+        "the second resume found nothing to do"
+    );
+    assert_eq!(state(&pool, b).await, ("waiting".to_owned(), None));
+    let resumes = event_kinds(&pool, b)
+        .await
+        .iter()
+        .filter(|k| *k == "chain_resumed")
+        .count();
+    assert_eq!(resumes, 1);
+}
+
+/// A dependency deleted before it succeeded: the runs waiting for it fail
+/// DEPENDENCY_MISSING in the deleting transaction, and the chain below
+/// them with it.
+#[sqlx::test]
+async fn deleting_a_dependency_fails_the_runs_waiting_for_it(pool: PgPool) {
+    let a = insert(&pool, TEXT_TO_IMAGE, json!({"n6_text": "x"})).await;
+    let b = video_of(&pool, a).await;
+    let c = insert_with(
+        &pool,
+        TEXT_TO_IMAGE,
+        json!({}),
+        &format!("depends_on = ARRAY[{b}]::bigint[]"),
+    )
+    .await;
+    sqlx::query("DELETE FROM wfq.runs WHERE id = $1")
+        .bind(a)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let rb = run(&pool, b).await;
+    assert_eq!(
+        (rb.state.as_str(), rb.error_code.as_deref()),
+        ("failed", Some("DEPENDENCY_MISSING"))
+    );
+    assert_eq!(
+        rb.error_message.as_deref(),
+        Some(
+            format!("run {a}, which this run depends on, does not exist any more (deleted)")
+                .as_str()
+        )
+    );
+    assert!(
+        event_kinds(&pool, b)
+            .await
+            .contains(&"dependency_missing".to_owned())
+    );
+    let rc = run(&pool, c).await;
+    assert_eq!(
+        (rc.state.as_str(), rc.error_code.as_deref()),
+        ("failed", Some("DEPENDENCY_FAILED"))
+    );
+    assert_eq!(
+        rc.error_detail.unwrap()["root_error_code"],
+        "DEPENDENCY_MISSING"
+    );
+}
+
+/// An insert that read its dependency just before another transaction
+/// deleted it (the delete's trigger could not see the uncommitted run):
+/// at its commit the run is decided, and fails DEPENDENCY_MISSING instead
+/// of waiting for ever.
+#[sqlx::test]
+async fn an_insert_racing_the_delete_of_its_dependency_fails_at_commit(pool: PgPool) {
+    let a = insert(&pool, TEXT_TO_IMAGE, json!({"n6_text": "x"})).await;
+    let mut producer = pool.begin().await.unwrap();
+    let b: i64 = sqlx::query_scalar(
+        "INSERT INTO wfq.runs (workflow_id, inputs, depends_on) VALUES ($1, '{}', ARRAY[$2::bigint]) RETURNING id",
+    )
+    .bind(TEXT_TO_IMAGE)
+    .bind(a)
+    .fetch_one(&mut *producer)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM wfq.runs WHERE id = $1")
+        .bind(a)
+        .execute(&pool)
+        .await
+        .unwrap();
+    producer.commit().await.unwrap();
+    assert_eq!(
+        state(&pool, b).await,
+        ("failed".to_owned(), Some("DEPENDENCY_MISSING".to_owned()))
+    );
+}
+
+/// `wfq prune` keeps a finished run while a run that depends on it is not
+/// final (its outputs are that run's inputs), and prunes it afterwards.
+#[sqlx::test]
+async fn prune_keeps_a_dependency_until_its_dependents_are_final(pool: PgPool) {
+    let a = insert(&pool, TEXT_TO_IMAGE, json!({"n6_text": "x"})).await;
+    let other = insert(&pool, TEXT_TO_IMAGE, json!({"n6_text": "y"})).await;
+    let b = insert_with(
+        &pool,
+        VIDEO,
+        json!({"prompt": "p", "image": output(a, "n9_images")}),
+        &format!("depends_on = ARRAY[{other}]::bigint[]"),
+    )
+    .await;
+    let alone = insert(&pool, TEXT_TO_IMAGE, json!({"n6_text": "z"})).await;
+    for id in [a, alone] {
+        succeed(&pool, id, json!({"n9_images": "https://cdn.example/a.png"})).await;
+    }
+    sqlx::query("UPDATE wfq.runs SET finished_at = now() - interval '2 days' WHERE id IN ($1, $2)")
+        .bind(a)
+        .bind(alone)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(state(&pool, b).await.0, "waiting");
+
+    let pruned = store::prune_finished_runs(&pool, Duration::from_secs(86_400), 100)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1, "only the run nothing depends on");
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM wfq.runs ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec![a, other, b]);
+    assert_eq!(state(&pool, b).await.0, "waiting");
+
+    // Once the run below is final, its dependency goes too.
+    sqlx::query(
+        "UPDATE wfq.runs SET state = 'canceled', error_code = 'CANCELED', finished_at = now(), settled_at = now() \
+         WHERE id = $1",
+    )
+    .bind(b)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let pruned = store::prune_finished_runs(&pool, Duration::from_secs(86_400), 100)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1);
+}
+
+/// A released run whose plain dependency (no `$output` reference) was
+/// deleted since is failed by the worker before anything is sent.
+#[sqlx::test]
+async fn a_released_run_whose_dependency_is_gone_is_never_sent(pool: PgPool) {
+    let sim = start_sim(20, 50, 20).await;
+    let a = insert(&pool, TEXT_TO_IMAGE, json!({"n6_text": "x"})).await;
+    let b = insert_with(
+        &pool,
+        TEXT_TO_IMAGE,
+        json!({"n6_text": "after a"}),
+        &format!("depends_on = ARRAY[{a}]::bigint[]"),
+    )
+    .await;
+    succeed(&pool, a, json!({"n9_images": "https://cdn.example/a.png"})).await;
+    assert_eq!(state(&pool, b).await.0, "queued");
+    sqlx::query("DELETE FROM wfq.runs WHERE id = $1")
+        .bind(a)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let worker = start_worker(config(&sim, "chain-gone", ""), pool.clone());
+    wait_all_final(&pool, Duration::from_secs(60)).await;
+    worker.stop().await;
+    let r = run(&pool, b).await;
+    assert_eq!(
+        (r.state.as_str(), r.error_code.as_deref()),
+        ("failed", Some("DEPENDENCY_MISSING"))
+    );
+    assert!(r.submitted_at.is_none() && r.sent_inputs.is_none());
+    assert!(sim.ledger().is_empty());
+    sim.shutdown().await;
 }

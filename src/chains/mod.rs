@@ -14,4 +14,4 @@ pub mod references;
 pub mod resolve;
 
 pub use references::{OUTPUT_MARKER, OutputRef, parse_run_input, references};
-pub use resolve::{Dependency, Store, Unresolved, resolve};
+pub use resolve::{Dependency, Store, Unresolved, check_dependencies, resolve};

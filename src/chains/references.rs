@@ -154,9 +154,12 @@ mod tests {
         assert_eq!(OutputRef::of(&r.to_json()), Some(r));
     }
 
+    /// An argument, and the (input, run, key) it names, if any, or the error.
+    type Case<'a> = (&'a str, Result<Option<(&'a str, i64, &'a str)>, &'a str>);
+
     #[test]
     fn run_inputs_from_the_command_line() {
-        let cases: [(&str, Result<Option<(&str, i64, &str)>, &str>); 9] = [
+        let cases: [Case; 9] = [
             (
                 "image=@run:42/n9_images",
                 Ok(Some(("image", 42, "n9_images"))),

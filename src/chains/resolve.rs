@@ -58,6 +58,12 @@ pub enum Unresolved {
         /// Where the reference is (`inputs.image`).
         input: String,
     },
+    /// A run it depends on is gone (deleted since it was released).
+    #[error("run {run}, which this run depends on, does not exist any more (deleted)")]
+    MissingDependency {
+        /// The run named in `depends_on`.
+        run: i64,
+    },
     /// A media file the run takes is being copied to the worker's store:
     /// the run goes on with the copy once it is there.
     #[error("{input}: the media output `{key}` of run {run} is being copied to the store")]
@@ -90,6 +96,41 @@ pub struct Store<'a> {
     pub stored: &'a dyn Fn(&str) -> Option<String>,
     /// How long after a dependency finished its copies are waited for.
     pub mirror_wait: std::time::Duration,
+}
+
+/// Whether every run of `depends_on` is there and succeeded: the first
+/// that is not (in id order) says why the run cannot be sent. A run that
+/// takes no output of a dependency is checked too: its order is the point.
+pub fn check_dependencies(
+    depends_on: &[i64],
+    dependencies: &[Dependency],
+) -> Result<(), Unresolved> {
+    let by_id: HashMap<i64, &Dependency> = dependencies.iter().map(|d| (d.id, d)).collect();
+    let mut ids = depends_on.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    for run in ids {
+        let Some(dependency) = by_id.get(&run) else {
+            return Err(Unresolved::MissingDependency { run });
+        };
+        match dependency.state.as_str() {
+            "succeeded" => {}
+            "failed" | "canceled" => {
+                return Err(Unresolved::Failed {
+                    run,
+                    state: dependency.state.clone(),
+                    code: dependency.error_code.clone(),
+                });
+            }
+            other => {
+                return Err(Unresolved::NotFinished {
+                    run,
+                    state: other.to_owned(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `inputs` with each `{"$output": ...}` value replaced by the output it
@@ -248,6 +289,63 @@ mod tests {
     };
 
     #[test]
+    fn every_dependency_must_be_there_and_succeeded() {
+        let with_state = |id: i64, state: &str, code: Option<&str>| Dependency {
+            state: state.into(),
+            error_code: code.map(str::to_owned),
+            ..succeeded(id, json!({}), None)
+        };
+        type Case<'a> = (&'a [i64], Vec<Dependency>, Result<(), Unresolved>);
+        let cases: Vec<Case> = vec![
+            (&[], vec![], Ok(())),
+            (
+                &[2, 1],
+                vec![
+                    with_state(1, "succeeded", None),
+                    with_state(2, "succeeded", None),
+                ],
+                Ok(()),
+            ),
+            (
+                &[1, 2],
+                vec![with_state(1, "succeeded", None)],
+                Err(Unresolved::MissingDependency { run: 2 }),
+            ),
+            (
+                &[1, 2],
+                vec![
+                    with_state(1, "canceled", Some("CANCELED")),
+                    with_state(2, "running", None),
+                ],
+                Err(Unresolved::Failed {
+                    run: 1,
+                    state: "canceled".into(),
+                    code: Some("CANCELED".into()),
+                }),
+            ),
+            (
+                &[3],
+                vec![with_state(3, "queued", None)],
+                Err(Unresolved::NotFinished {
+                    run: 3,
+                    state: "queued".into(),
+                }),
+            ),
+        ];
+        for (depends_on, dependencies, expected) in cases {
+            assert_eq!(
+                check_dependencies(depends_on, &dependencies),
+                expected,
+                "{depends_on:?}"
+            );
+        }
+        assert_eq!(
+            Unresolved::MissingDependency { run: 2 }.to_string(),
+            "run 2, which this run depends on, does not exist any more (deleted)"
+        );
+    }
+
+    #[test]
     fn references_become_outputs_and_mirrored_media_a_stored_file() {
         let url = "https://cdn.example/wfrun_1/n9_images.png";
         let image = succeeded(
@@ -384,7 +482,7 @@ mod tests {
             (dependency(None, 1.0), None, Ok(url)),
         ];
         for (dependency, store, want) in cases {
-            let got = resolve(&inputs, &[dependency.clone()], store);
+            let got = resolve(&inputs, std::slice::from_ref(&dependency), store);
             match want {
                 Ok(image) => assert_eq!(
                     got.unwrap(),

@@ -139,8 +139,9 @@ pub fn throttled(state: RunState, wait: Duration, now: DateTime<Utc>) -> Transit
 /// How soon a run whose input file is being copied to the store looks again.
 pub const MIRROR_RECHECK: Duration = Duration::from_secs(1);
 
-/// The `{"$output": ...}` inputs of a chained run could not be resolved:
-/// a dependency that failed (or lacks the output named) fails the run
+/// The dependencies of a chained run are not all there and succeeded, or
+/// its `{"$output": ...}` inputs could not be resolved: a dependency that
+/// failed, is gone (deleted) or lacks the output named fails the run
 /// before anything is sent; one that has not succeeded yet (the run was
 /// made due by hand, past the database's release) puts it back for
 /// `wait`.
@@ -170,6 +171,12 @@ pub fn unresolved_inputs(
             why.to_string(),
             Some(detail.clone()),
             event("dependency_failed"),
+        ),
+        Unresolved::MissingDependency { .. } => Transition::failed(
+            "DEPENDENCY_MISSING",
+            why.to_string(),
+            Some(detail.clone()),
+            event("dependency_missing"),
         ),
         Unresolved::MissingRun { .. } | Unresolved::MissingKey { .. } => Transition::failed(
             "DEPENDENCY_OUTPUT_MISSING",

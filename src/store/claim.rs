@@ -56,6 +56,9 @@ pub struct ClaimedRun {
     pub task_id: Option<String>,
     /// How often a lost submit was sent again (`resubmits`).
     pub resubmits: u32,
+    /// The runs it waits for (`depends_on`): each must have succeeded
+    /// before anything is sent.
+    pub depends_on: Vec<i64>,
     /// How long things have been so, measured by the database at the claim
     /// (the clock that wrote the timestamps), not by this worker's clock.
     pub ages: RunAges,
@@ -107,6 +110,7 @@ struct ClaimRow {
     cancel_requested: bool,
     task_id: Option<String>,
     resubmits: i32,
+    depends_on: Option<Vec<i64>>,
     since_submit: Option<f64>,
     in_doubt_for: Option<f64>,
     unknown_status_for: Option<f64>,
@@ -514,7 +518,7 @@ pub const CLAIM_DUE_RUNS_SQL: &str = r#"
                   r.quote_amount, r.idempotency_key, r.accept_external_cost_risk, r.state, r.attempts, r.polls,
                   r.version, r.provider_run_id, r.submitted_at, due.previous_owner,
                   r.submit_in_doubt_since, r.cancel_requested_at IS NOT NULL AS cancel_requested,
-                  r.task_id, r.resubmits,
+                  r.task_id, r.resubmits, r.depends_on,
                   extract(epoch FROM now() - GREATEST(r.submitted_at, r.resumed_at))::float8 AS since_submit,
                   extract(epoch FROM now() - r.submit_in_doubt_since)::float8 AS in_doubt_for,
                   extract(epoch FROM now() - r.unknown_status_since)::float8 AS unknown_status_for,
@@ -581,6 +585,7 @@ async fn claim_on(
                 cancel_requested: row.cancel_requested,
                 task_id: row.task_id,
                 resubmits: row.resubmits.max(0) as u32,
+                depends_on: row.depends_on.unwrap_or_default(),
                 ages: RunAges {
                     claimed,
                     since_submit: age(row.since_submit),

@@ -606,6 +606,9 @@ pub async fn prunable_runs_with_files(
           -- files are deleted once it is over, all at once.
           AND NOT EXISTS (SELECT 1 FROM wfq.run_files f
                           WHERE f.run_id = r.id AND f.direction = 'output' AND f.state = 'pending')
+          -- Kept for a chain (prune_finished_runs): its files stay with it.
+          AND NOT EXISTS (SELECT 1 FROM wfq.dependents_of(r.id) d
+                          WHERE d.state NOT IN ('succeeded', 'failed', 'canceled'))
         ORDER BY r.finished_at
         LIMIT $2
         "#,

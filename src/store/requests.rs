@@ -265,12 +265,10 @@ pub async fn retry_run(
             SELECT id, 'resumed', 'failed', state,
                    jsonb_build_object('reason', 'money not settled; resumed with the same idempotency key')
             FROM resumed
-        ),
-        -- The chain below it waits for it again (same transaction).
-        chain AS (
-            SELECT wfq.resume_chain(id, id) AS resumed FROM resumed
         )
-        SELECT id FROM resumed, (SELECT count(*) FROM chain) c
+        -- The chain below it waits for it again: a trigger does that for
+        -- any failed run that comes back (wfq.resume_revived_chain).
+        SELECT id FROM resumed
         "#,
     )
     .bind(id)

@@ -13,8 +13,9 @@ use sqlx::PgPool;
 /// deleted first (`wfq prune` with `[storage]`) or the cascade would lose
 /// the only record of it, or an output copy still in progress. The
 /// database enforces "files first, then rows", whatever pass or process
-/// ran before, and a prune that kept them can simply run again. Returns
-/// how many were deleted.
+/// ran before, and a prune that kept them can simply run again. Runs of
+/// a chain that a run not yet final depends on stay too (their outputs
+/// are that run's inputs). Returns how many were deleted.
 #[tracing::instrument(name = "prune_finished_runs", skip(pool), err)]
 pub async fn prune_finished_runs(
     pool: &PgPool,
@@ -37,6 +38,11 @@ pub async fn prune_finished_runs(
                       WHERE f.run_id = wfq.runs.id
                         AND (f.stored_location IS NOT NULL
                              OR (f.direction = 'output' AND f.state = 'pending')))
+                  -- A run another one still waits for, or is about to
+                  -- send, stays: its outputs are that run's inputs.
+                  AND NOT EXISTS (
+                      SELECT 1 FROM wfq.dependents_of(wfq.runs.id) d
+                      WHERE d.state NOT IN ('succeeded', 'failed', 'canceled'))
                 ORDER BY finished_at
                 LIMIT $2
                 FOR UPDATE SKIP LOCKED

@@ -136,7 +136,7 @@ pub(super) async fn prepare(
     profile: &crate::runtime::Profile,
 ) -> Result<Prepared, Transition> {
     let resolved;
-    let inputs = if crate::chains::references(&run.inputs).is_empty() {
+    let inputs = if run.depends_on.is_empty() && crate::chains::references(&run.inputs).is_empty() {
         &run.inputs
     } else {
         resolved = resolve_references(engine, run).await?;
@@ -164,7 +164,8 @@ pub(super) async fn prepare(
 }
 
 /// A chained run's inputs with its dependencies' outputs in place of the
-/// `{"$output": ...}` references (see `chains::resolve`): a media output
+/// `{"$output": ...}` references (see `chains::resolve`), once every run of
+/// its `depends_on` is seen there and succeeded (`chains::check_dependencies`): a media output
 /// the worker's store holds a copy of goes on as a `$file` value (uploaded
 /// like any input file), anything else as the provider gave it.
 async fn resolve_references(engine: &Engine, run: &ClaimedRun) -> Result<Value, Transition> {
@@ -175,6 +176,7 @@ async fn resolve_references(engine: &Engine, run: &ClaimedRun) -> Result<Value, 
     let mut ids: Vec<i64> = crate::chains::references(&run.inputs)
         .iter()
         .map(|r| r.run)
+        .chain(run.depends_on.iter().copied())
         .collect();
     ids.sort_unstable();
     ids.dedup();
@@ -195,10 +197,12 @@ async fn resolve_references(engine: &Engine, run: &ClaimedRun) -> Result<Value, 
         stored: &in_store,
         mirror_wait: MIRROR_WAIT,
     });
-    crate::chains::resolve(&run.inputs, &dependencies, store.as_ref()).map_err(|why| {
-        tracing::warn!(reason = %why, "a chained run's inputs cannot be resolved");
-        lifecycle::unresolved_inputs(&why, NOT_READY_WAIT, Utc::now())
-    })
+    crate::chains::check_dependencies(&run.depends_on, &dependencies)
+        .and_then(|()| crate::chains::resolve(&run.inputs, &dependencies, store.as_ref()))
+        .map_err(|why| {
+            tracing::warn!(reason = %why, "a chained run's inputs cannot be resolved");
+            lifecycle::unresolved_inputs(&why, NOT_READY_WAIT, Utc::now())
+        })
 }
 
 /// Reads the manifest and checks `inputs` (the run's, file values set aside).
