@@ -121,7 +121,9 @@ async fn inputs_at_provider(sim: &wfq::sim::SimServer, run_order_id: &str) -> Va
 /// submitted) not at all, with the money of the ledger.
 async fn assert_ledger_exact(pool: &PgPool, sim: &wfq::sim::SimServer) {
     let ledger = sim.ledger();
-    let rows: Vec<(i64, String, Option<Decimal>, Option<Decimal>, bool)> = sqlx::query_as(
+    /// id, key, frozen, final, submitted.
+    type Row = (i64, String, Option<Decimal>, Option<Decimal>, bool);
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, idempotency_key, frozen_amount, final_amount, submitted_at IS NOT NULL \
          FROM wfq.runs ORDER BY id",
     )
@@ -149,7 +151,9 @@ async fn assert_ledger_exact(pool: &PgPool, sim: &wfq::sim::SimServer) {
 #[sqlx::test]
 async fn the_readme_example_is_accepted_as_written(pool: PgPool) {
     sqlx::raw_sql(README_EXAMPLE).execute(&pool).await.unwrap();
-    let rows: Vec<(i64, String, Option<Vec<i64>>, Option<String>)> =
+    /// id, state, depends_on, hold_reason.
+    type Row = (i64, String, Option<Vec<i64>>, Option<String>);
+    let rows: Vec<Row> =
         sqlx::query_as("SELECT id, state, depends_on, hold_reason FROM wfq.runs ORDER BY id")
             .fetch_all(&pool)
             .await

@@ -156,7 +156,9 @@ mod tests {
 
     #[test]
     fn run_inputs_from_the_command_line() {
-        let cases: [(&str, Result<Option<(&str, i64, &str)>, &str>); 9] = [
+        /// The argument, and what it reads as: (key, run, output) or an error's words.
+        type Case<'a> = (&'a str, Result<Option<(&'a str, i64, &'a str)>, &'a str>);
+        let cases: [Case; 9] = [
             (
                 "image=@run:42/n9_images",
                 Ok(Some(("image", 42, "n9_images"))),

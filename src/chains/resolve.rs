@@ -384,7 +384,7 @@ mod tests {
             (dependency(None, 1.0), None, Ok(url)),
         ];
         for (dependency, store, want) in cases {
-            let got = resolve(&inputs, &[dependency.clone()], store);
+            let got = resolve(&inputs, std::slice::from_ref(&dependency), store);
             match want {
                 Ok(image) => assert_eq!(
                     got.unwrap(),
