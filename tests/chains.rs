@@ -935,3 +935,34 @@ async fn the_command_line_enqueues_a_chain_and_shows_it(
             .contains("depends on run 999999, which does not exist")
     );
 }
+
+/// A retry that resumes the failed run in place (its money is not settled)
+/// makes the chain below it wait for the same run again.
+#[sqlx::test]
+async fn resuming_a_run_in_place_makes_its_chain_wait_again(pool: PgPool) {
+    let a = insert(&pool, TEXT_TO_IMAGE, json!({"n6_text": "x"})).await;
+    let b = video_of(&pool, a).await;
+    sqlx::query(
+        "UPDATE wfq.runs SET state = 'failed', error_code = 'SUBMIT_RETRIES_EXHAUSTED', \
+         sent_inputs = inputs, finished_at = now() WHERE id = $1",
+    )
+    .bind(a)
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        state(&pool, b).await,
+        ("failed".to_owned(), Some("DEPENDENCY_FAILED".to_owned()))
+    );
+    let outcome = store::retry_run(&pool, a, &[]).await.unwrap();
+    assert!(
+        matches!(outcome, RetryOutcome::Resumed(id) if id == a),
+        "{outcome:?}"
+    );
+    assert_eq!(state(&pool, a).await.0, "submitting");
+    assert_eq!(state(&pool, b).await, ("waiting".to_owned(), None));
+    assert_eq!(run(&pool, b).await.depends_on, Some(vec![a]));
+    // It is released when the resumed run succeeds.
+    succeed(&pool, a, json!({"n9_images": "https://x/a.png"})).await;
+    assert_eq!(state(&pool, b).await.0, "queued");
+}
