@@ -121,7 +121,7 @@ async fn inputs_at_provider(sim: &wfq::sim::SimServer, run_order_id: &str) -> Va
 /// submitted) not at all, with the money of the ledger.
 async fn assert_ledger_exact(pool: &PgPool, sim: &wfq::sim::SimServer) {
     let ledger = sim.ledger();
-    /// id, key, frozen, charged, submitted.
+    /// id, key, frozen, final, submitted.
     type Row = (i64, String, Option<Decimal>, Option<Decimal>, bool);
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, idempotency_key, frozen_amount, final_amount, submitted_at IS NOT NULL \
@@ -151,6 +151,7 @@ async fn assert_ledger_exact(pool: &PgPool, sim: &wfq::sim::SimServer) {
 #[sqlx::test]
 async fn the_readme_example_is_accepted_as_written(pool: PgPool) {
     sqlx::raw_sql(README_EXAMPLE).execute(&pool).await.unwrap();
+    /// id, state, depends_on, hold_reason.
     type Row = (i64, String, Option<Vec<i64>>, Option<String>);
     let rows: Vec<Row> =
         sqlx::query_as("SELECT id, state, depends_on, hold_reason FROM wfq.runs ORDER BY id")
@@ -1273,4 +1274,35 @@ async fn a_released_run_whose_dependency_is_gone_is_never_sent(pool: PgPool) {
     assert!(r.submitted_at.is_none() && r.sent_inputs.is_none());
     assert!(sim.ledger().is_empty());
     sim.shutdown().await;
+}
+
+/// A retry that resumes the failed run in place (its money is not settled)
+/// makes the chain below it wait for the same run again.
+#[sqlx::test]
+async fn resuming_a_run_in_place_makes_its_chain_wait_again(pool: PgPool) {
+    let a = insert(&pool, TEXT_TO_IMAGE, json!({"n6_text": "x"})).await;
+    let b = video_of(&pool, a).await;
+    sqlx::query(
+        "UPDATE wfq.runs SET state = 'failed', error_code = 'SUBMIT_RETRIES_EXHAUSTED', \
+         sent_inputs = inputs, finished_at = now() WHERE id = $1",
+    )
+    .bind(a)
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        state(&pool, b).await,
+        ("failed".to_owned(), Some("DEPENDENCY_FAILED".to_owned()))
+    );
+    let outcome = store::retry_run(&pool, a, &[]).await.unwrap();
+    assert!(
+        matches!(outcome, RetryOutcome::Resumed(id) if id == a),
+        "{outcome:?}"
+    );
+    assert_eq!(state(&pool, a).await.0, "submitting");
+    assert_eq!(state(&pool, b).await, ("waiting".to_owned(), None));
+    assert_eq!(run(&pool, b).await.depends_on, Some(vec![a]));
+    // It is released when the resumed run succeeds.
+    succeed(&pool, a, json!({"n9_images": "https://x/a.png"})).await;
+    assert_eq!(state(&pool, b).await.0, "queued");
 }

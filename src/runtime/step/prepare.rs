@@ -200,7 +200,11 @@ async fn resolve_references(engine: &Engine, run: &ClaimedRun) -> Result<Value, 
     crate::chains::check_dependencies(&run.depends_on, &dependencies)
         .and_then(|()| crate::chains::resolve(&run.inputs, &dependencies, store.as_ref()))
         .map_err(|why| {
-            tracing::warn!(reason = %why, "a chained run's inputs cannot be resolved");
+            if matches!(why, crate::chains::Unresolved::MirrorPending { .. }) {
+                tracing::info!(reason = %why, "waiting for the stored copy of an input");
+            } else {
+                tracing::warn!(reason = %why, "a chained run's inputs cannot be resolved");
+            }
             lifecycle::unresolved_inputs(&why, NOT_READY_WAIT, Utc::now())
         })
 }
