@@ -115,14 +115,14 @@ async fn top_once_prints_counts_by_provider_and_state(pool: PgPool) {
     };
     assert!(
         line("provider").starts_with(
-            "provider queued submitting running succeeded failed canceled finished/1m"
+            "provider waiting queued submitting running succeeded failed canceled finished/1m"
         ),
         "{stdout}"
     );
-    //                 queued submitting running succeeded failed canceled finished/1m frozen
-    assert_eq!(line("chenyu"), "chenyu 3 0 1 0 0 1 1 0.50000000 CNY");
-    assert_eq!(line("news"), "news 1 0 0 0 0 0 0 -");
-    assert_eq!(line("total"), "total 4 0 1 0 0 1 1 0.50000000 CNY");
+    //                 waiting queued submitting running succeeded failed canceled finished/1m frozen
+    assert_eq!(line("chenyu"), "chenyu 0 3 0 1 0 0 1 1 0.50000000 CNY");
+    assert_eq!(line("news"), "news 0 1 0 0 0 0 0 0 -");
+    assert_eq!(line("total"), "total 0 4 0 1 0 0 1 1 0.50000000 CNY");
 }
 
 #[sqlx::test]

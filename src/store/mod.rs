@@ -67,8 +67,21 @@ use sqlx::postgres::PgPoolOptions;
 
 use crate::config::DatabaseConfig;
 
-/// The states in which a run still needs a worker.
-pub const ACTIVE_STATES: [&str; 3] = ["queued", "submitting", "running"];
+/// Every state of a run, in lifecycle order (`waiting`: a chained run
+/// whose dependencies have not all succeeded).
+pub const RUN_STATES: [&str; 7] = [
+    "waiting",
+    "queued",
+    "submitting",
+    "running",
+    "succeeded",
+    "failed",
+    "canceled",
+];
+
+/// The states in which a run is not final yet (a `waiting` run is not
+/// claimed, but will be once its dependencies succeed).
+pub const ACTIVE_STATES: [&str; 4] = ["waiting", "queued", "submitting", "running"];
 
 /// Opens a pool to the configured database.
 pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {

@@ -15,14 +15,7 @@ use crate::store::{self, StateCount};
 use crate::table;
 
 /// The states in the order `wfq top` shows them.
-pub const STATES: [&str; 6] = [
-    "queued",
-    "submitting",
-    "running",
-    "succeeded",
-    "failed",
-    "canceled",
-];
+pub const STATES: [&str; 7] = crate::store::RUN_STATES;
 
 /// The counts of one provider profile (or of all: [`Snapshot::total`]).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -263,11 +256,11 @@ mod tests {
     fn rows_fold_into_counts_per_provider() {
         let s = example();
         let chenyu = &s.providers["chenyu"];
-        assert_eq!(chenyu.by_state, [3, 0, 2, 120, 5, 0]);
+        assert_eq!(chenyu.by_state, [0, 3, 0, 2, 120, 5, 0]);
         assert_eq!(chenyu.finished_last_minute, 5);
         assert_eq!(chenyu.outstanding_frozen["CNY"], d("1.03"));
         let total = s.total();
-        assert_eq!(total.by_state, [3, 0, 3, 120, 5, 0]);
+        assert_eq!(total.by_state, [0, 3, 0, 3, 120, 5, 0]);
         assert!(s.providers["dify"].outstanding_frozen.is_empty());
     }
 
@@ -282,11 +275,11 @@ mod tests {
             vec![
                 "wfq top  2026-05-01 12:00:00 UTC",
                 "",
-                "provider  queued  submitting  running  succeeded  failed  canceled  finished/1m  frozen (unsettled)",
-                "--------  ------  ----------  -------  ---------  ------  --------  -----------  ------------------",
-                "chenyu    3       0           2        120        5       0         5            1.03000000 CNY",
-                "dify      0       0           1        0          0       0         0            -",
-                "total     3       0           3        120        5       0         5            1.03000000 CNY",
+                "provider  waiting  queued  submitting  running  succeeded  failed  canceled  finished/1m  frozen (unsettled)",
+                "--------  -------  ------  ----------  -------  ---------  ------  --------  -----------  ------------------",
+                "chenyu    0        3       0           2        120        5       0         5            1.03000000 CNY",
+                "dify      0        0       0           1        0          0       0         0            -",
+                "total     0        3       0           3        120        5       0         5            1.03000000 CNY",
             ]
         );
         assert_eq!(

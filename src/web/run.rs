@@ -148,7 +148,7 @@ async fn detail(state: &WebState, id: i64) -> Result<(Markup, bool), WebError> {
     let now = Utc::now();
     let active = crate::store::ACTIVE_STATES.contains(&run.state.as_str());
     let profile = state.profile(&run.provider);
-    let can_cancel = run.state == "queued"
+    let can_cancel = matches!(run.state.as_str(), "queued" | "waiting")
         || (run.state == "running" && profile.is_some_and(|p| p.can_stop_runs()));
     let can_retry = matches!(run.state.as_str(), "failed" | "canceled");
     let (check_ok, check_text) = settlement_check(&run);

@@ -12,14 +12,7 @@ use super::queries::runs::{self as q, RunFilter, RunSummary};
 use super::{WebError, WebState};
 
 /// The run states, in lifecycle order.
-pub const STATES: [&str; 6] = [
-    "queued",
-    "submitting",
-    "running",
-    "succeeded",
-    "failed",
-    "canceled",
-];
+pub const STATES: [&str; 7] = crate::store::RUN_STATES;
 
 /// The query string of `/runs`, parsed: the filter and the page's start.
 #[derive(Debug, Clone, Default, PartialEq)]
